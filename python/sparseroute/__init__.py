@@ -1,0 +1,23 @@
+"""sparseroute: sparse routing kernels for PyTorch.
+
+Everything between a router's logits and the experts a token goes to, and back:
+
+>>> weights, experts = sparseroute.topk_gating(logits, k=2)
+>>> x_sorted, plan = sparseroute.permute(x, experts, num_experts)
+>>> y = sparseroute.unpermute(expert_outputs, plan, weights)
+"""
+
+from sparseroute._core import InvalidInputError, __version__
+from sparseroute._threads import get_num_threads, set_num_threads
+from sparseroute.ops import PermutePlan, permute, topk_gating, unpermute
+
+__all__ = [
+    "InvalidInputError",
+    "PermutePlan",
+    "__version__",
+    "get_num_threads",
+    "permute",
+    "set_num_threads",
+    "topk_gating",
+    "unpermute",
+]

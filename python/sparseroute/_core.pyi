@@ -1,0 +1,70 @@
+"""The compiled Rust extension (rust/python). Internal: use the functions of ``sparseroute``.
+
+Arrays are zero-copy numpy views of contiguous CPU tensors; bfloat16 tensors arrive as
+int16 views of their bits. Output arrays are written in place. ``threads`` is the size of
+the thread pool the kernel runs on.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class InvalidInputError(ValueError):
+    """A tensor or argument was rejected by a routing kernel (wrong size, out-of-range id,
+    non-finite value)."""
+
+def topk_gating(
+    logits: npt.NDArray[np.generic],
+    weights: npt.NDArray[np.floating],
+    experts: npt.NDArray[np.int64],
+    k: int,
+    score: str,
+    normalize: bool,
+    expert_bias: npt.NDArray[np.floating] | None,
+    num_groups: int | None,
+    topk_groups: int | None,
+    scale: float,
+    threads: int,
+) -> None: ...
+def topk_gating_backward(
+    logits: npt.NDArray[np.generic],
+    experts: npt.NDArray[np.int64],
+    grad_weights: npt.NDArray[np.floating],
+    grad_logits: npt.NDArray[np.generic],
+    score: str,
+    normalize: bool,
+    scale: float,
+    threads: int,
+) -> None: ...
+def build_plan(
+    experts: npt.NDArray[np.int64],
+    num_experts: int,
+    tokens_per_expert: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    row_to_slot: npt.NDArray[np.int64],
+    slot_to_row: npt.NDArray[np.int64],
+    threads: int,
+) -> int: ...
+def gather_rows(
+    x: npt.NDArray[np.generic],
+    row_to_slot: npt.NDArray[np.int64],
+    k: int,
+    slot_scale: npt.NDArray[np.floating] | None,
+    out: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...
+def combine_rows(
+    rows: npt.NDArray[np.generic],
+    slot_to_row: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.floating] | None,
+    out: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...
+def slot_dots(
+    grad_y: npt.NDArray[np.generic],
+    rows: npt.NDArray[np.generic],
+    slot_to_row: npt.NDArray[np.int64],
+    out: npt.NDArray[np.floating],
+    threads: int,
+) -> None: ...

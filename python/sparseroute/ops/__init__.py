@@ -1,0 +1,6 @@
+"""The torch custom ops of sparseroute (``torch.ops.sparseroute.*``) and their Python faces."""
+
+from sparseroute.ops.dispatch import PermutePlan, permute, unpermute
+from sparseroute.ops.gating import topk_gating
+
+__all__ = ["PermutePlan", "permute", "topk_gating", "unpermute"]

@@ -1,0 +1,23 @@
+"""Handing torch tensors to the Rust core: zero-copy numpy views of contiguous CPU tensors.
+
+bfloat16 has no numpy dtype; its tensors cross as int16 views of the same bits, which the
+binding reinterprets (see rust/python/src/arrays.rs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing ``tensor``'s memory (``tensor`` must be contiguous, on CPU)."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return tensor.detach().numpy()
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sparseroute computes in for inputs of ``dtype``: float64 stays float64
+    (for gradient checking), everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

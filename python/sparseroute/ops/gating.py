@@ -1,0 +1,189 @@
+"""Top-k gating: router logits -> (weights, experts), with autograd to the logits.
+
+The exact semantics are written down in docs/semantics.md and in the docstring of
+``topk_gating``; the Rust kernel (rust/core/src/gating.rs) implements them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparseroute import _core
+from sparseroute._threads import get_num_threads
+from sparseroute.ops._bridge import accumulator_dtype, numpy_view
+from sparseroute.ops._checks import FLOAT_DTYPES, check_int, check_tensor
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+@torch.library.custom_op("sparseroute::topk_gating", mutates_args=(), device_types="cpu")
+def _topk_gating_op(
+    logits: Tensor,
+    k: int,
+    score: str,
+    normalize: bool,
+    expert_bias: Optional[Tensor],
+    num_groups: Optional[int],
+    topk_groups: Optional[int],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    logits = logits.contiguous()
+    num_tokens = logits.shape[0]
+    weights = torch.empty(num_tokens, k, dtype=accumulator_dtype(logits.dtype))
+    experts = torch.empty(num_tokens, k, dtype=torch.int64)
+    _core.topk_gating(
+        numpy_view(logits),
+        numpy_view(weights),
+        numpy_view(experts),
+        k,
+        score,
+        normalize,
+        None if expert_bias is None else numpy_view(expert_bias.contiguous()),
+        num_groups,
+        topk_groups,
+        scale,
+        get_num_threads(),
+    )
+    return weights, experts
+
+
+@_topk_gating_op.register_fake
+def _(
+    logits: Tensor,
+    k: int,
+    score: str,
+    normalize: bool,
+    expert_bias: Optional[Tensor],
+    num_groups: Optional[int],
+    topk_groups: Optional[int],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    num_tokens = logits.shape[0]
+    weights = logits.new_empty(num_tokens, k, dtype=accumulator_dtype(logits.dtype))
+    experts = logits.new_empty(num_tokens, k, dtype=torch.int64)
+    return weights, experts
+
+
+@torch.library.custom_op("sparseroute::topk_gating_backward", mutates_args=(), device_types="cpu")
+def _topk_gating_backward_op(
+    logits: Tensor, experts: Tensor, grad_weights: Tensor, score: str, normalize: bool, scale: float
+) -> Tensor:
+    logits = logits.contiguous()
+    grad_logits = torch.empty_like(logits)
+    _core.topk_gating_backward(
+        numpy_view(logits),
+        numpy_view(experts.contiguous()),
+        numpy_view(grad_weights.contiguous().to(accumulator_dtype(logits.dtype))),
+        numpy_view(grad_logits),
+        score,
+        normalize,
+        scale,
+        get_num_threads(),
+    )
+    return grad_logits
+
+
+@_topk_gating_backward_op.register_fake
+def _(logits: Tensor, experts: Tensor, grad_weights: Tensor, score: str, normalize: bool, scale: float) -> Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:  # type: ignore[type-arg]
+    logits, _k, score, normalize, _bias, _groups, _topk_groups, scale = inputs
+    _weights, experts = output
+    ctx.save_for_backward(logits, experts)
+    ctx.score, ctx.normalize, ctx.scale = score, normalize, scale  # type: ignore[attr-defined]
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_weights: Tensor, _grad_experts: Tensor) -> tuple:  # type: ignore[type-arg]
+    logits, experts = ctx.saved_tensors  # type: ignore[attr-defined]
+    grad_logits = torch.ops.sparseroute.topk_gating_backward(
+        logits, experts, grad_weights, ctx.score, ctx.normalize, ctx.scale  # type: ignore[attr-defined]
+    )
+    return grad_logits, None, None, None, None, None, None, None
+
+
+_topk_gating_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topk_gating(
+    logits: Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    expert_bias: Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Choose ``k`` experts per token from router logits and weigh them.
+
+    Args:
+        logits: ``[T, E]`` router logits, float32, bfloat16 or float16 (float64 is accepted
+            and computed in float64, for gradient checks). Must be finite.
+        k: experts per token, ``1 <= k <= E``.
+        score: ``"softmax"`` (over the E experts) or ``"sigmoid"`` (per expert). Scores are
+            computed in float32.
+        normalize: divide the k weights by their sum (sigmoid: by ``sum + 1e-20``).
+        expert_bias: ``[E]`` added to the scores for *selection only* (DeepSeek-V3's
+            auxiliary-loss-free balancing); the weights stay unbiased. No gradient.
+        num_groups, topk_groups: group-limited routing. The experts form ``num_groups``
+            equal consecutive groups; a group scores the sum of its two best selection
+            scores (its one score when a group has a single expert); only the
+            ``topk_groups`` best groups compete. Give both or neither.
+        scale: multiplies the weights after normalisation (``routed_scaling_factor``).
+
+    Returns:
+        ``(weights, experts)``: ``weights [T, k]`` float32 (float64 for float64 logits) and
+        ``experts [T, k]`` int64, in descending order of selection score; equal scores go to
+        the lower expert index. Without a bias or group limit the selection compares the
+        logits themselves (both score functions are strictly increasing), so fp32 rounding
+        of the scores never creates ties. Differentiable with respect to ``logits`` through
+        ``weights``.
+
+    Raises:
+        TypeError / ValueError naming the argument for a wrong type, shape, dtype, device
+        or option; ``sparseroute.InvalidInputError`` (a ValueError) for NaN or infinite
+        logits.
+    """
+    logits = check_tensor(logits, "logits", ndim=2, layout="[T, E]", dtypes=FLOAT_DTYPES)
+    num_experts = logits.shape[1]
+    if num_experts < 1:
+        raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
+    k = check_int(k, "k", minimum=1, maximum=num_experts, what=f" (number of experts E = {num_experts})")
+    if score not in SCORE_FUNCTIONS:
+        raise ValueError(f"score: expected 'softmax' or 'sigmoid', got {score!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    if expert_bias is not None:
+        expert_bias = check_tensor(expert_bias, "expert_bias", ndim=1, layout="[E]", dtypes=FLOAT_DTYPES)
+        if expert_bias.shape[0] != num_experts:
+            raise ValueError(
+                f"expert_bias: expected shape [E] = [{num_experts}], got {tuple(expert_bias.shape)}"
+            )
+        expert_bias = expert_bias.detach().to(accumulator_dtype(logits.dtype))
+    if (num_groups is None) != (topk_groups is None):
+        missing = "topk_groups" if topk_groups is None else "num_groups"
+        raise ValueError(f"{missing}: expected an int when the other group argument is given, got None")
+    if num_groups is not None and topk_groups is not None:
+        num_groups = check_int(num_groups, "num_groups", minimum=1, maximum=num_experts)
+        if num_experts % num_groups != 0:
+            raise ValueError(
+                f"num_groups: expected a divisor of the number of experts E = {num_experts}, got {num_groups}"
+            )
+        topk_groups = check_int(topk_groups, "topk_groups", minimum=1, maximum=num_groups)
+        reachable = topk_groups * (num_experts // num_groups)
+        if k > reachable:
+            raise ValueError(
+                f"k: expected at most topk_groups * E / num_groups = {reachable} experts, got {k}"
+            )
+    weights, experts = torch.ops.sparseroute.topk_gating(
+        logits, k, score, normalize, expert_bias, num_groups, topk_groups, float(scale)
+    )
+    return weights, experts

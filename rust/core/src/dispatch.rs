@@ -1,0 +1,482 @@
+//! Dropless token dispatch: the permutation plan, permute (gather rows into expert-major
+//! order) and unpermute (combine rows back per token), with their gradients.
+//!
+//! Terms: a *slot* is one (token, choice) pair, flat index `s = t * k + j`; a *row* is one
+//! row of the expert-major tensor. The plan holds both directions of the map:
+//! `slot_to_row` [T, k] (-1 for an empty slot) and `row_to_slot` [rows] (-1 for padding rows
+//! past the last routed slot). Rows are ordered expert-major, then by ascending slot index
+//! (that is, by token, then by choice): a stable counting sort, so the plan is unique and
+//! does not depend on the thread count.
+//!
+//! Kernels read plan entries they did not produce (a plan is an ordinary tensor a caller may
+//! alter), so every index is bounds-checked: a corrupt plan gives an error, never a crash.
+
+use crate::element::Element;
+use crate::error::{check_len, CoreError, Result};
+use num_traits::Zero;
+use rayon::prelude::*;
+
+/// Slots per counting task: large enough that the per-chunk histograms stay cheap.
+const SLOTS_PER_CHUNK: usize = 1 << 15;
+/// Elements copied or reduced per parallel task.
+const ELEMENTS_PER_TASK: usize = 1 << 15;
+
+fn rows_per_task(row_len: usize) -> usize {
+    (ELEMENTS_PER_TASK / row_len.max(1)).max(1)
+}
+
+/// The plan's output buffers, allocated by the caller.
+pub struct PlanBuffers<'a> {
+    /// [E]: how many slots chose each expert.
+    pub tokens_per_expert: &'a mut [i64],
+    /// [E + 1]: exclusive prefix sums of `tokens_per_expert`; `offsets[E]` = routed rows.
+    pub offsets: &'a mut [i64],
+    /// [rows]: the slot each row comes from; -1 past the routed rows. Its length is the row
+    /// count of the permuted tensor and must be at least the number of routed slots.
+    pub row_to_slot: &'a mut [i64],
+    /// [T * k]: the row each slot goes to; -1 for an empty slot.
+    pub slot_to_row: &'a mut [i64],
+}
+
+/// A raw view of a slice that tasks write at disjoint indices.
+struct DisjointWrites<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: tasks only write through `write`, at indices that the counting sort hands out
+// exactly once (see `build_plan`), so no two threads touch the same element.
+unsafe impl<T: Send> Send for DisjointWrites<T> {}
+unsafe impl<T: Send> Sync for DisjointWrites<T> {}
+
+impl<T> DisjointWrites<T> {
+    fn new(slice: &mut [T]) -> Self {
+        DisjointWrites {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other thread may access index `i` while this runs.
+    unsafe fn write(&self, i: usize, value: T) {
+        assert!(i < self.len, "row index {i} out of bounds {}", self.len);
+        // SAFETY: in bounds (checked above); exclusive per the caller's contract.
+        unsafe { self.ptr.add(i).write(value) }
+    }
+}
+
+fn expert_of(id: i64, num_experts: usize, slot: usize, k: usize) -> Result<Option<usize>> {
+    if id == -1 {
+        Ok(None)
+    } else if id >= 0 && (id as u64) < num_experts as u64 {
+        Ok(Some(id as usize))
+    } else {
+        Err(CoreError::invalid(
+            "experts",
+            format!("expert ids in [0, {num_experts}) or -1 for an empty slot"),
+            format!("{id} at token {}, slot {}", slot / k, slot % k),
+        ))
+    }
+}
+
+/// Builds the dropless permutation plan of `experts` ([T, k] row-major, `k` = `slot_to_row`
+/// row length given by `k`). Returns the number of routed rows.
+pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffers<'_>) -> Result<usize> {
+    if k == 0 && !experts.is_empty() {
+        return Err(CoreError::invalid("experts", "at least one slot per token (k >= 1)", "k = 0"));
+    }
+    if num_experts == 0 {
+        return Err(CoreError::invalid("num_experts", "at least 1", "0"));
+    }
+    let slots = experts.len();
+    check_len("slot_to_row", out.slot_to_row, slots)?;
+    check_len("tokens_per_expert", out.tokens_per_expert, num_experts)?;
+    check_len("offsets", out.offsets, num_experts + 1)?;
+
+    // Pass 1: a histogram per chunk of slots.
+    let chunks: Vec<&[i64]> = experts.chunks(SLOTS_PER_CHUNK).collect();
+    let histograms: Vec<Vec<i64>> = chunks
+        .par_iter()
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut counts = vec![0i64; num_experts];
+            for (i, &id) in chunk.iter().enumerate() {
+                if let Some(e) = expert_of(id, num_experts, c * SLOTS_PER_CHUNK + i, k)? {
+                    counts[e] += 1;
+                }
+            }
+            Ok(counts)
+        })
+        .collect::<Result<_>>()?;
+
+    // Pass 2: totals, offsets, and where each chunk starts writing within each expert.
+    out.tokens_per_expert.fill(0);
+    for counts in &histograms {
+        for (total, &c) in out.tokens_per_expert.iter_mut().zip(counts) {
+            *total += c;
+        }
+    }
+    let mut running = 0i64;
+    for (offset, &count) in out.offsets.iter_mut().zip(out.tokens_per_expert.iter()) {
+        *offset = running;
+        running += count;
+    }
+    out.offsets[num_experts] = running;
+    let routed = running as usize;
+    if out.row_to_slot.len() < routed {
+        return Err(CoreError::invalid(
+            "num_rows",
+            format!("at least the number of routed slots ({routed})"),
+            format!("{}", out.row_to_slot.len()),
+        ));
+    }
+    let mut cursors = histograms;
+    let mut next: Vec<i64> = out.offsets[..num_experts].to_vec();
+    for counts in cursors.iter_mut() {
+        for (cursor, n) in counts.iter_mut().zip(next.iter_mut()) {
+            let count = *cursor;
+            *cursor = *n;
+            *n += count;
+        }
+    }
+
+    // Pass 3: every chunk places its slots, in slot order, from its own cursors.
+    out.row_to_slot[routed..].fill(-1);
+    let rows = DisjointWrites::new(out.row_to_slot);
+    chunks
+        .par_iter()
+        .zip(out.slot_to_row.par_chunks_mut(SLOTS_PER_CHUNK))
+        .zip(cursors.par_iter_mut())
+        .enumerate()
+        .for_each(|(c, ((chunk, slot_rows), cursor))| {
+            for (i, (&id, slot_row)) in chunk.iter().zip(slot_rows.iter_mut()).enumerate() {
+                if id < 0 {
+                    *slot_row = -1;
+                    continue;
+                }
+                let row = cursor[id as usize];
+                cursor[id as usize] += 1;
+                *slot_row = row;
+                // SAFETY: the cursors of chunk c for expert e cover rows
+                // [offsets[e] + (slots of e in chunks before c), ... + slots of e in c),
+                // ranges that are disjoint across (chunk, expert) pairs; each row is
+                // therefore written by exactly one slot.
+                unsafe { rows.write(row as usize, (c * SLOTS_PER_CHUNK + i) as i64) };
+            }
+        });
+    Ok(routed)
+}
+
+fn token_of_slot(slot: i64, k: usize, num_tokens: usize, row: usize) -> Result<Option<usize>> {
+    if slot < 0 {
+        return Ok(None);
+    }
+    let token = slot as u64 / k as u64;
+    if token < num_tokens as u64 {
+        Ok(Some(token as usize))
+    } else {
+        Err(CoreError::invalid(
+            "plan.row_to_slot",
+            format!("slot indices in [-1, {})", num_tokens * k),
+            format!("{slot} at row {row}"),
+        ))
+    }
+}
+
+/// Gathers rows into expert-major order: `out[r] = scale[s] * x[s / k]` for
+/// `s = row_to_slot[r]`, zero where `s = -1`.
+///
+/// This is permute (no scale) and the gradient of unpermute with respect to its rows
+/// (scaled by the combine weights).
+pub fn gather_rows<X: Element>(
+    x: &[X],
+    row_len: usize,
+    row_to_slot: &[i64],
+    k: usize,
+    slot_scale: Option<&[X::Acc]>,
+    out: &mut [X],
+) -> Result<()> {
+    if row_len == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        return Err(CoreError::invalid("k", "at least 1", "0"));
+    }
+    let num_tokens = x.len() / row_len;
+    check_len("x", x, num_tokens * row_len)?;
+    check_len("out", out, row_to_slot.len() * row_len)?;
+    if let Some(scale) = slot_scale {
+        check_len("weights", scale, num_tokens * k)?;
+    }
+    out.par_chunks_mut(row_len)
+        .zip(row_to_slot.par_iter())
+        .enumerate()
+        .with_min_len(rows_per_task(row_len))
+        .try_for_each(|(r, (dst, &slot))| {
+            match token_of_slot(slot, k, num_tokens, r)? {
+                None => dst.fill(X::default()),
+                Some(t) => {
+                    let src = &x[t * row_len..(t + 1) * row_len];
+                    match slot_scale {
+                        None => dst.copy_from_slice(src),
+                        Some(scale) => {
+                            let w = scale[slot as usize];
+                            for (o, &v) in dst.iter_mut().zip(src) {
+                                *o = X::from_acc(w * v.to_acc());
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+}
+
+fn row_of_slot(row: i64, rows: usize, slot: usize, k: usize) -> Result<Option<usize>> {
+    if row < 0 {
+        Ok(None)
+    } else if (row as u64) < rows as u64 {
+        Ok(Some(row as usize))
+    } else {
+        Err(CoreError::invalid(
+            "plan.slot_to_row",
+            format!("row indices in [-1, {rows})"),
+            format!("{row} at token {}, slot {}", slot / k, slot % k),
+        ))
+    }
+}
+
+/// Combines rows back per token: `out[t] = sum_j weight[t, j] * rows[slot_to_row[t, j]]`
+/// over the token's non-empty slots, accumulated in the accumulator type in slot order
+/// (`((w0 y0) + w1 y1) + ...`, no fused multiply-add), zero for a token with no slot.
+///
+/// This is unpermute, and (without weights) the gradient of permute.
+pub fn combine_rows<X: Element>(
+    rows: &[X],
+    row_len: usize,
+    slot_to_row: &[i64],
+    k: usize,
+    weights: Option<&[X::Acc]>,
+    out: &mut [X],
+) -> Result<()> {
+    if row_len == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        return Err(CoreError::invalid("k", "at least 1", "0"));
+    }
+    let num_rows = rows.len() / row_len;
+    check_len("y_sorted", rows, num_rows * row_len)?;
+    let num_tokens = slot_to_row.len() / k;
+    check_len("plan.slot_to_row", slot_to_row, num_tokens * k)?;
+    check_len("out", out, num_tokens * row_len)?;
+    if let Some(w) = weights {
+        check_len("weights", w, num_tokens * k)?;
+    }
+    out.par_chunks_mut(row_len)
+        .zip(slot_to_row.par_chunks(k))
+        .enumerate()
+        .with_min_len(rows_per_task(row_len * k))
+        .try_for_each_init(
+            || Vec::with_capacity(row_len),
+            |acc: &mut Vec<X::Acc>, (t, (dst, slot_rows))| {
+                acc.clear();
+                for (j, &row) in slot_rows.iter().enumerate() {
+                    let Some(row) = row_of_slot(row, num_rows, t * k + j, k)? else {
+                        continue;
+                    };
+                    let src = &rows[row * row_len..(row + 1) * row_len];
+                    let w = weights.map(|w| w[t * k + j]);
+                    match (acc.is_empty(), w) {
+                        (true, None) => acc.extend(src.iter().map(|v| v.to_acc())),
+                        (true, Some(w)) => acc.extend(src.iter().map(|v| w * v.to_acc())),
+                        (false, None) => {
+                            for (a, v) in acc.iter_mut().zip(src) {
+                                *a = *a + v.to_acc();
+                            }
+                        }
+                        (false, Some(w)) => {
+                            for (a, v) in acc.iter_mut().zip(src) {
+                                *a = *a + w * v.to_acc();
+                            }
+                        }
+                    }
+                }
+                if acc.is_empty() {
+                    dst.fill(X::default());
+                } else {
+                    for (o, &a) in dst.iter_mut().zip(acc.iter()) {
+                        *o = X::from_acc(a);
+                    }
+                }
+                Ok(())
+            },
+        )
+}
+
+/// Lanes of the dot product: fixed, so results do not depend on the machine or threads.
+const DOT_LANES: usize = 8;
+
+/// `sum_i a[i] * b[i]` in the accumulator type: lane `i % 8` accumulates in index order,
+/// then the eight lanes are added in lane order.
+fn dot<X: Element>(a: &[X], b: &[X]) -> X::Acc {
+    let mut lanes = [X::Acc::zero(); DOT_LANES];
+    let (a_main, a_tail) = a.split_at(a.len() - a.len() % DOT_LANES);
+    let (b_main, b_tail) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(DOT_LANES).zip(b_main.chunks_exact(DOT_LANES)) {
+        for lane in 0..DOT_LANES {
+            lanes[lane] = lanes[lane] + ca[lane].to_acc() * cb[lane].to_acc();
+        }
+    }
+    for (lane, (x, y)) in a_tail.iter().zip(b_tail).enumerate() {
+        lanes[lane] = lanes[lane] + x.to_acc() * y.to_acc();
+    }
+    lanes.iter().fold(X::Acc::zero(), |s, &l| s + l)
+}
+
+/// The gradient of unpermute with respect to its weights:
+/// `out[t, j] = dot(grad_y[t], rows[slot_to_row[t, j]])`, 0 for an empty slot.
+pub fn slot_dots<X: Element>(
+    grad_y: &[X],
+    rows: &[X],
+    row_len: usize,
+    slot_to_row: &[i64],
+    k: usize,
+    out: &mut [X::Acc],
+) -> Result<()> {
+    if k == 0 {
+        return Err(CoreError::invalid("k", "at least 1", "0"));
+    }
+    let num_tokens = slot_to_row.len() / k;
+    check_len("plan.slot_to_row", slot_to_row, num_tokens * k)?;
+    check_len("out", out, num_tokens * k)?;
+    if row_len == 0 {
+        out.fill(X::Acc::zero());
+        return Ok(());
+    }
+    check_len("grad_y", grad_y, num_tokens * row_len)?;
+    let num_rows = rows.len() / row_len;
+    check_len("y_sorted", rows, num_rows * row_len)?;
+    out.par_chunks_mut(k)
+        .zip(slot_to_row.par_chunks(k))
+        .enumerate()
+        .with_min_len(rows_per_task(row_len * k))
+        .try_for_each(|(t, (dots, slot_rows))| {
+            let g = &grad_y[t * row_len..(t + 1) * row_len];
+            for (j, (d, &row)) in dots.iter_mut().zip(slot_rows).enumerate() {
+                *d = match row_of_slot(row, num_rows, t * k + j, k)? {
+                    None => X::Acc::zero(),
+                    Some(row) => dot(g, &rows[row * row_len..(row + 1) * row_len]),
+                };
+            }
+            Ok(())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Plan {
+        tokens_per_expert: Vec<i64>,
+        offsets: Vec<i64>,
+        row_to_slot: Vec<i64>,
+        slot_to_row: Vec<i64>,
+        routed: usize,
+    }
+
+    fn plan(experts: &[i64], k: usize, e: usize) -> Plan {
+        let mut p = Plan {
+            tokens_per_expert: vec![0; e],
+            offsets: vec![0; e + 1],
+            row_to_slot: vec![0; experts.len()],
+            slot_to_row: vec![0; experts.len()],
+            routed: 0,
+        };
+        p.routed = build_plan(
+            experts,
+            k,
+            e,
+            PlanBuffers {
+                tokens_per_expert: &mut p.tokens_per_expert,
+                offsets: &mut p.offsets,
+                row_to_slot: &mut p.row_to_slot,
+                slot_to_row: &mut p.slot_to_row,
+            },
+        )
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn plan_is_expert_major_then_slot_order() {
+        // 3 tokens, k = 2, 3 experts, one empty slot.
+        let p = plan(&[2, 0, 0, -1, 2, 1], 2, 3);
+        assert_eq!(p.tokens_per_expert, vec![2, 1, 2]);
+        assert_eq!(p.offsets, vec![0, 2, 3, 5]);
+        assert_eq!(p.routed, 5);
+        assert_eq!(p.row_to_slot, vec![1, 2, 5, 0, 4, -1]);
+        assert_eq!(p.slot_to_row, vec![3, 0, 1, -1, 4, 2]);
+    }
+
+    #[test]
+    fn out_of_range_ids_are_refused() {
+        let mut buffers = (vec![0; 2], vec![0; 3], vec![0; 2], vec![0; 2]);
+        let err = build_plan(
+            &[0, 2],
+            1,
+            2,
+            PlanBuffers {
+                tokens_per_expert: &mut buffers.0,
+                offsets: &mut buffers.1,
+                row_to_slot: &mut buffers.2,
+                slot_to_row: &mut buffers.3,
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("2 at token 1, slot 0"), "{err}");
+    }
+
+    #[test]
+    fn permute_then_combine_round_trips() {
+        let experts = [1i64, 0, 1, 2];
+        let p = plan(&experts, 1, 3);
+        let x: Vec<f32> = (0..8).map(|v| v as f32).collect();
+        let mut sorted = vec![0.0; 8];
+        gather_rows(&x, 2, &p.row_to_slot, 1, None, &mut sorted).unwrap();
+        assert_eq!(sorted, vec![2.0, 3.0, 0.0, 1.0, 4.0, 5.0, 6.0, 7.0]);
+        let mut back = vec![0.0; 8];
+        combine_rows(&sorted, 2, &p.slot_to_row, 1, None, &mut back).unwrap();
+        assert_eq!(back, x);
+    }
+
+    #[test]
+    fn combine_weights_in_slot_order() {
+        let experts = [0i64, 1];
+        let p = plan(&experts, 2, 2);
+        let rows = [1.0f32, 10.0];
+        let mut y = [0.0f32];
+        combine_rows(&rows, 1, &p.slot_to_row, 2, Some(&[0.5, 0.25]), &mut y).unwrap();
+        assert_eq!(y, [3.0]);
+        let mut dots = [0.0f32; 2];
+        slot_dots(&[2.0f32], &rows, 1, &p.slot_to_row, 2, &mut dots).unwrap();
+        assert_eq!(dots, [2.0, 20.0]);
+    }
+
+    #[test]
+    fn corrupt_plans_error_instead_of_crashing() {
+        let mut out = vec![0.0f32; 2];
+        let err = gather_rows(&[1.0f32, 2.0], 1, &[0, 7], 1, None, &mut out).unwrap_err();
+        assert!(err.to_string().starts_with("plan.row_to_slot"), "{err}");
+        let err = combine_rows(&[1.0f32], 1, &[3], 1, None, &mut out[..1]).unwrap_err();
+        assert!(err.to_string().starts_with("plan.slot_to_row"), "{err}");
+    }
+
+    #[test]
+    fn dot_uses_fixed_lanes() {
+        let a: Vec<f32> = (0..19).map(|v| v as f32).collect();
+        let exact: f32 = a.iter().map(|v| v * v).sum();
+        assert_eq!(dot(&a, &a), exact);
+    }
+}

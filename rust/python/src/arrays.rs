@@ -1,0 +1,115 @@
+//! Zero-copy views of the numpy arrays Python hands over (torch tensors seen through
+//! `Tensor.numpy()`), and dispatch on their element type.
+//!
+//! bfloat16 has no numpy dtype: Python passes bfloat16 tensors as int16 views of the same
+//! bits, and this module reinterprets them as `half::bf16`.
+
+use half::{bf16, f16};
+use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+/// A tensor element type together with the numpy dtype that carries its bits.
+pub trait Carried: bytemuck::Pod {
+    type Word: numpy::Element + bytemuck::Pod;
+}
+
+impl Carried for i64 {
+    type Word = i64;
+}
+
+impl Carried for f64 {
+    type Word = f64;
+}
+impl Carried for f32 {
+    type Word = f32;
+}
+impl Carried for f16 {
+    type Word = f16;
+}
+impl Carried for bf16 {
+    type Word = i16;
+}
+
+/// The floating element types kernels accept, by the numpy dtype name they arrive with.
+pub enum FloatKind {
+    F64,
+    F32,
+    Bf16,
+    F16,
+}
+
+pub fn float_kind(array: &Bound<'_, PyAny>, name: &str) -> PyResult<FloatKind> {
+    let dtype: String = array.getattr("dtype")?.getattr("name")?.extract()?;
+    match dtype.as_str() {
+        "float64" => Ok(FloatKind::F64),
+        "float32" => Ok(FloatKind::F32),
+        "int16" => Ok(FloatKind::Bf16),
+        "float16" => Ok(FloatKind::F16),
+        other => Err(PyTypeError::new_err(format!(
+            "{name}: expected float64, float32, float16 or bfloat16 (as int16 words), got {other}"
+        ))),
+    }
+}
+
+/// Binds `$X` to the element type of `$array` and evaluates `$body` for it.
+macro_rules! with_float_type {
+    ($array:expr, $name:expr, $X:ident => $body:expr) => {
+        match $crate::arrays::float_kind($array, $name)? {
+            $crate::arrays::FloatKind::F64 => {
+                type $X = f64;
+                $body
+            }
+            $crate::arrays::FloatKind::F32 => {
+                type $X = f32;
+                $body
+            }
+            $crate::arrays::FloatKind::Bf16 => {
+                type $X = half::bf16;
+                $body
+            }
+            $crate::arrays::FloatKind::F16 => {
+                type $X = half::f16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_float_type;
+
+pub fn readonly<'py, W: numpy::Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, W>> {
+    array.extract::<PyReadonlyArrayDyn<'py, W>>().map_err(|err| {
+        PyTypeError::new_err(format!("{name}: expected an array of {}: {err}", std::any::type_name::<W>()))
+    })
+}
+
+pub fn readwrite<'py, W: numpy::Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadwriteArrayDyn<'py, W>> {
+    array.extract::<PyReadwriteArrayDyn<'py, W>>().map_err(|err| {
+        PyTypeError::new_err(format!(
+            "{name}: expected a writable array of {}: {err}",
+            std::any::type_name::<W>()
+        ))
+    })
+}
+
+/// The elements of a C-contiguous array, reinterpreted as `X`.
+pub fn slice<'a, X: Carried>(array: &'a PyReadonlyArrayDyn<'_, X::Word>, name: &str) -> PyResult<&'a [X]> {
+    let words = array
+        .as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name}: expected a contiguous array")))?;
+    Ok(bytemuck::cast_slice(words))
+}
+
+pub fn slice_mut<'a, X: Carried>(array: &'a mut PyReadwriteArrayDyn<'_, X::Word>, name: &str) -> PyResult<&'a mut [X]> {
+    let words = array
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err(format!("{name}: expected a contiguous array")))?;
+    Ok(bytemuck::cast_slice_mut(words))
+}
+
+/// The shape of an array that must have exactly `N` dimensions.
+pub fn shape<W: numpy::Element, const N: usize>(array: &PyReadonlyArrayDyn<'_, W>, name: &str) -> PyResult<[usize; N]> {
+    array.shape().try_into().map_err(|_| {
+        PyValueError::new_err(format!("{name}: expected {N} dimensions, got shape {:?}", array.shape()))
+    })
+}

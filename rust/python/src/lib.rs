@@ -1,0 +1,21 @@
+//! `sparseroute._core`: the compiled module. This file is its manifest: everything Python
+//! can reach is registered here.
+
+mod arrays;
+mod errors;
+mod routing;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("InvalidInputError", m.py().get_type::<errors::InvalidInputError>())?;
+    m.add_function(wrap_pyfunction!(routing::topk_gating, m)?)?;
+    m.add_function(wrap_pyfunction!(routing::topk_gating_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(routing::build_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(routing::gather_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(routing::combine_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(routing::slot_dots, m)?)?;
+    Ok(())
+}

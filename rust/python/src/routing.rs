@@ -1,0 +1,233 @@
+//! The routing kernels' Python face: each function converts its arguments, then runs the
+//! core kernel through `run_kernel` (GIL released, thread pool chosen, errors mapped).
+
+use crate::arrays::{readonly, readwrite, shape, slice, slice_mut, with_float_type};
+use crate::errors::to_pyerr;
+use pyo3::prelude::*;
+use sparseroute_core::dispatch::{self, PlanBuffers};
+use sparseroute_core::gating::{self, GatingConfig, GroupLimit};
+use sparseroute_core::threads;
+
+/// Releases the GIL, runs `kernel` on a pool of `threads` threads, maps its error.
+fn run_kernel<R: Send>(
+    py: Python<'_>,
+    threads: usize,
+    kernel: impl FnOnce() -> sparseroute_core::Result<R> + Send,
+) -> PyResult<R> {
+    py.detach(|| threads::install(threads, kernel)).map_err(to_pyerr)
+}
+
+fn gating_config(
+    num_experts: usize,
+    k: usize,
+    score: &str,
+    normalize: bool,
+    num_groups: Option<usize>,
+    topk_groups: Option<usize>,
+    scale: f64,
+) -> PyResult<GatingConfig> {
+    let groups = match (num_groups, topk_groups) {
+        (None, None) => None,
+        (Some(num_groups), Some(topk_groups)) => Some(GroupLimit { num_groups, topk_groups }),
+        (Some(num_groups), None) => Some(GroupLimit {
+            num_groups,
+            topk_groups: num_groups,
+        }),
+        (None, Some(_)) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "topk_groups: requires num_groups to be given as well",
+            ))
+        }
+    };
+    let cfg = GatingConfig {
+        num_experts,
+        k,
+        score: score.parse().map_err(to_pyerr)?,
+        normalize,
+        groups,
+        scale,
+    };
+    cfg.validate().map_err(to_pyerr)?;
+    Ok(cfg)
+}
+
+/// Top-k gating forward: fills `weights` [T, k] and `experts` [T, k] from `logits` [T, E].
+#[pyfunction]
+#[pyo3(signature = (logits, weights, experts, k, score, normalize, expert_bias, num_groups, topk_groups, scale, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn topk_gating(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    weights: &Bound<'_, PyAny>,
+    experts: &Bound<'_, PyAny>,
+    k: usize,
+    score: &str,
+    normalize: bool,
+    expert_bias: Option<&Bound<'_, PyAny>>,
+    num_groups: Option<usize>,
+    topk_groups: Option<usize>,
+    scale: f64,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(logits, "logits", L => {
+        type A = <L as sparseroute_core::Element>::Acc;
+        let logits = readonly::<<L as crate::arrays::Carried>::Word>(logits, "logits")?;
+        let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
+        let cfg = gating_config(num_experts, k, score, normalize, num_groups, topk_groups, scale)?;
+        let bias = expert_bias.map(|b| readonly::<A>(b, "expert_bias")).transpose()?;
+        let mut weights = readwrite::<A>(weights, "weights")?;
+        let mut experts = readwrite::<i64>(experts, "experts")?;
+        let logits = slice::<L>(&logits, "logits")?;
+        let bias = bias.as_ref().map(|b| slice::<A>(b, "expert_bias")).transpose()?;
+        let weights = slice_mut::<A>(&mut weights, "weights")?;
+        let experts = slice_mut::<i64>(&mut experts, "experts")?;
+        run_kernel(py, threads, || gating::topk_gating(logits, num_tokens, bias, &cfg, weights, experts))
+    })
+}
+
+/// Top-k gating backward: fills `grad_logits` [T, E] from `grad_weights` [T, k].
+#[pyfunction]
+#[pyo3(signature = (logits, experts, grad_weights, grad_logits, score, normalize, scale, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn topk_gating_backward(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    experts: &Bound<'_, PyAny>,
+    grad_weights: &Bound<'_, PyAny>,
+    grad_logits: &Bound<'_, PyAny>,
+    score: &str,
+    normalize: bool,
+    scale: f64,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(logits, "logits", L => {
+        type A = <L as sparseroute_core::Element>::Acc;
+        let logits = readonly::<<L as crate::arrays::Carried>::Word>(logits, "logits")?;
+        let experts = readonly::<i64>(experts, "experts")?;
+        let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
+        let [_, k] = shape::<_, 2>(&experts, "experts")?;
+        let cfg = gating_config(num_experts, k, score, normalize, None, None, scale)?;
+        let grad_weights = readonly::<A>(grad_weights, "grad_weights")?;
+        let mut grad_logits = readwrite::<<L as crate::arrays::Carried>::Word>(grad_logits, "grad_logits")?;
+        let logits = slice::<L>(&logits, "logits")?;
+        let experts = slice::<i64>(&experts, "experts")?;
+        let grad_weights = slice::<A>(&grad_weights, "grad_weights")?;
+        let grad_logits = slice_mut::<L>(&mut grad_logits, "grad_logits")?;
+        run_kernel(py, threads, || {
+            gating::topk_gating_backward(logits, num_tokens, experts, grad_weights, &cfg, grad_logits)
+        })
+    })
+}
+
+/// Builds the dropless permutation plan of `experts` [T, k]; returns the routed row count.
+#[pyfunction]
+#[pyo3(signature = (experts, num_experts, tokens_per_expert, offsets, row_to_slot, slot_to_row, threads))]
+pub fn build_plan(
+    py: Python<'_>,
+    experts: &Bound<'_, PyAny>,
+    num_experts: usize,
+    tokens_per_expert: &Bound<'_, PyAny>,
+    offsets: &Bound<'_, PyAny>,
+    row_to_slot: &Bound<'_, PyAny>,
+    slot_to_row: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<usize> {
+    let experts = readonly::<i64>(experts, "experts")?;
+    let [_, k] = shape::<_, 2>(&experts, "experts")?;
+    let mut tokens_per_expert = readwrite::<i64>(tokens_per_expert, "tokens_per_expert")?;
+    let mut offsets = readwrite::<i64>(offsets, "offsets")?;
+    let mut row_to_slot = readwrite::<i64>(row_to_slot, "row_to_slot")?;
+    let mut slot_to_row = readwrite::<i64>(slot_to_row, "slot_to_row")?;
+    let experts = slice::<i64>(&experts, "experts")?;
+    let buffers = PlanBuffers {
+        tokens_per_expert: slice_mut(&mut tokens_per_expert, "tokens_per_expert")?,
+        offsets: slice_mut(&mut offsets, "offsets")?,
+        row_to_slot: slice_mut(&mut row_to_slot, "row_to_slot")?,
+        slot_to_row: slice_mut(&mut slot_to_row, "slot_to_row")?,
+    };
+    run_kernel(py, threads, || dispatch::build_plan(experts, k, num_experts, buffers))
+}
+
+/// `out[r] = scale[s] * x[s / k]` for `s = row_to_slot[r]`; zero rows where `s = -1`.
+#[pyfunction]
+#[pyo3(signature = (x, row_to_slot, k, slot_scale, out, threads))]
+pub fn gather_rows(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    row_to_slot: &Bound<'_, PyAny>,
+    k: usize,
+    slot_scale: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(x, "x", X => {
+        type A = <X as sparseroute_core::Element>::Acc;
+        type W = <X as crate::arrays::Carried>::Word;
+        let x = readonly::<W>(x, "x")?;
+        let [_, row_len] = shape::<_, 2>(&x, "x")?;
+        let row_to_slot = readonly::<i64>(row_to_slot, "row_to_slot")?;
+        let slot_scale = slot_scale.map(|s| readonly::<A>(s, "weights")).transpose()?;
+        let mut out = readwrite::<W>(out, "out")?;
+        let x = slice::<X>(&x, "x")?;
+        let row_to_slot = slice::<i64>(&row_to_slot, "row_to_slot")?;
+        let slot_scale = slot_scale.as_ref().map(|s| slice::<A>(s, "weights")).transpose()?;
+        let out = slice_mut::<X>(&mut out, "out")?;
+        run_kernel(py, threads, || dispatch::gather_rows(x, row_len, row_to_slot, k, slot_scale, out))
+    })
+}
+
+/// `out[t] = sum_j weights[t, j] * rows[slot_to_row[t, j]]`, fp32 accumulation in slot order.
+#[pyfunction]
+#[pyo3(signature = (rows, slot_to_row, weights, out, threads))]
+pub fn combine_rows(
+    py: Python<'_>,
+    rows: &Bound<'_, PyAny>,
+    slot_to_row: &Bound<'_, PyAny>,
+    weights: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(rows, "y_sorted", X => {
+        type A = <X as sparseroute_core::Element>::Acc;
+        type W = <X as crate::arrays::Carried>::Word;
+        let rows = readonly::<W>(rows, "y_sorted")?;
+        let [_, row_len] = shape::<_, 2>(&rows, "y_sorted")?;
+        let slot_to_row = readonly::<i64>(slot_to_row, "slot_to_row")?;
+        let [_, k] = shape::<_, 2>(&slot_to_row, "slot_to_row")?;
+        let weights = weights.map(|w| readonly::<A>(w, "weights")).transpose()?;
+        let mut out = readwrite::<W>(out, "out")?;
+        let rows = slice::<X>(&rows, "y_sorted")?;
+        let slot_to_row = slice::<i64>(&slot_to_row, "slot_to_row")?;
+        let weights = weights.as_ref().map(|w| slice::<A>(w, "weights")).transpose()?;
+        let out = slice_mut::<X>(&mut out, "out")?;
+        run_kernel(py, threads, || dispatch::combine_rows(rows, row_len, slot_to_row, k, weights, out))
+    })
+}
+
+/// `out[t, j] = dot(grad_y[t], rows[slot_to_row[t, j]])`: the weights' gradient of a combine.
+#[pyfunction]
+#[pyo3(signature = (grad_y, rows, slot_to_row, out, threads))]
+pub fn slot_dots(
+    py: Python<'_>,
+    grad_y: &Bound<'_, PyAny>,
+    rows: &Bound<'_, PyAny>,
+    slot_to_row: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(rows, "y_sorted", X => {
+        type A = <X as sparseroute_core::Element>::Acc;
+        type W = <X as crate::arrays::Carried>::Word;
+        let rows = readonly::<W>(rows, "y_sorted")?;
+        let [_, row_len] = shape::<_, 2>(&rows, "y_sorted")?;
+        let grad_y = readonly::<W>(grad_y, "grad_y")?;
+        let slot_to_row = readonly::<i64>(slot_to_row, "slot_to_row")?;
+        let [_, k] = shape::<_, 2>(&slot_to_row, "slot_to_row")?;
+        let mut out = readwrite::<A>(out, "out")?;
+        let rows = slice::<X>(&rows, "y_sorted")?;
+        let grad_y = slice::<X>(&grad_y, "grad_y")?;
+        let slot_to_row = slice::<i64>(&slot_to_row, "slot_to_row")?;
+        let out = slice_mut::<A>(&mut out, "out")?;
+        run_kernel(py, threads, || dispatch::slot_dots(grad_y, rows, row_len, slot_to_row, k, out))
+    })
+}
