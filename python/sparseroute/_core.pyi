@@ -8,6 +8,17 @@ the thread pool the kernel runs on.
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "InvalidInputError",
+    "__version__",
+    "build_plan",
+    "combine_rows",
+    "gather_rows",
+    "slot_dots",
+    "topk_gating",
+    "topk_gating_backward",
+]
+
 __version__: str
 
 class InvalidInputError(ValueError):

@@ -8,7 +8,7 @@ any thread count.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,7 +43,7 @@ class PermutePlan(NamedTuple):
 
 @torch.library.custom_op("sparseroute::permute", mutates_args=(), device_types="cpu")
 def _permute_op(
-    x: Tensor, experts: Tensor, num_experts: int, num_rows: Optional[int]
+    x: Tensor, experts: Tensor, num_experts: int, num_rows: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
     capacity = num_tokens * k if num_rows is None else num_rows
@@ -64,16 +64,18 @@ def _permute_op(
     if num_rows is None and routed < capacity:
         row_to_slot = row_to_slot[:routed].clone()
     x_sorted = torch.empty(row_to_slot.shape[0], x.shape[1], dtype=x.dtype)
-    _core.gather_rows(numpy_view(x.contiguous()), numpy_view(row_to_slot), k, None, numpy_view(x_sorted), threads)
+    _core.gather_rows(
+        numpy_view(x.contiguous()), numpy_view(row_to_slot), k, None, numpy_view(x_sorted), threads
+    )
     return x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row
 
 
 @_permute_op.register_fake
 def _(
-    x: Tensor, experts: Tensor, num_experts: int, num_rows: Optional[int]
+    x: Tensor, experts: Tensor, num_experts: int, num_rows: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
-    rows = num_rows if num_rows is not None else torch.library.get_ctx().new_dynamic_size(max=num_tokens * k)
+    rows = num_rows if num_rows is not None else torch.library.get_ctx().new_dynamic_size()
     return (
         x.new_empty(rows, x.shape[1]),
         experts.new_empty(num_experts, dtype=torch.int64),
@@ -83,13 +85,13 @@ def _(
     )
 
 
-def _permute_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:  # type: ignore[type-arg]
+def _permute_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     _x_sorted, _tpe, _offsets, row_to_slot, slot_to_row = output
     ctx.save_for_backward(row_to_slot, slot_to_row)
 
 
-def _permute_backward(ctx: torch.autograd.function.FunctionCtx, grad_x_sorted: Tensor, *_grads: Tensor) -> tuple:  # type: ignore[type-arg]
-    row_to_slot, slot_to_row = ctx.saved_tensors  # type: ignore[attr-defined]
+def _permute_backward(ctx: Any, grad_x_sorted: Tensor, *_grads: Tensor) -> tuple[Any, ...]:
+    row_to_slot, slot_to_row = ctx.saved_tensors
     # The gradient of a gather is the sum of each token's rows: an unweighted unpermute.
     grad_x = torch.ops.sparseroute.unpermute(grad_x_sorted, slot_to_row, row_to_slot, None)
     return grad_x, None, None, None
@@ -102,7 +104,9 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_co
 
 
 @torch.library.custom_op("sparseroute::unpermute", mutates_args=(), device_types="cpu")
-def _unpermute_op(y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Optional[Tensor]) -> Tensor:
+def _unpermute_op(
+    y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tensor | None
+) -> Tensor:
     num_tokens = slot_to_row.shape[0]
     y = torch.empty(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype)
     _core.combine_rows(
@@ -116,12 +120,12 @@ def _unpermute_op(y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, we
 
 
 @_unpermute_op.register_fake
-def _(y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Optional[Tensor]) -> Tensor:
+def _(y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tensor | None) -> Tensor:
     return y_sorted.new_empty(slot_to_row.shape[0], y_sorted.shape[1])
 
 
 @torch.library.custom_op("sparseroute::gather_rows", mutates_args=(), device_types="cpu")
-def _gather_rows_op(x: Tensor, row_to_slot: Tensor, k: int, weights: Optional[Tensor]) -> Tensor:
+def _gather_rows_op(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> Tensor:
     """``out[r] = weights[s] * x[s // k]`` for ``s = row_to_slot[r]``; zero rows where s = -1."""
     out = torch.empty(row_to_slot.shape[0], x.shape[1], dtype=x.dtype)
     _core.gather_rows(
@@ -136,7 +140,7 @@ def _gather_rows_op(x: Tensor, row_to_slot: Tensor, k: int, weights: Optional[Te
 
 
 @_gather_rows_op.register_fake
-def _(x: Tensor, row_to_slot: Tensor, k: int, weights: Optional[Tensor]) -> Tensor:
+def _(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> Tensor:
     return x.new_empty(row_to_slot.shape[0], x.shape[1])
 
 
@@ -159,14 +163,14 @@ def _(grad_y: Tensor, y_sorted: Tensor, slot_to_row: Tensor) -> Tensor:
     return y_sorted.new_empty(slot_to_row.shape, dtype=accumulator_dtype(y_sorted.dtype))
 
 
-def _unpermute_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:  # type: ignore[type-arg]
+def _unpermute_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     y_sorted, slot_to_row, row_to_slot, weights = inputs
     ctx.save_for_backward(y_sorted, slot_to_row, row_to_slot, weights)
 
 
-def _unpermute_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple:  # type: ignore[type-arg]
-    y_sorted, slot_to_row, row_to_slot, weights = ctx.saved_tensors  # type: ignore[attr-defined]
-    needs_rows, _, _, needs_weights = ctx.needs_input_grad  # type: ignore[attr-defined]
+def _unpermute_backward(ctx: Any, grad_y: Tensor) -> tuple[Any, ...]:
+    y_sorted, slot_to_row, row_to_slot, weights = ctx.saved_tensors
+    needs_rows, _, _, needs_weights = ctx.needs_input_grad
     k = slot_to_row.shape[1]
     grad_rows = torch.ops.sparseroute.gather_rows(grad_y, row_to_slot, k, weights) if needs_rows else None
     grad_weights = torch.ops.sparseroute.slot_dots(grad_y, y_sorted, slot_to_row) if needs_weights else None
@@ -184,7 +188,9 @@ def _check_experts(experts: object, num_tokens: int | None) -> Tensor:
     if num_tokens is not None:
         check_same(experts.shape[0], num_tokens, "experts", "T (rows of x)")
     if experts.shape[1] < 1:
-        raise ValueError(f"experts: expected at least one slot per token (k >= 1), got shape {tuple(experts.shape)}")
+        raise ValueError(
+            f"experts: expected at least one slot per token (k >= 1), got shape {tuple(experts.shape)}"
+        )
     return experts.to(torch.int64)
 
 
@@ -240,9 +246,15 @@ def unpermute(y_sorted: Tensor, plan: PermutePlan, weights: Tensor | None = None
     y_sorted = check_tensor(y_sorted, "y_sorted", ndim=2, layout="[rows, d]", dtypes=FLOAT_DTYPES)
     if not isinstance(plan, PermutePlan):
         raise TypeError(f"plan: expected the PermutePlan returned by permute, got {type(plan).__name__}")
-    slot_to_row = check_tensor(plan.slot_to_row, "plan.slot_to_row", ndim=2, layout="[T, k]", dtypes=(torch.int64,))
-    row_to_slot = check_tensor(plan.row_to_slot, "plan.row_to_slot", ndim=1, layout="[rows]", dtypes=(torch.int64,))
-    check_same(y_sorted.shape[0], row_to_slot.shape[0], "y_sorted", "rows of the plan (len(plan.row_to_slot))")
+    slot_to_row = check_tensor(
+        plan.slot_to_row, "plan.slot_to_row", ndim=2, layout="[T, k]", dtypes=(torch.int64,)
+    )
+    row_to_slot = check_tensor(
+        plan.row_to_slot, "plan.row_to_slot", ndim=1, layout="[rows]", dtypes=(torch.int64,)
+    )
+    check_same(
+        y_sorted.shape[0], row_to_slot.shape[0], "y_sorted", "rows of the plan (len(plan.row_to_slot))"
+    )
     if weights is not None:
         weights = check_tensor(weights, "weights", ndim=2, layout="[T, k]", dtypes=FLOAT_DTYPES)
         if tuple(weights.shape) != tuple(slot_to_row.shape):

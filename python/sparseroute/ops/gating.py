@@ -6,7 +6,7 @@ The exact semantics are written down in docs/semantics.md and in the docstring o
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,9 +25,9 @@ def _topk_gating_op(
     k: int,
     score: str,
     normalize: bool,
-    expert_bias: Optional[Tensor],
-    num_groups: Optional[int],
-    topk_groups: Optional[int],
+    expert_bias: Tensor | None,
+    num_groups: int | None,
+    topk_groups: int | None,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     logits = logits.contiguous()
@@ -56,9 +56,9 @@ def _(
     k: int,
     score: str,
     normalize: bool,
-    expert_bias: Optional[Tensor],
-    num_groups: Optional[int],
-    topk_groups: Optional[int],
+    expert_bias: Tensor | None,
+    num_groups: int | None,
+    topk_groups: int | None,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     num_tokens = logits.shape[0]
@@ -87,21 +87,28 @@ def _topk_gating_backward_op(
 
 
 @_topk_gating_backward_op.register_fake
-def _(logits: Tensor, experts: Tensor, grad_weights: Tensor, score: str, normalize: bool, scale: float) -> Tensor:
+def _(
+    logits: Tensor, experts: Tensor, grad_weights: Tensor, score: str, normalize: bool, scale: float
+) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:  # type: ignore[type-arg]
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     logits, _k, score, normalize, _bias, _groups, _topk_groups, scale = inputs
     _weights, experts = output
     ctx.save_for_backward(logits, experts)
-    ctx.score, ctx.normalize, ctx.scale = score, normalize, scale  # type: ignore[attr-defined]
+    ctx.score, ctx.normalize, ctx.scale = score, normalize, scale
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_weights: Tensor, _grad_experts: Tensor) -> tuple:  # type: ignore[type-arg]
-    logits, experts = ctx.saved_tensors  # type: ignore[attr-defined]
+def _backward(ctx: Any, grad_weights: Tensor, _grad_experts: Tensor) -> tuple[Any, ...]:
+    logits, experts = ctx.saved_tensors
     grad_logits = torch.ops.sparseroute.topk_gating_backward(
-        logits, experts, grad_weights, ctx.score, ctx.normalize, ctx.scale  # type: ignore[attr-defined]
+        logits,
+        experts,
+        grad_weights,
+        ctx.score,
+        ctx.normalize,
+        ctx.scale,
     )
     return grad_logits, None, None, None, None, None, None, None
 

@@ -51,10 +51,7 @@ unsafe impl<T: Send> Sync for DisjointWrites<T> {}
 
 impl<T> DisjointWrites<T> {
     fn new(slice: &mut [T]) -> Self {
-        DisjointWrites {
-            ptr: slice.as_mut_ptr(),
-            len: slice.len(),
-        }
+        DisjointWrites { ptr: slice.as_mut_ptr(), len: slice.len() }
     }
 
     /// # Safety

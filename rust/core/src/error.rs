@@ -8,33 +8,23 @@ use std::fmt;
 pub enum CoreError {
     /// An argument has the wrong size, a value out of range, or an unsupported option.
     /// `argument` is the name the Python API uses, so the message can be shown as is.
-    InvalidArgument {
-        argument: &'static str,
-        expected: String,
-        got: String,
-    },
+    InvalidArgument { argument: &'static str, expected: String, got: String },
 }
 
 pub type Result<T> = std::result::Result<T, CoreError>;
 
 impl CoreError {
     pub fn invalid(argument: &'static str, expected: impl Into<String>, got: impl Into<String>) -> Self {
-        CoreError::InvalidArgument {
-            argument,
-            expected: expected.into(),
-            got: got.into(),
-        }
+        CoreError::InvalidArgument { argument, expected: expected.into(), got: got.into() }
     }
 }
 
 impl fmt::Display for CoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CoreError::InvalidArgument {
-                argument,
-                expected,
-                got,
-            } => write!(f, "{argument}: expected {expected}, got {got}"),
+            CoreError::InvalidArgument { argument, expected, got } => {
+                write!(f, "{argument}: expected {expected}, got {got}")
+            }
         }
     }
 }
@@ -46,10 +36,6 @@ pub(crate) fn check_len<T>(argument: &'static str, data: &[T], expected: usize) 
     if data.len() == expected {
         Ok(())
     } else {
-        Err(CoreError::invalid(
-            argument,
-            format!("{expected} elements"),
-            format!("{}", data.len()),
-        ))
+        Err(CoreError::invalid(argument, format!("{expected} elements"), format!("{}", data.len())))
     }
 }

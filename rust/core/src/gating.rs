@@ -136,7 +136,7 @@ impl<A: Accumulator> Scratch<A> {
 
 /// Keeps the `k` largest of `keys` (those `allowed`) in descending order; equal keys keep
 /// the lower index first. Candidates arrive in index order, so a later candidate must be
-/// strictly greater to pass an earlier one.
+/// strictly greater to pass an earlier one. Keys are never NaN: inputs are checked finite.
 fn select_top_k<A: Accumulator>(
     keys: &[A],
     allowed: impl Fn(usize) -> bool,
@@ -148,7 +148,7 @@ fn select_top_k<A: Accumulator>(
     top_index.clear();
     for (index, &key) in keys.iter().enumerate() {
         if top_keys.len() == k {
-            if !(key > top_keys[k - 1]) || !allowed(index) {
+            if key <= top_keys[k - 1] || !allowed(index) {
                 continue;
             }
             top_keys.pop();
@@ -318,7 +318,11 @@ pub fn topk_gating<L: Element>(
     if let Some(bias) = bias {
         check_len("expert_bias", bias, e)?;
         if let Some(i) = bias.iter().position(|b| !b.is_finite()) {
-            return Err(CoreError::invalid("expert_bias", "finite values", format!("{:?} at expert {i}", bias[i])));
+            return Err(CoreError::invalid(
+                "expert_bias",
+                "finite values",
+                format!("{:?} at expert {i}", bias[i]),
+            ));
         }
     }
     if num_tokens == 0 {
@@ -351,6 +355,7 @@ fn check_expert_id(id: i64, num_experts: usize, token: usize) -> Result<Option<u
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one token's inputs, outputs and scratch buffers
 fn backward_token<L: Element>(
     row: &[L],
     token: usize,
@@ -406,7 +411,8 @@ fn backward_token<L: Element>(
         (ScoreFunction::Sigmoid, normalize) => {
             let live = chosen_ids.iter().zip(grad_weights).filter_map(|(e, g)| e.map(|e| (e, *g)));
             let (total, weighted) = if normalize {
-                let total = live.clone().map(|(e, _)| sigmoid(logits[e])).sum::<A<L>>() + A::<L>::SIGMOID_NORM_EPS;
+                let total =
+                    live.clone().map(|(e, _)| sigmoid(logits[e])).sum::<A<L>>() + A::<L>::SIGMOID_NORM_EPS;
                 let weighted: A<L> = live.clone().map(|(e, g)| g * sigmoid(logits[e])).sum();
                 (total, weighted)
             } else {
@@ -414,11 +420,8 @@ fn backward_token<L: Element>(
             };
             for (e, g) in live {
                 let s = sigmoid(logits[e]);
-                let d_score = if normalize {
-                    scale * (g / total - weighted / (total * total))
-                } else {
-                    scale * g
-                };
+                let d_score =
+                    if normalize { scale * (g / total - weighted / (total * total)) } else { scale * g };
                 grad[e] = d_score * s * (A::<L>::one() - s);
             }
         }
@@ -470,14 +473,7 @@ mod tests {
     use super::*;
 
     fn cfg(e: usize, k: usize, score: ScoreFunction, normalize: bool) -> GatingConfig {
-        GatingConfig {
-            num_experts: e,
-            k,
-            score,
-            normalize,
-            groups: None,
-            scale: 1.0,
-        }
+        GatingConfig { num_experts: e, k, score, normalize, groups: None, scale: 1.0 }
     }
 
     fn run(logits: &[f32], bias: Option<&[f32]>, c: &GatingConfig) -> (Vec<f32>, Vec<i64>) {
@@ -529,10 +525,7 @@ mod tests {
         // Groups {0,1}: top-2 sum 0.9+0.8; {2,3}: 0.99+0.01. The best single expert (2) is in
         // the losing group when only one group is kept.
         let mut c = cfg(4, 2, ScoreFunction::Sigmoid, true);
-        c.groups = Some(GroupLimit {
-            num_groups: 2,
-            topk_groups: 1,
-        });
+        c.groups = Some(GroupLimit { num_groups: 2, topk_groups: 1 });
         let logits: Vec<f32> = [0.9f32, 0.8, 0.99, 0.01].iter().map(|p| (p / (1.0 - p)).ln()).collect();
         let (_, ids) = run(&logits, None, &c);
         assert_eq!(ids, vec![0, 1]);
@@ -543,10 +536,7 @@ mod tests {
         let err = cfg(4, 5, ScoreFunction::Softmax, true).validate().unwrap_err();
         assert!(err.to_string().starts_with("k:"), "{err}");
         let mut c = cfg(6, 2, ScoreFunction::Softmax, true);
-        c.groups = Some(GroupLimit {
-            num_groups: 4,
-            topk_groups: 1,
-        });
+        c.groups = Some(GroupLimit { num_groups: 4, topk_groups: 1 });
         assert!(c.validate().unwrap_err().to_string().starts_with("num_groups:"));
         let err = "relu".parse::<ScoreFunction>().unwrap_err();
         assert!(err.to_string().starts_with("score:"));
@@ -586,7 +576,11 @@ mod tests {
                     let mut minus = logits;
                     minus[n] -= h;
                     let numeric = (forward(&plus).0 - forward(&minus).0) / (2.0 * h);
-                    assert!((numeric - grad[n]).abs() < 1e-7, "{score:?} {normalize} expert {n}: {numeric} vs {}", grad[n]);
+                    assert!(
+                        (numeric - grad[n]).abs() < 1e-7,
+                        "{score:?} {normalize} expert {n}: {numeric} vs {}",
+                        grad[n]
+                    );
                 }
             }
         }

@@ -41,11 +41,7 @@ fn pool_for(threads: usize) -> Arc<ThreadPool> {
             .build()
             .expect("building a rayon thread pool failed"),
     );
-    *slot = Some(OwnedPool {
-        pid,
-        threads,
-        pool: pool.clone(),
-    });
+    *slot = Some(OwnedPool { pid, threads, pool: pool.clone() });
     pool
 }
 

@@ -77,13 +77,19 @@ macro_rules! with_float_type {
 }
 pub(crate) use with_float_type;
 
-pub fn readonly<'py, W: numpy::Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, W>> {
+pub fn readonly<'py, W: numpy::Element>(
+    array: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, W>> {
     array.extract::<PyReadonlyArrayDyn<'py, W>>().map_err(|err| {
         PyTypeError::new_err(format!("{name}: expected an array of {}: {err}", std::any::type_name::<W>()))
     })
 }
 
-pub fn readwrite<'py, W: numpy::Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadwriteArrayDyn<'py, W>> {
+pub fn readwrite<'py, W: numpy::Element>(
+    array: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<PyReadwriteArrayDyn<'py, W>> {
     array.extract::<PyReadwriteArrayDyn<'py, W>>().map_err(|err| {
         PyTypeError::new_err(format!(
             "{name}: expected a writable array of {}: {err}",
@@ -100,7 +106,10 @@ pub fn slice<'a, X: Carried>(array: &'a PyReadonlyArrayDyn<'_, X::Word>, name: &
     Ok(bytemuck::cast_slice(words))
 }
 
-pub fn slice_mut<'a, X: Carried>(array: &'a mut PyReadwriteArrayDyn<'_, X::Word>, name: &str) -> PyResult<&'a mut [X]> {
+pub fn slice_mut<'a, X: Carried>(
+    array: &'a mut PyReadwriteArrayDyn<'_, X::Word>,
+    name: &str,
+) -> PyResult<&'a mut [X]> {
     let words = array
         .as_slice_mut()
         .map_err(|_| PyValueError::new_err(format!("{name}: expected a contiguous array")))?;
@@ -108,7 +117,10 @@ pub fn slice_mut<'a, X: Carried>(array: &'a mut PyReadwriteArrayDyn<'_, X::Word>
 }
 
 /// The shape of an array that must have exactly `N` dimensions.
-pub fn shape<W: numpy::Element, const N: usize>(array: &PyReadonlyArrayDyn<'_, W>, name: &str) -> PyResult<[usize; N]> {
+pub fn shape<W: numpy::Element, const N: usize>(
+    array: &PyReadonlyArrayDyn<'_, W>,
+    name: &str,
+) -> PyResult<[usize; N]> {
     array.shape().try_into().map_err(|_| {
         PyValueError::new_err(format!("{name}: expected {N} dimensions, got shape {:?}", array.shape()))
     })

@@ -29,24 +29,15 @@ fn gating_config(
     let groups = match (num_groups, topk_groups) {
         (None, None) => None,
         (Some(num_groups), Some(topk_groups)) => Some(GroupLimit { num_groups, topk_groups }),
-        (Some(num_groups), None) => Some(GroupLimit {
-            num_groups,
-            topk_groups: num_groups,
-        }),
+        (Some(num_groups), None) => Some(GroupLimit { num_groups, topk_groups: num_groups }),
         (None, Some(_)) => {
             return Err(pyo3::exceptions::PyValueError::new_err(
                 "topk_groups: requires num_groups to be given as well",
             ))
         }
     };
-    let cfg = GatingConfig {
-        num_experts,
-        k,
-        score: score.parse().map_err(to_pyerr)?,
-        normalize,
-        groups,
-        scale,
-    };
+    let cfg =
+        GatingConfig { num_experts, k, score: score.parse().map_err(to_pyerr)?, normalize, groups, scale };
     cfg.validate().map_err(to_pyerr)?;
     Ok(cfg)
 }
@@ -54,7 +45,6 @@ fn gating_config(
 /// Top-k gating forward: fills `weights` [T, k] and `experts` [T, k] from `logits` [T, E].
 #[pyfunction]
 #[pyo3(signature = (logits, weights, experts, k, score, normalize, expert_bias, num_groups, topk_groups, scale, threads))]
-#[allow(clippy::too_many_arguments)]
 pub fn topk_gating(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
@@ -88,7 +78,6 @@ pub fn topk_gating(
 /// Top-k gating backward: fills `grad_logits` [T, E] from `grad_weights` [T, k].
 #[pyfunction]
 #[pyo3(signature = (logits, experts, grad_weights, grad_logits, score, normalize, scale, threads))]
-#[allow(clippy::too_many_arguments)]
 pub fn topk_gating_backward(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,

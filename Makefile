@@ -1,0 +1,59 @@
+# sparseroute: the one entry point. Every target creates or reuses .venv, installs what is
+# missing (torch once: it is large), builds the extension in release mode and installs the
+# wheel, so that Python always imports the installed package, never the source tree.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.sparseroute-deps
+WHEEL_STAMP := $(VENV)/.sparseroute-wheel
+RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
+PY_SOURCES := $(shell find python -type f -not -path '*/__pycache__/*')
+
+.PHONY: demo test test-rust test-python lint wheel bench bench-quick clean
+
+demo: $(WHEEL_STAMP)
+	$(PY) -m sparseroute demo
+
+test: lint test-rust $(WHEEL_STAMP) test-python
+
+# Python tools and runtime dependencies. torch is only downloaded when the venv lacks it.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.5"
+	$(PIP) install "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "maturin>=1.9,<2" ruff mypy "asv>=0.6"
+	touch $@
+
+# Build the abi3 wheel (release) and install it into the venv, replacing any earlier build.
+$(WHEEL_STAMP): $(STAMP) $(RUST_SOURCES) $(PY_SOURCES) pyproject.toml
+	rm -rf dist
+	$(VENV)/bin/maturin build --release --out dist
+	$(PIP) install --force-reinstall --no-deps dist/sparseroute-*.whl
+	touch $@
+
+wheel: $(WHEEL_STAMP)
+
+lint: $(STAMP)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(PY) -m mypy
+
+test-rust:
+	cargo test -p sparseroute-core --locked
+
+# Run from tests/ so that `import sparseroute` can only resolve to the installed wheel.
+test-python: $(WHEEL_STAMP)
+	cd tests && ../$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(WHEEL_STAMP)
+	cd benches && ../$(VENV)/bin/asv run --python=same --show-stderr $(ASV_ARGS)
+	$(PY) benches/ratios.py
+
+bench-quick: $(WHEEL_STAMP)
+	$(PY) benches/ratios.py --quick
+
+clean:
+	rm -rf dist target $(VENV) benches/.asv

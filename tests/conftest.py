@@ -1,0 +1,41 @@
+"""Shared test configuration.
+
+Hypothesis profiles: "fast" (default, a few dozen examples per property) and "slow"
+(HYPOTHESIS_PROFILE=slow, hundreds). The tests import the *installed* sparseroute wheel;
+see test_package.py.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "fast",
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "slow",
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+
+@pytest.fixture(autouse=True)
+def _default_threads():
+    """Every test starts with sparseroute following torch's thread count."""
+    import sparseroute
+
+    sparseroute.set_num_threads(None)
+    yield
+    sparseroute.set_num_threads(None)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,103 @@
+"""Pure-torch references of sparseroute's ops, written for clarity, not speed.
+
+They state the semantics the kernels must reproduce: the same expert choices and
+permutation metadata exactly, the same float results up to per-dtype tolerance (and
+exactly, for the combine, whose arithmetic order is fixed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def topk_gating_reference(
+    logits: Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    expert_bias: Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Differentiable with respect to ``logits`` (through the weights)."""
+    num_tokens, num_experts = logits.shape
+    acc = acc_dtype(logits.dtype)
+    values = logits.to(acc)
+    scores = torch.softmax(values, dim=-1) if score == "softmax" else torch.sigmoid(values)
+
+    if expert_bias is None and num_groups is None:
+        # Both score functions are strictly increasing: the logits order the scores exactly.
+        keys = values.detach()
+    else:
+        keys = scores.detach()
+        if expert_bias is not None:
+            keys = keys + expert_bias.to(acc)
+    if num_groups is not None:
+        group_size = num_experts // num_groups
+        grouped = keys.view(num_tokens, num_groups, group_size)
+        group_scores = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)
+        best_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+        allowed = torch.zeros(num_tokens, num_groups, dtype=torch.bool)
+        allowed.scatter_(1, best_groups, True)
+        allowed = allowed.repeat_interleave(group_size, dim=1)
+        keys = keys.masked_fill(~allowed, float("-inf"))
+
+    # Descending, stable: equal keys keep ascending expert order.
+    experts = torch.sort(keys, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = scores.gather(1, experts)
+    if normalize:
+        eps = 1e-20 if score == "sigmoid" else 0.0
+        weights = weights / (weights.sum(-1, keepdim=True) + eps)
+    return weights * scale, experts
+
+
+def permute_reference(x: Tensor, experts: Tensor, num_experts: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Rows sorted by (expert, slot index); empty (-1) slots produce no row."""
+    num_tokens, k = experts.shape
+    flat = experts.reshape(-1).to(torch.int64)
+    slots = torch.arange(num_tokens * k)
+    routed = flat >= 0
+    sort_key = flat[routed] * (num_tokens * k) + slots[routed]
+    row_to_slot = slots[routed][torch.argsort(sort_key)]
+    slot_to_row = torch.full((num_tokens * k,), -1, dtype=torch.int64)
+    slot_to_row[row_to_slot] = torch.arange(row_to_slot.numel())
+    tokens_per_expert = torch.bincount(flat[routed], minlength=num_experts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(tokens_per_expert, 0)])
+    plan = {
+        "tokens_per_expert": tokens_per_expert,
+        "offsets": offsets,
+        "row_to_slot": row_to_slot,
+        "slot_to_row": slot_to_row.view(num_tokens, k),
+    }
+    return x[row_to_slot // k], plan
+
+
+def unpermute_reference(y_sorted: Tensor, slot_to_row: Tensor, weights: Tensor | None) -> Tensor:
+    """y[t] = sum over t's non-empty slots j, in slot order, of weights[t, j] * y_sorted[row]."""
+    num_tokens, k = slot_to_row.shape
+    acc = acc_dtype(y_sorted.dtype)
+    # An extra zero row stands in for the empty slots (-1 indexes it).
+    padded = torch.cat([y_sorted.to(acc), torch.zeros(1, y_sorted.shape[1], dtype=acc)])
+    y = torch.zeros(num_tokens, y_sorted.shape[1], dtype=acc)
+    for j in range(k):
+        contribution = padded[slot_to_row[:, j]]
+        if weights is not None:
+            contribution = contribution * weights[:, j : j + 1].to(acc)
+        y = y + contribution
+    return y.to(y_sorted.dtype)
+
+
+# Tolerances of float results against the references, per input dtype.
+WEIGHT_TOLERANCE = {
+    torch.float64: {"rtol": 1e-12, "atol": 1e-14},
+    torch.float32: {"rtol": 2e-6, "atol": 1e-7},
+    torch.bfloat16: {"rtol": 2e-6, "atol": 1e-7},
+    torch.float16: {"rtol": 2e-6, "atol": 1e-7},
+}

@@ -1,0 +1,191 @@
+"""permute / unpermute: plan invariants, exact agreement with the reference, gradients,
+padding rows, empty slots, and bitwise determinism across thread counts."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sparseroute
+
+from reference import permute_reference, unpermute_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@st.composite
+def dispatch_cases(draw):
+    num_experts = draw(st.sampled_from([1, 2, 8, 60, 160, 256]) | st.integers(1, 300))
+    num_tokens = draw(st.sampled_from([0, 1]) | st.integers(0, 300))
+    k = draw(st.integers(1, min(num_experts, 16)))
+    d = draw(st.sampled_from([1, 8, 33]) | st.integers(1, 300))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31))
+    empty_fraction = draw(st.sampled_from([0.0, 0.0, 0.3, 1.0]))
+    one_expert = draw(st.booleans()) and draw(st.booleans())
+    g = torch.Generator().manual_seed(seed)
+    # Distinct experts per token, as top-k produces, unless everything goes to one expert.
+    if one_expert:
+        experts = torch.full((num_tokens, k), num_experts - 1, dtype=torch.int64)
+    else:
+        experts = torch.rand(num_tokens, num_experts, generator=g).argsort(-1)[:, :k]
+    empty = torch.rand(num_tokens, k, generator=g) < empty_fraction
+    experts = experts.masked_fill(empty, -1)
+    x = torch.randn(num_tokens, d, generator=g).to(dtype)
+    weights = torch.rand(num_tokens, k, generator=g)
+    return x, experts, num_experts, weights
+
+
+def check_plan_invariants(plan, experts, num_experts):
+    routed = int((experts >= 0).sum())
+    assert int(plan.tokens_per_expert.sum()) == routed
+    assert plan.offsets[0] == 0 and int(plan.offsets[-1]) == routed
+    assert torch.equal(plan.offsets.diff(), plan.tokens_per_expert)
+    real = plan.row_to_slot[:routed]
+    # Expert-major, then ascending slot index, within every expert.
+    row_experts = experts.reshape(-1)[real]
+    assert torch.all(row_experts.diff() >= 0)
+    same_expert = row_experts.diff() == 0
+    assert torch.all(real.diff()[same_expert] > 0)
+    # The two maps are inverse to each other.
+    flat_rows = plan.slot_to_row.reshape(-1)
+    assert torch.equal(flat_rows[real], torch.arange(routed))
+    assert torch.all(flat_rows[experts.reshape(-1) < 0] == -1)
+    assert torch.all(plan.row_to_slot[routed:] == -1)
+
+
+@given(dispatch_cases())
+def test_permute_matches_reference(case):
+    x, experts, num_experts, _ = case
+    x_sorted, plan = sparseroute.permute(x, experts, num_experts)
+    ref_sorted, ref_plan = permute_reference(x, experts, num_experts)
+    check_plan_invariants(plan, experts, num_experts)
+    for name, value in ref_plan.items():
+        assert torch.equal(getattr(plan, name), value), name
+    assert x_sorted.dtype == x.dtype
+    assert torch.equal(x_sorted, ref_sorted)
+
+
+@given(dispatch_cases(), st.booleans())
+def test_unpermute_matches_reference_exactly(case, weighted):
+    x, experts, num_experts, weights = case
+    _, plan = sparseroute.permute(x, experts, num_experts)
+    y_sorted = torch.randn(plan.row_to_slot.shape[0], x.shape[1]).to(x.dtype)
+    w = weights if weighted else None
+    y = sparseroute.unpermute(y_sorted, plan, w)
+    # The combine's arithmetic order is fixed (fp32, slot order, no FMA): equal bits.
+    assert y.dtype == x.dtype
+    assert torch.equal(y, unpermute_reference(y_sorted, plan.slot_to_row, w))
+
+
+@given(dispatch_cases())
+def test_round_trip_is_identity_for_k1(case):
+    x, experts, num_experts, _ = case
+    experts = experts[:, :1].clamp(min=0)
+    x_sorted, plan = sparseroute.permute(x, experts, num_experts)
+    assert torch.equal(sparseroute.unpermute(x_sorted, plan), x)
+    ones = torch.ones(x.shape[0], 1)
+    assert torch.equal(sparseroute.unpermute(x_sorted, plan, ones), x)
+
+
+@given(dispatch_cases())
+def test_gradients_match_reference(case):
+    x, experts, num_experts, weights = case
+    if x.dtype != torch.float64:
+        x = x.float()
+    w = weights.to(x.dtype)
+    grad_out = torch.randn_like(x)
+
+    ours_x, ours_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x_sorted, plan = sparseroute.permute(ours_x, experts, num_experts)
+    (sparseroute.unpermute(x_sorted * 3.0, plan, ours_w) * grad_out).sum().backward()
+
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref_sorted, ref_plan = permute_reference(ref_x, experts, num_experts)
+    (unpermute_reference(ref_sorted * 3.0, ref_plan["slot_to_row"], ref_w) * grad_out).sum().backward()
+
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if x.dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, **tolerance)
+    torch.testing.assert_close(ours_w.grad, ref_w.grad, **tolerance)
+
+
+def test_gradcheck_float64(generator):
+    num_tokens, k, num_experts, d = 7, 3, 5, 4
+    experts = torch.rand(num_tokens, num_experts, generator=generator).argsort(-1)[:, :k]
+    experts[2, 1] = -1
+    x = torch.randn(num_tokens, d, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.rand(num_tokens, k, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def round_trip(x, w):
+        x_sorted, plan = sparseroute.permute(x, experts, num_experts)
+        return sparseroute.unpermute(x_sorted.sin(), plan, w)
+
+    assert torch.autograd.gradcheck(round_trip, (x, w))
+    assert torch.autograd.gradgradcheck(lambda x: sparseroute.permute(x, experts, num_experts)[0], (x,))
+
+
+def test_gating_permute_unpermute_gradcheck(generator):
+    logits = torch.randn(6, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def moe(logits, x):
+        weights, experts = sparseroute.topk_gating(logits, 2)
+        x_sorted, plan = sparseroute.permute(x, experts, 5)
+        return sparseroute.unpermute(x_sorted.tanh(), plan, weights)
+
+    assert torch.autograd.gradcheck(moe, (logits, x))
+
+
+def test_static_rows_pad_with_zeros():
+    x = torch.arange(8.0).view(4, 2)
+    experts = torch.tensor([[1, -1], [0, 1], [-1, -1], [1, 0]])
+    x_sorted, plan = sparseroute.permute(x, experts, 2, num_rows=8)
+    assert x_sorted.shape == (8, 2)
+    assert plan.offsets.tolist() == [0, 2, 5]
+    assert plan.row_to_slot.tolist() == [2, 7, 0, 3, 6, -1, -1, -1]
+    assert torch.equal(x_sorted[5:], torch.zeros(3, 2))
+    compact, _ = sparseroute.permute(x, experts, 2)
+    assert compact.shape == (5, 2)
+    assert torch.equal(compact, x_sorted[:5])
+    # Token 2 has no slot: zeros back.
+    y = sparseroute.unpermute(x_sorted, plan)
+    assert torch.equal(y, torch.tensor([[0.0, 1], [4, 6], [0, 0], [12, 14]]))
+
+
+def test_all_tokens_to_one_expert():
+    x = torch.randn(100, 16)
+    experts = torch.full((100, 1), 3)
+    x_sorted, plan = sparseroute.permute(x, experts, 5)
+    assert plan.tokens_per_expert.tolist() == [0, 0, 0, 100, 0]
+    assert torch.equal(x_sorted, x)
+
+
+def test_int32_experts_are_accepted():
+    x = torch.randn(10, 4)
+    experts = torch.randint(0, 6, (10, 2), dtype=torch.int32)
+    a, plan_a = sparseroute.permute(x, experts, 6)
+    b, plan_b = sparseroute.permute(x, experts.long(), 6)
+    assert torch.equal(a, b)
+    assert torch.equal(plan_a.slot_to_row, plan_b.slot_to_row)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outputs_do_not_depend_on_thread_count(dtype):
+    g = torch.Generator().manual_seed(5)
+    num_tokens, num_experts, k, d = 4096, 64, 8, 96
+    logits = torch.randn(num_tokens, num_experts, generator=g).to(dtype)
+    x = torch.randn(num_tokens, d, generator=g).to(dtype).requires_grad_()
+
+    def run(threads):
+        sparseroute.set_num_threads(threads)
+        x.grad = None
+        weights, experts = sparseroute.topk_gating(logits, k)
+        x_sorted, plan = sparseroute.permute(x, experts, num_experts)
+        y = sparseroute.unpermute(x_sorted * 1.5, plan, weights)
+        y.square().sum().backward()
+        return weights, experts, x_sorted, y, x.grad, *plan
+
+    single = run(1)
+    for threads in (2, 3):
+        for a, b in zip(single, run(threads), strict=True):
+            assert torch.equal(a, b)
