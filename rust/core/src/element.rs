@@ -4,29 +4,79 @@
 //! (DESIGN: "router math in fp32"); `f64` inputs compute in `f64` so that gradients can be
 //! checked against finite differences.
 
+use crate::lanes::BlockOps;
 use half::{bf16, f16};
 use num_traits::Float;
 
 /// The type arithmetic is carried out in: `f32` or `f64`.
-pub trait Accumulator: Float + Send + Sync + std::iter::Sum + std::fmt::Debug + 'static {
+pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fmt::Debug + 'static {
     /// The epsilon added to the sum of sigmoid scores before normalising.
     const SIGMOID_NORM_EPS: Self;
+    /// A (key, index) pair packed into one integer whose order is the selection order:
+    /// higher key first, then lower index first.
+    type Packed: Ord + Copy + Send + Sync;
     fn from_f64(v: f64) -> Self;
+    /// Packs a non-NaN key with its index; -0.0 and 0.0 pack equal keys.
+    fn pack(self, index: usize) -> Self::Packed;
+    fn unpack_key(packed: Self::Packed) -> Self;
+    fn unpack_index(packed: Self::Packed) -> usize;
+}
+
+/// Maps float bits to unsigned integers of the same order (for non-NaN floats).
+macro_rules! ordered_bits {
+    ($bits:expr, $sign:expr) => {{
+        let bits = $bits;
+        if bits & $sign != 0 {
+            !bits
+        } else {
+            bits | $sign
+        }
+    }};
 }
 
 impl Accumulator for f32 {
     const SIGMOID_NORM_EPS: f32 = 1e-20;
+    type Packed = u64;
     #[inline(always)]
     fn from_f64(v: f64) -> f32 {
         v as f32
+    }
+    #[inline(always)]
+    fn pack(self, index: usize) -> u64 {
+        let key = ordered_bits!((self + 0.0).to_bits(), 0x8000_0000u32);
+        (u64::from(key) << 32) | u64::from(u32::MAX - index as u32)
+    }
+    #[inline(always)]
+    fn unpack_key(packed: u64) -> f32 {
+        let key = (packed >> 32) as u32;
+        f32::from_bits(if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key })
+    }
+    #[inline(always)]
+    fn unpack_index(packed: u64) -> usize {
+        (u32::MAX - packed as u32) as usize
     }
 }
 
 impl Accumulator for f64 {
     const SIGMOID_NORM_EPS: f64 = 1e-20;
+    type Packed = u128;
     #[inline(always)]
     fn from_f64(v: f64) -> f64 {
         v
+    }
+    #[inline(always)]
+    fn pack(self, index: usize) -> u128 {
+        let key = ordered_bits!((self + 0.0).to_bits(), 0x8000_0000_0000_0000u64);
+        (u128::from(key) << 64) | u128::from(u64::MAX - index as u64)
+    }
+    #[inline(always)]
+    fn unpack_key(packed: u128) -> f64 {
+        let key = (packed >> 64) as u64;
+        f64::from_bits(if key & 0x8000_0000_0000_0000 != 0 { key & 0x7fff_ffff_ffff_ffff } else { !key })
+    }
+    #[inline(always)]
+    fn unpack_index(packed: u128) -> usize {
+        (u64::MAX - packed as u64) as usize
     }
 }
 
@@ -101,6 +151,24 @@ mod tests {
         for bits in [0u16, 0x3f80, 0xbf80, 0x7f7f, 0x0001] {
             let v = bf16::from_bits(bits);
             assert_eq!(bf16::from_acc(v.to_acc()).to_bits(), bits);
+        }
+    }
+
+    #[test]
+    fn packed_order_is_selection_order() {
+        let keys = [-3.5f32, -0.0, 0.0, 1e-30, 2.0, f32::NEG_INFINITY, f32::MAX];
+        for &a in &keys {
+            for &b in &keys {
+                for (i, j) in [(0usize, 1usize), (1, 0), (4, 4)] {
+                    let expected = a.partial_cmp(&b).unwrap().then(j.cmp(&i));
+                    assert_eq!(a.pack(i).cmp(&b.pack(j)), expected, "{a} @ {i} vs {b} @ {j}");
+                    assert_eq!(f32::unpack_index(a.pack(i)), i);
+                    assert_eq!(f64::unpack_index(f64::from(a).pack(i)), i);
+                    assert_eq!(f64::from(a).pack(i).cmp(&f64::from(b).pack(j)), expected);
+                }
+                assert_eq!(f32::unpack_key(a.pack(3)), a + 0.0);
+                assert_eq!(f64::unpack_key(f64::from(a).pack(3)), f64::from(a) + 0.0);
+            }
         }
     }
 

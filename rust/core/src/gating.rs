@@ -17,6 +17,7 @@
 
 use crate::element::{Accumulator, Element};
 use crate::error::{check_len, CoreError, Result};
+use crate::lanes::{BlockOps, LANES};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 use std::str::FromStr;
@@ -95,10 +96,6 @@ impl GatingConfig {
         }
         Ok(())
     }
-
-    fn selects_on_logits(&self) -> bool {
-        self.groups.is_none()
-    }
 }
 
 /// Tokens per parallel task: enough work per task to amortise scheduling.
@@ -107,58 +104,92 @@ fn tokens_per_task(num_experts: usize) -> usize {
 }
 
 /// Per-thread working memory of the gating kernels.
-struct Scratch<A> {
-    logits: Vec<A>,
+struct Scratch<A: Accumulator> {
+    chosen: Vec<usize>,
     keys: Vec<A>,
-    top_keys: Vec<A>,
-    top_index: Vec<usize>,
+    logits: Vec<A>,
+    top: TopK<A>,
+    group_top: TopK<A>,
     group_keys: Vec<A>,
-    group_top_keys: Vec<A>,
-    group_top_index: Vec<usize>,
     group_allowed: Vec<bool>,
 }
 
 impl<A: Accumulator> Scratch<A> {
     fn new(cfg: &GatingConfig) -> Self {
         let groups = cfg.groups.map_or(0, |g| g.num_groups);
+        let topk_groups = cfg.groups.map_or(1, |g| g.topk_groups);
         Scratch {
-            logits: Vec::with_capacity(cfg.num_experts),
+            chosen: Vec::with_capacity(cfg.k),
             keys: Vec::with_capacity(cfg.num_experts),
-            top_keys: Vec::with_capacity(cfg.k + 1),
-            top_index: Vec::with_capacity(cfg.k + 1),
+            logits: Vec::with_capacity(cfg.num_experts),
+            top: TopK::new(cfg.k),
+            group_top: TopK::new(topk_groups.max(2)),
             group_keys: Vec::with_capacity(groups),
-            group_top_keys: Vec::with_capacity(groups + 1),
-            group_top_index: Vec::with_capacity(groups + 1),
             group_allowed: Vec::with_capacity(groups),
         }
     }
 }
 
-/// Keeps the `k` largest of `keys` (those `allowed`) in descending order; equal keys keep
-/// the lower index first. Candidates arrive in index order, so a later candidate must be
-/// strictly greater to pass an earlier one. Keys are never NaN: inputs are checked finite.
-fn select_top_k<A: Accumulator>(
-    keys: &[A],
-    allowed: impl Fn(usize) -> bool,
-    k: usize,
-    top_keys: &mut Vec<A>,
-    top_index: &mut Vec<usize>,
-) {
-    top_keys.clear();
-    top_index.clear();
-    for (index, &key) in keys.iter().enumerate() {
-        if top_keys.len() == k {
-            if key <= top_keys[k - 1] || !allowed(index) {
-                continue;
-            }
-            top_keys.pop();
-            top_index.pop();
-        } else if !allowed(index) {
-            continue;
+/// The `k` best (key, index) pairs offered so far, best first: higher key first, equal
+/// keys lower index first. Pairs are packed into integers ordered that way (see
+/// [`Accumulator::pack`]), so there are no ties and insertion is branch-free min/max.
+///
+/// Slots start at -inf and keys are finite (inputs are checked), so the first `k` offers
+/// always enter and the hot path is one comparison against the current k-th pair.
+struct TopK<A: Accumulator> {
+    packed: Vec<A::Packed>,
+}
+
+impl<A: Accumulator> TopK<A> {
+    fn new(k: usize) -> Self {
+        let mut top = TopK { packed: Vec::with_capacity(k) };
+        top.reset(k);
+        top
+    }
+
+    /// Empties the selection and sets its size to `k`.
+    fn reset(&mut self, k: usize) {
+        self.packed.clear();
+        // The lowest packed value: -inf with the largest index.
+        self.packed.resize(k, A::neg_infinity().pack(u32::MAX as usize));
+    }
+
+    /// The k-th key (its value only).
+    #[inline(always)]
+    fn threshold(&self) -> A {
+        A::unpack_key(self.packed[self.packed.len() - 1])
+    }
+
+    /// Inserts a pair that beats the current k-th pair. Branch-free: with the slots sorted
+    /// descending, slot p becomes max(slot p, min(slot p-1, new)).
+    #[inline(always)]
+    fn insert(&mut self, key: A, index: usize) {
+        let new = key.pack(index);
+        let slots = &mut self.packed;
+        for p in (1..slots.len()).rev() {
+            slots[p] = slots[p].max(slots[p - 1].min(new));
         }
-        let at = top_keys.iter().position(|&t| key > t).unwrap_or(top_keys.len());
-        top_keys.insert(at, key);
-        top_index.insert(at, index);
+        slots[0] = slots[0].max(new);
+    }
+
+    /// Selects among `keys`, considering only indices where `allowed` holds.
+    fn select(&mut self, keys: &[A], k: usize, allowed: impl Fn(usize) -> bool) {
+        self.reset(k);
+        let mut threshold = self.threshold();
+        for (index, &key) in keys.iter().enumerate() {
+            if key > threshold && allowed(index) {
+                self.insert(key, index);
+                threshold = self.threshold();
+            }
+        }
+    }
+
+    fn indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.packed.iter().map(|&p| A::unpack_index(p))
+    }
+
+    fn sum(&self) -> A {
+        self.packed.iter().fold(A::zero(), |a, &p| a + A::unpack_key(p))
     }
 }
 
@@ -167,18 +198,25 @@ fn sigmoid<A: Accumulator>(x: A) -> A {
     A::one() / (A::one() + (-x).exp())
 }
 
+/// The error for a row holding NaN or an infinity, naming the first such expert.
+fn non_finite_error<L: Element>(row: &[L], token: usize) -> CoreError {
+    let expert = row.iter().position(|v| !v.to_acc().is_finite()).unwrap_or(0);
+    CoreError::invalid(
+        "logits",
+        "finite values",
+        format!("{:?} at token {token}, expert {expert}", row[expert].to_acc()),
+    )
+}
+
 /// Loads one token's logits into the accumulator type, refusing NaN and infinities.
 fn load_logits<L: Element>(row: &[L], token: usize, out: &mut Vec<L::Acc>) -> Result<()> {
     out.clear();
     out.extend(row.iter().map(|v| v.to_acc()));
-    if let Some(expert) = out.iter().position(|v| !v.is_finite()) {
-        return Err(CoreError::invalid(
-            "logits",
-            "finite values",
-            format!("{:?} at token {token}, expert {expert}", out[expert]),
-        ));
+    if out.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(non_finite_error(row, token))
     }
-    Ok(())
 }
 
 fn max_of<A: Accumulator>(values: impl Iterator<Item = A>) -> A {
@@ -196,33 +234,35 @@ fn softmax_into<A: Accumulator>(logits: &[A], out: &mut Vec<A>) {
     }
 }
 
-/// The unbiased, unscaled-by-normalisation weights of the chosen experts (see module docs).
-fn chosen_weights<A: Accumulator>(logits: &[A], chosen: &[usize], cfg: &GatingConfig, out: &mut [A]) {
-    let scale = A::from_f64(cfg.scale);
+/// The weights of the chosen experts (see module docs), from the logits at those experts.
+fn chosen_weights<L: Element>(row: &[L], chosen: &[usize], cfg: &GatingConfig, out: &mut [L::Acc]) {
+    type A<L> = <L as Element>::Acc;
+    let scale = A::<L>::from_f64(cfg.scale);
+    let logit = |e: usize| row[e].to_acc();
     match (cfg.score, cfg.normalize) {
         (ScoreFunction::Softmax, true) => {
-            let m = max_of(chosen.iter().map(|&e| logits[e]));
+            let m = max_of(chosen.iter().map(|&e| logit(e)));
             for (w, &e) in out.iter_mut().zip(chosen) {
-                *w = (logits[e] - m).exp();
+                *w = (logit(e) - m).exp();
             }
-            let total: A = out.iter().copied().sum();
+            let total: A<L> = out.iter().copied().sum();
             for w in out.iter_mut() {
                 *w = *w / total * scale;
             }
         }
         (ScoreFunction::Softmax, false) => {
-            let m = max_of(logits.iter().copied());
-            let z: A = logits.iter().map(|&l| (l - m).exp()).sum();
+            let m = max_of(row.iter().map(|v| v.to_acc()));
+            let z: A<L> = row.iter().map(|v| (v.to_acc() - m).exp()).sum();
             for (w, &e) in out.iter_mut().zip(chosen) {
-                *w = (logits[e] - m).exp() / z * scale;
+                *w = (logit(e) - m).exp() / z * scale;
             }
         }
         (ScoreFunction::Sigmoid, normalize) => {
             for (w, &e) in out.iter_mut().zip(chosen) {
-                *w = sigmoid(logits[e]);
+                *w = sigmoid(logit(e));
             }
             if normalize {
-                let total: A = out.iter().copied().sum::<A>() + A::SIGMOID_NORM_EPS;
+                let total: A<L> = out.iter().copied().sum::<A<L>>() + A::<L>::SIGMOID_NORM_EPS;
                 for w in out.iter_mut() {
                     *w = *w / total;
                 }
@@ -234,6 +274,117 @@ fn chosen_weights<A: Accumulator>(logits: &[A], chosen: &[usize], cfg: &GatingCo
     }
 }
 
+/// Selection on the logits themselves (no bias, no group limit), converting on the fly and
+/// folding the finiteness check into the same pass. Returns false if the row holds NaN or
+/// an infinity.
+///
+/// Most keys lose to the current k-th key, and every insertion costs a mispredicted branch,
+/// so the kernel first bounds the k-th key from below: the maxima of the eight lanes (the
+/// column maxima of the row seen as blocks of eight) are eight distinct elements, so for
+/// k <= 8 the k-th largest of them is at most the k-th largest key of the row. The second
+/// pass offers only keys at or above that bound, testing each block of eight with SIMD
+/// compares (see `lanes`) before looking at single keys.
+fn select_on_logits<L: Element>(row: &[L], k: usize, top: &mut TopK<L::Acc>) -> bool {
+    type A<L> = <L as Element>::Acc;
+    top.reset(k);
+    let blocks = row.chunks_exact(LANES);
+    let tail = blocks.remainder();
+    let load = |block: &[L]| -> [A<L>; LANES] { std::array::from_fn(|lane| block[lane].to_acc()) };
+
+    let mut finite = true;
+    let mut bound = A::<L>::neg_infinity();
+    if k <= LANES && row.len() >= 2 * LANES {
+        let mut lane_max = [A::<L>::neg_infinity(); LANES];
+        for block in blocks.clone() {
+            let keys = load(block);
+            finite &= A::<L>::all_finite(&keys);
+            A::<L>::lane_max(&mut lane_max, &keys);
+        }
+        if !finite {
+            return false;
+        }
+        // The k-th largest of eight finite values, by insertion sort (descending).
+        for i in 1..LANES {
+            let v = lane_max[i];
+            let mut j = i;
+            while j > 0 && lane_max[j - 1] < v {
+                lane_max[j] = lane_max[j - 1];
+                j -= 1;
+            }
+            lane_max[j] = v;
+        }
+        bound = lane_max[k - 1];
+    }
+
+    let mut threshold = top.threshold();
+    for (b, block) in blocks.enumerate() {
+        let keys = load(block);
+        finite &= A::<L>::all_finite(&keys);
+        let mut candidates = A::<L>::candidates(&keys, bound, threshold);
+        while candidates != 0 {
+            let lane = candidates.trailing_zeros() as usize;
+            candidates &= candidates - 1;
+            if keys[lane] > threshold {
+                top.insert(keys[lane], b * LANES + lane);
+                threshold = top.threshold();
+            }
+        }
+    }
+    let base = row.len() - tail.len();
+    for (i, v) in tail.iter().enumerate() {
+        let key = v.to_acc();
+        finite &= key.is_finite();
+        if key > threshold {
+            top.insert(key, base + i);
+            threshold = top.threshold();
+        }
+    }
+    finite
+}
+
+/// Selection on `score + bias`, optionally group-limited: needs every expert's score.
+fn select_on_scores<L: Element>(
+    row: &[L],
+    token: usize,
+    bias: Option<&[L::Acc]>,
+    cfg: &GatingConfig,
+    scratch: &mut Scratch<L::Acc>,
+) -> Result<()> {
+    let Scratch { keys, logits, top, group_top, group_keys, group_allowed, .. } = scratch;
+    load_logits(row, token, logits)?;
+    match cfg.score {
+        ScoreFunction::Softmax => softmax_into(logits, keys),
+        ScoreFunction::Sigmoid => {
+            keys.clear();
+            keys.extend(logits.iter().map(|&l| sigmoid(l)));
+        }
+    }
+    if let Some(bias) = bias {
+        for (key, &b) in keys.iter_mut().zip(bias) {
+            *key = *key + b;
+        }
+    }
+    match cfg.groups {
+        None => top.select(keys, cfg.k, |_| true),
+        Some(GroupLimit { num_groups, topk_groups }) => {
+            let group_size = cfg.num_experts / num_groups;
+            group_keys.clear();
+            for group in keys.chunks_exact(group_size) {
+                group_top.select(group, group_size.min(2), |_| true);
+                group_keys.push(group_top.sum());
+            }
+            group_top.select(group_keys, topk_groups, |_| true);
+            group_allowed.clear();
+            group_allowed.resize(num_groups, false);
+            for g in group_top.indices() {
+                group_allowed[g] = true;
+            }
+            top.select(keys, cfg.k, |e| group_allowed[e / group_size]);
+        }
+    }
+    Ok(())
+}
+
 fn route_token<L: Element>(
     row: &[L],
     token: usize,
@@ -243,59 +394,20 @@ fn route_token<L: Element>(
     weights: &mut [L::Acc],
     experts: &mut [i64],
 ) -> Result<()> {
-    let Scratch {
-        logits,
-        keys,
-        top_keys,
-        top_index,
-        group_keys,
-        group_top_keys,
-        group_top_index,
-        group_allowed,
-    } = scratch;
-    load_logits(row, token, logits)?;
-
-    let selection_keys: &[L::Acc] = if bias.is_none() && cfg.selects_on_logits() {
-        logits
+    if bias.is_none() && cfg.groups.is_none() {
+        if !select_on_logits(row, cfg.k, &mut scratch.top) {
+            return Err(non_finite_error(row, token));
+        }
     } else {
-        match cfg.score {
-            ScoreFunction::Softmax => softmax_into(logits, keys),
-            ScoreFunction::Sigmoid => {
-                keys.clear();
-                keys.extend(logits.iter().map(|&l| sigmoid(l)));
-            }
-        }
-        if let Some(bias) = bias {
-            for (key, &b) in keys.iter_mut().zip(bias) {
-                *key = *key + b;
-            }
-        }
-        keys
-    };
-
-    match cfg.groups {
-        None => select_top_k(selection_keys, |_| true, cfg.k, top_keys, top_index),
-        Some(GroupLimit { num_groups, topk_groups }) => {
-            let group_size = cfg.num_experts / num_groups;
-            group_keys.clear();
-            for group in selection_keys.chunks_exact(group_size) {
-                select_top_k(group, |_| true, group_size.min(2), top_keys, top_index);
-                group_keys.push(top_keys.iter().copied().sum());
-            }
-            select_top_k(group_keys, |_| true, topk_groups, group_top_keys, group_top_index);
-            group_allowed.clear();
-            group_allowed.resize(num_groups, false);
-            for &g in group_top_index.iter() {
-                group_allowed[g] = true;
-            }
-            select_top_k(selection_keys, |e| group_allowed[e / group_size], cfg.k, top_keys, top_index);
-        }
+        select_on_scores(row, token, bias, cfg, scratch)?;
     }
-
-    for (slot, &e) in experts.iter_mut().zip(top_index.iter()) {
+    let chosen = &mut scratch.chosen;
+    chosen.clear();
+    chosen.extend(scratch.top.indices());
+    for (slot, &e) in experts.iter_mut().zip(chosen.iter()) {
         *slot = e as i64;
     }
-    chosen_weights(logits, top_index, cfg, weights);
+    chosen_weights(row, chosen, cfg, weights);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod element;
 pub mod error;
 pub mod gating;
+pub mod lanes;
 pub mod threads;
 
 pub use element::{Accumulator, Element};

@@ -1,0 +1,118 @@
+"""asv benchmarks: sparseroute's routing ops next to the plain-torch code they replace.
+
+Each benchmark takes an ``impl`` parameter, "torch" or "sparseroute", so asv reports both
+in the same run; ``benches/ratios.py`` prints their ratios. The torch code is what Hugging
+Face MoE blocks and Megatron-style dispatchers write by hand:
+
+- gating: softmax over experts in fp32, ``torch.topk``, divide by the sum;
+- permute: stable ``argsort`` of the flattened expert ids, ``index_select`` of the rows;
+- unpermute: weight the rows, ``index_add_`` them into a zeroed [T, d] output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import sparseroute
+
+IMPLS = ["torch", "sparseroute"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# --- the plain-torch code sparseroute replaces ---------------------------------------------
+
+
+def torch_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(scores, k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def torch_permute(x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    return x.index_select(0, order // experts.shape[1]), order
+
+
+def torch_unpermute(
+    y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    k = weights.shape[1]
+    weighted = y_sorted * weights.reshape(-1)[order].unsqueeze(1).to(y_sorted.dtype)
+    y = torch.zeros(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype)
+    return y.index_add_(0, order // k, weighted)
+
+
+def routed(num_tokens: int, num_experts: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits and the top-k choice they make, as a trained router would give."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=g)
+    weights, experts = sparseroute.topk_gating(logits, k)
+    return logits, (weights, experts)
+
+
+# --- benchmarks ----------------------------------------------------------------------------
+
+
+class Gating:
+    params = ([4096, 16384], [8, 64, 256], [2, 8], list(DTYPES), IMPLS)
+    param_names = ["T", "E", "k", "dtype", "impl"]
+    repeat = (3, 10, 20.0)
+    number = 1
+    warmup_time = 0.1
+
+    def setup(self, T, E, k, dtype, impl):
+        logits, _ = routed(T, E, k)
+        self.logits = logits.to(DTYPES[dtype])
+        self.grad = torch.randn(T, k)
+        self.fn = torch_gating if impl == "torch" else sparseroute.topk_gating
+
+    def time_forward(self, T, E, k, dtype, impl):
+        self.fn(self.logits, k)
+
+    def time_forward_backward(self, T, E, k, dtype, impl):
+        logits = self.logits.detach().requires_grad_()
+        weights, _ = self.fn(logits, k)
+        weights.backward(self.grad)
+
+
+class Dispatch:
+    params = ([4096, 16384], [8, 64, 256], [2, 8], [1024, 2048], list(DTYPES), IMPLS)
+    param_names = ["T", "E", "k", "d", "dtype", "impl"]
+    repeat = (2, 5, 20.0)
+    number = 1
+    warmup_time = 0.0
+    timeout = 300
+
+    def setup(self, T, E, k, d, dtype, impl):
+        _, (weights, experts) = routed(T, E, k)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(T, d, generator=g).to(DTYPES[dtype])
+        self.weights, self.experts, self.num_experts = weights, experts, E
+        self.grad = torch.randn(T, d, generator=g).to(DTYPES[dtype])
+        if impl == "torch":
+            self.y_sorted, self.order = torch_permute(self.x, experts)
+        else:
+            self.y_sorted, self.plan = sparseroute.permute(self.x, experts, E)
+
+    def time_permute(self, T, E, k, d, dtype, impl):
+        if impl == "torch":
+            torch_permute(self.x, self.experts)
+        else:
+            sparseroute.permute(self.x, self.experts, self.num_experts)
+
+    def time_unpermute(self, T, E, k, d, dtype, impl):
+        if impl == "torch":
+            torch_unpermute(self.y_sorted, self.order, self.weights, T)
+        else:
+            sparseroute.unpermute(self.y_sorted, self.plan, self.weights)
+
+    def time_round_trip_forward_backward(self, T, E, k, d, dtype, impl):
+        x = self.x.detach().requires_grad_()
+        weights = self.weights.detach().requires_grad_()
+        if impl == "torch":
+            x_sorted, order = torch_permute(x, self.experts)
+            y = torch_unpermute(x_sorted, order, weights, T)
+        else:
+            x_sorted, plan = sparseroute.permute(x, self.experts, self.num_experts)
+            y = sparseroute.unpermute(x_sorted, plan, weights)
+        y.backward(self.grad)
