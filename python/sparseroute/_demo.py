@@ -83,7 +83,7 @@ def sparseroute_moe(x: Tensor, router_logits: Tensor, experts: Experts, k: int) 
     weights, selected = sparseroute.topk_gating(router_logits, k)
     x_sorted, plan = sparseroute.permute(x, selected, num_experts)
     # One split (not many slices): its backward is a single concatenation of the gradients.
-    chunks = x_sorted.split(plan.tokens_per_expert.tolist())
+    chunks = torch.split(x_sorted, plan.tokens_per_expert.tolist())
     y_sorted = torch.cat([experts.mlp(e, chunk) for e, chunk in enumerate(chunks)])
     return sparseroute.unpermute(y_sorted, plan, weights)
 

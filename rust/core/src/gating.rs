@@ -467,28 +467,33 @@ fn check_expert_id(id: i64, num_experts: usize, token: usize) -> Result<Option<u
     }
 }
 
-#[allow(clippy::too_many_arguments)] // one token's inputs, outputs and scratch buffers
+/// Per-thread working memory of the gating backward.
+struct BackwardScratch<A> {
+    logits: Vec<A>,
+    grad: Vec<A>,
+    chosen: Vec<Option<usize>>,
+}
+
 fn backward_token<L: Element>(
     row: &[L],
     token: usize,
     chosen: &[i64],
     grad_weights: &[L::Acc],
     cfg: &GatingConfig,
-    logits: &mut Vec<L::Acc>,
-    scores: &mut Vec<L::Acc>,
+    scratch: &mut BackwardScratch<L::Acc>,
     grad_row: &mut [L],
 ) -> Result<()> {
     type A<L> = <L as Element>::Acc;
+    let BackwardScratch { logits, grad, chosen: chosen_ids } = scratch;
     load_logits(row, token, logits)?;
     let scale = A::<L>::from_f64(cfg.scale);
-    let mut chosen_ids = Vec::with_capacity(chosen.len());
+    chosen_ids.clear();
     for &id in chosen {
         chosen_ids.push(check_expert_id(id, cfg.num_experts, token)?);
     }
     // Accumulate d(loss)/d(logit) for every expert, then round once into the output dtype.
-    scores.clear();
-    scores.resize(cfg.num_experts, A::<L>::zero());
-    let grad = scores;
+    grad.clear();
+    grad.resize(cfg.num_experts, A::<L>::zero());
     match (cfg.score, cfg.normalize) {
         (ScoreFunction::Softmax, true) => {
             // w_j = scale * p_j with p the softmax over the chosen logits:
@@ -573,10 +578,12 @@ pub fn topk_gating_backward<L: Element>(
         .enumerate()
         .with_min_len(tokens_per_task(e))
         .try_for_each_init(
-            || (Vec::with_capacity(e), Vec::with_capacity(e)),
-            |(logits_buf, grad_buf), (token, (((row, ids), g), out))| {
-                backward_token(row, token, ids, g, cfg, logits_buf, grad_buf, out)
+            || BackwardScratch {
+                logits: Vec::with_capacity(e),
+                grad: Vec::with_capacity(e),
+                chosen: Vec::with_capacity(k),
             },
+            |scratch, (token, (((row, ids), g), out))| backward_token(row, token, ids, g, cfg, scratch, out),
         )
 }
 

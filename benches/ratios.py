@@ -1,0 +1,81 @@
+"""Print torch / sparseroute time ratios for the asv benchmarks, measured side by side.
+
+    python benches/ratios.py            # the target shapes (T = 16384)
+    python benches/ratios.py --quick    # a small subset (T = 4096), a minute or so
+
+Timings on a shared 2-core machine are noisy: the two implementations run one after the
+other in the same process, best of ``--repeats`` runs each, and the ratio is what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from benchmarks.routing import Dispatch, Gating
+
+GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forward pass
+DISPATCH_TARGET = 2.0  # permute + unpermute forward + backward, fp32
+
+
+def best_of(bench, method: str, params: tuple, repeats: int) -> float:
+    bench.setup(*params)
+    fn = getattr(bench, method)
+    fn(*params)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*params)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def ratio(cls, method: str, params: tuple, repeats: int) -> tuple[float, float]:
+    t_torch = best_of(cls(), method, (*params, "torch"), repeats)
+    t_ours = best_of(cls(), method, (*params, "sparseroute"), repeats)
+    return t_torch, t_ours
+
+
+def print_row(name: str, shape: tuple, dtype: str, times: tuple[float, float], target: float | None) -> None:
+    t_torch, t_ours = times
+    cells = [name, *map(str, shape), dtype, f"{t_torch * 1e3:.2f}", f"{t_ours * 1e3:.2f}"]
+    cells += [f"{t_torch / t_ours:.2f}x", f">= {target:g}x" if target else ""]
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small subset at T = 4096")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    tokens = 4096 if args.quick else 16384
+
+    print("| op | T | E | k | d | dtype | torch ms | sparseroute ms | ratio | target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in ("fp32", "bf16"):
+        for num_experts in (8, 64, 256):
+            for k in (2, 8):
+                for method in ("time_forward", "time_forward_backward"):
+                    times = ratio(Gating, method, (tokens, num_experts, k, dtype), args.repeats)
+                    fp32_forward = method == "time_forward" and dtype == "fp32"
+                    target = GATING_TARGETS.get(num_experts) if fp32_forward else None
+                    name = "gating " + method.removeprefix("time_").replace("_", "+")
+                    print_row(name, (tokens, num_experts, k, "-"), dtype, times, target)
+
+    shapes = [(64, 2, 1024)] if args.quick else [(64, 2, 1024), (64, 8, 2048)]
+    for dtype in ("fp32", "bf16"):
+        for num_experts, k, d in shapes:
+            for method in ("time_permute", "time_unpermute", "time_round_trip_forward_backward"):
+                repeats = max(2, args.repeats // 2)
+                times = ratio(Dispatch, method, (tokens, num_experts, k, d, dtype), repeats)
+                target = DISPATCH_TARGET if method.startswith("time_round") and dtype == "fp32" else None
+                name = method.removeprefix("time_").replace("_forward_backward", " fwd+bwd").replace("_", " ")
+                print_row(name, (tokens, num_experts, k, d), dtype, times, target)
+
+
+if __name__ == "__main__":
+    main()
