@@ -49,7 +49,7 @@ test-python: $(WHEEL_STAMP)
 	cd tests && ../$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(WHEEL_STAMP)
-	cd benches && ../$(VENV)/bin/asv run --python=same --show-stderr $(ASV_ARGS)
+	cd benches && ../$(VENV)/bin/asv machine --yes > /dev/null && ../$(VENV)/bin/asv run --python=same --show-stderr $(ASV_ARGS)
 	$(PY) benches/ratios.py
 
 bench-quick: $(WHEEL_STAMP)

@@ -13,8 +13,8 @@
 
 use crate::element::Element;
 use crate::error::{check_len, CoreError, Result};
+use crate::threads::{for_each_block, map_collect};
 use num_traits::Zero;
-use rayon::prelude::*;
 
 /// Slots per counting task: large enough that the per-chunk histograms stay cheap.
 const SLOTS_PER_CHUNK: usize = 1 << 15;
@@ -93,19 +93,15 @@ pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffer
 
     // Pass 1: a histogram per chunk of slots.
     let chunks: Vec<&[i64]> = experts.chunks(SLOTS_PER_CHUNK).collect();
-    let histograms: Vec<Vec<i64>> = chunks
-        .par_iter()
-        .enumerate()
-        .map(|(c, chunk)| {
-            let mut counts = vec![0i64; num_experts];
-            for (i, &id) in chunk.iter().enumerate() {
-                if let Some(e) = expert_of(id, num_experts, c * SLOTS_PER_CHUNK + i, k)? {
-                    counts[e] += 1;
-                }
+    let histograms = map_collect(&chunks, |c, chunk| {
+        let mut counts = vec![0i64; num_experts];
+        for (i, &id) in chunk.iter().enumerate() {
+            if let Some(e) = expert_of(id, num_experts, c * SLOTS_PER_CHUNK + i, k)? {
+                counts[e] += 1;
             }
-            Ok(counts)
-        })
-        .collect::<Result<_>>()?;
+        }
+        Ok(counts)
+    })?;
 
     // Pass 2: totals, offsets, and where each chunk starts writing within each expert.
     out.tokens_per_expert.fill(0);
@@ -141,27 +137,26 @@ pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffer
     // Pass 3: every chunk places its slots, in slot order, from its own cursors.
     out.row_to_slot[routed..].fill(-1);
     let rows = DisjointWrites::new(out.row_to_slot);
-    chunks
-        .par_iter()
-        .zip(out.slot_to_row.par_chunks_mut(SLOTS_PER_CHUNK))
-        .zip(cursors.par_iter_mut())
-        .enumerate()
-        .for_each(|(c, ((chunk, slot_rows), cursor))| {
-            for (i, (&id, slot_row)) in chunk.iter().zip(slot_rows.iter_mut()).enumerate() {
-                if id < 0 {
-                    *slot_row = -1;
-                    continue;
-                }
-                let row = cursor[id as usize];
-                cursor[id as usize] += 1;
-                *slot_row = row;
-                // SAFETY: the cursors of chunk c for expert e cover rows
-                // [offsets[e] + (slots of e in chunks before c), ... + slots of e in c),
-                // ranges that are disjoint across (chunk, expert) pairs; each row is
-                // therefore written by exactly one slot.
-                unsafe { rows.write(row as usize, (c * SLOTS_PER_CHUNK + i) as i64) };
+    let cursors = std::sync::Mutex::new(cursors.into_iter().map(Some).collect::<Vec<_>>());
+    for_each_block(out.slot_to_row, 1, SLOTS_PER_CHUNK, |first, slot_rows| {
+        let c = first / SLOTS_PER_CHUNK;
+        let mut cursor = cursors.lock().unwrap_or_else(|p| p.into_inner())[c].take().unwrap_or_default();
+        for (i, (&id, slot_row)) in chunks[c].iter().zip(slot_rows.iter_mut()).enumerate() {
+            if id < 0 {
+                *slot_row = -1;
+                continue;
             }
-        });
+            let row = cursor[id as usize];
+            cursor[id as usize] += 1;
+            *slot_row = row;
+            // SAFETY: the cursors of chunk c for expert e cover rows
+            // [offsets[e] + (slots of e in chunks before c), ... + slots of e in c),
+            // ranges that are disjoint across (chunk, expert) pairs; each row is
+            // therefore written by exactly one slot.
+            unsafe { rows.write(row as usize, (first + i) as i64) };
+        }
+        Ok(())
+    })?;
     Ok(routed)
 }
 
@@ -206,11 +201,10 @@ pub fn gather_rows<X: Element>(
     if let Some(scale) = slot_scale {
         check_len("weights", scale, num_tokens * k)?;
     }
-    out.par_chunks_mut(row_len)
-        .zip(row_to_slot.par_iter())
-        .enumerate()
-        .with_min_len(rows_per_task(row_len))
-        .try_for_each(|(r, (dst, &slot))| {
+    for_each_block(out, row_len, rows_per_task(row_len), |first, block| {
+        for (i, dst) in block.chunks_mut(row_len).enumerate() {
+            let r = first + i;
+            let slot = row_to_slot[r];
             match token_of_slot(slot, k, num_tokens, r)? {
                 None => dst.fill(X::default()),
                 Some(t) => {
@@ -226,8 +220,9 @@ pub fn gather_rows<X: Element>(
                     }
                 }
             }
-            Ok(())
-        })
+        }
+        Ok(())
+    })
 }
 
 fn row_of_slot(row: i64, rows: usize, slot: usize, k: usize) -> Result<Option<usize>> {
@@ -271,45 +266,42 @@ pub fn combine_rows<X: Element>(
     if let Some(w) = weights {
         check_len("weights", w, num_tokens * k)?;
     }
-    out.par_chunks_mut(row_len)
-        .zip(slot_to_row.par_chunks(k))
-        .enumerate()
-        .with_min_len(rows_per_task(row_len * k))
-        .try_for_each_init(
-            || Vec::with_capacity(row_len),
-            |acc: &mut Vec<X::Acc>, (t, (dst, slot_rows))| {
-                acc.clear();
-                for (j, &row) in slot_rows.iter().enumerate() {
-                    let Some(row) = row_of_slot(row, num_rows, t * k + j, k)? else {
-                        continue;
-                    };
-                    let src = &rows[row * row_len..(row + 1) * row_len];
-                    let w = weights.map(|w| w[t * k + j]);
-                    match (acc.is_empty(), w) {
-                        (true, None) => acc.extend(src.iter().map(|v| v.to_acc())),
-                        (true, Some(w)) => acc.extend(src.iter().map(|v| w * v.to_acc())),
-                        (false, None) => {
-                            for (a, v) in acc.iter_mut().zip(src) {
-                                *a = *a + v.to_acc();
-                            }
+    for_each_block(out, row_len, rows_per_task(row_len * k), |first, block| {
+        let mut acc: Vec<X::Acc> = Vec::with_capacity(row_len);
+        for (i, dst) in block.chunks_mut(row_len).enumerate() {
+            let t = first + i;
+            acc.clear();
+            for (j, &row) in slot_to_row[t * k..(t + 1) * k].iter().enumerate() {
+                let Some(row) = row_of_slot(row, num_rows, t * k + j, k)? else {
+                    continue;
+                };
+                let src = &rows[row * row_len..(row + 1) * row_len];
+                let w = weights.map(|w| w[t * k + j]);
+                match (acc.is_empty(), w) {
+                    (true, None) => acc.extend(src.iter().map(|v| v.to_acc())),
+                    (true, Some(w)) => acc.extend(src.iter().map(|v| w * v.to_acc())),
+                    (false, None) => {
+                        for (a, v) in acc.iter_mut().zip(src) {
+                            *a = *a + v.to_acc();
                         }
-                        (false, Some(w)) => {
-                            for (a, v) in acc.iter_mut().zip(src) {
-                                *a = *a + w * v.to_acc();
-                            }
+                    }
+                    (false, Some(w)) => {
+                        for (a, v) in acc.iter_mut().zip(src) {
+                            *a = *a + w * v.to_acc();
                         }
                     }
                 }
-                if acc.is_empty() {
-                    dst.fill(X::default());
-                } else {
-                    for (o, &a) in dst.iter_mut().zip(acc.iter()) {
-                        *o = X::from_acc(a);
-                    }
+            }
+            if acc.is_empty() {
+                dst.fill(X::default());
+            } else {
+                for (o, &a) in dst.iter_mut().zip(acc.iter()) {
+                    *o = X::from_acc(a);
                 }
-                Ok(())
-            },
-        )
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Lanes of the dot product: fixed, so results do not depend on the machine or threads.
@@ -355,20 +347,19 @@ pub fn slot_dots<X: Element>(
     check_len("grad_y", grad_y, num_tokens * row_len)?;
     let num_rows = rows.len() / row_len;
     check_len("y_sorted", rows, num_rows * row_len)?;
-    out.par_chunks_mut(k)
-        .zip(slot_to_row.par_chunks(k))
-        .enumerate()
-        .with_min_len(rows_per_task(row_len * k))
-        .try_for_each(|(t, (dots, slot_rows))| {
+    for_each_block(out, k, rows_per_task(row_len * k), |first, block| {
+        for (i, dots) in block.chunks_mut(k).enumerate() {
+            let t = first + i;
             let g = &grad_y[t * row_len..(t + 1) * row_len];
-            for (j, (d, &row)) in dots.iter_mut().zip(slot_rows).enumerate() {
-                *d = match row_of_slot(row, num_rows, t * k + j, k)? {
+            for (j, d) in dots.iter_mut().enumerate() {
+                *d = match row_of_slot(slot_to_row[t * k + j], num_rows, t * k + j, k)? {
                     None => X::Acc::zero(),
                     Some(row) => dot(g, &rows[row * row_len..(row + 1) * row_len]),
                 };
             }
-            Ok(())
-        })
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -468,6 +459,29 @@ mod tests {
         assert!(err.to_string().starts_with("plan.row_to_slot"), "{err}");
         let err = combine_rows(&[1.0f32], 1, &[3], 1, None, &mut out[..1]).unwrap_err();
         assert!(err.to_string().starts_with("plan.slot_to_row"), "{err}");
+    }
+
+    #[test]
+    fn parallel_plan_equals_sequential_plan() {
+        // Several counting chunks, so the per-chunk cursors matter.
+        let (tokens, k, e) = (3 * SLOTS_PER_CHUNK / 2 + 17, 2, 13);
+        let mut state = 7u64;
+        let experts: Vec<i64> = (0..tokens * k)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) % (e as u64 + 1)) as i64 - 1
+            })
+            .collect();
+        let sequential = plan(&experts, k, e);
+        let parallel = crate::threads::run(3, usize::MAX, || plan(&experts, k, e));
+        assert_eq!(sequential.slot_to_row, parallel.slot_to_row);
+        assert_eq!(sequential.row_to_slot, parallel.row_to_slot);
+        assert_eq!(sequential.offsets, parallel.offsets);
+        // Stable: within an expert, rows hold increasing slots.
+        for w in sequential.row_to_slot[..sequential.routed].windows(2) {
+            let (a, b) = (w[0] as usize, w[1] as usize);
+            assert!(experts[a] < experts[b] || (experts[a] == experts[b] && a < b));
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@
 use crate::element::{Accumulator, Element};
 use crate::error::{check_len, CoreError, Result};
 use crate::lanes::{BlockOps, LANES};
+use crate::threads::{for_each_block, for_each_block2};
 use num_traits::{Float, One, Zero};
-use rayon::prelude::*;
 use std::str::FromStr;
 
 /// How router logits become scores.
@@ -440,16 +440,15 @@ pub fn topk_gating<L: Element>(
     if num_tokens == 0 {
         return Ok(());
     }
-    logits
-        .par_chunks(e)
-        .zip(weights.par_chunks_mut(k))
-        .zip(experts.par_chunks_mut(k))
-        .enumerate()
-        .with_min_len(tokens_per_task(e))
-        .try_for_each_init(
-            || Scratch::new(cfg),
-            |scratch, (token, ((row, w), ids))| route_token(row, token, bias, cfg, scratch, w, ids),
-        )
+    let block = tokens_per_task(e);
+    for_each_block2((weights, k), (experts, k), block, |first, weights, experts| {
+        let mut scratch = Scratch::new(cfg);
+        for (i, (w, ids)) in weights.chunks_mut(k).zip(experts.chunks_mut(k)).enumerate() {
+            let token = first + i;
+            route_token(&logits[token * e..(token + 1) * e], token, bias, cfg, &mut scratch, w, ids)?;
+        }
+        Ok(())
+    })
 }
 
 fn check_expert_id(id: i64, num_experts: usize, token: usize) -> Result<Option<usize>> {
@@ -570,21 +569,23 @@ pub fn topk_gating_backward<L: Element>(
     if num_tokens == 0 {
         return Ok(());
     }
-    logits
-        .par_chunks(e)
-        .zip(experts.par_chunks(k))
-        .zip(grad_weights.par_chunks(k))
-        .zip(grad_logits.par_chunks_mut(e))
-        .enumerate()
-        .with_min_len(tokens_per_task(e))
-        .try_for_each_init(
-            || BackwardScratch {
-                logits: Vec::with_capacity(e),
-                grad: Vec::with_capacity(e),
-                chosen: Vec::with_capacity(k),
-            },
-            |scratch, (token, (((row, ids), g), out))| backward_token(row, token, ids, g, cfg, scratch, out),
-        )
+    for_each_block(grad_logits, e, tokens_per_task(e), |first, block| {
+        let mut scratch = BackwardScratch {
+            logits: Vec::with_capacity(e),
+            grad: Vec::with_capacity(e),
+            chosen: Vec::with_capacity(k),
+        };
+        for (i, out) in block.chunks_mut(e).enumerate() {
+            let t = first + i;
+            let (row, ids, g) = (
+                &logits[t * e..(t + 1) * e],
+                &experts[t * k..(t + 1) * k],
+                &grad_weights[t * k..(t + 1) * k],
+            );
+            backward_token(row, t, ids, g, cfg, &mut scratch, out)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

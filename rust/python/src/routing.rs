@@ -8,13 +8,15 @@ use sparseroute_core::dispatch::{self, PlanBuffers};
 use sparseroute_core::gating::{self, GatingConfig, GroupLimit};
 use sparseroute_core::threads;
 
-/// Releases the GIL, runs `kernel` on a pool of `threads` threads, maps its error.
+/// Releases the GIL, runs `kernel` (touching about `work` elements) with up to `threads`
+/// threads, and maps its error.
 fn run_kernel<R: Send>(
     py: Python<'_>,
     threads: usize,
+    work: usize,
     kernel: impl FnOnce() -> sparseroute_core::Result<R> + Send,
 ) -> PyResult<R> {
-    py.detach(|| threads::install(threads, kernel)).map_err(to_pyerr)
+    py.detach(|| threads::run(threads, work, kernel)).map_err(to_pyerr)
 }
 
 fn gating_config(
@@ -71,7 +73,7 @@ pub fn topk_gating(
         let bias = bias.as_ref().map(|b| slice::<A>(b, "expert_bias")).transpose()?;
         let weights = slice_mut::<A>(&mut weights, "weights")?;
         let experts = slice_mut::<i64>(&mut experts, "experts")?;
-        run_kernel(py, threads, || gating::topk_gating(logits, num_tokens, bias, &cfg, weights, experts))
+        run_kernel(py, threads, logits.len(), || gating::topk_gating(logits, num_tokens, bias, &cfg, weights, experts))
     })
 }
 
@@ -102,7 +104,7 @@ pub fn topk_gating_backward(
         let experts = slice::<i64>(&experts, "experts")?;
         let grad_weights = slice::<A>(&grad_weights, "grad_weights")?;
         let grad_logits = slice_mut::<L>(&mut grad_logits, "grad_logits")?;
-        run_kernel(py, threads, || {
+        run_kernel(py, threads, logits.len(), || {
             gating::topk_gating_backward(logits, num_tokens, experts, grad_weights, &cfg, grad_logits)
         })
     })
@@ -134,7 +136,7 @@ pub fn build_plan(
         row_to_slot: slice_mut(&mut row_to_slot, "row_to_slot")?,
         slot_to_row: slice_mut(&mut slot_to_row, "slot_to_row")?,
     };
-    run_kernel(py, threads, || dispatch::build_plan(experts, k, num_experts, buffers))
+    run_kernel(py, threads, experts.len() * 4, || dispatch::build_plan(experts, k, num_experts, buffers))
 }
 
 /// `out[r] = scale[s] * x[s / k]` for `s = row_to_slot[r]`; zero rows where `s = -1`.
@@ -161,7 +163,7 @@ pub fn gather_rows(
         let row_to_slot = slice::<i64>(&row_to_slot, "row_to_slot")?;
         let slot_scale = slot_scale.as_ref().map(|s| slice::<A>(s, "weights")).transpose()?;
         let out = slice_mut::<X>(&mut out, "out")?;
-        run_kernel(py, threads, || dispatch::gather_rows(x, row_len, row_to_slot, k, slot_scale, out))
+        run_kernel(py, threads, out.len(), || dispatch::gather_rows(x, row_len, row_to_slot, k, slot_scale, out))
     })
 }
 
@@ -189,7 +191,7 @@ pub fn combine_rows(
         let slot_to_row = slice::<i64>(&slot_to_row, "slot_to_row")?;
         let weights = weights.as_ref().map(|w| slice::<A>(w, "weights")).transpose()?;
         let out = slice_mut::<X>(&mut out, "out")?;
-        run_kernel(py, threads, || dispatch::combine_rows(rows, row_len, slot_to_row, k, weights, out))
+        run_kernel(py, threads, out.len() * k, || dispatch::combine_rows(rows, row_len, slot_to_row, k, weights, out))
     })
 }
 
@@ -217,6 +219,6 @@ pub fn slot_dots(
         let grad_y = slice::<X>(&grad_y, "grad_y")?;
         let slot_to_row = slice::<i64>(&slot_to_row, "slot_to_row")?;
         let out = slice_mut::<A>(&mut out, "out")?;
-        run_kernel(py, threads, || dispatch::slot_dots(grad_y, rows, row_len, slot_to_row, k, out))
+        run_kernel(py, threads, grad_y.len() * k, || dispatch::slot_dots(grad_y, rows, row_len, slot_to_row, k, out))
     })
 }
