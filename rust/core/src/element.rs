@@ -22,15 +22,23 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     fn unpack_index(packed: Self::Packed) -> usize;
 }
 
-/// Maps float bits to unsigned integers of the same order (for non-NaN floats).
+/// Maps float bits to unsigned integers of the same order (for non-NaN floats), without
+/// branches: negative floats have all bits flipped, positive ones only the sign bit.
 macro_rules! ordered_bits {
-    ($bits:expr, $sign:expr) => {{
+    ($bits:expr, $signed:ty, $unsigned:ty) => {{
         let bits = $bits;
-        if bits & $sign != 0 {
-            !bits
-        } else {
-            bits | $sign
-        }
+        let sign = <$unsigned>::MAX ^ (<$unsigned>::MAX >> 1);
+        bits ^ ((((bits as $signed) >> (<$unsigned>::BITS - 1)) as $unsigned) | sign)
+    }};
+}
+
+/// The inverse of `ordered_bits!`.
+macro_rules! float_bits {
+    ($key:expr, $signed:ty, $unsigned:ty) => {{
+        let key = $key;
+        let sign = <$unsigned>::MAX ^ (<$unsigned>::MAX >> 1);
+        // Top bit set: a non-negative float, only the sign bit was flipped.
+        key ^ ((!(((key as $signed) >> (<$unsigned>::BITS - 1)) as $unsigned)) | sign)
     }};
 }
 
@@ -43,13 +51,12 @@ impl Accumulator for f32 {
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u64 {
-        let key = ordered_bits!((self + 0.0).to_bits(), 0x8000_0000u32);
+        let key = ordered_bits!((self + 0.0).to_bits(), i32, u32);
         (u64::from(key) << 32) | u64::from(u32::MAX - index as u32)
     }
     #[inline(always)]
     fn unpack_key(packed: u64) -> f32 {
-        let key = (packed >> 32) as u32;
-        f32::from_bits(if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key })
+        f32::from_bits(float_bits!((packed >> 32) as u32, i32, u32))
     }
     #[inline(always)]
     fn unpack_index(packed: u64) -> usize {
@@ -66,13 +73,12 @@ impl Accumulator for f64 {
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u128 {
-        let key = ordered_bits!((self + 0.0).to_bits(), 0x8000_0000_0000_0000u64);
+        let key = ordered_bits!((self + 0.0).to_bits(), i64, u64);
         (u128::from(key) << 64) | u128::from(u64::MAX - index as u64)
     }
     #[inline(always)]
     fn unpack_key(packed: u128) -> f64 {
-        let key = (packed >> 64) as u64;
-        f64::from_bits(if key & 0x8000_0000_0000_0000 != 0 { key & 0x7fff_ffff_ffff_ffff } else { !key })
+        f64::from_bits(float_bits!((packed >> 64) as u64, i64, u64))
     }
     #[inline(always)]
     fn unpack_index(packed: u128) -> usize {

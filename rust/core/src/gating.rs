@@ -160,8 +160,8 @@ impl<A: Accumulator> TopK<A> {
         A::unpack_key(self.packed[self.packed.len() - 1])
     }
 
-    /// Inserts a pair that beats the current k-th pair. Branch-free: with the slots sorted
-    /// descending, slot p becomes max(slot p, min(slot p-1, new)).
+    /// Offers a pair. Branch-free: with the slots sorted descending, slot p becomes
+    /// max(slot p, min(slot p-1, new)); a pair below the k-th changes nothing.
     #[inline(always)]
     fn insert(&mut self, key: A, index: usize) {
         let new = key.pack(index);
@@ -243,7 +243,9 @@ fn chosen_weights<L: Element>(row: &[L], chosen: &[usize], cfg: &GatingConfig, o
         (ScoreFunction::Softmax, true) => {
             let m = max_of(chosen.iter().map(|&e| logit(e)));
             for (w, &e) in out.iter_mut().zip(chosen) {
-                *w = (logit(e) - m).exp();
+                // exp(0) = 1 exactly: the largest chosen logit needs no exp call.
+                let d = logit(e) - m;
+                *w = if d == A::<L>::zero() { A::<L>::one() } else { d.exp() };
             }
             let total: A<L> = out.iter().copied().sum();
             for w in out.iter_mut() {
@@ -274,16 +276,20 @@ fn chosen_weights<L: Element>(row: &[L], chosen: &[usize], cfg: &GatingConfig, o
     }
 }
 
+/// Up to this many (key x slot) steps, [`select_on_logits`] offers every key unconditionally.
+const BRANCH_FREE_SELECTION_MAX_WORK: usize = 96;
+
 /// Selection on the logits themselves (no bias, no group limit), converting on the fly and
 /// folding the finiteness check into the same pass. Returns false if the row holds NaN or
 /// an infinity.
 ///
 /// Most keys lose to the current k-th key, and every insertion costs a mispredicted branch,
-/// so the kernel first bounds the k-th key from below: the maxima of the eight lanes (the
-/// column maxima of the row seen as blocks of eight) are eight distinct elements, so for
-/// k <= 8 the k-th largest of them is at most the k-th largest key of the row. The second
-/// pass offers only keys at or above that bound, testing each block of eight with SIMD
-/// compares (see `lanes`) before looking at single keys.
+/// so the kernel first bounds the k-th key from below: the row, read in blocks of eight,
+/// splits into sixteen disjoint groups (lane, block parity) whose maxima are sixteen
+/// distinct elements, so for k <= 16 the k-th largest of them is at most the k-th largest
+/// key of the row. The second pass offers only keys at or above that bound, testing each
+/// block of eight with SIMD compares (see `lanes`) before looking at single keys. Rows with
+/// few experts skip all this and offer every key to the branch-free insertion.
 fn select_on_logits<L: Element>(row: &[L], k: usize, top: &mut TopK<L::Acc>) -> bool {
     type A<L> = <L as Element>::Acc;
     top.reset(k);
@@ -291,29 +297,36 @@ fn select_on_logits<L: Element>(row: &[L], k: usize, top: &mut TopK<L::Acc>) -> 
     let tail = blocks.remainder();
     let load = |block: &[L]| -> [A<L>; LANES] { std::array::from_fn(|lane| block[lane].to_acc()) };
 
+    if row.len() * (k + 1) <= BRANCH_FREE_SELECTION_MAX_WORK {
+        // Few experts: offering every key costs less than the branches that would skip some.
+        let mut finite = true;
+        for (index, v) in row.iter().enumerate() {
+            let key = v.to_acc();
+            finite &= key.is_finite();
+            top.insert(key, index);
+        }
+        return finite;
+    }
+
     let mut finite = true;
     let mut bound = A::<L>::neg_infinity();
-    if k <= LANES && row.len() >= 2 * LANES {
-        let mut lane_max = [A::<L>::neg_infinity(); LANES];
-        for block in blocks.clone() {
+    if k <= 2 * LANES && row.len() >= 4 * LANES {
+        // Sixteen disjoint groups (lane x block parity), so sixteen distinct maxima.
+        let mut lane_max = [[A::<L>::neg_infinity(); LANES]; 2];
+        for (b, block) in blocks.clone().enumerate() {
             let keys = load(block);
             finite &= A::<L>::all_finite(&keys);
-            A::<L>::lane_max(&mut lane_max, &keys);
+            A::<L>::lane_max(&mut lane_max[b % 2], &keys);
         }
         if !finite {
             return false;
         }
-        // The k-th largest of eight finite values, by insertion sort (descending).
-        for i in 1..LANES {
-            let v = lane_max[i];
-            let mut j = i;
-            while j > 0 && lane_max[j - 1] < v {
-                lane_max[j] = lane_max[j - 1];
-                j -= 1;
-            }
-            lane_max[j] = v;
+        // The k-th largest maximum, found with the selection itself (branch-free).
+        for (i, &m) in lane_max.iter().flatten().enumerate() {
+            top.insert(m, i);
         }
-        bound = lane_max[k - 1];
+        bound = top.threshold();
+        top.reset(k);
     }
 
     let mut threshold = top.threshold();
@@ -324,11 +337,9 @@ fn select_on_logits<L: Element>(row: &[L], k: usize, top: &mut TopK<L::Acc>) -> 
         while candidates != 0 {
             let lane = candidates.trailing_zeros() as usize;
             candidates &= candidates - 1;
-            if keys[lane] > threshold {
-                top.insert(keys[lane], b * LANES + lane);
-                threshold = top.threshold();
-            }
+            top.insert(keys[lane], b * LANES + lane);
         }
+        threshold = top.threshold();
     }
     let base = row.len() - tail.len();
     for (i, v) in tail.iter().enumerate() {
