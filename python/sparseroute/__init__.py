@@ -8,6 +8,7 @@ Everything between a router's logits and the experts a token goes to, and back:
 """
 
 from sparseroute._core import InvalidInputError, __version__
+from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
 from sparseroute.ops import PermutePlan, permute, topk_gating, unpermute
 
@@ -15,8 +16,10 @@ __all__ = [
     "InvalidInputError",
     "PermutePlan",
     "__version__",
+    "buffer_cache_info",
     "get_num_threads",
     "permute",
+    "set_buffer_cache_limit",
     "set_num_threads",
     "topk_gating",
     "unpermute",

@@ -11,9 +11,12 @@ import numpy.typing as npt
 __all__ = [
     "InvalidInputError",
     "__version__",
+    "buffer_cache_info",
     "build_plan",
     "combine_rows",
     "gather_rows",
+    "pooled_empty",
+    "set_buffer_cache_limit",
     "slot_dots",
     "topk_gating",
     "topk_gating_backward",
@@ -79,3 +82,8 @@ def slot_dots(
     out: npt.NDArray[np.floating],
     threads: int,
 ) -> None: ...
+def pooled_empty(shape: list[int], dtype: str) -> object:
+    """A DLPack capsule of an uninitialised C-contiguous CPU tensor backed by a cached buffer."""
+
+def set_buffer_cache_limit(limit: int) -> None: ...
+def buffer_cache_info() -> tuple[int, int]: ...

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from sparseroute import _core
+from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
 from sparseroute.ops._bridge import accumulator_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_same, check_tensor
@@ -63,7 +63,7 @@ def _permute_op(
     )
     if num_rows is None and routed < capacity:
         row_to_slot = row_to_slot[:routed].clone()
-    x_sorted = torch.empty(row_to_slot.shape[0], x.shape[1], dtype=x.dtype)
+    x_sorted = _memory.empty((row_to_slot.shape[0], x.shape[1]), x.dtype)
     _core.gather_rows(
         numpy_view(x.contiguous()), numpy_view(row_to_slot), k, None, numpy_view(x_sorted), threads
     )
@@ -108,7 +108,7 @@ def _unpermute_op(
     y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tensor | None
 ) -> Tensor:
     num_tokens = slot_to_row.shape[0]
-    y = torch.empty(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype)
+    y = _memory.empty((num_tokens, y_sorted.shape[1]), y_sorted.dtype)
     _core.combine_rows(
         numpy_view(y_sorted.contiguous()),
         numpy_view(slot_to_row.contiguous()),
@@ -127,7 +127,7 @@ def _(y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tenso
 @torch.library.custom_op("sparseroute::gather_rows", mutates_args=(), device_types="cpu")
 def _gather_rows_op(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> Tensor:
     """``out[r] = weights[s] * x[s // k]`` for ``s = row_to_slot[r]``; zero rows where s = -1."""
-    out = torch.empty(row_to_slot.shape[0], x.shape[1], dtype=x.dtype)
+    out = _memory.empty((row_to_slot.shape[0], x.shape[1]), x.dtype)
     _core.gather_rows(
         numpy_view(x.contiguous()),
         numpy_view(row_to_slot.contiguous()),

@@ -6,6 +6,7 @@
 //! bitwise identical for any thread count: every output element is computed by one task in
 //! a fixed order.
 
+pub mod buffers;
 pub mod dispatch;
 pub mod element;
 pub mod error;

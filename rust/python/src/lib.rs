@@ -5,6 +5,7 @@
 #![allow(clippy::too_many_arguments)]
 
 mod arrays;
+mod buffers;
 mod errors;
 mod routing;
 
@@ -20,5 +21,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(routing::gather_rows, m)?)?;
     m.add_function(wrap_pyfunction!(routing::combine_rows, m)?)?;
     m.add_function(wrap_pyfunction!(routing::slot_dots, m)?)?;
+    m.add_function(wrap_pyfunction!(buffers::pooled_empty, m)?)?;
+    m.add_function(wrap_pyfunction!(buffers::set_buffer_cache_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(buffers::buffer_cache_info, m)?)?;
     Ok(())
 }

@@ -1,0 +1,53 @@
+"""Output allocation: large outputs reuse buffers that were written before.
+
+Page faults dominate writing fresh memory on CPU (a fresh 1 GiB output costs several times
+more to fill than one already touched), and the large outputs of permute and unpermute are
+allocated and freed on every training step. Outputs of at least ``POOLED_MIN_BYTES`` come
+from a cache of freed buffers kept by the Rust core (up to a byte limit; default 2 GiB, or
+``SPARSEROUTE_BUFFER_CACHE_BYTES``). They are ordinary torch tensors: when torch frees
+one, its buffer goes back to the cache instead of to the system.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.utils.dlpack
+
+from sparseroute import _core
+
+POOLED_MIN_BYTES = 1 << 20
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+}
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPE_NAMES}
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor, from the buffer cache when it is large."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None or math.prod(shape) * _ITEMSIZE[dtype] < POOLED_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    tensor: torch.Tensor = torch.utils.dlpack.from_dlpack(_core.pooled_empty(list(shape), name))
+    return tensor
+
+
+def set_buffer_cache_limit(num_bytes: int) -> None:
+    """Keep at most ``num_bytes`` of freed output buffers for reuse (0 disables the cache
+    and frees what it holds)."""
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int):
+        raise TypeError(f"num_bytes: expected an int, got {type(num_bytes).__name__}")
+    if num_bytes < 0:
+        raise ValueError(f"num_bytes: expected at least 0, got {num_bytes}")
+    _core.set_buffer_cache_limit(num_bytes)
+
+
+def buffer_cache_info() -> tuple[int, int]:
+    """``(cached_bytes, limit)``: bytes held by freed buffers kept for reuse, and the limit."""
+    return _core.buffer_cache_info()

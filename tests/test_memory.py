@@ -1,0 +1,93 @@
+"""Large outputs come from a cache of reused buffers: they must behave as ordinary tensors,
+hold correct results whatever the buffer held before, and the cache must respect its limit."""
+
+import gc
+
+import pytest
+import torch
+
+import sparseroute
+
+from reference import permute_reference, unpermute_reference
+
+# 4096 rows of 256 float32 values: 4 MiB, above the pooling threshold.
+TOKENS, K, HIDDEN, EXPERTS = 2048, 2, 256, 16
+
+
+def routed(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(TOKENS, HIDDEN, generator=g)
+    experts = torch.rand(TOKENS, EXPERTS, generator=g).argsort(-1)[:, :K]
+    weights = torch.rand(TOKENS, K, generator=g)
+    return x, experts, weights
+
+
+def test_reused_buffers_hold_fresh_results():
+    for seed in range(3):
+        x, experts, weights = routed(seed)
+        x_sorted, plan = sparseroute.permute(x, experts, EXPERTS)
+        ref_sorted, _ = permute_reference(x, experts, EXPERTS)
+        assert torch.equal(x_sorted, ref_sorted)
+        y = sparseroute.unpermute(x_sorted * 2, plan, weights)
+        assert torch.equal(y, unpermute_reference(x_sorted * 2, plan.slot_to_row, weights))
+        del x_sorted, y
+        gc.collect()
+    cached, limit = sparseroute.buffer_cache_info()
+    assert 0 < cached <= limit
+
+
+def test_pooled_outputs_are_ordinary_tensors():
+    x, experts, weights = routed(7)
+    x = x.requires_grad_()
+    x_sorted, plan = sparseroute.permute(x, experts, EXPERTS)
+    assert x_sorted.is_contiguous() and x_sorted.device.type == "cpu"
+    assert x_sorted.untyped_storage().nbytes() >= x_sorted.numel() * 4
+    view = x_sorted[1:, :7].t()
+    assert view.sum().item() == pytest.approx(x_sorted[1:, :7].sum().item())
+    y = sparseroute.unpermute(x_sorted.relu(), plan, weights)
+    y.sum().backward()
+    expected = sum((x.detach() > 0).float() * weights[:, j : j + 1] for j in range(K))
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_limit_zero_empties_the_cache():
+    x, experts, _ = routed(3)
+    x_sorted, _ = sparseroute.permute(x, experts, EXPERTS)
+    del x_sorted
+    gc.collect()
+    _, limit = sparseroute.buffer_cache_info()
+    try:
+        sparseroute.set_buffer_cache_limit(0)
+        assert sparseroute.buffer_cache_info() == (0, 0)
+        x_sorted, _ = sparseroute.permute(x, experts, EXPERTS)
+        del x_sorted
+        gc.collect()
+        assert sparseroute.buffer_cache_info()[0] == 0
+    finally:
+        sparseroute.set_buffer_cache_limit(limit)
+
+
+def test_limit_is_validated():
+    with pytest.raises(ValueError, match="num_bytes: expected at least 0, got -1"):
+        sparseroute.set_buffer_cache_limit(-1)
+    with pytest.raises(TypeError, match="num_bytes: expected an int"):
+        sparseroute.set_buffer_cache_limit(1.5)
+
+
+def test_pooled_outputs_pass_opcheck_and_compile():
+    x, experts, weights = routed(11)
+    x = x.requires_grad_()
+    torch.library.opcheck(torch.ops.sparseroute.permute, (x, experts, EXPERTS, None))
+    x_sorted, plan = sparseroute.permute(x.detach(), experts, EXPERTS)
+    y_sorted = x_sorted.clone().requires_grad_()
+    args = (y_sorted, plan.slot_to_row, plan.row_to_slot, weights.clone().requires_grad_())
+    torch.library.opcheck(torch.ops.sparseroute.unpermute, args)
+
+    def pipeline(x, weights):
+        x_sorted, plan = sparseroute.permute(x, experts, EXPERTS, num_rows=TOKENS * K)
+        return sparseroute.unpermute(x_sorted.sigmoid(), plan, weights)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(pipeline, fullgraph=True, backend="aot_eager")
+    w = weights.clone().requires_grad_()
+    torch.testing.assert_close(compiled(x, w), pipeline(x, w))
