@@ -94,7 +94,7 @@ def test_gradients_match_reference(case):
     if x.dtype != torch.float64:
         x = x.float()
     w = weights.to(x.dtype)
-    grad_out = torch.randn_like(x)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(x.shape[0]), dtype=x.dtype)
 
     ours_x, ours_w = x.clone().requires_grad_(), w.clone().requires_grad_()
     x_sorted, plan = sparseroute.permute(ours_x, experts, num_experts)
@@ -104,9 +104,13 @@ def test_gradients_match_reference(case):
     ref_sorted, ref_plan = permute_reference(ref_x, experts, num_experts)
     (unpermute_reference(ref_sorted * 3.0, ref_plan["slot_to_row"], ref_w) * grad_out).sum().backward()
 
-    tolerance = {"rtol": 1e-5, "atol": 1e-5} if x.dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
-    torch.testing.assert_close(ours_x.grad, ref_x.grad, **tolerance)
-    torch.testing.assert_close(ours_w.grad, ref_w.grad, **tolerance)
+    eps = 1e-6 if x.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=eps * 10, atol=eps * 10)
+    # grad_w[t, j] is a dot product over d, summed in a different order than the reference:
+    # its rounding error scales with the mass sum_i |grad_out[t, i] * y[t, i]|.
+    mass = (grad_out * x * 3.0).abs().sum(-1, keepdim=True).expand_as(ours_w.grad)
+    error = (ours_w.grad - ref_w.grad).abs()
+    assert torch.all(error <= eps * (mass + 1)), (error - eps * mass).max()
 
 
 def test_gradcheck_float64(generator):
