@@ -1,7 +1,7 @@
 """Shared test configuration.
 
-Hypothesis profiles: "fast" (default, a few dozen examples per property) and "slow"
-(HYPOTHESIS_PROFILE=slow, hundreds). The tests import the *installed* sparseroute wheel;
+Hypothesis profiles: "fast" (default, 100 examples per property) and "slow"
+(HYPOTHESIS_PROFILE=slow, 1000). The tests import the *installed* sparseroute wheel;
 see test_package.py.
 """
 
@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "fast",
-    max_examples=30,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
     "slow",
-    max_examples=400,
+    max_examples=1000,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

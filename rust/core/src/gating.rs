@@ -481,7 +481,7 @@ fn check_expert_id(id: i64, num_experts: usize, token: usize) -> Result<Option<u
 struct BackwardScratch<A> {
     logits: Vec<A>,
     grad: Vec<A>,
-    chosen: Vec<Option<usize>>,
+    live: Vec<(usize, A, A)>,
 }
 
 fn backward_token<L: Element>(
@@ -494,67 +494,72 @@ fn backward_token<L: Element>(
     grad_row: &mut [L],
 ) -> Result<()> {
     type A<L> = <L as Element>::Acc;
-    let BackwardScratch { logits, grad, chosen: chosen_ids } = scratch;
-    load_logits(row, token, logits)?;
     let scale = A::<L>::from_f64(cfg.scale);
-    chosen_ids.clear();
-    for &id in chosen {
-        chosen_ids.push(check_expert_id(id, cfg.num_experts, token)?);
+    let zero = A::<L>::zero();
+    // The chosen slots as (expert, upstream gradient, logit); empty (-1) slots drop out.
+    let live = &mut scratch.live;
+    live.clear();
+    for (&id, &g) in chosen.iter().zip(grad_weights) {
+        if let Some(e) = check_expert_id(id, cfg.num_experts, token)? {
+            live.push((e, g, row[e].to_acc()));
+        }
     }
-    // Accumulate d(loss)/d(logit) for every expert, then round once into the output dtype.
-    grad.clear();
-    grad.resize(cfg.num_experts, A::<L>::zero());
-    match (cfg.score, cfg.normalize) {
-        (ScoreFunction::Softmax, true) => {
+    if !live.iter().all(|&(_, _, l)| l.is_finite()) {
+        return Err(non_finite_error(row, token));
+    }
+    if let (ScoreFunction::Softmax, false) = (cfg.score, cfg.normalize) {
+        // w_j = scale * s_j with s the softmax over all experts:
+        // dL/dl_n = s_n * (a_n - sum_j a_j s_j), a_n = scale * g_j where n is chosen slot j.
+        let BackwardScratch { logits, grad, .. } = scratch;
+        load_logits(row, token, logits)?;
+        let m = max_of(logits.iter().copied());
+        grad.clear();
+        grad.extend(logits.iter().map(|&l| (l - m).exp()));
+        let z: A<L> = grad.iter().copied().sum();
+        for s in grad.iter_mut() {
+            *s = *s / z;
+        }
+        let c = scratch.live.iter().fold(zero, |c, &(e, g, _)| c + scale * g * grad[e]);
+        for (out, &s) in grad_row.iter_mut().zip(grad.iter()) {
+            *out = L::from_acc(s * (zero - c));
+        }
+        for &(e, g, _) in scratch.live.iter() {
+            grad_row[e] = L::from_acc(grad[e] * (scale * g - c));
+        }
+        return Ok(());
+    }
+    // The other cases only reach the chosen logits; every other logit's gradient is 0.
+    grad_row.fill(L::from_acc(zero));
+    match cfg.score {
+        ScoreFunction::Softmax => {
             // w_j = scale * p_j with p the softmax over the chosen logits:
-            // dL/dl_j = scale * p_j * (g_j - sum_i p_i g_i); unchosen logits get exactly 0.
-            let live = chosen_ids.iter().zip(grad_weights).filter_map(|(e, g)| e.map(|e| (e, *g)));
-            let m = max_of(live.clone().map(|(e, _)| logits[e]));
-            let total: A<L> = live.clone().map(|(e, _)| (logits[e] - m).exp()).sum();
-            let mean_g: A<L> = live.clone().map(|(e, g)| (logits[e] - m).exp() / total * g).sum();
-            for (e, g) in live {
-                let p = (logits[e] - m).exp() / total;
-                grad[e] = scale * p * (g - mean_g);
+            // dL/dl_j = scale * p_j * (g_j - sum_i p_i g_i).
+            let m = max_of(live.iter().map(|&(_, _, l)| l));
+            for entry in live.iter_mut() {
+                entry.2 = (entry.2 - m).exp();
+            }
+            let total: A<L> = live.iter().map(|&(_, _, v)| v).sum();
+            let mean_g = live.iter().fold(zero, |acc, &(_, g, v)| acc + v / total * g);
+            for &(e, g, v) in live.iter() {
+                grad_row[e] = L::from_acc(scale * (v / total) * (g - mean_g));
             }
         }
-        (ScoreFunction::Softmax, false) => {
-            // w_j = scale * s_j with s the softmax over all experts:
-            // dL/dl_n = s_n * (a_n - sum_j a_j s_j), a_n = scale * g_j where n is chosen slot j.
-            let m = max_of(logits.iter().copied());
-            let z: A<L> = logits.iter().map(|&l| (l - m).exp()).sum();
-            let mut c = A::<L>::zero();
-            for (e, &g) in chosen_ids.iter().zip(grad_weights) {
-                if let Some(e) = *e {
-                    let a = scale * g;
-                    grad[e] = a;
-                    c = c + a * ((logits[e] - m).exp() / z);
-                }
+        ScoreFunction::Sigmoid => {
+            for entry in live.iter_mut() {
+                entry.2 = sigmoid(entry.2);
             }
-            for (n, gn) in grad.iter_mut().enumerate() {
-                let s = (logits[n] - m).exp() / z;
-                *gn = s * (*gn - c);
-            }
-        }
-        (ScoreFunction::Sigmoid, normalize) => {
-            let live = chosen_ids.iter().zip(grad_weights).filter_map(|(e, g)| e.map(|e| (e, *g)));
-            let (total, weighted) = if normalize {
-                let total =
-                    live.clone().map(|(e, _)| sigmoid(logits[e])).sum::<A<L>>() + A::<L>::SIGMOID_NORM_EPS;
-                let weighted: A<L> = live.clone().map(|(e, g)| g * sigmoid(logits[e])).sum();
-                (total, weighted)
+            let (total, weighted) = if cfg.normalize {
+                let total = live.iter().map(|&(_, _, s)| s).sum::<A<L>>() + A::<L>::SIGMOID_NORM_EPS;
+                (total, live.iter().fold(zero, |acc, &(_, g, s)| acc + g * s))
             } else {
-                (A::<L>::one(), A::<L>::zero())
+                (A::<L>::one(), zero)
             };
-            for (e, g) in live {
-                let s = sigmoid(logits[e]);
+            for &(e, g, s) in live.iter() {
                 let d_score =
-                    if normalize { scale * (g / total - weighted / (total * total)) } else { scale * g };
-                grad[e] = d_score * s * (A::<L>::one() - s);
+                    if cfg.normalize { scale * (g / total - weighted / (total * total)) } else { scale * g };
+                grad_row[e] = L::from_acc(d_score * s * (A::<L>::one() - s));
             }
         }
-    }
-    for (out, &g) in grad_row.iter_mut().zip(grad.iter()) {
-        *out = L::from_acc(g);
     }
     Ok(())
 }
@@ -584,7 +589,7 @@ pub fn topk_gating_backward<L: Element>(
         let mut scratch = BackwardScratch {
             logits: Vec::with_capacity(e),
             grad: Vec::with_capacity(e),
-            chosen: Vec::with_capacity(k),
+            live: Vec::with_capacity(k),
         };
         for (i, out) in block.chunks_mut(e).enumerate() {
             let t = first + i;
