@@ -2,7 +2,7 @@
 
 Hypothesis profiles: "fast" (default, 100 examples per property) and "slow"
 (HYPOTHESIS_PROFILE=slow, 1000). The tests import the *installed* sparseroute wheel;
-see test_package.py.
+see test_process.py.
 """
 
 import os

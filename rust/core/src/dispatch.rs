@@ -13,7 +13,7 @@
 
 use crate::element::Element;
 use crate::error::{check_len, CoreError, Result};
-use crate::threads::{for_each_block, map_collect};
+use crate::threads::{for_each_block, for_each_pair, map_collect};
 use num_traits::Zero;
 
 /// Slots per counting task: large enough that the per-chunk histograms stay cheap.
@@ -137,10 +137,8 @@ pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffer
     // Pass 3: every chunk places its slots, in slot order, from its own cursors.
     out.row_to_slot[routed..].fill(-1);
     let rows = DisjointWrites::new(out.row_to_slot);
-    let cursors = std::sync::Mutex::new(cursors.into_iter().map(Some).collect::<Vec<_>>());
-    for_each_block(out.slot_to_row, 1, SLOTS_PER_CHUNK, |first, slot_rows| {
-        let c = first / SLOTS_PER_CHUNK;
-        let mut cursor = cursors.lock().unwrap_or_else(|p| p.into_inner())[c].take().unwrap_or_default();
+    let mut slot_chunks: Vec<&mut [i64]> = out.slot_to_row.chunks_mut(SLOTS_PER_CHUNK).collect();
+    for_each_pair(&mut slot_chunks, &mut cursors, |c, slot_rows, cursor| {
         for (i, (&id, slot_row)) in chunks[c].iter().zip(slot_rows.iter_mut()).enumerate() {
             if id < 0 {
                 *slot_row = -1;
@@ -153,7 +151,7 @@ pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffer
             // [offsets[e] + (slots of e in chunks before c), ... + slots of e in c),
             // ranges that are disjoint across (chunk, expert) pairs; each row is
             // therefore written by exactly one slot.
-            unsafe { rows.write(row as usize, (first + i) as i64) };
+            unsafe { rows.write(row as usize, (c * SLOTS_PER_CHUNK + i) as i64) };
         }
         Ok(())
     })?;

@@ -118,6 +118,22 @@ where
         .try_for_each(|(i, (x, y))| body(i * rows, x, y))
 }
 
+/// Calls `body(i, &mut a[i], &mut b[i])` for every index of two equally long slices: in
+/// parallel inside [`run`], in order otherwise.
+pub fn for_each_pair<A, B, F>(a: &mut [A], b: &mut [B], body: F) -> Result<()>
+where
+    A: Send,
+    B: Send,
+    F: Fn(usize, &mut A, &mut B) -> Result<()> + Sync + Send,
+{
+    assert_eq!(a.len(), b.len(), "for_each_pair needs slices of equal length");
+    if parallel() {
+        a.par_iter_mut().zip(b.par_iter_mut()).enumerate().try_for_each(|(i, (x, y))| body(i, x, y))
+    } else {
+        a.iter_mut().zip(b.iter_mut()).enumerate().try_for_each(|(i, (x, y))| body(i, x, y))
+    }
+}
+
 /// `items.map(f)` collected in order: in parallel inside [`run`], in order otherwise.
 pub fn map_collect<T: Sync, R: Send>(
     items: &[T],
