@@ -62,6 +62,21 @@ struct Cache {
     limit: usize,
 }
 
+impl Cache {
+    fn evict_to_limit(&mut self) {
+        let mut excess = self.cached_bytes.saturating_sub(self.limit);
+        let mut evicted = 0;
+        while excess > 0 {
+            let capacity = self.free[evicted].capacity;
+            excess = excess.saturating_sub(capacity);
+            self.cached_bytes -= capacity;
+            evicted += 1;
+        }
+        // Dropping the drained buffers frees them.
+        self.free.drain(..evicted);
+    }
+}
+
 /// A byte-limited cache of free buffers.
 pub struct BufferPool {
     /// The process that owns the cache. A forked child must not wait on a lock another
@@ -98,23 +113,24 @@ impl BufferPool {
         Buffer::allocate(capacity)
     }
 
-    /// Returns a buffer to the cache, or frees it if the cache would exceed its limit.
+    /// Returns a buffer to the cache, freeing the least recently released buffers while the
+    /// cache exceeds its limit (so the cache follows the sizes in use now). A buffer larger
+    /// than the whole limit is freed at once.
     pub fn release(&self, buffer: Buffer) {
         let Some(mut cache) = self.cache() else { return };
-        if cache.cached_bytes + buffer.capacity <= cache.limit {
-            cache.cached_bytes += buffer.capacity;
-            cache.free.push(buffer);
+        if buffer.capacity > cache.limit {
+            return;
         }
+        cache.cached_bytes += buffer.capacity;
+        cache.free.push(buffer);
+        cache.evict_to_limit();
     }
 
-    /// Sets the byte limit, freeing the oldest cached buffers beyond it.
+    /// Sets the byte limit, freeing the least recently released buffers beyond it.
     pub fn set_limit(&self, limit: usize) {
         let Some(mut cache) = self.cache() else { return };
         cache.limit = limit;
-        while cache.cached_bytes > limit {
-            let oldest = cache.free.remove(0);
-            cache.cached_bytes -= oldest.capacity;
-        }
+        cache.evict_to_limit();
     }
 
     pub fn limit(&self) -> usize {
@@ -145,6 +161,22 @@ mod tests {
         assert_eq!(pool.cached_bytes(), 0);
         let c = pool.acquire(5 * GRANULE);
         assert_ne!(c.as_ptr(), address);
+    }
+
+    #[test]
+    fn releases_evict_the_least_recently_released() {
+        let pool = BufferPool::new(4 * GRANULE);
+        let (a, b, c) = (pool.acquire(2 * GRANULE), pool.acquire(2 * GRANULE), pool.acquire(GRANULE));
+        let (a_address, c_address) = (a.as_ptr(), c.as_ptr());
+        pool.release(a);
+        pool.release(b);
+        pool.release(c);
+        // a (oldest) made room for c.
+        assert_eq!(pool.cached_bytes(), 3 * GRANULE);
+        assert_eq!(pool.acquire(GRANULE).as_ptr(), c_address);
+        assert_ne!(pool.acquire(2 * GRANULE).as_ptr(), a_address);
+        pool.release(pool.acquire(5 * GRANULE));
+        assert_eq!(pool.cached_bytes(), 0);
     }
 
     #[test]
