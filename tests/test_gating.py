@@ -151,3 +151,19 @@ def test_bf16_and_fp16_logits_give_float32_weights(generator):
         low.requires_grad_()
         sparseroute.topk_gating(low, 4)[0].sum().backward()
         assert low.grad is not None and low.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("num_experts,k", [(8, 2), (8, 8), (16, 4), (64, 8)])
+@pytest.mark.parametrize("score,normalize", [("softmax", True), ("softmax", False), ("sigmoid", True)])
+def test_results_do_not_depend_on_the_batch(num_experts, k, score, normalize, generator):
+    """A token's experts and weights are the same bits whatever batch it is routed in
+    (several token-parallel lanes or alone), for every block layout."""
+    logits = torch.randn(37, num_experts, generator=generator)
+    weights, experts = sparseroute.topk_gating(logits, k, score=score, normalize=normalize)
+    for t in (0, 7, 8, 31, 36):
+        w, e = sparseroute.topk_gating(logits[t : t + 1], k, score=score, normalize=normalize)
+        assert torch.equal(e[0], experts[t])
+        assert torch.equal(w[0], weights[t])
+    w, e = sparseroute.topk_gating(logits[5:29], k, score=score, normalize=normalize)
+    assert torch.equal(e, experts[5:29])
+    assert torch.equal(w, weights[5:29])

@@ -106,6 +106,7 @@ fn tokens_per_task(num_experts: usize) -> usize {
 /// Per-thread working memory of the gating kernels.
 struct Scratch<A: Accumulator> {
     chosen: Vec<usize>,
+    lane: SingleLane<A>,
     keys: Vec<A>,
     logits: Vec<A>,
     top: TopK<A>,
@@ -120,6 +121,7 @@ impl<A: Accumulator> Scratch<A> {
         let topk_groups = cfg.groups.map_or(1, |g| g.topk_groups);
         Scratch {
             chosen: Vec::with_capacity(cfg.k),
+            lane: SingleLane { logits: Vec::with_capacity(cfg.k), weights: Vec::with_capacity(cfg.k) },
             keys: Vec::with_capacity(cfg.num_experts),
             logits: Vec::with_capacity(cfg.num_experts),
             top: TopK::new(cfg.k),
@@ -195,7 +197,7 @@ impl<A: Accumulator> TopK<A> {
 
 #[inline]
 fn sigmoid<A: Accumulator>(x: A) -> A {
-    A::one() / (A::one() + (-x).exp())
+    A::one() / (A::one() + (-x).exp_acc())
 }
 
 /// The error for a row holding NaN or an infinity, naming the first such expert.
@@ -227,52 +229,110 @@ fn max_of<A: Accumulator>(values: impl Iterator<Item = A>) -> A {
 fn softmax_into<A: Accumulator>(logits: &[A], out: &mut Vec<A>) {
     let m = max_of(logits.iter().copied());
     out.clear();
-    out.extend(logits.iter().map(|&l| (l - m).exp()));
+    out.extend(logits.iter().map(|&l| (l - m).exp_acc()));
     let z: A = out.iter().copied().sum();
     for s in out.iter_mut() {
         *s = *s / z;
     }
 }
 
-/// The weights of the chosen experts (see module docs), from the logits at those experts.
-fn chosen_weights<L: Element>(row: &[L], chosen: &[usize], cfg: &GatingConfig, out: &mut [L::Acc]) {
-    type A<L> = <L as Element>::Acc;
-    let scale = A::<L>::from_f64(cfg.scale);
-    let logit = |e: usize| row[e].to_acc();
+/// The weights of the chosen experts (see module docs) of `N` tokens at once, lane `i`
+/// holding token `i`: `chosen[p][i]` is the logit of token i's p-th choice and `column(e)`
+/// the logits of expert `e` (only unnormalised softmax reads them, for its normaliser).
+/// The per-token path calls this with one lane, so every token gets the same arithmetic,
+/// whichever path and batch it is routed in.
+fn lane_weights<A: Accumulator, const N: usize>(
+    chosen: &[[A; N]],
+    num_experts: usize,
+    column: impl Fn(usize) -> [A; N],
+    cfg: &GatingConfig,
+    out: &mut [[A; N]],
+) {
+    let scale = A::from_f64(cfg.scale);
+    let max_into = |m: &mut [A; N], v: &[A; N]| {
+        for (m, &v) in m.iter_mut().zip(v) {
+            *m = if v > *m { v } else { *m };
+        }
+    };
     match (cfg.score, cfg.normalize) {
         (ScoreFunction::Softmax, true) => {
-            let m = max_of(chosen.iter().map(|&e| logit(e)));
-            for (w, &e) in out.iter_mut().zip(chosen) {
-                // exp(0) = 1 exactly: the largest chosen logit needs no exp call.
-                let d = logit(e) - m;
-                *w = if d == A::<L>::zero() { A::<L>::one() } else { d.exp() };
+            let mut m = [A::neg_infinity(); N];
+            for c in chosen {
+                max_into(&mut m, c);
             }
-            let total: A<L> = out.iter().copied().sum();
-            for w in out.iter_mut() {
-                *w = *w / total * scale;
+            let mut total = [A::zero(); N];
+            for (o, c) in out.iter_mut().zip(chosen) {
+                for i in 0..N {
+                    o[i] = (c[i] - m[i]).exp_acc();
+                    total[i] = total[i] + o[i];
+                }
+            }
+            for o in out.iter_mut() {
+                for i in 0..N {
+                    o[i] = o[i] / total[i] * scale;
+                }
             }
         }
         (ScoreFunction::Softmax, false) => {
-            let m = max_of(row.iter().map(|v| v.to_acc()));
-            let z: A<L> = row.iter().map(|v| (v.to_acc() - m).exp()).sum();
-            for (w, &e) in out.iter_mut().zip(chosen) {
-                *w = (logit(e) - m).exp() / z * scale;
+            let mut m = [A::neg_infinity(); N];
+            for e in 0..num_experts {
+                max_into(&mut m, &column(e));
+            }
+            let mut z = [A::zero(); N];
+            for e in 0..num_experts {
+                let l = column(e);
+                for i in 0..N {
+                    z[i] = z[i] + (l[i] - m[i]).exp_acc();
+                }
+            }
+            for (o, c) in out.iter_mut().zip(chosen) {
+                for i in 0..N {
+                    o[i] = (c[i] - m[i]).exp_acc() / z[i] * scale;
+                }
             }
         }
         (ScoreFunction::Sigmoid, normalize) => {
-            for (w, &e) in out.iter_mut().zip(chosen) {
-                *w = sigmoid(logit(e));
-            }
-            if normalize {
-                let total: A<L> = out.iter().copied().sum::<A<L>>() + A::<L>::SIGMOID_NORM_EPS;
-                for w in out.iter_mut() {
-                    *w = *w / total;
+            let mut total = [A::zero(); N];
+            for (o, c) in out.iter_mut().zip(chosen) {
+                for i in 0..N {
+                    o[i] = sigmoid(c[i]);
+                    total[i] = total[i] + o[i];
                 }
             }
-            for w in out.iter_mut() {
-                *w = *w * scale;
+            for o in out.iter_mut() {
+                for i in 0..N {
+                    if normalize {
+                        o[i] = o[i] / (total[i] + A::SIGMOID_NORM_EPS);
+                    }
+                    o[i] = o[i] * scale;
+                }
             }
         }
+    }
+}
+
+/// Working memory of [`chosen_weights`]: one token as a single lane.
+struct SingleLane<A> {
+    logits: Vec<[A; 1]>,
+    weights: Vec<[A; 1]>,
+}
+
+/// The weights of one token's chosen experts (one lane of [`lane_weights`]).
+fn chosen_weights<L: Element>(
+    row: &[L],
+    chosen: &[usize],
+    cfg: &GatingConfig,
+    lane: &mut SingleLane<L::Acc>,
+    out: &mut [L::Acc],
+) {
+    let SingleLane { logits, weights } = lane;
+    logits.clear();
+    logits.extend(chosen.iter().map(|&e| [row[e].to_acc()]));
+    weights.clear();
+    weights.resize(chosen.len(), [L::Acc::zero()]);
+    lane_weights(logits, row.len(), |e| [row[e].to_acc()], cfg, weights);
+    for (o, w) in out.iter_mut().zip(weights.iter()) {
+        *o = w[0];
     }
 }
 
@@ -418,7 +478,7 @@ fn route_token<L: Element>(
     for (slot, &e) in experts.iter_mut().zip(chosen.iter()) {
         *slot = e as i64;
     }
-    chosen_weights(row, chosen, cfg, weights);
+    chosen_weights(row, chosen, cfg, &mut scratch.lane, weights);
     Ok(())
 }
 
@@ -451,15 +511,122 @@ pub fn topk_gating<L: Element>(
     if num_tokens == 0 {
         return Ok(());
     }
-    let block = tokens_per_task(e);
+    let block = tokens_per_task(e).next_multiple_of(TOKEN_LANES);
+    let token_parallel = bias.is_none() && cfg.groups.is_none() && e * k <= TOKEN_PARALLEL_MAX_WORK;
     for_each_block2((weights, k), (experts, k), block, |first, weights, experts| {
         let mut scratch = Scratch::new(cfg);
-        for (i, (w, ids)) in weights.chunks_mut(k).zip(experts.chunks_mut(k)).enumerate() {
-            let token = first + i;
+        let mut done = 0;
+        if token_parallel {
+            let mut lanes = LaneTopK::new(k);
+            let groups =
+                weights.chunks_exact_mut(TOKEN_LANES * k).zip(experts.chunks_exact_mut(TOKEN_LANES * k));
+            for (g, (w, ids)) in groups.enumerate() {
+                let first_token = first + g * TOKEN_LANES;
+                let rows = &logits[first_token * e..(first_token + TOKEN_LANES) * e];
+                route_lanes(rows, first_token, cfg, &mut lanes, w, ids)?;
+                done += TOKEN_LANES;
+            }
+        }
+        let rest = weights[done * k..].chunks_mut(k).zip(experts[done * k..].chunks_mut(k));
+        for (i, (w, ids)) in rest.enumerate() {
+            let token = first + done + i;
             route_token(&logits[token * e..(token + 1) * e], token, bias, cfg, &mut scratch, w, ids)?;
         }
         Ok(())
     })
+}
+
+/// Tokens routed together by [`route_lanes`], one per SIMD lane.
+const TOKEN_LANES: usize = 8;
+/// Up to this E * k, few-expert routing runs token-parallel ([`route_lanes`]).
+const TOKEN_PARALLEL_MAX_WORK: usize = 64;
+
+/// The k best (key, expert) pairs of each of [`TOKEN_LANES`] tokens: slot p of lane i is
+/// the p-th best of token i.
+struct LaneTopK<A> {
+    keys: Vec<[A; TOKEN_LANES]>,
+    index: Vec<[u32; TOKEN_LANES]>,
+    weights: Vec<[A; TOKEN_LANES]>,
+}
+
+impl<A: Accumulator> LaneTopK<A> {
+    fn new(k: usize) -> Self {
+        LaneTopK {
+            keys: vec![[A::neg_infinity(); TOKEN_LANES]; k],
+            index: vec![[0; TOKEN_LANES]; k],
+            weights: vec![[A::zero(); TOKEN_LANES]; k],
+        }
+    }
+}
+
+/// Selection on the logits for eight tokens at once, each token in its own lane: every
+/// expert's key is offered to every lane through the same branch-free insertion (selects
+/// compile to SIMD blends), so there is no data-dependent branch at all. This beats the
+/// per-token filter when E * k is small (Mixtral's 8 x 2, for instance). Offers come in
+/// expert order and a key must be strictly greater to pass, so ties keep the lower index.
+fn route_lanes<L: Element>(
+    rows: &[L],
+    first_token: usize,
+    cfg: &GatingConfig,
+    top: &mut LaneTopK<L::Acc>,
+    weights: &mut [L::Acc],
+    experts: &mut [i64],
+) -> Result<()> {
+    let (e, k) = (cfg.num_experts, cfg.k);
+    for (keys, index) in top.keys.iter_mut().zip(top.index.iter_mut()) {
+        *keys = [L::Acc::neg_infinity(); TOKEN_LANES];
+        *index = [0; TOKEN_LANES];
+    }
+    let mut finite = [true; TOKEN_LANES];
+    for expert in 0..e {
+        let x: [L::Acc; TOKEN_LANES] = std::array::from_fn(|lane| rows[lane * e + expert].to_acc());
+        for (ok, v) in finite.iter_mut().zip(&x) {
+            *ok &= v.is_finite();
+        }
+        for p in (1..k).rev() {
+            let (upper, lower) = top.keys.split_at_mut(p);
+            let (upper_index, lower_index) = top.index.split_at_mut(p);
+            let (above, here) = (&upper[p - 1], &mut lower[0]);
+            let (above_index, here_index) = (&upper_index[p - 1], &mut lower_index[0]);
+            for lane in 0..TOKEN_LANES {
+                let shift = x[lane] > above[lane];
+                let lands = x[lane] > here[lane];
+                here_index[lane] = if shift {
+                    above_index[lane]
+                } else if lands {
+                    expert as u32
+                } else {
+                    here_index[lane]
+                };
+                here[lane] = if shift {
+                    above[lane]
+                } else if lands {
+                    x[lane]
+                } else {
+                    here[lane]
+                };
+            }
+        }
+        let lanes = top.keys[0].iter_mut().zip(top.index[0].iter_mut()).zip(&x);
+        for ((key, index), &v) in lanes {
+            let lands = v > *key;
+            *index = if lands { expert as u32 } else { *index };
+            *key = if lands { v } else { *key };
+        }
+    }
+    if let Some(lane) = finite.iter().position(|ok| !ok) {
+        return Err(non_finite_error(&rows[lane * e..(lane + 1) * e], first_token + lane));
+    }
+    // The keys are the chosen logits (this path selects on logits).
+    let column = |expert: usize| std::array::from_fn(|lane| rows[lane * e + expert].to_acc());
+    lane_weights(&top.keys, e, column, cfg, &mut top.weights);
+    for lane in 0..TOKEN_LANES {
+        for p in 0..k {
+            experts[lane * k + p] = i64::from(top.index[p][lane]);
+            weights[lane * k + p] = top.weights[p][lane];
+        }
+    }
+    Ok(())
 }
 
 fn check_expert_id(id: i64, num_experts: usize, token: usize) -> Result<Option<usize>> {
@@ -514,7 +681,7 @@ fn backward_token<L: Element>(
         load_logits(row, token, logits)?;
         let m = max_of(logits.iter().copied());
         grad.clear();
-        grad.extend(logits.iter().map(|&l| (l - m).exp()));
+        grad.extend(logits.iter().map(|&l| (l - m).exp_acc()));
         let z: A<L> = grad.iter().copied().sum();
         for s in grad.iter_mut() {
             *s = *s / z;
@@ -536,7 +703,7 @@ fn backward_token<L: Element>(
             // dL/dl_j = scale * p_j * (g_j - sum_i p_i g_i).
             let m = max_of(live.iter().map(|&(_, _, l)| l));
             for entry in live.iter_mut() {
-                entry.2 = (entry.2 - m).exp();
+                entry.2 = (entry.2 - m).exp_acc();
             }
             let total: A<L> = live.iter().map(|&(_, _, v)| v).sum();
             let mean_g = live.iter().fold(zero, |acc, &(_, g, v)| acc + v / total * g);
