@@ -16,9 +16,6 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     /// higher key first, then lower index first.
     type Packed: Ord + Copy + Send + Sync;
     fn from_f64(v: f64) -> Self;
-    /// `e^x`, the one exponential of every kernel: [`exp_f32`] for `f32` (inlined, so that
-    /// loops over lanes vectorise; within 1 ulp), the standard library's for `f64`.
-    fn exp_acc(self) -> Self;
     /// Packs a non-NaN key with its index; -0.0 and 0.0 pack equal keys.
     fn pack(self, index: usize) -> Self::Packed;
     fn unpack_key(packed: Self::Packed) -> Self;
@@ -45,43 +42,12 @@ macro_rules! float_bits {
     }};
 }
 
-/// `e^x` in `f32`: Cody-Waite reduction `x = n ln2 + r` with `|r| <= ln2 / 2`, a
-/// polynomial for `e^r` (the coefficients of Cephes' `expf`), and an exact scaling by `2^n`
-/// done in two halves so that results underflow to subnormals and zero, and overflow to
-/// infinity, as the C library's do. Within 1 ulp of the correctly rounded result for
-/// normal results (tested); `exp_f32(0.0) == 1.0` exactly. Branch-free, so loops over it
-/// vectorise, and the same on every machine.
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (SSE2 has no round).
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-104.0, 89.0);
-    let n = (x * LOG2_E + ROUND) - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.500_000_1;
-    let e = p * (r * r) + r + 1.0;
-    let n = n as i32;
-    let half = n / 2;
-    let scale = |m: i32| f32::from_bits(((m + 127) as u32) << 23);
-    e * scale(half) * scale(n - half)
-}
-
 impl Accumulator for f32 {
     const SIGMOID_NORM_EPS: f32 = 1e-20;
     type Packed = u64;
     #[inline(always)]
     fn from_f64(v: f64) -> f32 {
         v as f32
-    }
-    #[inline(always)]
-    fn exp_acc(self) -> f32 {
-        exp_f32(self)
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u64 {
@@ -104,10 +70,6 @@ impl Accumulator for f64 {
     #[inline(always)]
     fn from_f64(v: f64) -> f64 {
         v
-    }
-    #[inline(always)]
-    fn exp_acc(self) -> f64 {
-        self.exp()
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u128 {
@@ -204,23 +166,6 @@ mod tests {
             let v = bf16::from_bits(bits);
             assert_eq!(bf16::from_acc(v.to_acc()).to_bits(), bits);
         }
-    }
-
-    #[test]
-    fn exp_f32_is_within_one_ulp() {
-        let mut worst = 0;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let exact = (x as f64).exp() as f32;
-            worst = worst.max(exp_f32(x).to_bits().abs_diff(exact.to_bits()));
-            x += 0.000_37;
-        }
-        assert!(worst <= 1, "worst error {worst} ulp");
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert_eq!(exp_f32(-200.0), 0.0);
-        assert_eq!(exp_f32(100.0), f32::INFINITY);
-        let tiny = exp_f32(-100.0);
-        assert!(tiny > 0.0 && (tiny as f64 - (-100f64).exp()).abs() < 1e-44);
     }
 
     #[test]

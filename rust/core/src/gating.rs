@@ -197,7 +197,7 @@ impl<A: Accumulator> TopK<A> {
 
 #[inline]
 fn sigmoid<A: Accumulator>(x: A) -> A {
-    A::one() / (A::one() + (-x).exp_acc())
+    A::one() / (A::one() + (-x).exp())
 }
 
 /// The error for a row holding NaN or an infinity, naming the first such expert.
@@ -229,7 +229,7 @@ fn max_of<A: Accumulator>(values: impl Iterator<Item = A>) -> A {
 fn softmax_into<A: Accumulator>(logits: &[A], out: &mut Vec<A>) {
     let m = max_of(logits.iter().copied());
     out.clear();
-    out.extend(logits.iter().map(|&l| (l - m).exp_acc()));
+    out.extend(logits.iter().map(|&l| (l - m).exp()));
     let z: A = out.iter().copied().sum();
     for s in out.iter_mut() {
         *s = *s / z;
@@ -263,7 +263,7 @@ fn lane_weights<A: Accumulator, const N: usize>(
             let mut total = [A::zero(); N];
             for (o, c) in out.iter_mut().zip(chosen) {
                 for i in 0..N {
-                    o[i] = (c[i] - m[i]).exp_acc();
+                    o[i] = (c[i] - m[i]).exp();
                     total[i] = total[i] + o[i];
                 }
             }
@@ -282,12 +282,12 @@ fn lane_weights<A: Accumulator, const N: usize>(
             for e in 0..num_experts {
                 let l = column(e);
                 for i in 0..N {
-                    z[i] = z[i] + (l[i] - m[i]).exp_acc();
+                    z[i] = z[i] + (l[i] - m[i]).exp();
                 }
             }
             for (o, c) in out.iter_mut().zip(chosen) {
                 for i in 0..N {
-                    o[i] = (c[i] - m[i]).exp_acc() / z[i] * scale;
+                    o[i] = (c[i] - m[i]).exp() / z[i] * scale;
                 }
             }
         }
@@ -539,7 +539,7 @@ pub fn topk_gating<L: Element>(
 /// Tokens routed together by [`route_lanes`], one per SIMD lane.
 const TOKEN_LANES: usize = 8;
 /// Up to this E * k, few-expert routing runs token-parallel ([`route_lanes`]).
-const TOKEN_PARALLEL_MAX_WORK: usize = 64;
+const TOKEN_PARALLEL_MAX_WORK: usize = 32;
 
 /// The k best (key, expert) pairs of each of [`TOKEN_LANES`] tokens: slot p of lane i is
 /// the p-th best of token i.
@@ -681,7 +681,7 @@ fn backward_token<L: Element>(
         load_logits(row, token, logits)?;
         let m = max_of(logits.iter().copied());
         grad.clear();
-        grad.extend(logits.iter().map(|&l| (l - m).exp_acc()));
+        grad.extend(logits.iter().map(|&l| (l - m).exp()));
         let z: A<L> = grad.iter().copied().sum();
         for s in grad.iter_mut() {
             *s = *s / z;
@@ -703,7 +703,7 @@ fn backward_token<L: Element>(
             // dL/dl_j = scale * p_j * (g_j - sum_i p_i g_i).
             let m = max_of(live.iter().map(|&(_, _, l)| l));
             for entry in live.iter_mut() {
-                entry.2 = (entry.2 - m).exp_acc();
+                entry.2 = (entry.2 - m).exp();
             }
             let total: A<L> = live.iter().map(|&(_, _, v)| v).sum();
             let mean_g = live.iter().fold(zero, |acc, &(_, g, v)| acc + v / total * g);
