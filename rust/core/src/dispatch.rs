@@ -3,7 +3,7 @@
 //!
 //! Terms: a *slot* is one (token, choice) pair, flat index `s = t * k + j`; a *row* is one
 //! row of the expert-major tensor. The plan holds both directions of the map:
-//! `slot_to_row` [T, k] (-1 for an empty slot) and `row_to_slot` [rows] (-1 for padding rows
+//! `slot_to_row` `[T, k]` (-1 for an empty slot) and `row_to_slot` `[rows]` (-1 for padding rows
 //! past the last routed slot). Rows are ordered expert-major, then by ascending slot index
 //! (that is, by token, then by choice): a stable counting sort, so the plan is unique and
 //! does not depend on the thread count.
@@ -27,14 +27,14 @@ fn rows_per_task(row_len: usize) -> usize {
 
 /// The plan's output buffers, allocated by the caller.
 pub struct PlanBuffers<'a> {
-    /// [E]: how many slots chose each expert.
+    /// `[E]`: how many slots chose each expert.
     pub tokens_per_expert: &'a mut [i64],
-    /// [E + 1]: exclusive prefix sums of `tokens_per_expert`; `offsets[E]` = routed rows.
+    /// `[E + 1]`: exclusive prefix sums of `tokens_per_expert`; `offsets[E]` = routed rows.
     pub offsets: &'a mut [i64],
-    /// [rows]: the slot each row comes from; -1 past the routed rows. Its length is the row
+    /// `[rows]`: the slot each row comes from; -1 past the routed rows. Its length is the row
     /// count of the permuted tensor and must be at least the number of routed slots.
     pub row_to_slot: &'a mut [i64],
-    /// [T * k]: the row each slot goes to; -1 for an empty slot.
+    /// `[T * k]`: the row each slot goes to; -1 for an empty slot.
     pub slot_to_row: &'a mut [i64],
 }
 

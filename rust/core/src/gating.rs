@@ -103,7 +103,7 @@ fn tokens_per_task(num_experts: usize) -> usize {
     (16_384 / num_experts.max(1)).max(1)
 }
 
-/// Per-thread working memory of the gating kernels.
+/// Working memory of one block of tokens.
 struct Scratch<A: Accumulator> {
     chosen: Vec<usize>,
     lane: SingleLane<A>,
@@ -484,7 +484,7 @@ fn route_token<L: Element>(
 
 /// Top-k gating forward over `num_tokens` rows of `logits` ([T, E] row-major).
 ///
-/// Writes `weights` [T, k] and `experts` [T, k]. `bias` [E] shifts selection only.
+/// Writes `weights` `[T, k]` and `experts` `[T, k]`. `bias` `[E]` shifts selection only.
 pub fn topk_gating<L: Element>(
     logits: &[L],
     num_tokens: usize,
@@ -644,7 +644,7 @@ fn check_expert_id(id: i64, num_experts: usize, token: usize) -> Result<Option<u
     }
 }
 
-/// Per-thread working memory of the gating backward.
+/// Working memory of the gating backward for one block of tokens.
 struct BackwardScratch<A> {
     logits: Vec<A>,
     grad: Vec<A>,

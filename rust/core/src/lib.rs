@@ -1,10 +1,11 @@
 //! sparseroute-core: the CPU algorithms of sparseroute, in plain Rust.
 //!
 //! Every kernel reads borrowed slices and writes into caller-allocated buffers (torch owns
-//! memory), validates what it reads, and returns [`CoreError`] instead of panicking. Kernels
-//! use rayon parallel iterators; callers pick the pool with [`threads::install`]. Results are
-//! bitwise identical for any thread count: every output element is computed by one task in
-//! a fixed order.
+//! memory, or the [`buffers`] cache hands it out), validates what it reads, and returns
+//! [`CoreError`] instead of panicking. Kernels split their outputs into blocks with
+//! [`threads::for_each_block`]; callers choose inline or pooled execution with
+//! [`threads::run`]. Results are bitwise identical for any thread count: every output
+//! element is computed by one block in a fixed order.
 
 pub mod buffers;
 pub mod dispatch;
