@@ -193,3 +193,34 @@ def test_outputs_do_not_depend_on_thread_count(dtype):
     for threads in (2, 3):
         for a, b in zip(single, run(threads), strict=True):
             assert torch.equal(a, b)
+
+
+def test_non_contiguous_inputs(generator):
+    x = torch.randn(64, 40, generator=generator).t()  # [40, 64], strided
+    logits = torch.randn(16, 40, generator=generator).t()  # [40, 16], strided
+    weights, experts = sparseroute.topk_gating(logits, 3)
+    ref_weights, ref_experts = sparseroute.topk_gating(logits.contiguous(), 3)
+    assert torch.equal(experts, ref_experts) and torch.equal(weights, ref_weights)
+    x_sorted, plan = sparseroute.permute(x, experts, 16)
+    assert torch.equal(x_sorted, sparseroute.permute(x.contiguous(), experts, 16)[0])
+    y = sparseroute.unpermute(x_sorted.t().contiguous().t(), plan, weights[:, :3])
+    assert torch.equal(y, sparseroute.unpermute(x_sorted, plan, weights))
+
+
+def test_concurrent_calls_from_python_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(9)
+    inputs = [(torch.randn(3000, 32, generator=g), torch.randn(3000, 64, generator=g)) for _ in range(8)]
+
+    def route(pair):
+        logits, x = pair
+        weights, experts = sparseroute.topk_gating(logits, 4)
+        x_sorted, plan = sparseroute.permute(x, experts, 32)
+        return sparseroute.unpermute(x_sorted, plan, weights)
+
+    expected = [route(pair) for pair in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(route, inputs * 3))
+    for i, y in enumerate(results):
+        assert torch.equal(y, expected[i % len(inputs)])
