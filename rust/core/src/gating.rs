@@ -336,6 +336,21 @@ fn chosen_weights<L: Element>(
     }
 }
 
+/// The k-th largest of finite `values` (k <= 16): values only, no indices, so a plain
+/// branch-free min/max insertion network.
+fn kth_largest<A: Accumulator>(values: impl Iterator<Item = A>, k: usize) -> A {
+    let mut top = [A::neg_infinity(); 16];
+    for v in values {
+        let mut carry = v;
+        for slot in top[..k].iter_mut() {
+            let (hi, lo) = if carry > *slot { (carry, *slot) } else { (*slot, carry) };
+            *slot = hi;
+            carry = lo;
+        }
+    }
+    top[k - 1]
+}
+
 /// Up to this many (key x slot) steps, [`select_on_logits`] offers every key unconditionally.
 const BRANCH_FREE_SELECTION_MAX_WORK: usize = 96;
 
@@ -381,18 +396,17 @@ fn select_on_logits<L: Element>(row: &[L], k: usize, top: &mut TopK<L::Acc>) -> 
         if !finite {
             return false;
         }
-        // The k-th largest maximum, found with the selection itself (branch-free).
-        for (i, &m) in lane_max.iter().flatten().enumerate() {
-            top.insert(m, i);
-        }
-        bound = top.threshold();
-        top.reset(k);
+        bound = kth_largest(lane_max.iter().flatten().copied(), k);
     }
+    // The first pass, when it ran, has checked every block already.
+    let checked = bound > A::<L>::neg_infinity();
 
     let mut threshold = top.threshold();
     for (b, block) in blocks.enumerate() {
         let keys = load(block);
-        finite &= A::<L>::all_finite(&keys);
+        if !checked {
+            finite &= A::<L>::all_finite(&keys);
+        }
         let mut candidates = A::<L>::candidates(&keys, bound, threshold);
         while candidates != 0 {
             let lane = candidates.trailing_zeros() as usize;
