@@ -38,6 +38,20 @@ class PermutePlan(NamedTuple):
     slot_to_row: Tensor
 
 
+def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None, threads: int) -> Tensor:
+    """The rows of ``x`` in plan order (the kernel behind permute and unpermute's gradient)."""
+    out = _memory.empty((row_to_slot.shape[0], x.shape[1]), x.dtype)
+    _core.gather_rows(
+        numpy_view(x.contiguous()),
+        numpy_view(row_to_slot.contiguous()),
+        k,
+        None if weights is None else numpy_view(weights.contiguous()),
+        numpy_view(out),
+        threads,
+    )
+    return out
+
+
 # --- sparseroute::permute ------------------------------------------------------------------
 
 
@@ -63,10 +77,7 @@ def _permute_op(
     )
     if num_rows is None and routed < capacity:
         row_to_slot = row_to_slot[:routed].clone()
-    x_sorted = _memory.empty((row_to_slot.shape[0], x.shape[1]), x.dtype)
-    _core.gather_rows(
-        numpy_view(x.contiguous()), numpy_view(row_to_slot), k, None, numpy_view(x_sorted), threads
-    )
+    x_sorted = _gather(x, row_to_slot, k, None, threads)
     return x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row
 
 
@@ -127,16 +138,7 @@ def _(y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tenso
 @torch.library.custom_op("sparseroute::gather_rows", mutates_args=(), device_types="cpu")
 def _gather_rows_op(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> Tensor:
     """``out[r] = weights[s] * x[s // k]`` for ``s = row_to_slot[r]``; zero rows where s = -1."""
-    out = _memory.empty((row_to_slot.shape[0], x.shape[1]), x.dtype)
-    _core.gather_rows(
-        numpy_view(x.contiguous()),
-        numpy_view(row_to_slot.contiguous()),
-        k,
-        None if weights is None else numpy_view(weights.contiguous()),
-        numpy_view(out),
-        get_num_threads(),
-    )
-    return out
+    return _gather(x, row_to_slot, k, weights, get_num_threads())
 
 
 @_gather_rows_op.register_fake
