@@ -101,3 +101,19 @@ WEIGHT_TOLERANCE = {
     torch.bfloat16: {"rtol": 2e-6, "atol": 1e-7},
     torch.float16: {"rtol": 2e-6, "atol": 1e-7},
 }
+
+
+def grouped_linear_reference(
+    x_sorted: Tensor, offsets: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
+) -> Tensor:
+    """Row r of expert e = (the e with offsets[e] <= r < offsets[e+1]) gets x[r] @ W_e (+ b_e);
+    rows past offsets[E] are zero. One batched product over per-row weight copies."""
+    rows = x_sorted.shape[0]
+    routed = int(offsets[-1])
+    row_expert = torch.searchsorted(offsets[1:], torch.arange(routed), right=True)
+    matrices = weight[row_expert] if transposed else weight[row_expert].transpose(1, 2)
+    y = torch.bmm(x_sorted[:routed].unsqueeze(1), matrices).squeeze(1)
+    if bias is not None:
+        y = y + bias[row_expert]
+    padding = y.new_zeros(rows - routed, y.shape[1])
+    return torch.cat([y, padding])

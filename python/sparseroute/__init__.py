@@ -10,7 +10,7 @@ Everything between a router's logits and the experts a token goes to, and back:
 from sparseroute._core import InvalidInputError, __version__
 from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
-from sparseroute.ops import PermutePlan, permute, topk_gating, unpermute
+from sparseroute.ops import PermutePlan, grouped_linear, grouped_mlp, permute, topk_gating, unpermute
 
 __all__ = [
     "InvalidInputError",
@@ -18,6 +18,8 @@ __all__ = [
     "__version__",
     "buffer_cache_info",
     "get_num_threads",
+    "grouped_linear",
+    "grouped_mlp",
     "permute",
     "set_buffer_cache_limit",
     "set_num_threads",

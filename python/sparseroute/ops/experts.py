@@ -1,0 +1,295 @@
+"""Grouped expert compute: every expert's linear layer (and MLP) on its own slice of rows.
+
+After ``permute``, the rows of expert ``e`` are the contiguous slice
+``offsets[e]:offsets[e + 1]`` of ``x_sorted``. A grouped linear layer multiplies each slice
+by its expert's weight matrix: one matmul per non-empty expert, written straight into its
+slice of one output (no masks, no gathers, no per-expert ``index_add_``). On CPU, a loop of
+BLAS matmuls over contiguous slices is the fastest exact path: measured against
+``torch.nn.functional.grouped_mm`` in torch 2.15 (fp32, 2 cores), the loop is as fast for
+many small experts and 1.8x faster for a few large ones.
+
+Weight layouts are those of transformers 5's experts classes:
+
+* ``transposed=False`` (the default, Mixtral, Qwen, OLMoE, DeepSeek): ``weight [E, N, K]``,
+  ``y = x @ weight[e].T``, as ``torch.nn.Linear`` stores it.
+* ``transposed=True`` (GPT-OSS): ``weight [E, K, N]``, ``y = x @ weight[e]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparseroute import _memory
+from sparseroute._core import InvalidInputError
+from sparseroute.ops._checks import FLOAT_DTYPES, check_tensor
+
+#: Activations ``grouped_mlp`` accepts by name (the names transformers' configs use).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+GATE_LAYOUTS = ("concatenated", "interleaved")
+
+
+def _expert_bounds(offsets: Tensor, num_rows: int) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` of every non-empty expert slice.
+
+    The values are checked here, inside the op, rather than in the Python wrapper: reading
+    them there would be a data-dependent branch under torch.compile. A malformed offsets
+    tensor must not become an out-of-bounds or overlapping slice.
+    """
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or any(b < a for a, b in itertools.pairwise(bounds)) or bounds[-1] > num_rows:
+        raise InvalidInputError(
+            f"offsets: expected non-decreasing values from 0 to at most the {num_rows} rows of "
+            f"x_sorted (the plan.offsets of permute), got {bounds}"
+        )
+    return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+
+
+def _expert_matrix(weight: Tensor, expert: int, transposed: bool) -> Tensor:
+    """The ``[K, N]`` matrix that right-multiplies the rows of ``expert``."""
+    return weight[expert] if transposed else weight[expert].T
+
+
+# --- sparseroute::grouped_linear -----------------------------------------------------------
+
+
+@torch.library.custom_op("sparseroute::grouped_linear", mutates_args=(), device_types="cpu")
+def _grouped_linear_op(
+    x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transposed: bool
+) -> Tensor:
+    x = x.contiguous()
+    out_features = weight.shape[2] if transposed else weight.shape[1]
+    y = _memory.empty((x.shape[0], out_features), x.dtype)
+    bounds = _expert_bounds(offsets, x.shape[0])
+    y[bounds[-1][2] if bounds else 0 :].zero_()
+    for e, start, end in bounds:
+        matrix = _expert_matrix(weight, e, transposed)
+        if bias is None:
+            torch.mm(x[start:end], matrix, out=y[start:end])
+        else:
+            torch.addmm(bias[e], x[start:end], matrix, out=y[start:end])
+    return y
+
+
+@_grouped_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
+
+
+@torch.library.custom_op("sparseroute::grouped_linear_backward", mutates_args=(), device_types="cpu")
+def _grouped_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    transposed: bool,
+    needs_x: bool,
+    needs_weight: bool,
+    needs_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of grouped_linear; an input whose ``needs_*`` is False gets an empty tensor."""
+    grad_y = grad_y.contiguous()
+    x = x.contiguous()
+    num_experts = weight.shape[0]
+    out_features = grad_y.shape[1]
+    grad_x = _memory.empty(tuple(x.shape), x.dtype) if needs_x else x.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if needs_weight else weight.new_empty(0)
+    grad_bias = grad_y.new_zeros(num_experts, out_features) if needs_bias else grad_y.new_empty(0)
+    bounds = _expert_bounds(offsets, x.shape[0])
+    if needs_x:
+        grad_x[bounds[-1][2] if bounds else 0 :].zero_()
+    for e, start, end in bounds:
+        g = grad_y[start:end]
+        rows = x[start:end]
+        if needs_x:
+            torch.mm(g, _expert_matrix(weight, e, transposed).T, out=grad_x[start:end])
+        if needs_weight:
+            # d/dW of rows @ W.T is g.T @ rows; of rows @ W it is rows.T @ g.
+            if transposed:
+                torch.mm(rows.T, g, out=grad_weight[e])
+            else:
+                torch.mm(g.T, rows, out=grad_weight[e])
+        if needs_bias:
+            torch.sum(g, dim=0, out=grad_bias[e])
+    return grad_x, grad_weight, grad_bias
+
+
+@_grouped_linear_backward_op.register_fake
+def _(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    transposed: bool,
+    needs_x: bool,
+    needs_weight: bool,
+    needs_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        x.new_empty(x.shape) if needs_x else x.new_empty(0),
+        weight.new_empty(weight.shape) if needs_weight else weight.new_empty(0),
+        grad_y.new_empty(weight.shape[0], grad_y.shape[1]) if needs_bias else grad_y.new_empty(0),
+    )
+
+
+def _grouped_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, offsets, bias, transposed = inputs
+    ctx.save_for_backward(x, weight, offsets)
+    ctx.transposed = transposed
+    ctx.has_bias = bias is not None
+
+
+def _grouped_linear_backward(ctx: Any, grad_y: Tensor) -> tuple[Any, ...]:
+    x, weight, offsets = ctx.saved_tensors
+    needs_x, needs_weight, _, needs_bias, _ = ctx.needs_input_grad
+    needs_bias = needs_bias and ctx.has_bias
+    grad_x, grad_weight, grad_bias = torch.ops.sparseroute.grouped_linear_backward(
+        grad_y, x, weight, offsets, ctx.transposed, needs_x, needs_weight, needs_bias
+    )
+    return (
+        grad_x if needs_x else None,
+        grad_weight if needs_weight else None,
+        None,
+        grad_bias if needs_bias else None,
+        None,
+    )
+
+
+_grouped_linear_op.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
+
+
+# --- public API ----------------------------------------------------------------------------
+
+
+def _check_offsets(offsets: object, num_experts: int) -> Tensor:
+    offsets = check_tensor(offsets, "offsets", ndim=1, layout="[E + 1]", dtypes=(torch.int64, torch.int32))
+    if offsets.shape[0] != num_experts + 1:
+        raise ValueError(
+            f"offsets: expected E + 1 = {num_experts + 1} entries (E from the weight's first "
+            f"dimension), got {offsets.shape[0]}"
+        )
+    return offsets.to(torch.int64)
+
+
+def grouped_linear(
+    x_sorted: Tensor,
+    offsets: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    transposed: bool = False,
+) -> Tensor:
+    """Each expert's linear layer applied to its slice of expert-major rows.
+
+    Args:
+        x_sorted: ``[rows, K]`` rows in expert-major order (``permute``'s output).
+        offsets: ``[E + 1]`` int64 slice bounds (``plan.offsets``): expert ``e`` owns rows
+            ``offsets[e]:offsets[e + 1]``. Rows past ``offsets[E]`` (padding) give zeros.
+        weight: ``[E, N, K]`` (``transposed=False``, ``y = x @ weight[e].T``) or
+            ``[E, K, N]`` (``transposed=True``, ``y = x @ weight[e]``), in ``x_sorted``'s dtype.
+        bias: optional ``[E, N]``, added to every row of expert ``e``.
+
+    Returns:
+        ``[rows, N]`` in ``x_sorted``'s dtype. Differentiable with respect to ``x_sorted``,
+        ``weight`` and ``bias``.
+    """
+    x_sorted = check_tensor(x_sorted, "x_sorted", ndim=2, layout="[rows, K]", dtypes=FLOAT_DTYPES)
+    layout = "[E, K, N]" if transposed else "[E, N, K]"
+    weight = check_tensor(weight, "weight", ndim=3, layout=layout, dtypes=(x_sorted.dtype,))
+    in_features = weight.shape[1] if transposed else weight.shape[2]
+    out_features = weight.shape[2] if transposed else weight.shape[1]
+    if in_features != x_sorted.shape[1]:
+        raise ValueError(
+            f"weight: expected {layout} with K = {x_sorted.shape[1]} (the columns of x_sorted), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    offsets = _check_offsets(offsets, weight.shape[0])
+    if bias is not None:
+        bias = check_tensor(bias, "bias", ndim=2, layout="[E, N]", dtypes=(x_sorted.dtype,))
+        if tuple(bias.shape) != (weight.shape[0], out_features):
+            raise ValueError(
+                f"bias: expected shape [E, N] = {[weight.shape[0], out_features]}, got {list(bias.shape)}"
+            )
+    y: Tensor = torch.ops.sparseroute.grouped_linear(x_sorted, weight, offsets, bias, transposed)
+    return y
+
+
+def _gate(h: Tensor, activation: Callable[[Tensor], Tensor], gate_layout: str) -> Tensor:
+    if gate_layout == "interleaved":
+        gate, up = h[:, 0::2], h[:, 1::2]
+    else:
+        gate, up = h.chunk(2, dim=-1)
+    return activation(gate) * up
+
+
+def grouped_mlp(
+    x_sorted: Tensor,
+    offsets: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    *,
+    activation: str | Callable[[Tensor], Tensor] = "silu",
+    gated: bool = True,
+    gate_layout: str = "concatenated",
+    transposed: bool = False,
+    bias: tuple[Tensor | None, Tensor | None] | None = None,
+) -> Tensor:
+    """Every expert's MLP on its slice of expert-major rows.
+
+    ``gated=True`` (SwiGLU-style): ``h = x @ gate_up[e]``, split into ``gate`` and ``up``,
+    ``y = (activation(gate) * up) @ down[e]``. ``gated=False``: ``y = activation(x @ up[e])
+    @ down[e]``.
+
+    Args:
+        x_sorted: ``[rows, H]`` rows in expert-major order (``permute``'s output).
+        offsets: ``[E + 1]`` slice bounds (``plan.offsets``).
+        gate_up_proj: ``[E, 2F, H]`` (``[E, H, 2F]`` when ``transposed``); ``[E, F, H]``
+            when not gated.
+        down_proj: ``[E, H, F]`` (``[E, F, H]`` when ``transposed``).
+        activation: a name in ``ACTIVATIONS`` or a callable applied elementwise.
+        gated: whether ``gate_up_proj`` holds a gate and an up projection.
+        gate_layout: ``"concatenated"`` (first F columns gate, last F up: transformers'
+            default) or ``"interleaved"`` (gate and up alternate: GPT-OSS).
+        transposed: weight layout, see ``grouped_linear``.
+        bias: optional ``(gate_up_bias [E, 2F], down_bias [E, H])``; either may be None.
+
+    Returns:
+        ``[rows, H]`` in ``x_sorted``'s dtype; zeros in padding rows past ``offsets[E]``.
+        Differentiable with respect to the rows, the weights and the biases.
+    """
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}"
+            )
+        act = ACTIVATIONS[activation]
+    elif callable(activation):
+        act = activation
+    else:
+        raise TypeError(f"activation: expected a str or a callable, got {type(activation).__name__}")
+    if gate_layout not in GATE_LAYOUTS:
+        raise ValueError(f"gate_layout: expected one of {GATE_LAYOUTS}, got {gate_layout!r}")
+    gate_up_bias, down_bias = (None, None) if bias is None else bias
+    h = grouped_linear(x_sorted, offsets, gate_up_proj, gate_up_bias, transposed=transposed)
+    if gated:
+        if h.shape[1] % 2:
+            raise ValueError(
+                f"gate_up_proj: expected an even output size 2F when gated=True, got {h.shape[1]}"
+            )
+        h = _gate(h, act, gate_layout)
+    else:
+        h = act(h)
+    return grouped_linear(h, offsets, down_proj, down_bias, transposed=transposed)
