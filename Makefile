@@ -22,7 +22,8 @@ test: lint test-rust $(WHEEL_STAMP) test-python
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.5"
-	$(PIP) install "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "maturin>=1.9,<2" ruff mypy "asv>=0.6"
+	$(PIP) install "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "maturin>=1.9,<2" ruff mypy "asv>=0.6" \
+		"transformers>=5.24,<6" "matplotlib>=3.7"
 	touch $@
 
 # Build the abi3 wheel (release) and install it into the venv, replacing any earlier build.

@@ -5,11 +5,15 @@ Everything between a router's logits and the experts a token goes to, and back:
 >>> weights, experts = sparseroute.topk_gating(logits, k=2)
 >>> x_sorted, plan = sparseroute.permute(x, experts, num_experts)
 >>> y = sparseroute.unpermute(expert_outputs, plan, weights)
+
+or, for a Hugging Face transformers (>= 5) MoE model, ``sparseroute.patch(model)``.
 """
 
 from sparseroute._core import InvalidInputError, __version__
 from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
+from sparseroute.integrations import transformers as _transformers_integration
+from sparseroute.integrations.transformers import patch, unpatch
 from sparseroute.ops import PermutePlan, grouped_linear, grouped_mlp, permute, topk_gating, unpermute
 
 __all__ = [
@@ -20,9 +24,14 @@ __all__ = [
     "get_num_threads",
     "grouped_linear",
     "grouped_mlp",
+    "patch",
     "permute",
     "set_buffer_cache_limit",
     "set_num_threads",
     "topk_gating",
+    "unpatch",
     "unpermute",
 ]
+
+# Register the "sparseroute" experts implementation with transformers once it is imported.
+_transformers_integration.install()

@@ -1,0 +1,195 @@
+"""Router rules: how each transformers router class maps onto ``topk_gating``.
+
+A transformers 5 router computes ``logits = F.linear(x, weight)`` and then scores, selects
+and normalises in a handful of torch ops. Most families differ only in parameters of one
+formula, which is exactly ``topk_gating``'s: softmax or sigmoid scores in float32, selection
+on ``score + expert_bias`` with an optional group limit (group score = sum of its two best),
+weights = the unbiased scores of the selected experts, optionally renormalised (no epsilon
+for softmax, ``+1e-20`` for sigmoid), times a scale. A ``RouterRule`` records those
+parameters for one router class, plus how it computes its logits and which dtype it returns
+its weights in; the patched forward keeps the logits computation exactly as it was, because
+transformers records them for the load-balancing loss.
+
+Classes whose math differs (a different epsilon, a bias added in logit space, a sparsemixer,
+an MLP router, a bias passed in by the block, a scale applied outside the router) have no
+rule and are left alone. ``patch`` also checks every rule against the original forward on
+random weights before using it (``verify_rule``), so a future change of a router class makes
+the patch decline rather than compute something else.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparseroute.ops.gating import topk_gating
+
+
+@dataclass(frozen=True)
+class RouterRule:
+    """The parameters of one router class's math (see the module docstring).
+
+    Attributes:
+        score: "softmax" or "sigmoid".
+        normalize: True / False, or the name of the router's boolean attribute that decides.
+        logits: how the router computes its logits: "model" (``F.linear`` in the model's
+            dtype), "model_then_fp32" (the same, then ``.float()``), "fp32" (inputs and
+            weight cast to float32 first).
+        weights_dtype: the dtype of the weights it returns: "float32", "logits" (its logits'
+            dtype) or "hidden" (its input's dtype).
+        linear_bias: whether ``F.linear`` adds the router's ``bias``.
+        expert_bias: the router attribute holding the selection-only bias, if any.
+        groups: whether the router limits selection to ``topk_group`` of ``num_group``
+            groups (attributes of those names).
+        scale: the router attribute holding the factor applied to the weights, if any.
+    """
+
+    score: str
+    normalize: bool | str
+    logits: str
+    weights_dtype: str
+    linear_bias: bool = False
+    expert_bias: str | None = None
+    groups: bool = False
+    scale: str | None = None
+
+
+# softmax, top-k, always renormalised, float32 weights.
+_MIXTRAL = RouterRule("softmax", True, "model", "float32")
+# softmax in float32, top-k, renormalised iff norm_topk_prob, weights in the logits' dtype.
+_QWEN = RouterRule("softmax", "norm_topk_prob", "model", "logits")
+# As _QWEN, always renormalised.
+_QWEN_ALWAYS = RouterRule("softmax", True, "model", "logits")
+# DeepSeek-V3: float32 logits, sigmoid, bias and group limit for selection, +1e-20, scale.
+_DEEPSEEK_V3 = RouterRule(
+    "sigmoid",
+    "norm_topk_prob",
+    "fp32",
+    "float32",
+    expert_bias="e_score_correction_bias",
+    groups=True,
+    scale="routed_scaling_factor",
+)
+# Top-k on the logits, then softmax over the k selected: the renormalised softmax top-k.
+_GRANITE = RouterRule("softmax", True, "model_then_fp32", "hidden")
+
+RULES: dict[str, RouterRule] = {
+    "MixtralTopKRouter": _MIXTRAL,
+    "MiniMaxTopKRouter": _MIXTRAL,
+    "Qwen2MoeTopKRouter": _QWEN,
+    "Qwen3MoeTopKRouter": _QWEN,
+    "Qwen3NextTopKRouter": _QWEN,
+    "Qwen4ExpTextTopKRouter": _QWEN,
+    "Qwen3OmniMoeThinkerTextTopKRouter": _QWEN,
+    "Qwen3OmniMoeTalkerTextTopKRouter": _QWEN,
+    "OlmoeTopKRouter": _QWEN,
+    "FlexOlmoTopKRouter": _QWEN,
+    "MellumTopKRouter": _QWEN,
+    "Qwen3_5MoeTopKRouter": _QWEN_ALWAYS,
+    "Qwen3VLMoeTextTopKRouter": _QWEN_ALWAYS,
+    "JambaTopKRouter": RouterRule("softmax", False, "model", "hidden"),
+    "GptOssTopKRouter": RouterRule("softmax", True, "model", "logits", linear_bias=True),
+    "AriaTextTopKRouter": RouterRule("softmax", True, "model", "logits"),
+    "GraniteMoeTopKRouter": _GRANITE,
+    "GraniteMoeSWATopKRouter": _GRANITE,
+    "GraniteMoeHybridTopKRouter": _GRANITE,
+    "GraniteMoeSharedTopKRouter": _GRANITE,
+    "DeepseekV3TopkRouter": _DEEPSEEK_V3,
+    "DeepseekV32TopkRouter": _DEEPSEEK_V3,
+    "Glm4MoeTopkRouter": _DEEPSEEK_V3,
+    "Glm4MoeLiteTopkRouter": _DEEPSEEK_V3,
+    "Glm4vMoeTextTopkRouter": _DEEPSEEK_V3,
+    "Glm5NextTextTopkRouter": _DEEPSEEK_V3,
+    "GlmMoeDsaTopkRouter": _DEEPSEEK_V3,
+    "Dots1TopkRouter": _DEEPSEEK_V3,
+    "Dots3NoteTextTopkRouter": _DEEPSEEK_V3,
+    "SolarOpenTopkRouter": _DEEPSEEK_V3,
+    "ExaoneMoeTopkRouter": _DEEPSEEK_V3,
+    "MiMoV2FlashTopkRouter": _DEEPSEEK_V3,
+    "AXK1TopkRouter": _DEEPSEEK_V3,
+    "BailingHybridTopkRouter": _DEEPSEEK_V3,
+    "HYV4TopkRouter": _DEEPSEEK_V3,
+    "HYV4VLTopkRouter": _DEEPSEEK_V3,
+    "KimiLinearTopkRouter": _DEEPSEEK_V3,
+    "NemotronHTopkRouter": _DEEPSEEK_V3,
+}
+
+
+def _router_logits(router: Any, x: Tensor, rule: RouterRule) -> Tensor:
+    bias = router.bias if rule.linear_bias else None
+    if rule.logits == "fp32":
+        return F.linear(x.float(), router.weight.float(), None if bias is None else bias.float())
+    logits = F.linear(x, router.weight, bias)
+    return logits.float() if rule.logits == "model_then_fp32" else logits
+
+
+def make_forward(rule: RouterRule) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """The replacement ``forward(hidden_states) -> (logits, weights, indices)`` for ``rule``."""
+
+    def forward(self: Any, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = hidden_states.reshape(-1, self.weight.shape[1])
+        logits = _router_logits(self, x, rule)
+        normalize = (
+            rule.normalize if isinstance(rule.normalize, bool) else bool(getattr(self, rule.normalize))
+        )
+        expert_bias = getattr(self, rule.expert_bias) if rule.expert_bias else None
+        weights, experts = topk_gating(
+            logits,
+            self.top_k,
+            score=rule.score,
+            normalize=normalize,
+            expert_bias=None if expert_bias is None else expert_bias.float(),
+            num_groups=self.num_group if rule.groups else None,
+            topk_groups=self.topk_group if rule.groups else None,
+            scale=float(getattr(self, rule.scale)) if rule.scale else 1.0,
+        )
+        if rule.weights_dtype == "logits":
+            weights = weights.to(logits.dtype)
+        elif rule.weights_dtype == "hidden":
+            weights = weights.to(hidden_states.dtype)
+        return logits, weights, experts
+
+    return forward
+
+
+def verify_rule(router: torch.nn.Module, rule: RouterRule, original: Callable[..., Any]) -> str | None:
+    """Compare ``rule``'s forward with the router's ``original`` forward on a copy of the
+    router with random weights and random inputs. Returns None when they agree (identical
+    logits and expert sets, weights within float32 rounding), else what differed."""
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.is_meta:
+        return "the router has no materialised [num_experts, hidden] weight"
+    probe = copy.deepcopy(router).float()
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    with torch.no_grad():
+        for tensor in [*probe.parameters(), *probe.buffers()]:
+            if tensor.is_floating_point():
+                std = weight.shape[1] ** -0.5 if tensor.dim() > 1 else 0.1
+                tensor.copy_(torch.randn(tensor.shape, generator=generator, device=tensor.device) * std)
+        x = torch.randn(64, weight.shape[1], generator=generator, device=weight.device)
+        try:
+            expected = original(probe, x)
+        except Exception as error:  # the original forward needs something this probe lacks
+            return f"its forward failed on a probe input ({type(error).__name__}: {error})"
+        actual = make_forward(rule)(probe, x)
+    if not (isinstance(expected, tuple) and len(expected) == 3):
+        return "its forward does not return (logits, weights, indices)"
+    logits, weights, experts = expected
+    if not torch.equal(actual[0], logits):
+        return "the logits differ"
+    order, actual_order = experts.argsort(-1), actual[2].argsort(-1)
+    if not torch.equal(experts.gather(-1, order), actual[2].gather(-1, actual_order)):
+        return "the selected experts differ"
+    if actual[1].dtype != weights.dtype:
+        return f"the weights' dtype differs ({actual[1].dtype} vs {weights.dtype})"
+    if not torch.allclose(
+        actual[1].gather(-1, actual_order).double(), weights.gather(-1, order).double(), rtol=1e-5, atol=1e-6
+    ):
+        return "the weights differ"
+    return None
