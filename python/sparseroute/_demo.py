@@ -1,94 +1,96 @@
-"""The demo behind ``make demo``: one MoE layer computed two ways on CPU.
+"""The demo behind ``make demo``: Hugging Face MoE models, before and after ``sparseroute.patch``.
 
-- "torch": the dispatch Hugging Face's MoE blocks write by hand (softmax, ``torch.topk``,
-  renormalise; a one-hot expert mask; per expert ``torch.where`` to find its tokens, gather,
-  MLP, scale by the routing weight, ``index_add_`` back).
-- "sparseroute": ``topk_gating`` -> ``permute`` -> the same per-expert MLP on contiguous
-  row slices -> ``unpermute``.
-
-Both use the same weights; the table reports forward and forward+backward time, their
-ratio, and the largest difference in outputs and gradients.
+Builds small random Mixtral-, OLMoE- and DeepSeek-V3-shaped causal LMs from configs (no
+downloads) and runs each three ways on CPU: transformers' "eager" experts, its default
+"grouped_mm" experts, and patched by sparseroute (routers on ``topk_gating``, experts on
+``permute`` -> ``grouped_linear`` -> ``unpermute``). It prints, per model, the time of a
+forward and of a forward+backward (language-modelling loss) pass, the speed ratios, the
+largest difference of the logits and of any parameter gradient from eager, and the expert
+load of every MoE layer (tokens per expert) as a text chart; it saves the load as a PNG
+heatmap when matplotlib is installed.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import sparseroute
 
+BARS = " ▁▂▃▄▅▆▇█"
+
 
 @dataclass(frozen=True)
-class LayerShape:
+class DemoModel:
     name: str
-    tokens: int
-    hidden: int
-    ffn: int
-    experts: int
-    k: int
+    config_class: str
+    values: dict[str, Any]
 
 
-SHAPES = [
-    LayerShape("Mixtral-like", tokens=2048, hidden=256, ffn=512, experts=8, k=2),
-    LayerShape("OLMoE-like", tokens=1024, hidden=256, ffn=128, experts=64, k=8),
+_COMMON: dict[str, Any] = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=1024,
+    max_position_embeddings=512,
+)
+
+MODELS = [
+    DemoModel(
+        "Mixtral-shaped (E=8, k=2)",
+        "MixtralConfig",
+        dict(_COMMON, intermediate_size=768, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    DemoModel(
+        "OLMoE-shaped (E=64, k=8)",
+        "OlmoeConfig",
+        dict(_COMMON, intermediate_size=128, num_experts=64, num_experts_per_tok=8),
+    ),
+    DemoModel(
+        "DeepSeek-V3-shaped (E=64, k=6, 8 groups, sigmoid + bias)",
+        "DeepseekV3Config",
+        dict(
+            _COMMON,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_group=8,
+            topk_group=4,
+            first_k_dense_replace=0,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            kv_lora_rank=32,
+            q_lora_rank=64,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+        ),
+    ),
 ]
 
 
-@dataclass
-class Experts:
-    """SwiGLU experts: ``down(silu(x @ gate) * (x @ up))``."""
+def build(spec: DemoModel, seed: int = 0) -> torch.nn.Module:
+    import transformers
 
-    gate: Tensor  # [E, H, F]
-    up: Tensor  # [E, H, F]
-    down: Tensor  # [E, F, H]
-
-    identity: bool = False
-    """Route only: every expert returns its input (isolates the routing cost)."""
-
-    def mlp(self, e: int, x: Tensor) -> Tensor:
-        if self.identity:
-            return x
-        return (F.silu(x @ self.gate[e]) * (x @ self.up[e])) @ self.down[e]
-
-    def parameters(self) -> list[Tensor]:
-        return [self.gate, self.up, self.down]
-
-
-def torch_moe(x: Tensor, router_logits: Tensor, experts: Experts, k: int) -> Tensor:
-    """The Hugging Face (Mixtral-style) eager MoE dispatch."""
-    num_experts = router_logits.shape[1]
-    routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
-    routing_weights, selected = torch.topk(routing_weights, k, dim=-1)
-    routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
-    routing_weights = routing_weights.to(x.dtype)
-    out = torch.zeros_like(x)
-    expert_mask = F.one_hot(selected, num_classes=num_experts).permute(2, 1, 0)
-    for e in range(num_experts):
-        slot, token = torch.where(expert_mask[e])
-        if token.numel() == 0:
-            continue
-        y = experts.mlp(e, x[token]) * routing_weights[token, slot, None]
-        out.index_add_(0, token, y.to(x.dtype))
-    return out
-
-
-def sparseroute_moe(x: Tensor, router_logits: Tensor, experts: Experts, k: int) -> Tensor:
-    num_experts = router_logits.shape[1]
-    weights, selected = sparseroute.topk_gating(router_logits, k)
-    x_sorted, plan = sparseroute.permute(x, selected, num_experts)
-    # One split (not many slices): its backward is a single concatenation of the gradients.
-    chunks = torch.split(x_sorted, plan.tokens_per_expert.tolist())
-    y_sorted = torch.cat([experts.mlp(e, chunk) for e, chunk in enumerate(chunks)])
-    return sparseroute.unpermute(y_sorted, plan, weights)
-
-
-MoE = Callable[[Tensor, Tensor, Experts, int], Tensor]
+    config = getattr(transformers, spec.config_class)(**spec.values)
+    torch.manual_seed(seed)
+    model: torch.nn.Module = transformers.AutoModelForCausalLM.from_config(config).float()  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if "correction_bias" in name:  # a trained-looking selection bias
+                buffer.normal_(0.0, 0.05)
+    model.set_experts_implementation("eager")  # type: ignore[operator]
+    return model.eval()
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -101,69 +103,128 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def measure(
-    moe: MoE, shape: LayerShape, inputs: tuple[Tensor, Tensor, Experts], repeats: int
-) -> dict[str, Any]:
-    x, logits, experts = inputs
-    leaves = [x, logits] + ([] if experts.identity else experts.parameters())
-
+def run_model(model: torch.nn.Module, input_ids: Tensor, repeats: int) -> dict[str, Any]:
     def forward() -> Tensor:
         with torch.no_grad():
-            return moe(x, logits, experts, shape.k)
+            logits: Tensor = model(input_ids=input_ids, use_cache=False).logits
+            return logits
 
-    def forward_backward() -> list[Tensor]:
-        out = moe(x, logits, experts, shape.k)
-        return list(torch.autograd.grad(out.square().mean(), leaves))
+    def forward_backward() -> dict[str, Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
     return {
         "forward": best_time(forward, repeats),
         "forward_backward": best_time(forward_backward, repeats),
-        "output": forward(),
+        "logits": forward(),
         "grads": forward_backward(),
     }
 
 
-def make_inputs(shape: LayerShape, seed: int = 0) -> tuple[Tensor, Tensor, Experts]:
-    g = torch.Generator().manual_seed(seed)
-    scale = shape.hidden**-0.5
+def expert_load(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
+    """Tokens per expert of every MoE layer, ``[layers, E]``, from the experts' inputs."""
+    loads: list[Tensor] = []
 
-    def param(*size: int, std: float) -> Tensor:
-        return (torch.randn(*size, generator=g) * std).requires_grad_()
+    def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        loads.append(torch.bincount(args[1].reshape(-1), minlength=module.num_experts))  # type: ignore[arg-type]
 
-    x = param(shape.tokens, shape.hidden, std=1.0)
-    logits = param(shape.tokens, shape.experts, std=1.0)
-    experts = Experts(
-        gate=param(shape.experts, shape.hidden, shape.ffn, std=scale),
-        up=param(shape.experts, shape.hidden, shape.ffn, std=scale),
-        down=param(shape.experts, shape.ffn, shape.hidden, std=shape.ffn**-0.5),
-    )
-    return x, logits, experts
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if hasattr(m, "has_gate")]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(loads)
 
 
-def run_demo(repeats: int = 5) -> None:
-    versions = f"sparseroute {sparseroute.__version__}, torch {torch.__version__}"
-    print(f"{versions}, {torch.get_num_threads()} threads")
-    print("One MoE layer (SwiGLU experts), float32 on CPU; best of", repeats, "runs.\n")
-    columns = ("layer", "what", "pass", "torch ms", "sparseroute ms", "speed-up", "max |diff|")
-    header = "{:<34} {:<13} {:<17} {:>9} {:>15} {:>9} {:>11}".format(*columns)
-    print(header)
-    print("-" * len(header))
-    for shape in SHAPES:
-        x, logits, experts = make_inputs(shape)
-        label = f"{shape.name} T={shape.tokens} E={shape.experts} k={shape.k}"
-        for what, identity in (("routing only", True), ("whole layer", False)):
-            inputs = (x, logits, Experts(experts.gate, experts.up, experts.down, identity=identity))
-            ours = measure(sparseroute_moe, shape, inputs, repeats)
-            theirs = measure(torch_moe, shape, inputs, repeats)
-            out_diff = (ours["output"] - theirs["output"]).abs().max().item()
-            grads = zip(ours["grads"], theirs["grads"], strict=True)
-            grad_diff = max((a - b).abs().max().item() for a, b in grads)
-            for stage, diff in (("forward", out_diff), ("forward_backward", grad_diff)):
-                t_torch, t_ours = theirs[stage] * 1e3, ours[stage] * 1e3
-                row = f"{label:<34} {what:<13} {stage:<17}"
-                print(f"{row} {t_torch:>9.1f} {t_ours:>15.1f} {t_torch / t_ours:>8.2f}x {diff:>11.2e}")
+def load_chart(load: Tensor) -> list[str]:
+    lines = []
+    for layer, counts in enumerate(load.tolist()):
+        top = max(max(counts), 1)
+        bars = "".join(BARS[round(c / top * (len(BARS) - 1))] for c in counts)
+        lines.append(f"    layer {layer}  |{bars}|  max {max(counts)}, min {min(counts)}")
+    return lines
+
+
+def save_heatmap(loads: dict[str, Tensor], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(len(loads), 1, figsize=(10, 2.2 * len(loads)), squeeze=False)
+    for ax, (name, load) in zip(axes[:, 0], loads.items(), strict=True):
+        image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, label="tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def max_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    return max((a[name] - b[name]).abs().max().item() for name in b)
+
+
+def run_demo(repeats: int = 3, batch: int = 4, seq_len: int = 256, heatmap: str | None = None) -> None:
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(
+            "the demo needs Hugging Face transformers >= 5: pip install 'sparseroute[demo]'"
+        ) from None
+    warnings.filterwarnings("ignore", module="transformers")
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     print(
-        "\nrouting only: every expert is the identity, so the times are gating + dispatch + combine."
-        "\nmax |diff|: largest difference of the layer output (forward) or of any gradient"
-        " (input, router logits, expert weights) between the two implementations."
+        f"sparseroute {sparseroute.__version__}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {torch.get_num_threads()} threads"
     )
+    print(
+        f"Random causal LMs, float32 on CPU, batch {batch} x {seq_len} tokens; best of {repeats} runs.\n"
+        "Times in ms. eager / grouped_mm: transformers' experts implementations; sparseroute: "
+        "sparseroute.patch(model).\n"
+    )
+    generator = torch.Generator().manual_seed(0)
+    loads: dict[str, Tensor] = {}
+    for spec in MODELS:
+        eager = build(spec)
+        input_ids = torch.randint(0, spec.values["vocab_size"], (batch, seq_len), generator=generator)
+        grouped = copy.deepcopy(eager)
+        grouped.set_experts_implementation("grouped_mm")  # type: ignore[operator]
+        patched = copy.deepcopy(eager)
+        layers = sparseroute.patch(patched)
+        results = {
+            "eager": run_model(eager, input_ids, repeats),
+            "grouped_mm": run_model(grouped, input_ids, repeats),
+            "sparseroute": run_model(patched, input_ids, repeats),
+        }
+        ours = results["sparseroute"]
+        print(f"{spec.name}: {layers} MoE layers patched")
+        columns = ("pass", "eager", "grouped_mm", "sparseroute", "vs eager", "vs grouped")
+        print("  {:<17} {:>9} {:>11} {:>12} {:>9} {:>11}".format(*columns))
+        for stage in ("forward", "forward_backward"):
+            eager_ms, grouped_ms, ours_ms = (results[impl][stage] * 1e3 for impl in results)
+            print(
+                f"  {stage:<17} {eager_ms:>9.1f} {grouped_ms:>11.1f} {ours_ms:>12.1f}"
+                f" {eager_ms / ours_ms:>8.2f}x {grouped_ms / ours_ms:>10.2f}x"
+            )
+        logit_diff = (ours["logits"] - results["eager"]["logits"]).abs().max().item()
+        grad_diff = max_difference(ours["grads"], results["eager"]["grads"])
+        print(f"  max |diff| vs eager: logits {logit_diff:.2e}, gradients {grad_diff:.2e}")
+        load = expert_load(patched, input_ids)
+        loads[spec.name] = load
+        print(f"  expert load (tokens per expert, {load.shape[1]} experts per row):")
+        print("\n".join(load_chart(load)))
+        print()
+    path = Path(heatmap or "sparseroute-demo-load.png")
+    if save_heatmap(loads, path):
+        print(f"Expert load heatmap saved to {path.resolve()}")
+    else:
+        print("Install matplotlib to also save the expert load as a PNG heatmap.")

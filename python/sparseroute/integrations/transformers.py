@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparseroute.ops.dispatch import permute, unpermute
-from sparseroute.ops.experts import grouped_linear
+from sparseroute.ops.experts import gated_activation, grouped_linear
 
 IMPLEMENTATION_NAME = "sparseroute"
 _MOE_MODULE = "transformers.integrations.moe"
@@ -54,12 +55,36 @@ def experts_forward(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k
     x = hidden_states.to(weight_up.dtype)
     x_sorted, plan = permute(x, experts, self.num_experts)
     h = grouped_linear(x_sorted, plan.offsets, weight_up, bias_up, transposed=self.is_transposed)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    if not self.has_gate:
+        h = self.act_fn(h)
+    elif _is_default_silu_gate(self):
+        h = gated_activation(h, F.silu, "concatenated")
+    else:
+        h = self._apply_gate(h)
     y_sorted = grouped_linear(h, plan.offsets, self.down_proj, bias_down, transposed=self.is_transposed)
     if getattr(self, "has_post_expert_norm", False):
         y_sorted = self.post_expert_norm(y_sorted)
     y: Tensor = unpermute(y_sorted, plan, top_k_weights)
     return y.to(hidden_states.dtype)
+
+
+def _is_default_silu_gate(experts: Any) -> bool:
+    """Whether the class gates with transformers' default ``act_fn(gate) * up`` on
+    concatenated halves and ``act_fn`` is a plain SiLU: then the fused SiLU gate computes
+    the same values with a cheaper backward."""
+    gate = getattr(type(experts), "_apply_gate", None)
+    if (
+        getattr(gate, "__name__", None) != "_default_apply_gate"
+        or getattr(gate, "__module__", None) != _MOE_MODULE
+    ):
+        return False
+    act = getattr(experts, "act_fn", None)
+    if isinstance(act, torch.nn.Module) and "forward" in vars(act):
+        return False  # a forward replaced on the instance (e.g. by a kernel hub)
+    is_silu_module = type(act) is torch.nn.SiLU or (
+        type(act).__name__ == "SiLUActivation" and type(act).__module__ == "transformers.activations"
+    )
+    return is_silu_module or act is F.silu
 
 
 def register() -> None:
