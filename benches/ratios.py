@@ -16,10 +16,13 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from benchmarks.moe_block import MoEBlock
 from benchmarks.routing import Dispatch, Gating
 
 GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forward pass
 DISPATCH_TARGET = 2.0  # permute + unpermute forward + backward, fp32
+# MoE block forward + backward, fp32, T = 2048: required speed-up over each transformers impl.
+BLOCK_TARGETS = {("olmoe", "eager"): 10.0, ("olmoe", "grouped_mm"): 1.5, ("mixtral", "grouped_mm"): 1.15}
 
 
 def best_of(bench, method: str, params: tuple, repeats: int) -> float:
@@ -51,7 +54,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset at T = 4096")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=["routing", "blocks"], help="run one section only")
     args = parser.parse_args()
+    if args.only != "blocks":
+        routing_ratios(args)
+    if args.only != "routing":
+        block_ratios(args)
+
+
+def block_ratios(args: argparse.Namespace) -> None:
+    """Hugging Face MoE blocks: transformers' eager and grouped_mm against sparseroute.patch,
+    and the sparseroute block against its expert matmuls alone (the routing overhead)."""
+    print("\n| block | T | dtype | pass | baseline | baseline ms | sparseroute ms | ratio | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    tokens_list = [512] if args.quick else [512, 2048]
+    for shape in ("mixtral", "olmoe"):
+        for tokens in tokens_list:
+            for dtype in ("fp32", "bf16"):
+                for method in ("time_forward", "time_forward_backward"):
+                    repeats = 2 if method == "time_forward_backward" else 3
+                    params = (shape, tokens, dtype)
+                    ours = best_of(MoEBlock(), method, (*params, "sparseroute"), repeats)
+                    for baseline in ("eager", "grouped_mm", "matmuls"):
+                        theirs = best_of(MoEBlock(), method, (*params, baseline), repeats)
+                        training = method == "time_forward_backward" and dtype == "fp32" and tokens == 2048
+                        target = BLOCK_TARGETS.get((shape, baseline)) if training else None
+                        # For "matmuls" the ratio is block / floor: the routing overhead.
+                        ratio = ours / theirs if baseline == "matmuls" else theirs / ours
+                        label = "block / matmuls" if baseline == "matmuls" else baseline
+                        cells = [
+                            shape,
+                            str(tokens),
+                            dtype,
+                            method.removeprefix("time_").replace("_", "+"),
+                            label,
+                        ]
+                        cells += [f"{theirs * 1e3:.1f}", f"{ours * 1e3:.1f}", f"{ratio:.2f}x"]
+                        cells.append(f">= {target:g}x" if target else "")
+                        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def routing_ratios(args: argparse.Namespace) -> None:
     tokens = 4096 if args.quick else 16384
 
     print("| op | T | E | k | d | dtype | torch ms | sparseroute ms | ratio | target |")

@@ -247,3 +247,20 @@ def test_bad_inputs_name_the_argument():
         sparseroute.grouped_mlp(x, offsets, weight, weight, gate_layout="stacked")
     with pytest.raises(ValueError, match="gate_up_proj: expected an even output size"):
         sparseroute.grouped_mlp(x, offsets, weight, weight)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_silu_gate_matches_autograd_through_chunk(interleaved):
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(7, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    gate, up = (h[:, 0::2], h[:, 1::2]) if interleaved else h.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    actual = ops.silu_gate(h, interleaved)
+    torch.testing.assert_close(actual, expected)
+    grad = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.autograd.grad(actual, h, grad)[0], torch.autograd.grad(expected, h, grad)[0]
+    )
+    assert torch.autograd.gradcheck(lambda h: ops.silu_gate(h, interleaved), (h,))
+    torch.library.opcheck(ops.silu_gate, (h, interleaved))
+    torch.library.opcheck(ops.silu_gate_backward, (grad, h.detach(), interleaved))

@@ -242,35 +242,61 @@ def _split(h: Tensor, gate_layout: str) -> tuple[Tensor, Tensor]:
     return h[:, :half], h[:, half:]
 
 
-class _SiluGate(torch.autograd.Function):
-    """``silu(gate) * up`` with a backward that writes both halves of the gradient straight
-    into one ``[rows, 2F]`` tensor: autograd through ``chunk`` would compute them apart and
-    concatenate them (a full extra copy)."""
+# --- sparseroute::silu_gate ----------------------------------------------------------------
+# silu(gate) * up as one op whose backward writes both halves of the gradient straight into
+# one [rows, 2F] tensor: autograd through chunk would compute the halves apart and then
+# concatenate them (a full extra copy of the largest activation).
 
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, gate_layout: str) -> Tensor:
-        gate, up = _split(h, gate_layout)
-        activated = F.silu(gate)
-        ctx.save_for_backward(h, activated)
-        ctx.gate_layout = gate_layout
-        return activated * up
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
-        h, activated = ctx.saved_tensors
-        gate, up = _split(h, ctx.gate_layout)
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = _split(grad_h, ctx.gate_layout)
-        torch.mul(grad_out, activated, out=grad_up)
-        torch.mul(grad_out, up, out=grad_gate)
-        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_h, None
+@torch.library.custom_op("sparseroute::silu_gate", mutates_args=(), device_types="cpu")
+def _silu_gate_op(h: Tensor, interleaved: bool) -> Tensor:
+    gate, up = _split(h, "interleaved" if interleaved else "concatenated")
+    out = F.silu(gate)
+    out.mul_(up)
+    return out
+
+
+@_silu_gate_op.register_fake
+def _(h: Tensor, interleaved: bool) -> Tensor:
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.custom_op("sparseroute::silu_gate_backward", mutates_args=(), device_types="cpu")
+def _silu_gate_backward_op(grad_out: Tensor, h: Tensor, interleaved: bool) -> Tensor:
+    layout = "interleaved" if interleaved else "concatenated"
+    gate, up = _split(h, layout)
+    grad_h = torch.empty_like(h)
+    grad_gate, grad_up = _split(grad_h, layout)
+    torch.mul(grad_out, F.silu(gate), out=grad_up)
+    torch.mul(grad_out, up, out=grad_gate)
+    torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+    return grad_h
+
+
+@_silu_gate_backward_op.register_fake
+def _(grad_out: Tensor, h: Tensor, interleaved: bool) -> Tensor:
+    return torch.empty_like(h)
+
+
+def _silu_gate_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    h, interleaved = inputs
+    ctx.save_for_backward(h)
+    ctx.interleaved = interleaved
+
+
+def _silu_gate_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+    (h,) = ctx.saved_tensors
+    grad_h: Tensor = torch.ops.sparseroute.silu_gate_backward(grad_out, h, ctx.interleaved)
+    return grad_h, None
+
+
+_silu_gate_op.register_autograd(_silu_gate_backward, setup_context=_silu_gate_setup_context)
 
 
 def gated_activation(h: Tensor, activation: Callable[[Tensor], Tensor], gate_layout: str) -> Tensor:
     """``activation(gate) * up`` for ``h = [gate | up]`` (or interleaved), fused for SiLU."""
     if activation is F.silu:
-        out: Tensor = _SiluGate.apply(h, gate_layout)
+        out: Tensor = torch.ops.sparseroute.silu_gate(h, gate_layout == "interleaved")
         return out
     gate, up = _split(h, gate_layout)
     return activation(gate) * up
