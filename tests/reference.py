@@ -117,3 +117,41 @@ def grouped_linear_reference(
         y = y + bias[row_expert]
     padding = y.new_zeros(rows - routed, y.shape[1])
     return torch.cat([y, padding])
+
+
+def capacity_plan_reference(
+    experts: Tensor, num_experts: int, capacity: int, weights: Tensor | None, pad: bool
+) -> dict[str, Tensor]:
+    """Which slots each expert keeps, written as plainly as possible: for each expert, its
+    slots in (token, choice) order; keep the first ``capacity`` (or the ``capacity`` heaviest,
+    ties to the lower slot), then list the kept ones in slot order."""
+    num_tokens, k = experts.shape
+    flat = experts.reshape(-1).tolist()
+    w = None if weights is None else weights.reshape(-1).tolist()
+    row_to_slot: list[int] = []
+    tokens_per_expert, dropped, offsets = [], [], []
+    for e in range(num_experts):
+        slots = [s for s, x in enumerate(flat) if x == e]
+        if w is None:
+            kept = slots[:capacity]
+        else:
+            kept = sorted(sorted(slots, key=lambda s: (-w[s], s))[:capacity])
+        offsets.append(e * capacity if pad else len(row_to_slot))
+        if pad:
+            row_to_slot += kept + [-1] * (capacity - len(kept))
+        else:
+            row_to_slot += kept
+        tokens_per_expert.append(len(kept))
+        dropped.append(len(slots) - len(kept))
+    offsets.append(len(row_to_slot))
+    slot_to_row = [-1] * (num_tokens * k)
+    for row, slot in enumerate(row_to_slot):
+        if slot >= 0:
+            slot_to_row[slot] = row
+    return {
+        "tokens_per_expert": torch.tensor(tokens_per_expert, dtype=torch.int64),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "row_to_slot": torch.tensor(row_to_slot, dtype=torch.int64),
+        "slot_to_row": torch.tensor(slot_to_row, dtype=torch.int64).view(num_tokens, k),
+        "dropped": torch.tensor(dropped, dtype=torch.int64),
+    }

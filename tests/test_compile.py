@@ -46,7 +46,7 @@ def test_opcheck_topk_gating_backward():
 @pytest.mark.parametrize("num_rows", [None, 24])
 def test_opcheck_permute(num_rows):
     x, experts = dispatch_inputs()
-    torch.library.opcheck(ops.permute, (x, experts, 5, num_rows))
+    torch.library.opcheck(ops.permute, (x, experts, 5, num_rows, None, None, False))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

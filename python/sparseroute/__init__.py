@@ -15,19 +15,30 @@ from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
 from sparseroute.integrations import transformers as _transformers_integration
 from sparseroute.integrations.transformers import patch, unpatch
-from sparseroute.ops import PermutePlan, grouped_linear, grouped_mlp, permute, topk_gating, unpermute
+from sparseroute.ops import (
+    PermutePlan,
+    expert_capacity,
+    grouped_linear,
+    grouped_mlp,
+    permute,
+    renormalize_kept,
+    topk_gating,
+    unpermute,
+)
 
 __all__ = [
     "InvalidInputError",
     "PermutePlan",
     "__version__",
     "buffer_cache_info",
+    "expert_capacity",
     "get_num_threads",
     "grouped_linear",
     "grouped_mlp",
     "nn",
     "patch",
     "permute",
+    "renormalize_kept",
     "set_buffer_cache_limit",
     "set_num_threads",
     "topk_gating",

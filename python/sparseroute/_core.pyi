@@ -12,6 +12,7 @@ __all__ = [
     "InvalidInputError",
     "__version__",
     "buffer_cache_info",
+    "build_capacity_plan",
     "build_plan",
     "combine_rows",
     "gather_rows",
@@ -58,6 +59,19 @@ def build_plan(
     offsets: npt.NDArray[np.int64],
     row_to_slot: npt.NDArray[np.int64],
     slot_to_row: npt.NDArray[np.int64],
+    threads: int,
+) -> int: ...
+def build_capacity_plan(
+    experts: npt.NDArray[np.int64],
+    num_experts: int,
+    capacity: int,
+    weights: npt.NDArray[np.float32] | None,
+    pad: bool,
+    tokens_per_expert: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    row_to_slot: npt.NDArray[np.int64],
+    slot_to_row: npt.NDArray[np.int64],
+    dropped: npt.NDArray[np.int64],
     threads: int,
 ) -> int: ...
 def gather_rows(

@@ -8,6 +8,7 @@ any thread count.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -29,13 +30,19 @@ class PermutePlan(NamedTuple):
             routed rows.
         row_to_slot: ``[rows]`` int64, the flat slot ``t * k + j`` each row holds (its token
             is ``row_to_slot // k``); -1 for padding rows past ``offsets[E]``.
-        slot_to_row: ``[T, k]`` int64, the row of each slot; -1 for an empty slot.
+        slot_to_row: ``[T, k]`` int64, the row of each slot; -1 for an empty or dropped slot.
+        dropped: ``[E]`` int64, slots each expert dropped for lack of capacity (zeros when
+            dispatch is dropless). ``tokens_per_expert + dropped`` is the demand per expert.
+
+    With ``pad_to_capacity=True`` the rows form an ``[E, C]`` grid: ``offsets[e] = e * C``
+    and the unused rows of each expert's block are zero padding (``row_to_slot`` -1).
     """
 
     tokens_per_expert: Tensor
     offsets: Tensor
     row_to_slot: Tensor
     slot_to_row: Tensor
+    dropped: Tensor
 
 
 def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None, threads: int) -> Tensor:
@@ -57,47 +64,78 @@ def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None, thre
 
 @torch.library.custom_op("sparseroute::permute", mutates_args=(), device_types="cpu")
 def _permute_op(
-    x: Tensor, experts: Tensor, num_experts: int, num_rows: int | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x: Tensor,
+    experts: Tensor,
+    num_experts: int,
+    num_rows: int | None,
+    capacity: int | None,
+    drop_weights: Tensor | None,
+    pad_to_capacity: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
-    capacity = num_tokens * k if num_rows is None else num_rows
+    if pad_to_capacity and capacity is not None:
+        rows = num_experts * capacity
+    else:
+        rows = num_tokens * k if num_rows is None else num_rows
     tokens_per_expert = torch.empty(num_experts, dtype=torch.int64)
     offsets = torch.empty(num_experts + 1, dtype=torch.int64)
-    row_to_slot = torch.empty(capacity, dtype=torch.int64)
+    row_to_slot = torch.empty(rows, dtype=torch.int64)
     slot_to_row = torch.empty(num_tokens, k, dtype=torch.int64)
+    dropped = torch.zeros(num_experts, dtype=torch.int64)
     threads = get_num_threads()
-    routed = _core.build_plan(
-        numpy_view(experts.contiguous()),
-        num_experts,
-        numpy_view(tokens_per_expert),
-        numpy_view(offsets),
-        numpy_view(row_to_slot),
-        numpy_view(slot_to_row),
-        threads,
-    )
-    if num_rows is None and routed < capacity:
+    plan_views = (numpy_view(tokens_per_expert), numpy_view(offsets), numpy_view(row_to_slot))
+    if capacity is None:
+        routed = _core.build_plan(
+            numpy_view(experts.contiguous()), num_experts, *plan_views, numpy_view(slot_to_row), threads
+        )
+    else:
+        routed = _core.build_capacity_plan(
+            numpy_view(experts.contiguous()),
+            num_experts,
+            capacity,
+            None if drop_weights is None else numpy_view(drop_weights.contiguous()),
+            pad_to_capacity,
+            *plan_views,
+            numpy_view(slot_to_row),
+            numpy_view(dropped),
+            threads,
+        )
+    if num_rows is None and not (pad_to_capacity and capacity is not None) and routed < rows:
         row_to_slot = row_to_slot[:routed].clone()
     x_sorted = _gather(x, row_to_slot, k, None, threads)
-    return x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row
+    return x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped
 
 
 @_permute_op.register_fake
 def _(
-    x: Tensor, experts: Tensor, num_experts: int, num_rows: int | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x: Tensor,
+    experts: Tensor,
+    num_experts: int,
+    num_rows: int | None,
+    capacity: int | None,
+    drop_weights: Tensor | None,
+    pad_to_capacity: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
-    rows = num_rows if num_rows is not None else torch.library.get_ctx().new_dynamic_size()
+    rows: int | torch.SymInt
+    if pad_to_capacity and capacity is not None:
+        rows = num_experts * capacity
+    elif num_rows is not None:
+        rows = num_rows
+    else:
+        rows = torch.library.get_ctx().new_dynamic_size()
     return (
         x.new_empty(rows, x.shape[1]),
         experts.new_empty(num_experts, dtype=torch.int64),
         experts.new_empty(num_experts + 1, dtype=torch.int64),
         experts.new_empty(rows, dtype=torch.int64),
         experts.new_empty(num_tokens, k, dtype=torch.int64),
+        experts.new_empty(num_experts, dtype=torch.int64),
     )
 
 
 def _permute_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-    _x_sorted, _tpe, _offsets, row_to_slot, slot_to_row = output
+    _x_sorted, _tpe, _offsets, row_to_slot, slot_to_row, _dropped = output
     ctx.save_for_backward(row_to_slot, slot_to_row)
 
 
@@ -105,7 +143,7 @@ def _permute_backward(ctx: Any, grad_x_sorted: Tensor, *_grads: Tensor) -> tuple
     row_to_slot, slot_to_row = ctx.saved_tensors
     # The gradient of a gather is the sum of each token's rows: an unweighted unpermute.
     grad_x = torch.ops.sparseroute.unpermute(grad_x_sorted, slot_to_row, row_to_slot, None)
-    return grad_x, None, None, None
+    return grad_x, None, None, None, None, None, None
 
 
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
@@ -196,38 +234,132 @@ def _check_experts(experts: object, num_tokens: int | None) -> Tensor:
     return experts.to(torch.int64)
 
 
+DROP_POLICIES = ("position", "probs")
+
+
+def expert_capacity(
+    num_tokens: int,
+    num_experts: int,
+    k: int,
+    capacity_factor: float,
+    *,
+    min_capacity: int = 0,
+    align: int = 1,
+) -> int:
+    """Rows per expert for ``capacity_factor``: ``ceil(T * k / E * capacity_factor)``, at
+    least ``min_capacity``, rounded up to a multiple of ``align``.
+
+    The product is evaluated as Megatron-Core's ``get_capacity`` evaluates it (Python floats,
+    ``(T * k / E) * capacity_factor``), so both give the same capacity for the same inputs.
+    """
+    num_tokens = check_int(num_tokens, "num_tokens", minimum=0)
+    num_experts = check_int(num_experts, "num_experts", minimum=1)
+    k = check_int(k, "k", minimum=1, maximum=num_experts, what=f" (num_experts = {num_experts})")
+    min_capacity = check_int(min_capacity, "min_capacity", minimum=0)
+    align = check_int(align, "align", minimum=1)
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor: expected a float, got {type(capacity_factor).__name__}")
+    if not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor: expected a finite value > 0, got {capacity_factor}")
+    capacity = max(math.ceil((num_tokens * k / num_experts) * capacity_factor), min_capacity)
+    return -(-capacity // align) * align
+
+
 def permute(
-    x: Tensor, experts: Tensor, num_experts: int, *, num_rows: int | None = None
+    x: Tensor,
+    experts: Tensor,
+    num_experts: int,
+    *,
+    num_rows: int | None = None,
+    capacity: int | None = None,
+    weights: Tensor | None = None,
+    drop_policy: str = "position",
+    pad_to_capacity: bool = False,
 ) -> tuple[Tensor, PermutePlan]:
-    """Gather token rows into expert-major order (dropless).
+    """Gather token rows into expert-major order, dropless or with an expert capacity.
 
     Args:
         x: ``[T, d]`` hidden states, float32, bfloat16 or float16 (or float64).
         experts: ``[T, k]`` int64 or int32 expert ids in ``[0, num_experts)``; -1 marks an
             empty slot, which gets no row.
         num_experts: E, the number of experts.
-        num_rows: the row count of ``x_sorted``. ``None``: exactly the number of non-empty
-            slots (``T * k`` when there is no -1; under torch.compile the count is then
-            data-dependent). An int ``>= `` that count gives a static shape: rows past
-            ``plan.offsets[E]`` are zero padding.
+        num_rows: the row count of ``x_sorted``. ``None``: exactly the number of rows the
+            plan fills (under torch.compile the count is then data-dependent). An int
+            ``>=`` that count gives a static shape: rows past ``plan.offsets[E]`` are zero
+            padding.
+        capacity: ``None`` for dropless dispatch, else the most rows an expert receives
+            (see ``expert_capacity``); the other slots are dropped: they get no row, their
+            ``slot_to_row`` is -1 and unpermute skips them.
+        weights: ``[T, k]`` routing weights, needed by ``drop_policy="probs"``.
+        drop_policy: which slots an over-full expert keeps. ``"position"``: its first
+            ``capacity`` slots in (token, choice) order. ``"probs"``: the ``capacity`` slots with
+            the highest ``weights`` (equal weights keep the lower token). Kept rows stay in
+            (token, choice) order either way. Remaining weights are not renormalised (see
+            ``unpermute(..., renormalize_after_drop=True)``).
+        pad_to_capacity: lay rows out as a static ``[E * capacity, d]`` grid, expert ``e``
+            in rows ``e * capacity ..``, unused rows zero: the layout batched expert matmuls
+            and CUDA graphs need.
 
     Returns:
         ``(x_sorted, plan)``: ``x_sorted [rows, d]`` in ``x``'s dtype, rows of expert 0 first,
-        within an expert in ascending (token, slot) order; ``plan`` a ``PermutePlan``.
-        Differentiable with respect to ``x``.
+        within an expert in ascending (token, slot) order; ``plan`` a ``PermutePlan``
+        (``plan.dropped`` counts the dropped slots per expert). Differentiable with respect
+        to ``x``.
     """
     x = check_tensor(x, "x", ndim=2, layout="[T, d]", dtypes=FLOAT_DTYPES)
     experts = _check_experts(experts, x.shape[0])
     num_experts = check_int(num_experts, "num_experts", minimum=1)
     if num_rows is not None:
         num_rows = check_int(num_rows, "num_rows", minimum=0)
-    x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row = torch.ops.sparseroute.permute(
-        x, experts, num_experts, num_rows
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {drop_policy!r}")
+    drop_weights = None
+    if capacity is None:
+        if pad_to_capacity:
+            raise ValueError("pad_to_capacity: expected a capacity to pad to, got capacity=None")
+    else:
+        capacity = check_int(capacity, "capacity", minimum=0)
+        if pad_to_capacity and num_rows is not None:
+            raise ValueError(
+                f"num_rows: expected None with pad_to_capacity=True (rows are E * capacity = "
+                f"{num_experts * capacity}), got {num_rows}"
+            )
+        if drop_policy == "probs":
+            if weights is None:
+                raise ValueError(
+                    'weights: expected the [T, k] routing weights for drop_policy="probs", got None'
+                )
+            weights = check_tensor(weights, "weights", ndim=2, layout="[T, k]", dtypes=FLOAT_DTYPES)
+            if tuple(weights.shape) != tuple(experts.shape):
+                raise ValueError(
+                    f"weights: expected shape [T, k] = {list(experts.shape)} (the shape of experts), "
+                    f"got {list(weights.shape)}"
+                )
+            drop_weights = weights.detach().to(torch.float32)
+    x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = torch.ops.sparseroute.permute(
+        x, experts, num_experts, num_rows, capacity, drop_weights, pad_to_capacity
     )
-    return x_sorted, PermutePlan(tokens_per_expert, offsets, row_to_slot, slot_to_row)
+    return x_sorted, PermutePlan(tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped)
 
 
-def unpermute(y_sorted: Tensor, plan: PermutePlan, weights: Tensor | None = None) -> Tensor:
+def renormalize_kept(weights: Tensor, plan: PermutePlan) -> Tensor:
+    """``weights`` with dropped and empty slots zeroed and each token's kept weights divided
+    by their sum (at least the dtype's eps): the GShard / DeepSpeed convention of
+    renormalising after capacity drops. A token that lost every slot gets zeros.
+    Differentiable with respect to ``weights``."""
+    kept = plan.slot_to_row >= 0
+    masked = weights * kept
+    total = masked.sum(dim=-1, keepdim=True)
+    return masked / total.clamp_min(torch.finfo(total.dtype).eps)
+
+
+def unpermute(
+    y_sorted: Tensor,
+    plan: PermutePlan,
+    weights: Tensor | None = None,
+    *,
+    renormalize_after_drop: bool = False,
+) -> Tensor:
     """Combine expert-major rows back into token order.
 
     ``y[t] = sum_j weights[t, j] * y_sorted[plan.slot_to_row[t, j]]`` over the non-empty
@@ -240,6 +372,10 @@ def unpermute(y_sorted: Tensor, plan: PermutePlan, weights: Tensor | None = None
         y_sorted: ``[rows, d]`` expert outputs in the row order of ``plan``.
         plan: the ``PermutePlan`` returned by ``permute``.
         weights: ``[T, k]`` float weights (e.g. from ``topk_gating``), or ``None``.
+        renormalize_after_drop: divide each token's weights by the sum over its kept slots
+            first (``renormalize_kept``), as GShard and DeepSpeed do after capacity drops.
+            Default: weights are used as given, dropped slots simply contribute nothing (as
+            in Megatron-Core).
 
     Returns:
         ``y [T, d]`` in ``y_sorted``'s dtype. Differentiable with respect to ``y_sorted``
@@ -265,5 +401,9 @@ def unpermute(y_sorted: Tensor, plan: PermutePlan, weights: Tensor | None = None
                 f"got {list(weights.shape)}"
             )
         weights = weights.to(accumulator_dtype(y_sorted.dtype))
+        if renormalize_after_drop:
+            weights = renormalize_kept(weights, plan)
+    elif renormalize_after_drop:
+        raise ValueError("renormalize_after_drop: expected weights to renormalise, got weights=None")
     y: Tensor = torch.ops.sparseroute.unpermute(y_sorted, slot_to_row, row_to_slot, weights)
     return y

@@ -360,6 +360,121 @@ pub fn slot_dots<X: Element>(
     })
 }
 
+/// Which slots an expert keeps when more than its capacity chose it.
+#[derive(Clone, Copy, Debug)]
+pub enum DropPolicy<'a> {
+    /// The first `capacity` slots in slot order (token, then choice).
+    Position,
+    /// The `capacity` slots with the highest weight (`[T * k]`, float32); equal weights keep
+    /// the lower slot index. Kept slots stay in slot order.
+    Weights(&'a [f32]),
+}
+
+/// Capacity-constrained dispatch settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity<'a> {
+    /// Rows each expert may receive.
+    pub capacity: usize,
+    pub policy: DropPolicy<'a>,
+    /// Lay the rows out as `[E, capacity]`: expert `e` owns rows `e * capacity ..`, unused rows
+    /// are padding (-1 in `row_to_slot`), `offsets[e] = e * capacity`.
+    pub pad: bool,
+}
+
+/// Builds a capacity-constrained plan: the dropless plan, then each expert keeps at most
+/// `capacity.capacity` of its slots (see `DropPolicy`). Dropped slots get row -1 in
+/// `slot_to_row`; `tokens_per_expert` counts kept slots and `dropped` (`[E]`) the rest.
+/// Returns the number of kept rows.
+pub fn build_capacity_plan(
+    experts: &[i64],
+    k: usize,
+    num_experts: usize,
+    capacity: Capacity<'_>,
+    out: PlanBuffers<'_>,
+    dropped: &mut [i64],
+) -> Result<usize> {
+    check_len("dropped", dropped, num_experts)?;
+    if let DropPolicy::Weights(weights) = capacity.policy {
+        check_len("weights", weights, experts.len())?;
+        if let Some(i) = weights.iter().position(|w| w.is_nan()) {
+            return Err(CoreError::invalid(
+                "weights",
+                "no NaN (drop_policy=\"probs\" ranks slots by weight)",
+                format!("NaN at token {}, slot {}", i / k.max(1), i % k.max(1)),
+            ));
+        }
+    }
+    // The dropless plan, in scratch buffers.
+    let mut routed_counts = vec![0i64; num_experts];
+    let mut routed_offsets = vec![0i64; num_experts + 1];
+    let mut dropless_rows = vec![0i64; experts.len()];
+    let routed = build_plan(
+        experts,
+        k,
+        num_experts,
+        PlanBuffers {
+            tokens_per_expert: &mut routed_counts,
+            offsets: &mut routed_offsets,
+            row_to_slot: &mut dropless_rows,
+            slot_to_row: out.slot_to_row,
+        },
+    )?;
+
+    // Each expert's kept slots, in slot order.
+    let limit = capacity.capacity;
+    let experts_list: Vec<usize> = (0..num_experts).collect();
+    let kept: Vec<Vec<i64>> = map_collect(&experts_list, |_, &e| {
+        let rows = &dropless_rows[routed_offsets[e] as usize..routed_offsets[e + 1] as usize];
+        if rows.len() <= limit {
+            return Ok(rows.to_vec());
+        }
+        Ok(match capacity.policy {
+            DropPolicy::Position => rows[..limit].to_vec(),
+            DropPolicy::Weights(weights) => {
+                let mut ranked = rows.to_vec();
+                // Higher weight first; equal weights: lower slot first (rows are in slot order).
+                let order =
+                    |a: &i64, b: &i64| weights[*b as usize].total_cmp(&weights[*a as usize]).then(a.cmp(b));
+                if limit > 0 {
+                    ranked.select_nth_unstable_by(limit - 1, order);
+                }
+                ranked.truncate(limit);
+                ranked.sort_unstable();
+                ranked
+            }
+        })
+    })?;
+
+    let mut next = 0i64;
+    for (e, slots) in kept.iter().enumerate() {
+        out.tokens_per_expert[e] = slots.len() as i64;
+        dropped[e] = routed_counts[e] - slots.len() as i64;
+        out.offsets[e] = if capacity.pad { (e * limit) as i64 } else { next };
+        next = out.offsets[e] + slots.len() as i64;
+    }
+    let total_rows = if capacity.pad { num_experts * limit } else { next as usize };
+    out.offsets[num_experts] = total_rows as i64;
+    let kept_rows: usize = kept.iter().map(Vec::len).sum();
+    if out.row_to_slot.len() < total_rows {
+        return Err(CoreError::invalid(
+            "num_rows",
+            format!("at least the number of rows of this plan ({total_rows})"),
+            format!("{}", out.row_to_slot.len()),
+        ));
+    }
+    out.row_to_slot.fill(-1);
+    out.slot_to_row.fill(-1);
+    for (e, slots) in kept.iter().enumerate() {
+        let first = out.offsets[e] as usize;
+        for (i, &slot) in slots.iter().enumerate() {
+            out.row_to_slot[first + i] = slot;
+            out.slot_to_row[slot as usize] = (first + i) as i64;
+        }
+    }
+    debug_assert!(routed >= kept_rows);
+    Ok(kept_rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,5 +602,95 @@ mod tests {
         let a: Vec<f32> = (0..19).map(|v| v as f32).collect();
         let exact: f32 = a.iter().map(|v| v * v).sum();
         assert_eq!(dot(&a, &a), exact);
+    }
+
+    fn capacity_plan(experts: &[i64], k: usize, e: usize, capacity: Capacity<'_>) -> (Plan, Vec<i64>) {
+        let rows = if capacity.pad { e * capacity.capacity } else { experts.len() };
+        let mut p = Plan {
+            tokens_per_expert: vec![0; e],
+            offsets: vec![0; e + 1],
+            row_to_slot: vec![0; rows],
+            slot_to_row: vec![0; experts.len()],
+            routed: 0,
+        };
+        let mut dropped = vec![0; e];
+        p.routed = build_capacity_plan(
+            experts,
+            k,
+            e,
+            capacity,
+            PlanBuffers {
+                tokens_per_expert: &mut p.tokens_per_expert,
+                offsets: &mut p.offsets,
+                row_to_slot: &mut p.row_to_slot,
+                slot_to_row: &mut p.slot_to_row,
+            },
+            &mut dropped,
+        )
+        .unwrap();
+        (p, dropped)
+    }
+
+    #[test]
+    fn position_policy_keeps_the_first_slots_of_each_expert() {
+        // Tokens 0..4 with k = 2; expert 0 is chosen by slots 0, 2, 4, 6.
+        let experts = [0, 1, 0, 2, 0, 1, 0, 2];
+        let cap = Capacity { capacity: 2, policy: DropPolicy::Position, pad: false };
+        let (p, dropped) = capacity_plan(&experts, 2, 3, cap);
+        assert_eq!(p.tokens_per_expert, vec![2, 2, 2]);
+        assert_eq!(dropped, vec![2, 0, 0]);
+        assert_eq!(p.offsets, vec![0, 2, 4, 6]);
+        assert_eq!(&p.row_to_slot[..6], &[0, 2, 1, 5, 3, 7]);
+        assert_eq!(p.slot_to_row, vec![0, 2, 1, 4, -1, 3, -1, 5]);
+        assert_eq!(p.routed, 6);
+    }
+
+    #[test]
+    fn weights_policy_keeps_the_heaviest_slots_ties_to_lower_slot_in_slot_order() {
+        let experts = [0, 0, 0, 0, 1];
+        let weights = [0.5, 0.9, 0.5, 0.9, 0.1];
+        let cap = Capacity { capacity: 3, policy: DropPolicy::Weights(&weights), pad: false };
+        let (p, dropped) = capacity_plan(&experts, 1, 2, cap);
+        // 0.9 (slot 1), 0.9 (slot 3), then the tie at 0.5 goes to slot 0.
+        assert_eq!(&p.row_to_slot[..4], &[0, 1, 3, 4]);
+        assert_eq!(dropped, vec![1, 0]);
+        assert_eq!(p.slot_to_row, vec![0, 1, -1, 2, 3]);
+    }
+
+    #[test]
+    fn padded_layout_gives_every_expert_capacity_rows() {
+        let experts = [1, 1, 1, 0];
+        let cap = Capacity { capacity: 2, policy: DropPolicy::Position, pad: true };
+        let (p, dropped) = capacity_plan(&experts, 1, 3, cap);
+        assert_eq!(p.offsets, vec![0, 2, 4, 6]);
+        assert_eq!(p.row_to_slot, vec![3, -1, 0, 1, -1, -1]);
+        assert_eq!(p.tokens_per_expert, vec![1, 2, 0]);
+        assert_eq!(dropped, vec![0, 1, 0]);
+        assert_eq!(p.slot_to_row, vec![2, 3, -1, 0]);
+    }
+
+    #[test]
+    fn zero_capacity_drops_everything_and_nan_weights_are_rejected() {
+        let cap = Capacity { capacity: 0, policy: DropPolicy::Position, pad: false };
+        let (p, dropped) = capacity_plan(&[0, 1, 1], 1, 2, cap);
+        assert_eq!((p.routed, dropped), (0, vec![1, 2]));
+        assert!(p.slot_to_row.iter().all(|&r| r == -1));
+        let weights = [0.1, f32::NAN];
+        let mut buffers = (vec![0; 1], vec![0; 2], vec![0; 2], vec![0; 2], vec![0; 1]);
+        let err = build_capacity_plan(
+            &[0, 0],
+            1,
+            1,
+            Capacity { capacity: 1, policy: DropPolicy::Weights(&weights), pad: false },
+            PlanBuffers {
+                tokens_per_expert: &mut buffers.0,
+                offsets: &mut buffers.1,
+                row_to_slot: &mut buffers.2,
+                slot_to_row: &mut buffers.3,
+            },
+            &mut buffers.4,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("weights"));
     }
 }

@@ -4,7 +4,7 @@
 use crate::arrays::{readonly, readwrite, shape, slice, slice_mut, with_float_type};
 use crate::errors::to_pyerr;
 use pyo3::prelude::*;
-use sparseroute_core::dispatch::{self, PlanBuffers};
+use sparseroute_core::dispatch::{self, Capacity, DropPolicy, PlanBuffers};
 use sparseroute_core::gating::{self, GatingConfig, GroupLimit};
 use sparseroute_core::threads;
 
@@ -137,6 +137,49 @@ pub fn build_plan(
         slot_to_row: slice_mut(&mut slot_to_row, "slot_to_row")?,
     };
     run_kernel(py, threads, experts.len() * 4, || dispatch::build_plan(experts, k, num_experts, buffers))
+}
+
+/// The capacity-constrained plan: each expert keeps at most `capacity` slots, by position or
+/// by `weights` (float32 `[T, k]`); `pad` lays rows out as `[E, capacity]`.
+#[pyfunction]
+#[pyo3(signature = (experts, num_experts, capacity, weights, pad, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn build_capacity_plan(
+    py: Python<'_>,
+    experts: &Bound<'_, PyAny>,
+    num_experts: usize,
+    capacity: usize,
+    weights: Option<&Bound<'_, PyAny>>,
+    pad: bool,
+    tokens_per_expert: &Bound<'_, PyAny>,
+    offsets: &Bound<'_, PyAny>,
+    row_to_slot: &Bound<'_, PyAny>,
+    slot_to_row: &Bound<'_, PyAny>,
+    dropped: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<usize> {
+    let experts = readonly::<i64>(experts, "experts")?;
+    let [_, k] = shape::<_, 2>(&experts, "experts")?;
+    let weights = weights.map(|w| readonly::<f32>(w, "weights")).transpose()?;
+    let mut tokens_per_expert = readwrite::<i64>(tokens_per_expert, "tokens_per_expert")?;
+    let mut offsets = readwrite::<i64>(offsets, "offsets")?;
+    let mut row_to_slot = readwrite::<i64>(row_to_slot, "row_to_slot")?;
+    let mut slot_to_row = readwrite::<i64>(slot_to_row, "slot_to_row")?;
+    let mut dropped = readwrite::<i64>(dropped, "dropped")?;
+    let experts = slice::<i64>(&experts, "experts")?;
+    let weights = weights.as_ref().map(|w| slice::<f32>(w, "weights")).transpose()?;
+    let policy = weights.map_or(DropPolicy::Position, DropPolicy::Weights);
+    let buffers = PlanBuffers {
+        tokens_per_expert: slice_mut(&mut tokens_per_expert, "tokens_per_expert")?,
+        offsets: slice_mut(&mut offsets, "offsets")?,
+        row_to_slot: slice_mut(&mut row_to_slot, "row_to_slot")?,
+        slot_to_row: slice_mut(&mut slot_to_row, "slot_to_row")?,
+    };
+    let dropped = slice_mut(&mut dropped, "dropped")?;
+    let settings = Capacity { capacity, policy, pad };
+    run_kernel(py, threads, experts.len() * 4, || {
+        dispatch::build_capacity_plan(experts, k, num_experts, settings, buffers, dropped)
+    })
 }
 
 /// `out[r] = scale[s] * x[s / k]` for `s = row_to_slot[r]`; zero rows where `s = -1`.
