@@ -75,7 +75,7 @@ def test_sparse_moe_gradcheck():
 def test_load_balancing_loss_is_one_when_balanced_and_differentiable():
     logits = torch.zeros(8, 4, requires_grad=True)
     experts = torch.tensor([[0, 1], [2, 3]] * 4)
-    output = sparseroute.nn.MoEOutput(torch.zeros(8, 2), logits, experts, torch.full((4,), 4))
+    output = sparseroute.nn.MoEOutput(torch.zeros(8, 2), logits, experts, torch.full((4,), 4), torch.zeros(4))
     loss = output.load_balancing_loss()
     torch.testing.assert_close(loss, torch.tensor(1.0))
     loss.backward()
@@ -102,9 +102,10 @@ def test_edge_cases():
     assert sorted(layer(torch.randn(2, 8)).experts[0].tolist()) == [0, 1, 2, 3, 4]
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("capacity", [{}, {"capacity_factor": 1.0, "pad_to_capacity": True}])
+def test_compiles_without_graph_breaks(capacity):
     torch.manual_seed(3)
-    layer = SparseMoE(16, 8, 8, 2, shared_expert_size=8)
+    layer = SparseMoE(16, 8, 8, 2, shared_expert_size=8, **capacity)
     x = torch.randn(24, 16, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: layer(x).output, fullgraph=True, backend="aot_eager")
@@ -120,3 +121,33 @@ def test_bad_arguments_name_the_argument():
         SparseMoE(0, 4, 4, 2)
     with pytest.raises(ValueError, match="x: expected last dimension H = 8"):
         SparseMoE(8, 4, 4, 2)(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_capacity_factor_drops_like_the_reference(policy, pad):
+    torch.manual_seed(4)
+    layer = SparseMoE(16, 8, 4, 2, capacity_factor=0.5, drop_policy=policy, pad_to_capacity=pad).double()
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    capacity = sparseroute.expert_capacity(20, 4, 2, 0.5)
+    assert capacity == 5
+    assert (out.tokens_per_expert <= capacity).all()
+    assert int(out.tokens_per_expert.sum() + out.dropped.sum()) == 40
+    # Reference: the dropless layer with the dropped slots' weights set to zero.
+    logits = x @ layer.router.weight.T
+    weights, experts = topk_gating_reference(logits, 2)
+    _, plan = sparseroute.permute(
+        x.detach(), experts, 4, capacity=capacity, weights=weights, drop_policy=policy
+    )
+    kept = (plan.slot_to_row >= 0).to(torch.float64)
+    rows = []
+    for t in range(20):
+        y = torch.zeros(16, dtype=torch.float64)
+        for j in range(2):
+            e = int(experts[t, j])
+            h = layer.gate_up_proj[e] @ x[t]
+            y = y + weights[t, j] * kept[t, j] * (layer.down_proj[e] @ (F.silu(h[:8]) * h[8:]))
+        rows.append(y)
+    torch.testing.assert_close(out.output, torch.stack(rows))
+    assert torch.autograd.gradcheck(lambda x: layer(x).output, (x,))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseroute.ops.dispatch import permute, unpermute
+from sparseroute.ops.dispatch import DROP_POLICIES, expert_capacity, permute, unpermute
 from sparseroute.ops.experts import ACTIVATIONS, grouped_mlp
 from sparseroute.ops.gating import SCORE_FUNCTIONS, topk_gating
 
@@ -23,12 +23,14 @@ class MoEOutput(NamedTuple):
             losses such as the z-loss).
         experts: ``[T, k]`` int64, the experts each token was routed to.
         tokens_per_expert: ``[E]`` int64, how many tokens each expert received.
+        dropped: ``[E]`` int64, tokens each expert dropped for lack of capacity.
     """
 
     output: Tensor
     router_logits: Tensor
     experts: Tensor
     tokens_per_expert: Tensor
+    dropped: Tensor
 
     def load_balancing_loss(self) -> Tensor:
         """The Switch-Transformer auxiliary loss ``E * sum_e f_e * P_e``, normalised as
@@ -39,14 +41,16 @@ class MoEOutput(NamedTuple):
         if num_tokens == 0:
             return self.router_logits.new_zeros((), dtype=torch.float32)
         k = self.experts.shape[1]
-        fraction = self.tokens_per_expert.to(torch.float32) / (num_tokens * k)
+        # The router's demand, before capacity drops.
+        demand = self.tokens_per_expert + self.dropped
+        fraction = demand.to(torch.float32) / (num_tokens * k)
         probability = torch.softmax(self.router_logits.float(), dim=-1).mean(dim=0)
         return num_experts * (fraction * probability).sum()
 
 
 class SparseMoE(nn.Module):
-    """A complete dropless MoE layer: router, ``num_experts`` MLP experts, optional shared
-    expert.
+    """A complete MoE layer: router, ``num_experts`` MLP experts, optional shared expert,
+    dropless or with an expert capacity.
 
     ``y = sum_j w_j * expert_{e_j}(x) (+ shared(x))`` for the ``k`` experts ``e_j`` that
     ``topk_gating`` selects from the router logits ``x @ router.T``, computed as
@@ -65,6 +69,15 @@ class SparseMoE(nn.Module):
         activation: an activation name of ``grouped_mlp``.
         gated: SwiGLU-style experts (``gate_up_proj`` holds gate and up) or plain MLPs.
         shared_expert_size: hidden width of a shared expert applied to every token (0: none).
+        capacity_factor: ``None`` for dropless routing; else each expert takes at most
+            ``expert_capacity(T, E, k, capacity_factor, min_capacity=min_capacity)`` tokens
+            per forward and drops the rest (a dropped slot contributes nothing; a token that
+            loses every slot passes through as zeros, plus the shared expert).
+        drop_policy: ``"probs"`` (keep the highest routing weights) or ``"position"`` (keep
+            the earliest tokens); see ``permute``.
+        pad_to_capacity: run the experts on the static ``[E * capacity, H]`` layout.
+        min_capacity: lower bound of the capacity.
+        renormalize_after_drop: renormalise each token's kept weights (GShard / DeepSpeed).
         dtype, device: of the parameters.
 
     Parameters follow transformers 5's layout: ``router.weight [E, H]``,
@@ -87,6 +100,11 @@ class SparseMoE(nn.Module):
         activation: str = "silu",
         gated: bool = True,
         shared_expert_size: int = 0,
+        capacity_factor: float | None = None,
+        drop_policy: str = "probs",
+        pad_to_capacity: bool = False,
+        min_capacity: int = 0,
+        renormalize_after_drop: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -106,6 +124,13 @@ class SparseMoE(nn.Module):
             raise ValueError(f"score: expected one of {SCORE_FUNCTIONS}, got {score!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if capacity_factor is not None:
+            # Validates the factor and the bound once, here, rather than on the first batch.
+            expert_capacity(1, num_experts, k, capacity_factor, min_capacity=min_capacity)
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {drop_policy!r}")
+        self.capacity_factor, self.drop_policy, self.min_capacity = capacity_factor, drop_policy, min_capacity
+        self.pad_to_capacity, self.renormalize_after_drop = pad_to_capacity, renormalize_after_drop
         self.hidden_size, self.ffn_size, self.num_experts, self.k = hidden_size, ffn_size, num_experts, k
         self.score, self.normalize, self.scale = score, normalize, scale
         self.num_groups, self.topk_groups = num_groups, topk_groups
@@ -175,7 +200,20 @@ class SparseMoE(nn.Module):
             topk_groups=self.topk_groups,
             scale=self.scale,
         )
-        x_sorted, plan = permute(flat, experts, self.num_experts)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(
+                flat.shape[0], self.num_experts, self.k, self.capacity_factor, min_capacity=self.min_capacity
+            )
+        x_sorted, plan = permute(
+            flat,
+            experts,
+            self.num_experts,
+            capacity=capacity,
+            weights=weights,
+            drop_policy=self.drop_policy,
+            pad_to_capacity=self.pad_to_capacity and capacity is not None,
+        )
         y_sorted = grouped_mlp(
             x_sorted,
             plan.offsets,
@@ -184,13 +222,14 @@ class SparseMoE(nn.Module):
             activation=self.activation,
             gated=self.gated,
         )
-        y = unpermute(y_sorted, plan, weights)
+        y = unpermute(y_sorted, plan, weights, renormalize_after_drop=self.renormalize_after_drop)
         if self.shared_expert is not None:
             y = y + self._shared(flat)
-        return MoEOutput(y.view(x.shape), logits, experts, plan.tokens_per_expert)
+        return MoEOutput(y.view(x.shape), logits, experts, plan.tokens_per_expert, plan.dropped)
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, num_experts={self.num_experts}, "
-            f"k={self.k}, score={self.score!r}, activation={self.activation!r}, gated={self.gated}"
+            f"k={self.k}, score={self.score!r}, activation={self.activation!r}, gated={self.gated}, "
+            f"capacity_factor={self.capacity_factor}"
         )
