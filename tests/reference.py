@@ -155,3 +155,77 @@ def capacity_plan_reference(
         "slot_to_row": torch.tensor(slot_to_row, dtype=torch.int64).view(num_tokens, k),
         "dropped": torch.tensor(dropped, dtype=torch.int64),
     }
+
+
+def normalized_scores_reference(logits: Tensor, score: str) -> Tensor:
+    values = logits.to(acc_dtype(logits.dtype))
+    if score == "softmax":
+        return torch.softmax(values, dim=-1)
+    s = torch.sigmoid(values)
+    return s / (s.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def load_balancing_loss_reference(
+    logits: Tensor,
+    experts: Tensor,
+    *,
+    score: str = "softmax",
+    seq_len: int | None = None,
+    mask: Tensor | None = None,
+    scale: str = "megatron",
+) -> Tensor:
+    """Per group (the batch, or each sequence of seq_len tokens): E * sum_e f_e * P_e over the
+    unmasked tokens; the mean over groups that have any."""
+    num_tokens, num_experts = logits.shape
+    k = experts.shape[1]
+    probs = normalized_scores_reference(logits, score)
+    valid = torch.ones(num_tokens, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+    group = seq_len or max(num_tokens, 1)
+    losses = []
+    for start in range(0, num_tokens, group):
+        rows = torch.arange(start, min(start + group, num_tokens))
+        rows = rows[valid[rows]]
+        if rows.numel() == 0:
+            continue
+        routed = experts[rows].reshape(-1)
+        counts = torch.bincount(routed[routed >= 0], minlength=num_experts).to(probs.dtype)
+        fraction = counts / (rows.numel() * (k if scale == "megatron" else 1))
+        losses.append(num_experts * (fraction * probs[rows].mean(dim=0)).sum())
+    return torch.stack(losses).mean() if losses else probs.new_zeros(())
+
+
+def hf_mixtral_load_balancing_loss(gate_logits: Tensor, top_k: int, attention_mask: Tensor | None) -> Tensor:
+    """Hugging Face transformers' Mixtral ``load_balancing_loss_func`` for one layer, restated."""
+    num_experts = gate_logits.shape[1]
+    routing_weights = torch.softmax(gate_logits, dim=-1)
+    _, selected = torch.topk(routing_weights, top_k, dim=-1)
+    expert_mask = torch.nn.functional.one_hot(selected, num_experts)
+    if attention_mask is None:
+        tokens_per_expert = expert_mask.float().mean(dim=0)
+        router_prob = routing_weights.mean(dim=0)
+    else:
+        batch, seq = attention_mask.shape
+        m = (
+            attention_mask[:, :, None, None]
+            .expand(batch, seq, top_k, num_experts)
+            .reshape(-1, top_k, num_experts)
+        )
+        tokens_per_expert = (expert_mask.float() * m).sum(0) / m.sum(0)
+        m2 = attention_mask[:, :, None].expand(batch, seq, num_experts).reshape(-1, num_experts)
+        router_prob = (routing_weights * m2).sum(0) / m2.sum(0)
+    return (tokens_per_expert * router_prob.unsqueeze(0)).sum() * num_experts
+
+
+def megatron_switch_loss(probs: Tensor, tokens_per_expert: Tensor, num_tokens: int, topk: int) -> Tensor:
+    """Megatron-Core's ``switch_load_balancing_loss_func`` (coefficient 1), restated."""
+    num_experts = probs.shape[1]
+    return (probs.sum(dim=0) * tokens_per_expert).sum() * num_experts / (num_tokens * num_tokens * topk)
+
+
+def megatron_sequence_loss(probs: Tensor, routing_map: Tensor, batch: int, seq_len: int, topk: int) -> Tensor:
+    """Megatron-Core's ``sequence_load_balancing_loss_func`` (coefficient 1), restated."""
+    num_experts = probs.shape[1]
+    cost = routing_map.view(batch, seq_len, num_experts).sum(dim=1).to(probs.dtype) / (
+        seq_len * topk / num_experts
+    )
+    return (cost * probs.view(batch, seq_len, num_experts).mean(dim=1)).sum(dim=1).mean()

@@ -17,33 +17,43 @@ from sparseroute.integrations import transformers as _transformers_integration
 from sparseroute.integrations.transformers import patch, unpatch
 from sparseroute.ops import (
     PermutePlan,
+    RoutingStats,
     expert_capacity,
     grouped_linear,
     grouped_mlp,
+    load_balancing_loss,
     permute,
     renormalize_kept,
+    routing_stats,
     topk_gating,
     unpermute,
+    update_expert_bias,
+    z_loss,
 )
 
 __all__ = [
     "InvalidInputError",
     "PermutePlan",
+    "RoutingStats",
     "__version__",
     "buffer_cache_info",
     "expert_capacity",
     "get_num_threads",
     "grouped_linear",
     "grouped_mlp",
+    "load_balancing_loss",
     "nn",
     "patch",
     "permute",
     "renormalize_kept",
+    "routing_stats",
     "set_buffer_cache_limit",
     "set_num_threads",
     "topk_gating",
     "unpatch",
     "unpermute",
+    "update_expert_bias",
+    "z_loss",
 ]
 
 # Register the "sparseroute" experts implementation with transformers once it is imported.

@@ -15,12 +15,17 @@ __all__ = [
     "build_capacity_plan",
     "build_plan",
     "combine_rows",
+    "expert_counts",
     "gather_rows",
     "pooled_empty",
+    "score_sums",
+    "score_sums_backward",
     "set_buffer_cache_limit",
     "slot_dots",
     "topk_gating",
     "topk_gating_backward",
+    "z_loss_backward",
+    "z_loss_sum",
 ]
 
 __version__: str
@@ -101,3 +106,38 @@ def pooled_empty(shape: list[int], dtype: str) -> object:
 
 def set_buffer_cache_limit(limit: int) -> None: ...
 def buffer_cache_info() -> tuple[int, int]: ...
+def score_sums(
+    logits: npt.NDArray[np.generic],
+    score: str,
+    group_size: int,
+    mask: npt.NDArray[np.uint8] | None,
+    out: npt.NDArray[np.float64],
+    threads: int,
+) -> None: ...
+def score_sums_backward(
+    logits: npt.NDArray[np.generic],
+    score: str,
+    group_size: int,
+    mask: npt.NDArray[np.uint8] | None,
+    grad_sums: npt.NDArray[np.floating],
+    grad_logits: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...
+def expert_counts(
+    experts: npt.NDArray[np.int64],
+    num_experts: int,
+    group_size: int,
+    mask: npt.NDArray[np.uint8] | None,
+    out: npt.NDArray[np.int64],
+    threads: int,
+) -> None: ...
+def z_loss_sum(
+    logits: npt.NDArray[np.generic], mask: npt.NDArray[np.uint8] | None, threads: int
+) -> float: ...
+def z_loss_backward(
+    logits: npt.NDArray[np.generic],
+    mask: npt.NDArray[np.uint8] | None,
+    scale: float,
+    grad_logits: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...

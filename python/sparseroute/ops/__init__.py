@@ -1,16 +1,28 @@
 """The torch custom ops of sparseroute (``torch.ops.sparseroute.*``) and their Python faces."""
 
+from sparseroute.ops.balance import (
+    RoutingStats,
+    load_balancing_loss,
+    routing_stats,
+    update_expert_bias,
+    z_loss,
+)
 from sparseroute.ops.dispatch import PermutePlan, expert_capacity, permute, renormalize_kept, unpermute
 from sparseroute.ops.experts import grouped_linear, grouped_mlp
 from sparseroute.ops.gating import topk_gating
 
 __all__ = [
     "PermutePlan",
+    "RoutingStats",
     "expert_capacity",
     "grouped_linear",
     "grouped_mlp",
+    "load_balancing_loss",
     "permute",
     "renormalize_kept",
+    "routing_stats",
     "topk_gating",
     "unpermute",
+    "update_expert_bias",
+    "z_loss",
 ]

@@ -7,6 +7,7 @@
 //! [`threads::run`]. Results are bitwise identical for any thread count: every output
 //! element is computed by one block in a fixed order.
 
+pub mod balance;
 pub mod buffers;
 pub mod dispatch;
 pub mod element;

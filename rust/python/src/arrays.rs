@@ -18,6 +18,10 @@ impl Carried for i64 {
     type Word = i64;
 }
 
+impl Carried for u8 {
+    type Word = u8;
+}
+
 impl Carried for f64 {
     type Word = f64;
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::too_many_arguments)]
 
 mod arrays;
+mod balance;
 mod buffers;
 mod errors;
 mod routing;
@@ -22,6 +23,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(routing::gather_rows, m)?)?;
     m.add_function(wrap_pyfunction!(routing::combine_rows, m)?)?;
     m.add_function(wrap_pyfunction!(routing::slot_dots, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::score_sums, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::score_sums_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::expert_counts, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::z_loss_sum, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::z_loss_backward, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::pooled_empty, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::set_buffer_cache_limit, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::buffer_cache_info, m)?)?;

@@ -10,7 +10,7 @@ use sparseroute_core::threads;
 
 /// Releases the GIL, runs `kernel` (touching about `work` elements) with up to `threads`
 /// threads, and maps its error.
-fn run_kernel<R: Send>(
+pub(crate) fn run_kernel<R: Send>(
     py: Python<'_>,
     threads: usize,
     work: usize,

@@ -1,0 +1,315 @@
+//! Load-balancing statistics: per-group sums of normalised router scores (with their
+//! gradient), per-group expert counts, and the router z-loss.
+//!
+//! Tokens are split into consecutive groups of `group_size` (one group for a batch-level
+//! loss, one per sequence for a sequence-level loss); an optional mask excludes tokens
+//! (padding). Sums are accumulated in f64 over fixed blocks of tokens and the blocks are
+//! reduced in order, so results do not depend on the thread count.
+
+use crate::element::{Accumulator, Element};
+use crate::error::{check_len, CoreError, Result};
+use crate::gating::ScoreFunction;
+use crate::threads::{for_each_block, map_collect};
+use num_traits::{Float, One, ToPrimitive, Zero};
+
+/// Tokens per reduction block.
+const TOKENS_PER_BLOCK: usize = 1024;
+
+/// The token layout shared by the kernels of this module.
+#[derive(Clone, Copy, Debug)]
+pub struct Groups<'a> {
+    pub num_tokens: usize,
+    /// Tokens per group (the last group may be shorter); at least 1.
+    pub group_size: usize,
+    /// `[T]`: 0 for tokens to ignore (padding), anything else for tokens that count.
+    pub mask: Option<&'a [u8]>,
+}
+
+impl Groups<'_> {
+    pub fn count(&self) -> usize {
+        self.num_tokens.div_ceil(self.group_size.max(1))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.group_size == 0 {
+            return Err(CoreError::invalid("seq_len", "at least 1", "0"));
+        }
+        if let Some(mask) = self.mask {
+            check_len("attention_mask", mask, self.num_tokens)?;
+        }
+        Ok(())
+    }
+
+    fn valid(&self, token: usize) -> bool {
+        self.mask.is_none_or(|m| m[token] != 0)
+    }
+}
+
+fn check_logits<L: Element>(logits: &[L], num_experts: usize, num_tokens: usize) -> Result<()> {
+    if num_experts == 0 {
+        return Err(CoreError::invalid("logits", "at least one expert (E >= 1)", "E = 0"));
+    }
+    check_len("logits", logits, num_tokens * num_experts)
+}
+
+fn load_row<L: Element>(row: &[L], token: usize, out: &mut Vec<L::Acc>) -> Result<()> {
+    out.clear();
+    out.extend(row.iter().map(|v| v.to_acc()));
+    match out.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(e) => Err(CoreError::invalid(
+            "logits",
+            "finite values",
+            format!("{:?} at token {token}, expert {e}", out[e]),
+        )),
+    }
+}
+
+/// The normalised scores of one token: softmax, or sigmoid divided by its sum (+ eps).
+fn normalised_scores<A: Accumulator>(logits: &[A], score: ScoreFunction, out: &mut Vec<A>) {
+    out.clear();
+    match score {
+        ScoreFunction::Softmax => {
+            let m = logits.iter().copied().fold(A::neg_infinity(), A::max);
+            out.extend(logits.iter().map(|&l| (l - m).exp()));
+            let z: A = out.iter().copied().sum();
+            out.iter_mut().for_each(|p| *p = *p / z);
+        }
+        ScoreFunction::Sigmoid => {
+            out.extend(logits.iter().map(|&l| A::one() / (A::one() + (-l).exp())));
+            let z = out.iter().copied().sum::<A>() + A::SIGMOID_NORM_EPS;
+            out.iter_mut().for_each(|p| *p = *p / z);
+        }
+    }
+}
+
+/// Per-block partial sums `(group, values)` reduced in block order into `out [G, width]`.
+fn reduce_blocks(partials: Vec<Vec<(usize, Vec<f64>)>>, width: usize, out: &mut [f64]) {
+    out.fill(0.0);
+    for block in partials {
+        for (group, values) in block {
+            for (o, v) in out[group * width..(group + 1) * width].iter_mut().zip(values) {
+                *o += v;
+            }
+        }
+    }
+}
+
+fn token_blocks(num_tokens: usize) -> Vec<(usize, usize)> {
+    (0..num_tokens).step_by(TOKENS_PER_BLOCK).map(|s| (s, (s + TOKENS_PER_BLOCK).min(num_tokens))).collect()
+}
+
+/// `out[g, e]` = sum over the valid tokens `t` of group `g` of the normalised score `p[t, e]`.
+pub fn score_sums<L: Element>(
+    logits: &[L],
+    num_experts: usize,
+    score: ScoreFunction,
+    groups: Groups<'_>,
+    out: &mut [f64],
+) -> Result<()> {
+    groups.validate()?;
+    check_logits(logits, num_experts, groups.num_tokens)?;
+    check_len("out", out, groups.count() * num_experts)?;
+    let partials = map_collect(&token_blocks(groups.num_tokens), |_, &(start, end)| {
+        let mut sums: Vec<(usize, Vec<f64>)> = Vec::new();
+        let (mut row, mut p) = (Vec::new(), Vec::new());
+        for t in start..end {
+            if !groups.valid(t) {
+                continue;
+            }
+            let g = t / groups.group_size;
+            if sums.last().is_none_or(|(last, _)| *last != g) {
+                sums.push((g, vec![0.0; num_experts]));
+            }
+            load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
+            normalised_scores(&row, score, &mut p);
+            let acc = &mut sums.last_mut().expect("pushed above").1;
+            for (a, &v) in acc.iter_mut().zip(&p) {
+                *a += v.to_f64().unwrap_or(f64::NAN);
+            }
+        }
+        Ok(sums)
+    })?;
+    reduce_blocks(partials, num_experts, out);
+    Ok(())
+}
+
+/// The gradient of `score_sums`: `grad_logits[t] = J_t^T grad_sums[g(t)]` for valid tokens
+/// (J_t the Jacobian of token t's normalised scores), zero for masked ones.
+pub fn score_sums_backward<L: Element>(
+    logits: &[L],
+    num_experts: usize,
+    score: ScoreFunction,
+    groups: Groups<'_>,
+    grad_sums: &[L::Acc],
+    grad_logits: &mut [L],
+) -> Result<()> {
+    groups.validate()?;
+    check_logits(logits, num_experts, groups.num_tokens)?;
+    check_len("grad_sums", grad_sums, groups.count() * num_experts)?;
+    check_len("grad_logits", grad_logits, logits.len())?;
+    for_each_block(grad_logits, num_experts, TOKENS_PER_BLOCK, |first, block| {
+        let (mut row, mut p) = (Vec::new(), Vec::new());
+        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
+            let t = first + i;
+            if !groups.valid(t) {
+                out.fill(L::from_acc(L::Acc::zero()));
+                continue;
+            }
+            let a = &grad_sums[(t / groups.group_size) * num_experts..][..num_experts];
+            load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
+            normalised_scores(&row, score, &mut p);
+            let dot: L::Acc = p.iter().zip(a).map(|(&pe, &ae)| pe * ae).sum();
+            match score {
+                // d p_e / d l_j = p_e (delta_ej - p_j)
+                ScoreFunction::Softmax => {
+                    for ((o, &pj), &aj) in out.iter_mut().zip(&p).zip(a) {
+                        *o = L::from_acc(pj * (aj - dot));
+                    }
+                }
+                // p = s / (S + eps): dL/ds_j = (a_j - dot) / (S + eps), ds/dl = s (1 - s)
+                ScoreFunction::Sigmoid => {
+                    let s: Vec<L::Acc> =
+                        row.iter().map(|&l| L::Acc::one() / (L::Acc::one() + (-l).exp())).collect();
+                    let z = s.iter().copied().sum::<L::Acc>() + L::Acc::SIGMOID_NORM_EPS;
+                    for ((o, &sj), &aj) in out.iter_mut().zip(&s).zip(a) {
+                        *o = L::from_acc((aj - dot) / z * sj * (L::Acc::one() - sj));
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `out[g, e]` = slots of the valid tokens of group `g` routed to expert `e` (`experts` is
+/// `[T, k]`; -1 slots are skipped, other ids must be in `[0, E)`).
+pub fn expert_counts(
+    experts: &[i64],
+    k: usize,
+    num_experts: usize,
+    groups: Groups<'_>,
+    out: &mut [i64],
+) -> Result<()> {
+    groups.validate()?;
+    check_len("experts", experts, groups.num_tokens * k)?;
+    check_len("out", out, groups.count() * num_experts)?;
+    out.fill(0);
+    for t in 0..groups.num_tokens {
+        if !groups.valid(t) {
+            continue;
+        }
+        let g = t / groups.group_size;
+        for (j, &id) in experts[t * k..(t + 1) * k].iter().enumerate() {
+            if id == -1 {
+                continue;
+            }
+            if id < 0 || id as u64 >= num_experts as u64 {
+                return Err(CoreError::invalid(
+                    "experts",
+                    format!("expert ids in [0, {num_experts}) or -1 for an empty slot"),
+                    format!("{id} at token {t}, slot {j}"),
+                ));
+            }
+            out[g * num_experts + id as usize] += 1;
+        }
+    }
+    Ok(())
+}
+
+fn logsumexp<A: Accumulator>(row: &[A]) -> A {
+    let m = row.iter().copied().fold(A::neg_infinity(), A::max);
+    m + row.iter().map(|&l| (l - m).exp()).sum::<A>().ln()
+}
+
+/// Sum over valid tokens of `logsumexp(logits[t])^2`, accumulated in f64.
+pub fn z_loss_sum<L: Element>(logits: &[L], num_experts: usize, groups: Groups<'_>) -> Result<f64> {
+    groups.validate()?;
+    check_logits(logits, num_experts, groups.num_tokens)?;
+    let partials = map_collect(&token_blocks(groups.num_tokens), |_, &(start, end)| {
+        let mut row = Vec::new();
+        let mut sum = 0.0f64;
+        for t in (start..end).filter(|&t| groups.valid(t)) {
+            load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
+            let z = logsumexp(&row).to_f64().unwrap_or(f64::NAN);
+            sum += z * z;
+        }
+        Ok(sum)
+    })?;
+    Ok(partials.into_iter().sum())
+}
+
+/// The gradient of `scale * z_loss_sum`: `2 * scale * z_t * softmax(logits[t])` for valid
+/// tokens, zero for masked ones.
+pub fn z_loss_backward<L: Element>(
+    logits: &[L],
+    num_experts: usize,
+    groups: Groups<'_>,
+    scale: L::Acc,
+    grad_logits: &mut [L],
+) -> Result<()> {
+    groups.validate()?;
+    check_logits(logits, num_experts, groups.num_tokens)?;
+    check_len("grad_logits", grad_logits, logits.len())?;
+    for_each_block(grad_logits, num_experts, TOKENS_PER_BLOCK, |first, block| {
+        let mut row = Vec::new();
+        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
+            let t = first + i;
+            if !groups.valid(t) {
+                out.fill(L::from_acc(L::Acc::zero()));
+                continue;
+            }
+            load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
+            let z = logsumexp(&row);
+            let factor = (L::Acc::one() + L::Acc::one()) * scale * z;
+            for (o, &l) in out.iter_mut().zip(&row) {
+                *o = L::from_acc(factor * (l - z).exp());
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(num_tokens: usize, group_size: usize) -> Groups<'static> {
+        Groups { num_tokens, group_size, mask: None }
+    }
+
+    #[test]
+    fn softmax_sums_per_group_and_mask() {
+        let logits = [0.0f64, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let mut out = vec![0.0; 4];
+        score_sums(&logits, 2, ScoreFunction::Softmax, all(3, 2), &mut out).unwrap();
+        let e = 1.0f64.exp();
+        let p = e / (1.0 + e);
+        assert!((out[0] - (0.5 + p)).abs() < 1e-12);
+        assert!((out[2] - (1.0 - p)).abs() < 1e-12);
+        let mask = [1u8, 0, 1];
+        score_sums(
+            &logits,
+            2,
+            ScoreFunction::Softmax,
+            Groups { num_tokens: 3, group_size: 3, mask: Some(&mask) },
+            &mut out[..2],
+        )
+        .unwrap();
+        assert!((out[0] + out[1] - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn counts_skip_empty_slots_and_reject_bad_ids() {
+        let mut out = vec![0; 4];
+        expert_counts(&[0, 1, 1, -1], 2, 2, all(2, 1), &mut out).unwrap();
+        assert_eq!(out, vec![1, 1, 0, 1]);
+        assert!(expert_counts(&[0, 2], 1, 2, all(2, 2), &mut out[..2]).is_err());
+    }
+
+    #[test]
+    fn z_loss_of_uniform_logits() {
+        let sum = z_loss_sum(&[0.0f64; 8], 4, all(2, 2)).unwrap();
+        assert!((sum - 2.0 * 4.0f64.ln().powi(2)).abs() < 1e-12);
+    }
+}
