@@ -9,6 +9,7 @@
 use crate::element::{Accumulator, Element};
 use crate::error::{check_len, CoreError, Result};
 use crate::gating::ScoreFunction;
+use crate::lanes::LANES;
 use crate::threads::{for_each_block, map_collect};
 use num_traits::{Float, One, ToPrimitive, Zero};
 
@@ -65,22 +66,68 @@ fn load_row<L: Element>(row: &[L], token: usize, out: &mut Vec<L::Acc>) -> Resul
     }
 }
 
-/// The normalised scores of one token: softmax, or sigmoid divided by its sum (+ eps).
-fn normalised_scores<A: Accumulator>(logits: &[A], score: ScoreFunction, out: &mut Vec<A>) {
-    out.clear();
-    match score {
-        ScoreFunction::Softmax => {
-            let m = logits.iter().copied().fold(A::neg_infinity(), A::max);
-            out.extend(logits.iter().map(|&l| (l - m).exp()));
-            let z: A = out.iter().copied().sum();
-            out.iter_mut().for_each(|p| *p = *p / z);
-        }
-        ScoreFunction::Sigmoid => {
-            out.extend(logits.iter().map(|&l| A::one() / (A::one() + (-l).exp())));
-            let z = out.iter().copied().sum::<A>() + A::SIGMOID_NORM_EPS;
-            out.iter_mut().for_each(|p| *p = *p / z);
+/// Sum in eight interleaved lanes (element `i` into lane `i % 8`), then the lanes in order:
+/// a fixed order that the compiler can vectorise, unlike one running sum.
+fn lane_sum<A: Accumulator>(values: &[A]) -> A {
+    let mut lanes = [A::zero(); LANES];
+    let mut blocks = values.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (lane, &v) in lanes.iter_mut().zip(block) {
+            *lane = *lane + v;
         }
     }
+    for (lane, &v) in lanes.iter_mut().zip(blocks.remainder()) {
+        *lane = *lane + v;
+    }
+    lanes.iter().copied().fold(A::zero(), |a, b| a + b)
+}
+
+/// The largest value, lane-wise like `lane_sum` (max is exact, so the order cannot matter).
+fn lane_max<A: Accumulator>(values: &[A]) -> A {
+    let mut lanes = [A::neg_infinity(); LANES];
+    let mut blocks = values.chunks_exact(LANES);
+    for block in &mut blocks {
+        A::lane_max(&mut lanes, block.try_into().expect("chunks of LANES"));
+    }
+    for (lane, &v) in lanes.iter_mut().zip(blocks.remainder()) {
+        if v > *lane {
+            *lane = v;
+        }
+    }
+    lanes.iter().copied().fold(A::neg_infinity(), A::max)
+}
+
+/// `exp(l - max(l))` of one token's logits into `out`; returns the max.
+fn shifted_exp<A: Accumulator>(logits: &[A], out: &mut Vec<A>) -> A {
+    let m = lane_max(logits);
+    out.clear();
+    out.extend(logits.iter().map(|&l| l - m));
+    A::exp_in_place(out);
+    m
+}
+
+/// The sigmoids of one token's logits into `out`.
+fn sigmoids<A: Accumulator>(logits: &[A], out: &mut Vec<A>) {
+    out.clear();
+    out.extend(logits.iter().map(|&l| -l));
+    A::exp_in_place(out);
+    out.iter_mut().for_each(|e| *e = A::one() / (A::one() + *e));
+}
+
+/// The normalised scores of one token: softmax, or sigmoid divided by its sum (+ eps).
+fn normalised_scores<A: Accumulator>(logits: &[A], score: ScoreFunction, out: &mut Vec<A>) {
+    match score {
+        ScoreFunction::Softmax => {
+            shifted_exp(logits, out);
+        }
+        ScoreFunction::Sigmoid => sigmoids(logits, out),
+    }
+    let mut z = lane_sum(out);
+    if score == ScoreFunction::Sigmoid {
+        z = z + A::SIGMOID_NORM_EPS;
+    }
+    let inverse = A::one() / z;
+    out.iter_mut().for_each(|p| *p = *p * inverse);
 }
 
 /// Per-block partial sums `(group, values)` reduced in block order into `out [G, width]`.
@@ -159,7 +206,8 @@ pub fn score_sums_backward<L: Element>(
             let a = &grad_sums[(t / groups.group_size) * num_experts..][..num_experts];
             load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
             normalised_scores(&row, score, &mut p);
-            let dot: L::Acc = p.iter().zip(a).map(|(&pe, &ae)| pe * ae).sum();
+            let products: Vec<L::Acc> = p.iter().zip(a).map(|(&pe, &ae)| pe * ae).collect();
+            let dot = lane_sum(&products);
             match score {
                 // d p_e / d l_j = p_e (delta_ej - p_j)
                 ScoreFunction::Softmax => {
@@ -169,9 +217,9 @@ pub fn score_sums_backward<L: Element>(
                 }
                 // p = s / (S + eps): dL/ds_j = (a_j - dot) / (S + eps), ds/dl = s (1 - s)
                 ScoreFunction::Sigmoid => {
-                    let s: Vec<L::Acc> =
-                        row.iter().map(|&l| L::Acc::one() / (L::Acc::one() + (-l).exp())).collect();
-                    let z = s.iter().copied().sum::<L::Acc>() + L::Acc::SIGMOID_NORM_EPS;
+                    let mut s = Vec::new();
+                    sigmoids(&row, &mut s);
+                    let z = lane_sum(&s) + L::Acc::SIGMOID_NORM_EPS;
                     for ((o, &sj), &aj) in out.iter_mut().zip(&s).zip(a) {
                         *o = L::from_acc((aj - dot) / z * sj * (L::Acc::one() - sj));
                     }
@@ -217,9 +265,12 @@ pub fn expert_counts(
     Ok(())
 }
 
-fn logsumexp<A: Accumulator>(row: &[A]) -> A {
-    let m = row.iter().copied().fold(A::neg_infinity(), A::max);
-    m + row.iter().map(|&l| (l - m).exp()).sum::<A>().ln()
+/// `logsumexp` of one token's logits, leaving `exp(l - max)` in `scratch`; returns
+/// `(logsumexp, sum of scratch)`.
+fn logsumexp<A: Accumulator>(row: &[A], scratch: &mut Vec<A>) -> (A, A) {
+    let m = shifted_exp(row, scratch);
+    let sum = lane_sum(scratch);
+    (m + sum.ln(), sum)
 }
 
 /// Sum over valid tokens of `logsumexp(logits[t])^2`, accumulated in f64.
@@ -227,11 +278,11 @@ pub fn z_loss_sum<L: Element>(logits: &[L], num_experts: usize, groups: Groups<'
     groups.validate()?;
     check_logits(logits, num_experts, groups.num_tokens)?;
     let partials = map_collect(&token_blocks(groups.num_tokens), |_, &(start, end)| {
-        let mut row = Vec::new();
+        let (mut row, mut scratch) = (Vec::new(), Vec::new());
         let mut sum = 0.0f64;
         for t in (start..end).filter(|&t| groups.valid(t)) {
             load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
-            let z = logsumexp(&row).to_f64().unwrap_or(f64::NAN);
+            let z = logsumexp(&row, &mut scratch).0.to_f64().unwrap_or(f64::NAN);
             sum += z * z;
         }
         Ok(sum)
@@ -252,7 +303,7 @@ pub fn z_loss_backward<L: Element>(
     check_logits(logits, num_experts, groups.num_tokens)?;
     check_len("grad_logits", grad_logits, logits.len())?;
     for_each_block(grad_logits, num_experts, TOKENS_PER_BLOCK, |first, block| {
-        let mut row = Vec::new();
+        let (mut row, mut scratch) = (Vec::new(), Vec::new());
         for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
             let t = first + i;
             if !groups.valid(t) {
@@ -260,10 +311,11 @@ pub fn z_loss_backward<L: Element>(
                 continue;
             }
             load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
-            let z = logsumexp(&row);
-            let factor = (L::Acc::one() + L::Acc::one()) * scale * z;
-            for (o, &l) in out.iter_mut().zip(&row) {
-                *o = L::from_acc(factor * (l - z).exp());
+            let (z, sum) = logsumexp(&row, &mut scratch);
+            // d/dl z^2 = 2 z softmax(l), softmax = scratch / sum.
+            let factor = (L::Acc::one() + L::Acc::one()) * scale * z / sum;
+            for (o, &e) in out.iter_mut().zip(&scratch) {
+                *o = L::from_acc(factor * e);
             }
         }
         Ok(())

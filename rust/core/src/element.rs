@@ -16,6 +16,9 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     /// higher key first, then lower index first.
     type Packed: Ord + Copy + Send + Sync;
     fn from_f64(v: f64) -> Self;
+    /// `exp` of every value, in place, for bulk elementwise work (losses over all experts).
+    /// f32 uses `fast_exp_f32` (branch-free, so the loop vectorises); f64 uses `f64::exp`.
+    fn exp_in_place(values: &mut [Self]);
     /// Packs a non-NaN key with its index; -0.0 and 0.0 pack equal keys.
     fn pack(self, index: usize) -> Self::Packed;
     fn unpack_key(packed: Self::Packed) -> Self;
@@ -42,12 +45,44 @@ macro_rules! float_bits {
     }};
 }
 
+/// `e^x` for finite `x`, within 2 ulp of the correctly rounded result for `x` in
+/// `[-87.3, 88.7]` (inputs are clamped to that range, so `e^x` below about 1.2e-38 comes out
+/// as about 1.2e-38 rather than a subnormal or 0). Branch-free: range reduction
+/// `x = n ln2 + r` with `n` rounded by the 1.5 * 2^23 trick, a degree-6 polynomial for
+/// `e^r`, and `2^n` built from its exponent bits, so loops over slices vectorise.
+#[inline(always)]
+pub fn fast_exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.7);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let exponent = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((exponent + 127) as u32) << 23)
+}
+
 impl Accumulator for f32 {
     const SIGMOID_NORM_EPS: f32 = 1e-20;
     type Packed = u64;
     #[inline(always)]
     fn from_f64(v: f64) -> f32 {
         v as f32
+    }
+    #[inline]
+    fn exp_in_place(values: &mut [f32]) {
+        for v in values.iter_mut() {
+            *v = fast_exp_f32(*v);
+        }
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u64 {
@@ -70,6 +105,12 @@ impl Accumulator for f64 {
     #[inline(always)]
     fn from_f64(v: f64) -> f64 {
         v
+    }
+    #[inline]
+    fn exp_in_place(values: &mut [f64]) {
+        for v in values.iter_mut() {
+            *v = v.exp();
+        }
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u128 {
@@ -206,5 +247,19 @@ mod tests {
         // 1 + 2^-8 lies exactly between two bf16 values; ties go to the even mantissa (1.0).
         assert_eq!(bf16::from_acc(1.0 + 2f32.powi(-8)).to_bits(), 0x3f80);
         assert_eq!(f16::from_acc(1.0 + 2f32.powi(-11)).to_bits(), 0x3c00);
+    }
+
+    #[test]
+    fn fast_exp_is_within_two_ulp() {
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let exact = (x as f64).exp() as f32;
+            let ulps = (fast_exp_f32(x).to_bits() as i64 - exact.to_bits() as i64).unsigned_abs() as u32;
+            worst = worst.max(ulps);
+            x += 0.000_731;
+        }
+        assert!(worst <= 2, "fast_exp_f32 is {worst} ulp from exp");
+        assert_eq!(fast_exp_f32(0.0), 1.0);
     }
 }

@@ -1,0 +1,97 @@
+"""asv benchmarks: capacity-constrained dispatch and load-balancing losses, sparseroute next
+to the plain-torch code they replace (``impl`` = "torch" or "sparseroute").
+
+- capacity: Megatron-Core-style token dropping in torch: the ``[T, E]`` map of routing
+  probabilities, ``torch.topk`` over tokens per expert for the capacity mask (drop policy
+  "probs"), then the masked token indices gathered expert-major;
+- load-balancing loss: Hugging Face's Mixtral ``load_balancing_loss_func`` (one-hot of the
+  top-k, means over tokens), forward + backward;
+- z-loss: ``logsumexp(logits).square().mean()``, forward + backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import sparseroute
+
+IMPLS = ["torch", "sparseroute"]
+
+
+def routed(num_tokens: int, num_experts: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(num_tokens, num_experts, generator=g)
+    weights, experts = sparseroute.topk_gating(logits, k)
+    return logits, weights, experts
+
+
+def torch_capacity_permute(
+    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens = x.shape[0]
+    probs = torch.zeros(num_tokens, num_experts).scatter(1, experts, weights)
+    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool).scatter(1, experts, True)
+    top = torch.topk(probs, k=capacity, dim=0, sorted=False).indices
+    capacity_mask = torch.zeros_like(routing_map).scatter(0, top, True)
+    kept = (routing_map & capacity_mask).T.contiguous()
+    token_index = torch.arange(num_tokens).unsqueeze(0).expand(num_experts, -1)
+    rows = token_index.masked_select(kept)
+    return x.index_select(0, rows), rows
+
+
+def torch_mixtral_loss(logits: torch.Tensor, k: int) -> torch.Tensor:
+    num_experts = logits.shape[1]
+    routing_weights = torch.softmax(logits, dim=-1)
+    _, selected = torch.topk(routing_weights, k, dim=-1)
+    expert_mask = torch.nn.functional.one_hot(selected, num_experts)
+    tokens_per_expert = expert_mask.float().mean(dim=0)
+    router_prob = routing_weights.mean(dim=0)
+    return (tokens_per_expert * router_prob.unsqueeze(0)).sum() * num_experts
+
+
+class Capacity:
+    params = ([4096, 16384], [64], [8], [1024], IMPLS)
+    param_names = ["T", "E", "k", "d", "impl"]
+    repeat = (2, 5, 20.0)
+    number = 1
+    timeout = 300
+
+    def setup(self, T, E, k, d, impl):
+        _, self.weights, self.experts = routed(T, E, k)
+        self.x = torch.randn(T, d, generator=torch.Generator().manual_seed(1))
+        self.capacity = sparseroute.expert_capacity(T, E, k, 1.0)
+
+    def time_permute_with_capacity(self, T, E, k, d, impl):
+        if impl == "torch":
+            torch_capacity_permute(self.x, self.weights, self.experts, E, self.capacity)
+        else:
+            sparseroute.permute(
+                self.x, self.experts, E, capacity=self.capacity, weights=self.weights, drop_policy="probs"
+            )
+
+
+class BalanceLoss:
+    params = ([4096, 16384], [8, 64], [2, 8], IMPLS)
+    param_names = ["T", "E", "k", "impl"]
+    repeat = (3, 10, 20.0)
+    number = 1
+
+    def setup(self, T, E, k, impl):
+        self.logits, _, self.experts = routed(T, E, k)
+
+    def time_load_balancing_loss_forward_backward(self, T, E, k, impl):
+        logits = self.logits.detach().requires_grad_()
+        if impl == "torch":
+            loss = torch_mixtral_loss(logits, k)
+        else:
+            _, experts = sparseroute.topk_gating(logits.detach(), k)
+            loss = sparseroute.load_balancing_loss(logits, experts, scale="switch")
+        loss.backward()
+
+    def time_z_loss_forward_backward(self, T, E, k, impl):
+        logits = self.logits.detach().requires_grad_()
+        if impl == "torch":
+            loss = torch.logsumexp(logits, dim=-1).square().mean()
+        else:
+            loss = sparseroute.z_loss(logits)
+        loss.backward()
