@@ -16,12 +16,14 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from benchmarks.balance import BalanceLoss, Capacity
 from benchmarks.moe_block import MoEBlock
 from benchmarks.routing import Dispatch, Gating
 
 GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forward pass
 DISPATCH_TARGET = 2.0  # permute + unpermute forward + backward, fp32
 # MoE block forward + backward, fp32, T = 2048: required speed-up over each transformers impl.
+VARIANT_TARGET = 3.0  # capacity dispatch and losses at T = 16384, E = 64, k = 8, fp32
 BLOCK_TARGETS = {("olmoe", "eager"): 10.0, ("olmoe", "grouped_mm"): 1.5, ("mixtral", "grouped_mm"): 1.15}
 
 
@@ -54,12 +56,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset at T = 4096")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["routing", "blocks"], help="run one section only")
+    parser.add_argument("--only", choices=["routing", "variants", "blocks"], help="run one section only")
     args = parser.parse_args()
-    if args.only != "blocks":
+    if args.only in (None, "routing"):
         routing_ratios(args)
-    if args.only != "routing":
+    if args.only in (None, "variants"):
+        variant_ratios(args)
+    if args.only in (None, "blocks"):
         block_ratios(args)
+
+
+def variant_ratios(args: argparse.Namespace) -> None:
+    """Capacity-constrained dispatch and the balancing losses against their torch versions."""
+    print("\n| op | T | E | k | d | dtype | torch ms | sparseroute ms | ratio | target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    tokens = 4096 if args.quick else 16384
+    target = None if args.quick else VARIANT_TARGET
+    times = ratio(Capacity, "time_permute_with_capacity", (tokens, 64, 8, 1024), args.repeats)
+    print_row("permute, capacity (probs)", (tokens, 64, 8, 1024), "fp32", times, target)
+    for method in ("time_load_balancing_loss_forward_backward", "time_z_loss_forward_backward"):
+        times = ratio(BalanceLoss, method, (tokens, 64, 8), args.repeats)
+        name = method.removeprefix("time_").replace("_forward_backward", " fwd+bwd").replace("_", " ")
+        print_row(name, (tokens, 64, 8, "-"), "fp32", times, target)
 
 
 def block_ratios(args: argparse.Namespace) -> None:
