@@ -77,7 +77,7 @@ def test_limit_is_validated():
 def test_pooled_outputs_pass_opcheck_and_compile():
     x, experts, weights = routed(11)
     x = x.requires_grad_()
-    torch.library.opcheck(torch.ops.sparseroute.permute, (x, experts, EXPERTS, None))
+    torch.library.opcheck(torch.ops.sparseroute.permute, (x, experts, EXPERTS, None, None, None, False))
     x_sorted, plan = sparseroute.permute(x.detach(), experts, EXPERTS)
     y_sorted = x_sorted.clone().requires_grad_()
     args = (y_sorted, plan.slot_to_row, plan.row_to_slot, weights.clone().requires_grad_())

@@ -53,8 +53,8 @@ def run(model: torch.nn.Module, input_ids: torch.Tensor, probe: torch.Tensor | N
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in the 2-norm."""
-    scale = expected.double().norm().clamp_min(1e-30)
-    return float((actual.detach().double() - expected.detach().double()).norm() / scale)
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
