@@ -229,3 +229,37 @@ def megatron_sequence_loss(probs: Tensor, routing_map: Tensor, batch: int, seq_l
         seq_len * topk / num_experts
     )
     return (cost * probs.view(batch, seq_len, num_experts).mean(dim=1)).sum(dim=1).mean()
+
+
+def topp_gating_reference(
+    logits: Tensor, p: float, min_k: int, max_k: int, inclusive: bool, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    """Token by token: experts by descending logit (stable), cumulative softmax probability
+    in that order; keep while (inclusive) the sum before the expert is < p, or (exclusive)
+    the sum including it is <= p; at least min_k, at most max_k; -1 / 0 after."""
+    num_tokens, _ = logits.shape
+    acc = acc_dtype(logits.dtype)
+    probs = torch.softmax(logits.to(acc), dim=-1)
+    order = torch.sort(logits.to(acc).detach(), dim=-1, descending=True, stable=True).indices
+    weights = torch.zeros(num_tokens, max_k, dtype=acc)
+    experts = torch.full((num_tokens, max_k), -1, dtype=torch.int64)
+    rows = []
+    for t in range(num_tokens):
+        cumulative = torch.zeros((), dtype=acc)
+        kept: list[int] = []
+        for rank in range(max_k):
+            e = int(order[t, rank])
+            prob = probs[t, e]
+            keep = rank < min_k or (bool(cumulative < p) if inclusive else bool(cumulative + prob <= p))
+            if not keep:
+                break
+            cumulative = cumulative + prob.detach()
+            kept.append(e)
+        experts[t, : len(kept)] = torch.tensor(kept, dtype=torch.int64)
+        chosen = probs[t, kept] if kept else probs.new_zeros(0)
+        if normalize and kept:
+            chosen = chosen / chosen.sum()
+        rows.append(torch.cat([chosen, probs.new_zeros(max_k - len(kept))]))
+    if rows:
+        weights = torch.stack(rows)
+    return weights, experts

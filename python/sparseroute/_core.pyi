@@ -24,6 +24,7 @@ __all__ = [
     "slot_dots",
     "topk_gating",
     "topk_gating_backward",
+    "topp_gating",
     "z_loss_backward",
     "z_loss_sum",
 ]
@@ -139,5 +140,16 @@ def z_loss_backward(
     mask: npt.NDArray[np.uint8] | None,
     scale: float,
     grad_logits: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...
+def topp_gating(
+    logits: npt.NDArray[np.generic],
+    weights: npt.NDArray[np.floating],
+    experts: npt.NDArray[np.int64],
+    p: float,
+    min_k: int,
+    max_k: int,
+    inclusive: bool,
+    normalize: bool,
     threads: int,
 ) -> None: ...

@@ -9,7 +9,7 @@ from sparseroute.ops.balance import (
 )
 from sparseroute.ops.dispatch import PermutePlan, expert_capacity, permute, renormalize_kept, unpermute
 from sparseroute.ops.experts import grouped_linear, grouped_mlp
-from sparseroute.ops.gating import topk_gating
+from sparseroute.ops.gating import topk_gating, topp_gating
 
 __all__ = [
     "PermutePlan",
@@ -22,6 +22,7 @@ __all__ = [
     "renormalize_kept",
     "routing_stats",
     "topk_gating",
+    "topp_gating",
     "unpermute",
     "update_expert_bias",
     "z_loss",

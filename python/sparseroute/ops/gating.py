@@ -194,3 +194,109 @@ def topk_gating(
         logits, k, score, normalize, expert_bias, num_groups, topk_groups, float(scale)
     )
     return weights, experts
+
+
+# --- sparseroute::topp_gating ----------------------------------------------------------------
+
+
+@torch.library.custom_op("sparseroute::topp_gating", mutates_args=(), device_types="cpu")
+def _topp_gating_op(
+    logits: Tensor, p: float, min_k: int, max_k: int, inclusive: bool, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    logits = logits.contiguous()
+    num_tokens = logits.shape[0]
+    weights = torch.empty(num_tokens, max_k, dtype=accumulator_dtype(logits.dtype))
+    experts = torch.empty(num_tokens, max_k, dtype=torch.int64)
+    _core.topp_gating(
+        numpy_view(logits),
+        numpy_view(weights),
+        numpy_view(experts),
+        p,
+        min_k,
+        max_k,
+        inclusive,
+        normalize,
+        get_num_threads(),
+    )
+    return weights, experts
+
+
+@_topp_gating_op.register_fake
+def _(
+    logits: Tensor, p: float, min_k: int, max_k: int, inclusive: bool, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    num_tokens = logits.shape[0]
+    return (
+        logits.new_empty(num_tokens, max_k, dtype=accumulator_dtype(logits.dtype)),
+        logits.new_empty(num_tokens, max_k, dtype=torch.int64),
+    )
+
+
+def _topp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    logits, _p, _min_k, _max_k, _inclusive, normalize = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.normalize = normalize
+
+
+def _topp_backward(ctx: Any, grad_weights: Tensor, _grad_experts: Tensor) -> tuple[Any, ...]:
+    logits, experts = ctx.saved_tensors
+    # The weights are softmax probabilities of the kept experts (renormalised or not): the
+    # top-k gradient, whose -1 slots drop out, is exactly theirs.
+    grad_logits = torch.ops.sparseroute.topk_gating_backward(
+        logits, experts, grad_weights, "softmax", ctx.normalize, 1.0
+    )
+    return grad_logits, None, None, None, None, None
+
+
+_topp_gating_op.register_autograd(_topp_backward, setup_context=_topp_setup_context)
+
+
+def topp_gating(
+    logits: Tensor,
+    p: float,
+    *,
+    min_k: int = 1,
+    max_k: int | None = None,
+    inclusive: bool = True,
+    normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Dynamic-k (top-p) gating: each token keeps its most probable experts until their
+    cumulative softmax probability reaches ``p``.
+
+    Experts are ranked by logit (ties to the lower index) and their float32 softmax
+    probabilities summed in that order. ``inclusive=True`` keeps the smallest prefix whose
+    sum is ``>= p`` (the expert that crosses ``p`` is kept: the top-p routing of Huang et al.,
+    "Harder Tasks Need More Experts", 2024); ``inclusive=False`` keeps only the prefix whose
+    sum stays ``<= p`` (the crossing expert is dropped). Then at least ``min_k`` and at
+    most ``max_k`` experts are kept.
+
+    Args:
+        logits: ``[T, E]`` router logits (float32, bfloat16, float16; float64 for checks).
+        p: the cumulative probability, ``0 < p <= 1``.
+        min_k: experts kept regardless of ``p`` (``0 <= min_k <= max_k``).
+        max_k: the most experts kept and the width of the outputs (default E).
+        inclusive: whether the expert that crosses ``p`` is kept.
+        normalize: renormalise the kept probabilities to sum to 1.
+
+    Returns:
+        ``(weights, experts)``, both ``[T, max_k]`` in the layout of ``topk_gating``: kept
+        experts first (descending probability), then ``-1`` with weight 0. ``permute`` and
+        ``unpermute`` skip the ``-1`` slots. Differentiable with respect to ``logits``.
+    """
+    logits = check_tensor(logits, "logits", ndim=2, layout="[T, E]", dtypes=FLOAT_DTYPES)
+    num_experts = logits.shape[1]
+    if num_experts < 1:
+        raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p: expected a float, got {type(p).__name__}")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p: expected a probability in (0, 1], got {p}")
+    max_k = num_experts if max_k is None else max_k
+    max_k = check_int(
+        max_k, "max_k", minimum=1, maximum=num_experts, what=f" (number of experts E = {num_experts})"
+    )
+    min_k = check_int(min_k, "min_k", minimum=0, maximum=max_k, what=f" (max_k = {max_k})")
+    if not isinstance(inclusive, bool) or not isinstance(normalize, bool):
+        raise TypeError("inclusive, normalize: expected bools")
+    weights, experts = torch.ops.sparseroute.topp_gating(logits, float(p), min_k, max_k, inclusive, normalize)
+    return weights, experts

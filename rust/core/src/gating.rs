@@ -785,6 +785,110 @@ pub fn topk_gating_backward<L: Element>(
     })
 }
 
+/// Dynamic-k (top-p) gating: each token keeps the most probable experts until their
+/// cumulative softmax probability reaches `p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TopPConfig {
+    pub num_experts: usize,
+    /// Cumulative probability to reach, in (0, 1].
+    pub p: f64,
+    /// Experts kept at least (before `p` applies) and at most.
+    pub min_k: usize,
+    pub max_k: usize,
+    /// true: keep the expert whose probability makes the sum reach `p` (the smallest prefix
+    /// with sum >= p); false: keep only the prefix whose sum stays <= p.
+    pub inclusive: bool,
+    /// Renormalise the kept probabilities to sum to 1 (a softmax over the kept logits).
+    pub normalize: bool,
+}
+
+impl TopPConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.num_experts == 0 {
+            return Err(CoreError::invalid("logits", "at least one expert (E >= 1)", "E = 0"));
+        }
+        if !(self.p > 0.0 && self.p <= 1.0) {
+            return Err(CoreError::invalid("p", "a probability in (0, 1]", format!("{}", self.p)));
+        }
+        if self.max_k == 0 || self.max_k > self.num_experts {
+            return Err(CoreError::invalid(
+                "max_k",
+                format!("1 <= max_k <= E = {}", self.num_experts),
+                format!("{}", self.max_k),
+            ));
+        }
+        if self.min_k > self.max_k {
+            return Err(CoreError::invalid(
+                "min_k",
+                format!("min_k <= max_k = {}", self.max_k),
+                format!("{}", self.min_k),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Top-p gating forward: `weights` and `experts` are `[T, max_k]`; slot `r` of a token holds
+/// its `r`-th most probable expert (higher logit first, ties to the lower index) while kept,
+/// then -1 with weight 0. Weights are the softmax probabilities over all experts, or, with
+/// `normalize`, over the kept experts.
+pub fn topp_gating<L: Element>(
+    logits: &[L],
+    num_tokens: usize,
+    cfg: &TopPConfig,
+    weights: &mut [L::Acc],
+    experts: &mut [i64],
+) -> Result<()> {
+    cfg.validate()?;
+    let (e, k) = (cfg.num_experts, cfg.max_k);
+    check_len("logits", logits, num_tokens * e)?;
+    check_len("weights", weights, num_tokens * k)?;
+    check_len("experts", experts, num_tokens * k)?;
+    let p = L::Acc::from_f64(cfg.p);
+    for_each_block2((weights, k), (experts, k), tokens_per_task(e), |first, weight_block, expert_block| {
+        let (mut row, mut probs, mut order) =
+            (Vec::with_capacity(e), Vec::with_capacity(e), Vec::with_capacity(e));
+        for (i, (w_row, e_row)) in weight_block.chunks_mut(k).zip(expert_block.chunks_mut(k)).enumerate() {
+            let t = first + i;
+            load_logits(&logits[t * e..(t + 1) * e], t, &mut row)?;
+            softmax_into(&row, &mut probs);
+            // Descending logit, then ascending index: the packed keys sort in that order.
+            order.clear();
+            order.extend(row.iter().enumerate().map(|(j, &l)| l.pack(j)));
+            if k < e {
+                order.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+                order.truncate(k);
+            }
+            order.sort_unstable_by(|a, b| b.cmp(a));
+            let mut cumulative = L::Acc::zero();
+            let mut kept = 0;
+            for (rank, &packed) in order.iter().enumerate() {
+                let expert = L::Acc::unpack_index(packed);
+                let prob = probs[expert];
+                let keep =
+                    rank < cfg.min_k || if cfg.inclusive { cumulative < p } else { cumulative + prob <= p };
+                if !keep {
+                    break;
+                }
+                cumulative = cumulative + prob;
+                kept = rank + 1;
+            }
+            let total = if cfg.normalize { cumulative } else { L::Acc::one() };
+            for (r, (w, id)) in w_row.iter_mut().zip(e_row.iter_mut()).enumerate() {
+                if r < kept {
+                    let expert = L::Acc::unpack_index(order[r]);
+                    *id = expert as i64;
+                    *w = probs[expert] / total;
+                } else {
+                    *id = -1;
+                    *w = L::Acc::zero();
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -901,5 +1005,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn topp(
+        logits: &[f64],
+        e: usize,
+        p: f64,
+        min_k: usize,
+        max_k: usize,
+        inclusive: bool,
+    ) -> (Vec<f64>, Vec<i64>) {
+        let t = logits.len() / e;
+        let (mut w, mut ids) = (vec![0.0; t * max_k], vec![0; t * max_k]);
+        let cfg = TopPConfig { num_experts: e, p, min_k, max_k, inclusive, normalize: false };
+        topp_gating(logits, t, &cfg, &mut w, &mut ids).unwrap();
+        (w, ids)
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_prefix_reaching_p() {
+        // Probabilities 0.5, 0.3, 0.2 (as logits ln p).
+        let logits: Vec<f64> = [0.2f64, 0.5, 0.3].iter().map(|p| p.ln()).collect();
+        assert_eq!(topp(&logits, 3, 0.6, 1, 3, true).1, vec![1, 2, -1]);
+        assert_eq!(topp(&logits, 3, 0.6, 1, 3, false).1, vec![1, -1, -1]);
+        assert_eq!(topp(&logits, 3, 0.1, 2, 3, true).1, vec![1, 2, -1]);
+        assert_eq!(topp(&logits, 3, 1.0, 1, 2, true).1, vec![1, 2]);
+        let (w, _) = topp(&logits, 3, 0.6, 1, 3, true);
+        assert!((w[0] - 0.5).abs() < 1e-12 && (w[1] - 0.3).abs() < 1e-12 && w[2] == 0.0);
+    }
+
+    #[test]
+    fn top_p_rejects_bad_settings() {
+        let cfg = TopPConfig { num_experts: 4, p: 0.0, min_k: 1, max_k: 2, inclusive: true, normalize: true };
+        assert!(cfg.validate().is_err());
+        assert!(TopPConfig { p: 0.5, min_k: 3, ..cfg }.validate().is_err());
+        assert!(TopPConfig { p: 0.5, max_k: 5, ..cfg }.validate().is_err());
     }
 }

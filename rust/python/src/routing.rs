@@ -5,7 +5,7 @@ use crate::arrays::{readonly, readwrite, shape, slice, slice_mut, with_float_typ
 use crate::errors::to_pyerr;
 use pyo3::prelude::*;
 use sparseroute_core::dispatch::{self, Capacity, DropPolicy, PlanBuffers};
-use sparseroute_core::gating::{self, GatingConfig, GroupLimit};
+use sparseroute_core::gating::{self, GatingConfig, GroupLimit, TopPConfig};
 use sparseroute_core::threads;
 
 /// Releases the GIL, runs `kernel` (touching about `work` elements) with up to `threads`
@@ -107,6 +107,37 @@ pub fn topk_gating_backward(
         run_kernel(py, threads, logits.len(), || {
             gating::topk_gating_backward(logits, num_tokens, experts, grad_weights, &cfg, grad_logits)
         })
+    })
+}
+
+/// Top-p (dynamic-k) gating forward: fills `weights` and `experts` [T, max_k] (-1 past
+/// the kept experts) from `logits` [T, E].
+#[pyfunction]
+#[pyo3(signature = (logits, weights, experts, p, min_k, max_k, inclusive, normalize, threads))]
+pub fn topp_gating(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    weights: &Bound<'_, PyAny>,
+    experts: &Bound<'_, PyAny>,
+    p: f64,
+    min_k: usize,
+    max_k: usize,
+    inclusive: bool,
+    normalize: bool,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(logits, "logits", L => {
+        type A = <L as sparseroute_core::Element>::Acc;
+        type W = <L as crate::arrays::Carried>::Word;
+        let logits = readonly::<W>(logits, "logits")?;
+        let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
+        let mut weights = readwrite::<A>(weights, "weights")?;
+        let mut experts = readwrite::<i64>(experts, "experts")?;
+        let logits = slice::<L>(&logits, "logits")?;
+        let weights = slice_mut::<A>(&mut weights, "weights")?;
+        let experts = slice_mut::<i64>(&mut experts, "experts")?;
+        let cfg = TopPConfig { num_experts, p, min_k, max_k, inclusive, normalize };
+        run_kernel(py, threads, logits.len(), || gating::topp_gating(logits, num_tokens, &cfg, weights, experts))
     })
 }
 
