@@ -16,9 +16,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from benchmarks.balance import BalanceLoss, Capacity
 from benchmarks.moe_block import MoEBlock
 from benchmarks.routing import Dispatch, Gating
+from benchmarks.variants import BalanceLoss, Capacity, TopP
 
 GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forward pass
 DISPATCH_TARGET = 2.0  # permute + unpermute forward + backward, fp32
@@ -78,6 +78,8 @@ def variant_ratios(args: argparse.Namespace) -> None:
         times = ratio(BalanceLoss, method, (tokens, 64, 8), args.repeats)
         name = method.removeprefix("time_").replace("_forward_backward", " fwd+bwd").replace("_", " ")
         print_row(name, (tokens, 64, 8, "-"), "fp32", times, target)
+    times = ratio(TopP, "time_forward_backward", (tokens, 64), args.repeats)
+    print_row("top-p gating fwd+bwd (p=0.6)", (tokens, 64, "-", "-"), "fp32", times, None)
 
 
 def block_ratios(args: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ ops = torch.ops.sparseroute
 @given(
     num_tokens=st.integers(0, 20),
     num_experts=st.integers(1, 16),
-    p=st.floats(0.01, 1.0),
+    # p = 1 exactly is a knife edge (probabilities sum to 1 up to rounding): tested by value below.
+    p=st.floats(0.01, 0.999),
     min_k=st.integers(0, 4),
     max_k=st.integers(1, 16),
     inclusive=st.booleans(),

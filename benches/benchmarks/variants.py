@@ -1,12 +1,14 @@
-"""asv benchmarks: capacity-constrained dispatch and load-balancing losses, sparseroute next
-to the plain-torch code they replace (``impl`` = "torch" or "sparseroute").
+"""asv benchmarks: routing variants (capacity-constrained dispatch, dynamic-k gating,
+load-balancing losses), sparseroute next to the plain-torch code they replace (``impl`` =
+"torch" or "sparseroute").
 
 - capacity: Megatron-Core-style token dropping in torch: the ``[T, E]`` map of routing
   probabilities, ``torch.topk`` over tokens per expert for the capacity mask (drop policy
   "probs"), then the masked token indices gathered expert-major;
 - load-balancing loss: Hugging Face's Mixtral ``load_balancing_loss_func`` (one-hot of the
   top-k, means over tokens), forward + backward;
-- z-loss: ``logsumexp(logits).square().mean()``, forward + backward.
+- z-loss: ``logsumexp(logits).square().mean()``, forward + backward;
+- top-p: softmax, descending sort, cumulative sum, mask of the prefix reaching p, gather.
 """
 
 from __future__ import annotations
@@ -95,3 +97,32 @@ class BalanceLoss:
         else:
             loss = sparseroute.z_loss(logits)
         loss.backward()
+
+
+def torch_topp(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep = before < p
+    weights = torch.where(keep, sorted_probs, 0.0)
+    experts = torch.where(keep, order, -1)
+    return weights, experts
+
+
+class TopP:
+    params = ([4096, 16384], [64], IMPLS)
+    param_names = ["T", "E", "impl"]
+    repeat = (3, 10, 20.0)
+    number = 1
+
+    def setup(self, T, E, impl):
+        self.logits, _, _ = routed(T, E, 1)
+        self.grad = torch.randn(T, E)
+
+    def time_forward_backward(self, T, E, impl):
+        logits = self.logits.detach().requires_grad_()
+        if impl == "torch":
+            weights, _ = torch_topp(logits, 0.6)
+        else:
+            weights, _ = sparseroute.topp_gating(logits, 0.6)
+        weights.backward(self.grad[:, : weights.shape[1]])
