@@ -263,3 +263,21 @@ def topp_gating_reference(
     if rows:
         weights = torch.stack(rows)
     return weights, experts
+
+
+def megatron_sinkhorn(cost: Tensor, tol: float = 0.0001, iters: int | None = None) -> Tensor:
+    """Megatron-Core's ``sinkhorn`` (moe_utils.py), restated, with an optional iteration cap."""
+    cost = torch.exp(cost)
+    d0 = torch.ones(cost.size(0), dtype=cost.dtype)
+    d1 = torch.ones(cost.size(1), dtype=cost.dtype)
+    eps = 0.00000001
+    error = 1e9
+    d1_old = d1
+    done = 0
+    while error > tol and (iters is None or done < iters):
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + eps)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + eps)
+        error = torch.mean(torch.abs(d1_old - d1))
+        d1_old = d1
+        done += 1
+    return d1 * cost * d0.unsqueeze(1)

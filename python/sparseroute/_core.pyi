@@ -21,6 +21,7 @@ __all__ = [
     "score_sums",
     "score_sums_backward",
     "set_buffer_cache_limit",
+    "sinkhorn",
     "slot_dots",
     "topk_gating",
     "topk_gating_backward",
@@ -153,3 +154,6 @@ def topp_gating(
     normalize: bool,
     threads: int,
 ) -> None: ...
+def sinkhorn(
+    logits: npt.NDArray[np.float32], tol: float, max_iters: int | None, out: npt.NDArray[np.float32]
+) -> int: ...

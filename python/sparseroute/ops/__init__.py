@@ -4,6 +4,7 @@ from sparseroute.ops.balance import (
     RoutingStats,
     load_balancing_loss,
     routing_stats,
+    sinkhorn,
     update_expert_bias,
     z_loss,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "permute",
     "renormalize_kept",
     "routing_stats",
+    "sinkhorn",
     "topk_gating",
     "topp_gating",
     "unpermute",

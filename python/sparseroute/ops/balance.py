@@ -345,3 +345,43 @@ def update_expert_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> 
         raise ValueError(f"rate: expected a finite float, got {rate!r}")
     load = tokens_per_expert.to(torch.float32)
     return bias + rate * torch.sign(load.mean() - load)
+
+
+# --- sparseroute::sinkhorn -----------------------------------------------------------------
+
+
+@torch.library.custom_op("sparseroute::sinkhorn", mutates_args=(), device_types="cpu")
+def _sinkhorn_op(logits: Tensor, iters: int | None, tol: float) -> Tensor:
+    out = torch.empty(logits.shape, dtype=torch.float32)
+    _core.sinkhorn(numpy_view(logits.float().contiguous()), tol, iters, numpy_view(out))
+    return out
+
+
+@_sinkhorn_op.register_fake
+def _(logits: Tensor, iters: int | None, tol: float) -> Tensor:
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def sinkhorn(logits: Tensor, *, iters: int | None = None, tol: float = 1e-4) -> Tensor:
+    """Sinkhorn-balanced routing scores, as Megatron-Core's ``sinkhorn`` computes them.
+
+    In float32: ``cost = exp(logits)``; starting from ``d0 = d1 = 1``, repeat
+    ``d0 = (1/T) / (cost @ d1 + 1e-8)`` and ``d1 = (1/E) / (d0 @ cost + 1e-8)`` until the
+    mean absolute change of ``d1`` is at most ``tol`` (or ``iters`` iterations, when given);
+    return ``d1 * cost * d0[:, None]``, whose columns each sum to about ``1/E``. For
+    *selection* (``torch.topk`` or ``topk_gating`` on the result); take the weights from the
+    plain scores (``torch.softmax(logits)`` or ``topk_gating``), as Megatron-Core's sinkhorn
+    router does. Not differentiable: the input is detached.
+
+    Raises ``InvalidInputError`` for logits that are not finite or exceed 88 (``exp`` would
+    overflow float32, which would make every score NaN).
+    """
+    logits = check_tensor(logits, "logits", ndim=2, layout="[T, E]", dtypes=FLOAT_DTYPES)
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
+    if iters is not None:
+        iters = check_int(iters, "iters", minimum=1)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol: expected a float >= 0, got {tol!r}")
+    scores: Tensor = torch.ops.sparseroute.sinkhorn(logits.detach(), iters, float(tol))
+    return scores

@@ -322,6 +322,81 @@ pub fn z_loss_backward<L: Element>(
     })
 }
 
+/// Sinkhorn balancing as Megatron-Core's `sinkhorn` computes it: `cost = exp(logits)`, then
+/// alternately `d0[t] = (1/T) / (sum_e d1[e] cost[t, e] + eps)` and
+/// `d1[e] = (1/E) / (sum_t d0[t] cost[t, e] + eps)` (eps = 1e-8, d0 = d1 = 1 at the start)
+/// until the mean absolute change of `d1` is at most `tol` (or after `max_iters`
+/// iterations); `out[t, e] = d1[e] * cost[t, e] * d0[t]`. Sums run in f32 over eight lanes
+/// in index order. Returns the number of iterations.
+pub fn sinkhorn(
+    logits: &[f32],
+    num_tokens: usize,
+    num_experts: usize,
+    tol: f32,
+    max_iters: Option<usize>,
+    out: &mut [f32],
+) -> Result<usize> {
+    check_logits(logits, num_experts, num_tokens)?;
+    check_len("out", out, logits.len())?;
+    if tol.is_nan() || tol < 0.0 {
+        return Err(CoreError::invalid("tol", "a value >= 0", format!("{tol}")));
+    }
+    if let Some(i) = logits.iter().position(|l| !l.is_finite() || *l > 88.0) {
+        return Err(CoreError::invalid(
+            "logits",
+            "finite values <= 88 (exp(logits) must not overflow float32)",
+            format!("{} at token {}, expert {}", logits[i], i / num_experts, i % num_experts),
+        ));
+    }
+    if num_tokens == 0 {
+        return Ok(0);
+    }
+    const EPS: f32 = 1e-8;
+    out.copy_from_slice(logits);
+    f32::exp_in_place(out);
+    let cost: &[f32] = out;
+    let (t_inv, e_inv) = (1.0 / num_tokens as f32, 1.0 / num_experts as f32);
+    let mut d0 = vec![1.0f32; num_tokens];
+    let mut d1 = vec![1.0f32; num_experts];
+    let mut column = vec![0.0f32; num_experts];
+    let mut products = vec![0.0f32; num_experts];
+    let mut iterations = 0;
+    loop {
+        if max_iters.is_some_and(|limit| iterations >= limit) {
+            break;
+        }
+        iterations += 1;
+        for (t, d) in d0.iter_mut().enumerate() {
+            let row = &cost[t * num_experts..(t + 1) * num_experts];
+            for ((p, &c), &w) in products.iter_mut().zip(row).zip(&d1) {
+                *p = w * c;
+            }
+            *d = t_inv / (lane_sum(&products) + EPS);
+        }
+        column.fill(0.0);
+        for (t, &d) in d0.iter().enumerate() {
+            for (acc, &c) in column.iter_mut().zip(&cost[t * num_experts..(t + 1) * num_experts]) {
+                *acc += d * c;
+            }
+        }
+        let mut change = 0.0f32;
+        for (w, &sum) in d1.iter_mut().zip(&column) {
+            let next = e_inv / (sum + EPS);
+            change += (next - *w).abs();
+            *w = next;
+        }
+        if change / num_experts as f32 <= tol {
+            break;
+        }
+    }
+    for (t, row) in out.chunks_exact_mut(num_experts).enumerate() {
+        for (v, &w) in row.iter_mut().zip(&d1) {
+            *v = w * *v * d0[t];
+        }
+    }
+    Ok(iterations)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,5 +438,19 @@ mod tests {
     fn z_loss_of_uniform_logits() {
         let sum = z_loss_sum(&[0.0f64; 8], 4, all(2, 2)).unwrap();
         assert!((sum - 2.0 * 4.0f64.ln().powi(2)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sinkhorn_balances_columns() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
+        let mut out = vec![0.0; 64];
+        let iterations = sinkhorn(&logits, 16, 4, 1e-6, None, &mut out).unwrap();
+        assert!(iterations > 1);
+        for e in 0..4 {
+            let column: f32 = (0..16).map(|t| out[t * 4 + e]).sum();
+            assert!((column - 0.25).abs() < 1e-4, "column {e} sums to {column}");
+        }
+        assert_eq!(sinkhorn(&logits, 16, 4, 0.0, Some(3), &mut out).unwrap(), 3);
+        assert!(sinkhorn(&[100.0], 1, 1, 1e-4, None, &mut out[..1]).is_err());
     }
 }

@@ -152,3 +152,22 @@ pub fn z_loss_backward(
         })
     })
 }
+
+/// Megatron-Core's Sinkhorn balancing of float32 `logits` [T, E] into `out`; returns the
+/// number of iterations run.
+#[pyfunction]
+#[pyo3(signature = (logits, tol, max_iters, out))]
+pub fn sinkhorn(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    tol: f32,
+    max_iters: Option<usize>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    let logits = readonly::<f32>(logits, "logits")?;
+    let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
+    let logits = slice::<f32>(&logits, "logits")?;
+    let mut out = readwrite::<f32>(out, "out")?;
+    let out = slice_mut::<f32>(&mut out, "out")?;
+    run_kernel(py, 1, 0, || balance::sinkhorn(logits, num_tokens, num_experts, tol, max_iters, out))
+}
