@@ -281,3 +281,16 @@ def megatron_sinkhorn(cost: Tensor, tol: float = 0.0001, iters: int | None = Non
         d1_old = d1
         done += 1
     return d1 * cost * d0.unsqueeze(1)
+
+
+def expert_choice_reference(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """Per expert: sort tokens by (probability descending, token ascending), keep the first
+    ``capacity``, list them in token order."""
+    probs = torch.softmax(logits.to(acc_dtype(logits.dtype)), dim=-1)
+    indices, gates = [], []
+    for e in range(probs.shape[1]):
+        order = torch.sort(probs[:, e].detach(), descending=True, stable=True).indices[:capacity]
+        chosen = torch.sort(order).values
+        indices.append(chosen)
+        gates.append(probs[chosen, e])
+    return torch.stack(indices), torch.stack(gates)

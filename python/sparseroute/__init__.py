@@ -16,9 +16,11 @@ from sparseroute._threads import get_num_threads, set_num_threads
 from sparseroute.integrations import transformers as _transformers_integration
 from sparseroute.integrations.transformers import patch, unpatch
 from sparseroute.ops import (
+    ExpertChoice,
     PermutePlan,
     RoutingStats,
     expert_capacity,
+    expert_choice,
     grouped_linear,
     grouped_mlp,
     load_balancing_loss,
@@ -34,12 +36,14 @@ from sparseroute.ops import (
 )
 
 __all__ = [
+    "ExpertChoice",
     "InvalidInputError",
     "PermutePlan",
     "RoutingStats",
     "__version__",
     "buffer_cache_info",
     "expert_capacity",
+    "expert_choice",
     "get_num_threads",
     "grouped_linear",
     "grouped_mlp",

@@ -15,6 +15,7 @@ __all__ = [
     "build_capacity_plan",
     "build_plan",
     "combine_rows",
+    "expert_choice",
     "expert_counts",
     "gather_rows",
     "pooled_empty",
@@ -157,3 +158,10 @@ def topp_gating(
 def sinkhorn(
     logits: npt.NDArray[np.float32], tol: float, max_iters: int | None, out: npt.NDArray[np.float32]
 ) -> int: ...
+def expert_choice(
+    logits: npt.NDArray[np.generic],
+    capacity: int,
+    indices: npt.NDArray[np.int64],
+    gates: npt.NDArray[np.floating],
+    threads: int,
+) -> None: ...

@@ -10,12 +10,14 @@ from sparseroute.ops.balance import (
 )
 from sparseroute.ops.dispatch import PermutePlan, expert_capacity, permute, renormalize_kept, unpermute
 from sparseroute.ops.experts import grouped_linear, grouped_mlp
-from sparseroute.ops.gating import topk_gating, topp_gating
+from sparseroute.ops.gating import ExpertChoice, expert_choice, topk_gating, topp_gating
 
 __all__ = [
+    "ExpertChoice",
     "PermutePlan",
     "RoutingStats",
     "expert_capacity",
+    "expert_choice",
     "grouped_linear",
     "grouped_mlp",
     "load_balancing_loss",

@@ -6,7 +6,7 @@ The exact semantics are written down in docs/semantics.md and in the docstring o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -300,3 +300,101 @@ def topp_gating(
         raise TypeError("inclusive, normalize: expected bools")
     weights, experts = torch.ops.sparseroute.topp_gating(logits, float(p), min_k, max_k, inclusive, normalize)
     return weights, experts
+
+
+# --- sparseroute::expert_choice --------------------------------------------------------------
+
+
+@torch.library.custom_op("sparseroute::expert_choice", mutates_args=(), device_types="cpu")
+def _expert_choice_op(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """``(gates [E, C], indices [E, C])`` (gates first: a float output leads)."""
+    num_experts = logits.shape[1]
+    indices = torch.empty(num_experts, capacity, dtype=torch.int64)
+    gates = torch.empty(num_experts, capacity, dtype=accumulator_dtype(logits.dtype))
+    _core.expert_choice(
+        numpy_view(logits.contiguous()), capacity, numpy_view(indices), numpy_view(gates), get_num_threads()
+    )
+    return gates, indices
+
+
+@_expert_choice_op.register_fake
+def _(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    num_experts = logits.shape[1]
+    return (
+        logits.new_empty(num_experts, capacity, dtype=accumulator_dtype(logits.dtype)),
+        logits.new_empty(num_experts, capacity, dtype=torch.int64),
+    )
+
+
+def _expert_choice_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _expert_choice_backward(ctx: Any, grad_gates: Tensor, _grad_indices: Tensor) -> tuple[Any, ...]:
+    logits, indices = ctx.saved_tensors
+    num_tokens = logits.shape[0]
+    # Gates are softmax probabilities p[t, e] at the chosen (t, e): scatter their gradient
+    # into the [T, E] slot layout and reuse the top-k softmax gradient (normalize=False,
+    # -1 slots skipped).
+    slots, grads = _token_slots(indices, grad_gates, num_tokens)
+    grad_logits = torch.ops.sparseroute.topk_gating_backward(logits, slots, grads, "softmax", False, 1.0)
+    return grad_logits, None
+
+
+_expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expert_choice_setup_context)
+
+
+def _token_slots(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """``[E, C]`` choices as the ``[T, E]`` slot layout of ``permute``: slot ``(t, e)`` holds
+    ``e`` (weight ``gates[e, c]``) when expert ``e`` chose token ``t``, else -1 (weight 0)."""
+    num_experts, capacity = indices.shape
+    expert_ids = torch.arange(num_experts, device=indices.device).unsqueeze(1).expand(num_experts, capacity)
+    flat = (indices * num_experts + expert_ids).reshape(-1)
+    experts = torch.full((num_tokens * num_experts,), -1, dtype=torch.int64, device=indices.device)
+    experts = experts.scatter(0, flat, expert_ids.reshape(-1))
+    weights = gates.new_zeros(num_tokens * num_experts).scatter(0, flat, gates.reshape(-1))
+    return experts.view(num_tokens, num_experts), weights.view(num_tokens, num_experts)
+
+
+class ExpertChoice(NamedTuple):
+    """The routing decision of ``expert_choice``.
+
+    Attributes:
+        indices: ``[E, C]`` int64, the tokens each expert chose, ascending.
+        gates: ``[E, C]`` their softmax probabilities (differentiable).
+        experts: ``[T, E]`` int64 slot layout for ``permute``: ``e`` where expert ``e`` chose
+            the token, else -1. A token appears in 0 to E slots.
+        weights: ``[T, E]`` the gates in that layout (0 elsewhere), for ``unpermute``.
+    """
+
+    indices: Tensor
+    gates: Tensor
+    experts: Tensor
+    weights: Tensor
+
+
+def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
+    """Expert-choice routing (Zhou et al., 2022): each expert takes the ``capacity`` tokens
+    with the highest softmax-over-experts probability for it.
+
+    Scores are the float32 softmax over the E experts of each token; expert ``e`` keeps the
+    ``capacity`` largest ``p[t, e]``, equal probabilities going to the lower token index, and
+    lists them in ascending token order. ``permute(x, choice.experts, E)`` then gives each
+    expert's rows in token order (exactly ``capacity`` per expert), and
+    ``unpermute(y_sorted, plan, choice.weights)`` combines them: a token receives 0 to E
+    experts. Differentiable with respect to ``logits`` through ``gates`` / ``weights``.
+
+    Args:
+        logits: ``[T, E]`` router logits (float32, bfloat16, float16; float64 for checks).
+        capacity: tokens per expert, ``0 <= capacity <= T`` (e.g. ``T * capacity_factor / E``).
+    """
+    logits = check_tensor(logits, "logits", ndim=2, layout="[T, E]", dtypes=FLOAT_DTYPES)
+    num_tokens, num_experts = logits.shape
+    if num_experts < 1:
+        raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
+    capacity = check_int(
+        capacity, "capacity", minimum=0, maximum=num_tokens, what=f" (tokens T = {num_tokens})"
+    )
+    gates, indices = torch.ops.sparseroute.expert_choice(logits, capacity)
+    experts, weights = _token_slots(indices, gates, num_tokens)
+    return ExpertChoice(indices, gates, experts, weights)

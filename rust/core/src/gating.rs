@@ -889,6 +889,64 @@ pub fn topp_gating<L: Element>(
     })
 }
 
+/// Expert-choice routing: every expert picks the `capacity` tokens with the highest softmax
+/// probability (over experts, per token) for it; equal probabilities go to the lower token.
+/// `indices` and `gates` are `[E, capacity]`: expert `e`'s tokens in ascending order and
+/// their probabilities.
+pub fn expert_choice<L: Element>(
+    logits: &[L],
+    num_tokens: usize,
+    num_experts: usize,
+    capacity: usize,
+    indices: &mut [i64],
+    gates: &mut [L::Acc],
+) -> Result<()> {
+    if num_experts == 0 {
+        return Err(CoreError::invalid("logits", "at least one expert (E >= 1)", "E = 0"));
+    }
+    if capacity > num_tokens {
+        return Err(CoreError::invalid(
+            "capacity",
+            format!("at most the number of tokens T = {num_tokens}"),
+            format!("{capacity}"),
+        ));
+    }
+    check_len("logits", logits, num_tokens * num_experts)?;
+    check_len("indices", indices, num_experts * capacity)?;
+    check_len("gates", gates, num_experts * capacity)?;
+    if capacity == 0 {
+        return Ok(());
+    }
+    // Softmax per token, stored expert-major so each expert's column is contiguous.
+    let mut columns = vec![L::Acc::zero(); num_experts * num_tokens];
+    let (mut row, mut probs) = (Vec::with_capacity(num_experts), Vec::with_capacity(num_experts));
+    for t in 0..num_tokens {
+        load_logits(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
+        softmax_into(&row, &mut probs);
+        for (e, &p) in probs.iter().enumerate() {
+            columns[e * num_tokens + t] = p;
+        }
+    }
+    let experts: Vec<usize> = (0..num_experts).collect();
+    let chosen = crate::threads::map_collect(&experts, |_, &e| {
+        let column = &columns[e * num_tokens..(e + 1) * num_tokens];
+        // Packed keys order by probability, then by lower token: the largest `capacity` win.
+        let mut keys: Vec<_> = column.iter().enumerate().map(|(t, &p)| p.pack(t)).collect();
+        keys.select_nth_unstable_by(capacity - 1, |a, b| b.cmp(a));
+        keys.truncate(capacity);
+        let mut tokens: Vec<usize> = keys.iter().map(|&k| L::Acc::unpack_index(k)).collect();
+        tokens.sort_unstable();
+        Ok(tokens)
+    })?;
+    for (e, tokens) in chosen.iter().enumerate() {
+        for (c, &t) in tokens.iter().enumerate() {
+            indices[e * capacity + c] = t as i64;
+            gates[e * capacity + c] = columns[e * num_tokens + t];
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1040,5 +1098,21 @@ mod tests {
         assert!(cfg.validate().is_err());
         assert!(TopPConfig { p: 0.5, min_k: 3, ..cfg }.validate().is_err());
         assert!(TopPConfig { p: 0.5, max_k: 5, ..cfg }.validate().is_err());
+    }
+
+    #[test]
+    fn expert_choice_picks_each_experts_best_tokens_in_token_order() {
+        // Token t prefers expert t % 2 strongly.
+        let logits = [2.0f64, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0, 2.0];
+        let (mut idx, mut gates) = (vec![0; 4], vec![0.0; 4]);
+        expert_choice(&logits, 4, 2, 2, &mut idx, &mut gates).unwrap();
+        assert_eq!(idx, vec![0, 2, 1, 3]);
+        let p = 2.0f64.exp() / (2.0f64.exp() + 1.0);
+        assert!(gates.iter().all(|g| (g - p).abs() < 1e-12));
+        // Equal probabilities: the lower tokens win.
+        let (mut idx, mut gates) = (vec![0; 2], vec![0.0; 2]);
+        expert_choice(&[0.0f64; 8], 4, 2, 1, &mut idx, &mut gates).unwrap();
+        assert_eq!(idx, vec![0, 0]);
+        assert!(expert_choice(&[0.0f64; 8], 4, 2, 5, &mut [0; 10], &mut [0.0; 10]).is_err());
     }
 }

@@ -141,6 +141,33 @@ pub fn topp_gating(
     })
 }
 
+/// Expert-choice routing: fills `indices` and `gates` [E, capacity] from `logits` [T, E].
+#[pyfunction]
+#[pyo3(signature = (logits, capacity, indices, gates, threads))]
+pub fn expert_choice(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    capacity: usize,
+    indices: &Bound<'_, PyAny>,
+    gates: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(logits, "logits", L => {
+        type A = <L as sparseroute_core::Element>::Acc;
+        type W = <L as crate::arrays::Carried>::Word;
+        let logits = readonly::<W>(logits, "logits")?;
+        let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
+        let mut indices = readwrite::<i64>(indices, "indices")?;
+        let mut gates = readwrite::<A>(gates, "gates")?;
+        let logits = slice::<L>(&logits, "logits")?;
+        let indices = slice_mut::<i64>(&mut indices, "indices")?;
+        let gates = slice_mut::<A>(&mut gates, "gates")?;
+        run_kernel(py, threads, logits.len(), || {
+            gating::expert_choice(logits, num_tokens, num_experts, capacity, indices, gates)
+        })
+    })
+}
+
 /// Builds the dropless permutation plan of `experts` [T, k]; returns the routed row count.
 #[pyfunction]
 #[pyo3(signature = (experts, num_experts, tokens_per_expert, offsets, row_to_slot, slot_to_row, threads))]
