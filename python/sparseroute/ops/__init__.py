@@ -10,7 +10,7 @@ from sparseroute.ops.balance import (
 )
 from sparseroute.ops.dispatch import PermutePlan, expert_capacity, permute, renormalize_kept, unpermute
 from sparseroute.ops.experts import grouped_linear, grouped_mlp
-from sparseroute.ops.gating import ExpertChoice, expert_choice, topk_gating, topp_gating
+from sparseroute.ops.gating import ExpertChoice, expert_choice, jitter, topk_gating, topp_gating
 
 __all__ = [
     "ExpertChoice",
@@ -20,6 +20,7 @@ __all__ = [
     "expert_choice",
     "grouped_linear",
     "grouped_mlp",
+    "jitter",
     "load_balancing_loss",
     "permute",
     "renormalize_kept",

@@ -126,6 +126,9 @@ def topk_gating(
     num_groups: int | None = None,
     topk_groups: int | None = None,
     scale: float = 1.0,
+    jitter_eps: float = 0.0,
+    gumbel_noise: bool = False,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Choose ``k`` experts per token from router logits and weigh them.
 
@@ -143,6 +146,14 @@ def topk_gating(
             scores (its one score when a group has a single expert); only the
             ``topk_groups`` best groups compete. Give both or neither.
         scale: multiplies the weights after normalisation (``routed_scaling_factor``).
+        jitter_eps: exploration noise: multiply the logits by ``U(1 - eps, 1 + eps)``, drawn
+            per element (Switch Transformers applies this to the router's input; use
+            ``sparseroute.jitter`` on the hidden states for that). Affects selection and
+            weights.
+        gumbel_noise: exploration noise: select on ``logits + Gumbel(0, 1)`` noise (per
+            element) while the weights come from the noise-free logits.
+        generator: the ``torch.Generator`` the noise is drawn from (default: torch's global
+            one), so noisy runs are reproducible.
 
     Returns:
         ``(weights, experts)``: ``weights [T, k]`` float32 (float64 for float64 logits) and
@@ -190,10 +201,47 @@ def topk_gating(
             raise ValueError(
                 f"k: expected at most topk_groups * E / num_groups = {reachable} experts, got {k}"
             )
+    if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, (int, float)) or not 0 <= jitter_eps < 1:
+        raise ValueError(f"jitter_eps: expected a float in [0, 1), got {jitter_eps!r}")
+    if not isinstance(gumbel_noise, bool):
+        raise TypeError(f"gumbel_noise: expected a bool, got {type(gumbel_noise).__name__}")
+    if jitter_eps:
+        logits = jitter(logits, jitter_eps, generator=generator)
+    if gumbel_noise:
+        uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
+        acc = accumulator_dtype(logits.dtype)
+        noisy = logits.detach().to(acc) + gumbel.to(acc)
+        _, experts = torch.ops.sparseroute.topk_gating(
+            noisy, k, score, normalize, expert_bias, num_groups, topk_groups, 1.0
+        )
+        return _weights_of(logits, experts, score, normalize, float(scale)), experts
     weights, experts = torch.ops.sparseroute.topk_gating(
         logits, k, score, normalize, expert_bias, num_groups, topk_groups, float(scale)
     )
     return weights, experts
+
+
+def jitter(x: Tensor, eps: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """``x * U(1 - eps, 1 + eps)`` elementwise (Switch Transformers' router input jitter),
+    noise drawn from ``generator``; differentiable with respect to ``x``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).uniform_(
+        1.0 - eps, 1.0 + eps, generator=generator
+    )
+    return x * noise
+
+
+def _weights_of(logits: Tensor, experts: Tensor, score: str, normalize: bool, scale: float) -> Tensor:
+    """topk_gating's weights for experts chosen elsewhere (the Gumbel-noise path), in torch."""
+    values = logits.to(accumulator_dtype(logits.dtype))
+    scores = torch.softmax(values, dim=-1) if score == "softmax" else torch.sigmoid(values)
+    weights = scores.gather(1, experts)
+    if normalize:
+        eps = 1e-20 if score == "sigmoid" else 0.0
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    return weights * scale
 
 
 # --- sparseroute::topp_gating ----------------------------------------------------------------
