@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from benchmarks.moe_block import MoEBlock
 from benchmarks.routing import Dispatch, Gating
-from benchmarks.variants import BalanceLoss, Capacity, TopP
+from benchmarks.variants import BalanceLoss, Capacity, ExpertChoiceAndSinkhorn, TopP
 
 GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forward pass
 DISPATCH_TARGET = 2.0  # permute + unpermute forward + backward, fp32
@@ -80,6 +80,10 @@ def variant_ratios(args: argparse.Namespace) -> None:
         print_row(name, (tokens, 64, 8, "-"), "fp32", times, target)
     times = ratio(TopP, "time_forward_backward", (tokens, 64), args.repeats)
     print_row("top-p gating fwd+bwd (p=0.6)", (tokens, 64, "-", "-"), "fp32", times, None)
+    for method in ("time_expert_choice_forward_backward", "time_sinkhorn"):
+        times = ratio(ExpertChoiceAndSinkhorn, method, (tokens, 64), args.repeats)
+        name = method.removeprefix("time_").replace("_forward_backward", " fwd+bwd").replace("_", " ")
+        print_row(name, (tokens, 64, "-", "-"), "fp32", times, None)
 
 
 def block_ratios(args: argparse.Namespace) -> None:

@@ -126,3 +126,49 @@ class TopP:
         else:
             weights, _ = sparseroute.topp_gating(logits, 0.6)
         weights.backward(self.grad[:, : weights.shape[1]])
+
+
+def torch_expert_choice(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    gates, indices = torch.topk(probs.T, capacity, dim=1)
+    indices, order = torch.sort(indices, dim=1)
+    return indices, gates.gather(1, order)
+
+
+def torch_sinkhorn(cost: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
+    """Megatron-Core's sinkhorn, restated."""
+    cost = torch.exp(cost)
+    d0 = torch.ones(cost.size(0), dtype=cost.dtype)
+    d1 = torch.ones(cost.size(1), dtype=cost.dtype)
+    error, d1_old = 1e9, d1
+    while error > tol:
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + 1e-8)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + 1e-8)
+        error = torch.mean(torch.abs(d1_old - d1))
+        d1_old = d1
+    return d1 * cost * d0.unsqueeze(1)
+
+
+class ExpertChoiceAndSinkhorn:
+    params = ([4096, 16384], [64], IMPLS)
+    param_names = ["T", "E", "impl"]
+    repeat = (3, 10, 20.0)
+    number = 1
+
+    def setup(self, T, E, impl):
+        self.logits, _, _ = routed(T, E, 1)
+        self.capacity = 2 * T // E
+
+    def time_expert_choice_forward_backward(self, T, E, impl):
+        logits = self.logits.detach().requires_grad_()
+        if impl == "torch":
+            _, gates = torch_expert_choice(logits, self.capacity)
+        else:
+            gates = sparseroute.expert_choice(logits, self.capacity).gates
+        gates.sum().backward()
+
+    def time_sinkhorn(self, T, E, impl):
+        if impl == "torch":
+            torch_sinkhorn(self.logits)
+        else:
+            sparseroute.sinkhorn(self.logits)

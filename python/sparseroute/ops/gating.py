@@ -380,13 +380,14 @@ def _expert_choice_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tupl
 
 def _expert_choice_backward(ctx: Any, grad_gates: Tensor, _grad_indices: Tensor) -> tuple[Any, ...]:
     logits, indices = ctx.saved_tensors
-    num_tokens = logits.shape[0]
-    # Gates are softmax probabilities p[t, e] at the chosen (t, e): scatter their gradient
-    # into the [T, E] slot layout and reuse the top-k softmax gradient (normalize=False,
-    # -1 slots skipped).
-    slots, grads = _token_slots(indices, grad_gates, num_tokens)
-    grad_logits = torch.ops.sparseroute.topk_gating_backward(logits, slots, grads, "softmax", False, 1.0)
-    return grad_logits, None
+    # gates[e, c] = p[indices[e, c], e] with p the softmax over experts: scatter the
+    # gradient into a dense [T, E] matrix G, then dL/dl_t = p_t * (G_t - <p_t, G_t>).
+    acc = accumulator_dtype(logits.dtype)
+    probs = torch.softmax(logits.to(acc), dim=-1)
+    dense = torch.zeros_like(probs)
+    dense.T.scatter_(1, indices, grad_gates.to(acc))
+    grad_logits = probs * (dense - (probs * dense).sum(dim=-1, keepdim=True))
+    return grad_logits.to(logits.dtype), None
 
 
 _expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expert_choice_setup_context)

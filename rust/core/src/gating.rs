@@ -917,21 +917,25 @@ pub fn expert_choice<L: Element>(
     if capacity == 0 {
         return Ok(());
     }
-    // Softmax per token, stored expert-major so each expert's column is contiguous.
-    let mut columns = vec![L::Acc::zero(); num_experts * num_tokens];
-    let (mut row, mut probs) = (Vec::with_capacity(num_experts), Vec::with_capacity(num_experts));
-    for t in 0..num_tokens {
-        load_logits(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
-        softmax_into(&row, &mut probs);
-        for (e, &p) in probs.iter().enumerate() {
-            columns[e * num_tokens + t] = p;
+    // Softmax per token, in parallel blocks of tokens.
+    let mut probs = vec![L::Acc::zero(); num_tokens * num_experts];
+    for_each_block(&mut probs, num_experts, tokens_per_task(num_experts), |first, block| {
+        let (mut row, mut token_probs) = (Vec::with_capacity(num_experts), Vec::with_capacity(num_experts));
+        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
+            load_logits(
+                &logits[(first + i) * num_experts..(first + i + 1) * num_experts],
+                first + i,
+                &mut row,
+            )?;
+            softmax_into(&row, &mut token_probs);
+            out.copy_from_slice(&token_probs);
         }
-    }
+        Ok(())
+    })?;
     let experts: Vec<usize> = (0..num_experts).collect();
     let chosen = crate::threads::map_collect(&experts, |_, &e| {
-        let column = &columns[e * num_tokens..(e + 1) * num_tokens];
         // Packed keys order by probability, then by lower token: the largest `capacity` win.
-        let mut keys: Vec<_> = column.iter().enumerate().map(|(t, &p)| p.pack(t)).collect();
+        let mut keys: Vec<_> = (0..num_tokens).map(|t| probs[t * num_experts + e].pack(t)).collect();
         keys.select_nth_unstable_by(capacity - 1, |a, b| b.cmp(a));
         keys.truncate(capacity);
         let mut tokens: Vec<usize> = keys.iter().map(|&k| L::Acc::unpack_index(k)).collect();
@@ -941,7 +945,7 @@ pub fn expert_choice<L: Element>(
     for (e, tokens) in chosen.iter().enumerate() {
         for (c, &t) in tokens.iter().enumerate() {
             indices[e * capacity + c] = t as i64;
-            gates[e * capacity + c] = columns[e * num_tokens + t];
+            gates[e * capacity + c] = probs[t * num_experts + e];
         }
     }
     Ok(())
