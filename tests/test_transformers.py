@@ -202,3 +202,15 @@ def test_expert_parallel_sentinels_contribute_nothing():
         actual = experts_forward(experts, x, index, weights)
         expected = experts_forward(experts, x, torch.where(kept, index, 0), weights * kept)
     torch.testing.assert_close(actual, expected)
+
+
+def test_from_pretrained_with_the_sparseroute_experts_implementation(tmp_path):
+    eager = build("qwen2_moe")
+    eager.save_pretrained(tmp_path)
+    loaded = type(eager).from_pretrained(tmp_path, experts_implementation="sparseroute")
+    assert loaded.config._experts_implementation == "sparseroute"
+    input_ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=input_ids).logits, eager(input_ids=input_ids).logits, rtol=1e-5, atol=1e-5
+        )
