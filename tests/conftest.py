@@ -1,7 +1,8 @@
 """Shared test configuration.
 
-Hypothesis profiles: "fast" (default, 100 examples per property) and "slow"
-(HYPOTHESIS_PROFILE=slow, 1000). The tests import the *installed* sparseroute wheel;
+Hypothesis profiles: "fast" (default, 100 examples per property, the same examples on
+every run so that `make test` is reproducible) and "slow" (HYPOTHESIS_PROFILE=slow, 1000
+fresh random examples per run, for exploration). The tests import the *installed* sparseroute wheel;
 see test_process.py.
 """
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "fast",
     max_examples=100,
+    derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
