@@ -27,8 +27,7 @@ __all__ = [
     "topk_gating",
     "topk_gating_backward",
     "topp_gating",
-    "z_loss_backward",
-    "z_loss_sum",
+    "z_loss",
 ]
 
 __version__: str
@@ -134,16 +133,6 @@ def expert_counts(
     out: npt.NDArray[np.int64],
     threads: int,
 ) -> None: ...
-def z_loss_sum(
-    logits: npt.NDArray[np.generic], mask: npt.NDArray[np.uint8] | None, threads: int
-) -> float: ...
-def z_loss_backward(
-    logits: npt.NDArray[np.generic],
-    mask: npt.NDArray[np.uint8] | None,
-    scale: float,
-    grad_logits: npt.NDArray[np.generic],
-    threads: int,
-) -> None: ...
 def topp_gating(
     logits: npt.NDArray[np.generic],
     weights: npt.NDArray[np.floating],
@@ -165,3 +154,10 @@ def expert_choice(
     gates: npt.NDArray[np.floating],
     threads: int,
 ) -> None: ...
+def z_loss(
+    logits: npt.NDArray[np.generic],
+    mask: npt.NDArray[np.uint8] | None,
+    scale: float,
+    grad: npt.NDArray[np.floating],
+    threads: int,
+) -> float: ...

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from sparseroute import _core
+from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
 from sparseroute.ops._bridge import accumulator_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
@@ -121,41 +121,39 @@ def _(experts: Tensor, num_experts: int, group_size: int, mask: Tensor | None) -
 
 
 @torch.library.custom_op("sparseroute::z_loss", mutates_args=(), device_types="cpu")
-def _z_loss_op(logits: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over unmasked tokens of ``logsumexp(logits[t])^2`` (0 when there are none)."""
-    total = _core.z_loss_sum(numpy_view(logits.contiguous()), _mask_view(mask), get_num_threads())
+def _z_loss_op(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(loss, grad_direction)``: the mean over unmasked tokens of ``logsumexp(l_t)^2`` (0
+    without such tokens) and its gradient ``2 z_t softmax(l_t) / n``, both from one pass
+    over the logits, so that the backward is a single multiplication."""
+    acc = accumulator_dtype(logits.dtype)
     count = logits.shape[0] if mask is None else int(mask.count_nonzero())
-    return torch.tensor(total / count if count else 0.0, dtype=accumulator_dtype(logits.dtype))
+    direction = _memory.empty(tuple(logits.shape), acc)
+    # The 1/n is applied inside the kernel: a torch op right after a pooled Rust kernel
+    # competes with the pool's still-spinning threads for the cores.
+    total = _core.z_loss(
+        numpy_view(logits.contiguous()),
+        _mask_view(mask),
+        1.0 / count if count else 0.0,
+        numpy_view(direction),
+        get_num_threads(),
+    )
+    return torch.tensor(total / count if count else 0.0, dtype=acc), direction
 
 
 @_z_loss_op.register_fake
-def _(logits: Tensor, mask: Tensor | None) -> Tensor:
-    return logits.new_empty((), dtype=accumulator_dtype(logits.dtype))
+def _(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    acc = accumulator_dtype(logits.dtype)
+    return logits.new_empty((), dtype=acc), logits.new_empty(logits.shape, dtype=acc)
 
 
-@torch.library.custom_op("sparseroute::z_loss_backward", mutates_args=(), device_types="cpu")
-def _z_loss_backward_op(logits: Tensor, mask: Tensor | None, grad: Tensor) -> Tensor:
-    count = logits.shape[0] if mask is None else int(mask.count_nonzero())
-    grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    scale = float(grad) / count if count else 0.0
-    _core.z_loss_backward(
-        numpy_view(logits.contiguous()), _mask_view(mask), scale, numpy_view(grad_logits), get_num_threads()
-    )
-    return grad_logits
+def _z_loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.logits_dtype = inputs[0].dtype
 
 
-@_z_loss_backward_op.register_fake
-def _(logits: Tensor, mask: Tensor | None, grad: Tensor) -> Tensor:
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _z_loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _z_loss_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-    logits, mask = ctx.saved_tensors
-    return torch.ops.sparseroute.z_loss_backward(logits, mask, grad), None
+def _z_loss_backward(ctx: Any, grad: Tensor, _grad_direction: Tensor) -> tuple[Any, ...]:
+    (direction,) = ctx.saved_tensors
+    return (direction * grad).to(ctx.logits_dtype), None
 
 
 _z_loss_op.register_autograd(_z_loss_backward, setup_context=_z_loss_setup_context)
@@ -274,8 +272,9 @@ def z_loss(logits: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     if logits.shape[1] < 1:
         raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
     mask, _ = _check_mask(attention_mask, logits.shape[0])
-    loss: Tensor = torch.ops.sparseroute.z_loss(logits, mask)
-    return loss
+    loss, _ = torch.ops.sparseroute.z_loss(logits, mask)
+    result: Tensor = loss
+    return result
 
 
 class RoutingStats(NamedTuple):

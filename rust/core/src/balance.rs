@@ -10,7 +10,7 @@ use crate::element::{Accumulator, Element};
 use crate::error::{check_len, CoreError, Result};
 use crate::gating::ScoreFunction;
 use crate::lanes::LANES;
-use crate::threads::{for_each_block, map_collect};
+use crate::threads::{for_each_block, for_each_block2, map_collect};
 use num_traits::{Float, One, ToPrimitive, Zero};
 
 /// Tokens per reduction block.
@@ -265,61 +265,61 @@ pub fn expert_counts(
     Ok(())
 }
 
-/// `logsumexp` of one token's logits, leaving `exp(l - max)` in `scratch`; returns
-/// `(logsumexp, sum of scratch)`.
-fn logsumexp<A: Accumulator>(row: &[A], scratch: &mut Vec<A>) -> (A, A) {
-    let m = shifted_exp(row, scratch);
-    let sum = lane_sum(scratch);
-    (m + sum.ln(), sum)
-}
-
-/// Sum over valid tokens of `logsumexp(logits[t])^2`, accumulated in f64.
-pub fn z_loss_sum<L: Element>(logits: &[L], num_experts: usize, groups: Groups<'_>) -> Result<f64> {
-    groups.validate()?;
-    check_logits(logits, num_experts, groups.num_tokens)?;
-    let partials = map_collect(&token_blocks(groups.num_tokens), |_, &(start, end)| {
-        let (mut row, mut scratch) = (Vec::new(), Vec::new());
-        let mut sum = 0.0f64;
-        for t in (start..end).filter(|&t| groups.valid(t)) {
-            load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
-            let z = logsumexp(&row, &mut scratch).0.to_f64().unwrap_or(f64::NAN);
-            sum += z * z;
-        }
-        Ok(sum)
-    })?;
-    Ok(partials.into_iter().sum())
-}
-
-/// The gradient of `scale * z_loss_sum`: `2 * scale * z_t * softmax(logits[t])` for valid
-/// tokens, zero for masked ones.
-pub fn z_loss_backward<L: Element>(
+/// The z-loss in one pass over the logits: returns the sum over valid tokens of
+/// `z_t^2`, `z_t = logsumexp(logits[t])` (accumulated in f64, in token order), and writes
+/// its gradient direction `scale * 2 z_t softmax(logits[t])` into `grad` (zeros for masked
+/// tokens), so the backward is a single multiplication. A `-inf` logit counts as probability 0;
+/// NaN and `+inf` are errors.
+pub fn z_loss<L: Element>(
     logits: &[L],
     num_experts: usize,
     groups: Groups<'_>,
     scale: L::Acc,
-    grad_logits: &mut [L],
-) -> Result<()> {
+    grad: &mut [L::Acc],
+) -> Result<f64> {
     groups.validate()?;
     check_logits(logits, num_experts, groups.num_tokens)?;
-    check_len("grad_logits", grad_logits, logits.len())?;
-    for_each_block(grad_logits, num_experts, TOKENS_PER_BLOCK, |first, block| {
-        let (mut row, mut scratch) = (Vec::new(), Vec::new());
-        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
-            let t = first + i;
-            if !groups.valid(t) {
-                out.fill(L::from_acc(L::Acc::zero()));
-                continue;
+    check_len("grad", grad, logits.len())?;
+    let mut squares = vec![0.0f64; groups.num_tokens];
+    for_each_block2(
+        (grad, num_experts),
+        (&mut squares, 1),
+        TOKENS_PER_BLOCK,
+        |first, block, block_squares| {
+            for (i, (out, square)) in
+                block.chunks_exact_mut(num_experts).zip(block_squares.iter_mut()).enumerate()
+            {
+                let t = first + i;
+                if !groups.valid(t) {
+                    out.fill(L::Acc::zero());
+                    continue;
+                }
+                for (o, v) in out.iter_mut().zip(&logits[t * num_experts..(t + 1) * num_experts]) {
+                    *o = v.to_acc();
+                }
+                let m = lane_max(out);
+                out.iter_mut().for_each(|v| *v = *v - m);
+                L::Acc::exp_in_place(out);
+                let sum = lane_sum(out);
+                let z = m + sum.ln();
+                if !z.is_finite() {
+                    let row = &logits[t * num_experts..(t + 1) * num_experts];
+                    let e = row.iter().position(|v| v.to_acc().is_nan() || v.to_acc() == L::Acc::infinity());
+                    return Err(CoreError::invalid(
+                        "logits",
+                        "finite values",
+                        format!("{:?} at token {t}, expert {}", row[e.unwrap_or(0)].to_acc(), e.unwrap_or(0)),
+                    ));
+                }
+                let factor = (L::Acc::one() + L::Acc::one()) * scale * z / sum;
+                out.iter_mut().for_each(|v| *v = *v * factor);
+                let z = z.to_f64().unwrap_or(f64::NAN);
+                *square = z * z;
             }
-            load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
-            let (z, sum) = logsumexp(&row, &mut scratch);
-            // d/dl z^2 = 2 z softmax(l), softmax = scratch / sum.
-            let factor = (L::Acc::one() + L::Acc::one()) * scale * z / sum;
-            for (o, &e) in out.iter_mut().zip(&scratch) {
-                *o = L::from_acc(factor * e);
-            }
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )?;
+    Ok(squares.iter().sum())
 }
 
 /// Sinkhorn balancing as Megatron-Core's `sinkhorn` computes it: `cost = exp(logits)`, then
@@ -436,8 +436,12 @@ mod tests {
 
     #[test]
     fn z_loss_of_uniform_logits() {
-        let sum = z_loss_sum(&[0.0f64; 8], 4, all(2, 2)).unwrap();
-        assert!((sum - 2.0 * 4.0f64.ln().powi(2)).abs() < 1e-12);
+        let mut grad = vec![0.0f64; 8];
+        let sum = z_loss(&[0.0f64; 8], 4, all(2, 2), 1.0, &mut grad).unwrap();
+        let z = 4.0f64.ln();
+        assert!((sum - 2.0 * z * z).abs() < 1e-12);
+        assert!(grad.iter().all(|g| (g - 2.0 * z / 4.0).abs() < 1e-12));
+        assert!(z_loss(&[0.0f64, f64::NAN], 2, all(1, 1), 1.0, &mut grad[..2]).is_err());
     }
 
     #[test]

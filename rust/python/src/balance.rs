@@ -103,38 +103,18 @@ pub fn expert_counts(
     run_kernel(py, threads, 0, || balance::expert_counts(experts, k, num_experts, groups, out))
 }
 
-/// Sum over valid tokens of `logsumexp(logits[t])^2`, in float64.
+/// The z-loss sum over valid tokens of `logsumexp(logits[t])^2` (float64), writing its
+/// gradient direction `scale * 2 z_t softmax(logits[t])` into `grad` (accumulator dtype).
 #[pyfunction]
-#[pyo3(signature = (logits, mask, threads))]
-pub fn z_loss_sum(
-    py: Python<'_>,
-    logits: &Bound<'_, PyAny>,
-    mask: Option<&Bound<'_, PyAny>>,
-    threads: usize,
-) -> PyResult<f64> {
-    let holder;
-    let mask = mask_slice!(mask, holder);
-    with_float_type!(logits, "logits", L => {
-        type W = <L as crate::arrays::Carried>::Word;
-        let logits = readonly::<W>(logits, "logits")?;
-        let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
-        let logits = slice::<L>(&logits, "logits")?;
-        let groups = Groups { num_tokens, group_size: num_tokens.max(1), mask };
-        run_kernel(py, threads, logits.len(), || balance::z_loss_sum(logits, num_experts, groups))
-    })
-}
-
-/// The gradient of `scale * z_loss_sum` with respect to the logits.
-#[pyfunction]
-#[pyo3(signature = (logits, mask, scale, grad_logits, threads))]
-pub fn z_loss_backward(
+#[pyo3(signature = (logits, mask, scale, grad, threads))]
+pub fn z_loss(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
     mask: Option<&Bound<'_, PyAny>>,
     scale: f64,
-    grad_logits: &Bound<'_, PyAny>,
+    grad: &Bound<'_, PyAny>,
     threads: usize,
-) -> PyResult<()> {
+) -> PyResult<f64> {
     let holder;
     let mask = mask_slice!(mask, holder);
     with_float_type!(logits, "logits", L => {
@@ -142,14 +122,12 @@ pub fn z_loss_backward(
         type W = <L as crate::arrays::Carried>::Word;
         let logits = readonly::<W>(logits, "logits")?;
         let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
-        let mut grad_logits = readwrite::<W>(grad_logits, "grad_logits")?;
+        let mut grad = readwrite::<A>(grad, "grad")?;
         let logits = slice::<L>(&logits, "logits")?;
-        let grad_logits = slice_mut::<L>(&mut grad_logits, "grad_logits")?;
+        let grad = slice_mut::<A>(&mut grad, "grad")?;
         let groups = Groups { num_tokens, group_size: num_tokens.max(1), mask };
         let scale = <A as sparseroute_core::Accumulator>::from_f64(scale);
-        run_kernel(py, threads, logits.len(), || {
-            balance::z_loss_backward(logits, num_experts, groups, scale, grad_logits)
-        })
+        run_kernel(py, threads, logits.len(), || balance::z_loss(logits, num_experts, groups, scale, grad))
     })
 }
 

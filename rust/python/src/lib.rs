@@ -28,8 +28,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(balance::score_sums, m)?)?;
     m.add_function(wrap_pyfunction!(balance::score_sums_backward, m)?)?;
     m.add_function(wrap_pyfunction!(balance::expert_counts, m)?)?;
-    m.add_function(wrap_pyfunction!(balance::z_loss_sum, m)?)?;
-    m.add_function(wrap_pyfunction!(balance::z_loss_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::z_loss, m)?)?;
     m.add_function(wrap_pyfunction!(balance::sinkhorn, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::pooled_empty, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::set_buffer_cache_limit, m)?)?;
