@@ -119,15 +119,21 @@ fn normalised_scores<A: Accumulator>(logits: &[A], score: ScoreFunction, out: &m
     match score {
         ScoreFunction::Softmax => {
             shifted_exp(logits, out);
+            normalise(out, A::zero());
         }
-        ScoreFunction::Sigmoid => sigmoids(logits, out),
+        ScoreFunction::Sigmoid => {
+            sigmoids(logits, out);
+            normalise(out, A::SIGMOID_NORM_EPS);
+        }
     }
-    let mut z = lane_sum(out);
-    if score == ScoreFunction::Sigmoid {
-        z = z + A::SIGMOID_NORM_EPS;
-    }
+}
+
+/// Divides `values` by their lane sum plus `eps`; returns that divisor.
+fn normalise<A: Accumulator>(values: &mut [A], eps: A) -> A {
+    let z = lane_sum(values) + eps;
     let inverse = A::one() / z;
-    out.iter_mut().for_each(|p| *p = *p * inverse);
+    values.iter_mut().for_each(|v| *v = *v * inverse);
+    z
 }
 
 /// Per-block partial sums `(group, values)` reduced in block order into `out [G, width]`.
@@ -196,7 +202,7 @@ pub fn score_sums_backward<L: Element>(
     check_len("grad_sums", grad_sums, groups.count() * num_experts)?;
     check_len("grad_logits", grad_logits, logits.len())?;
     for_each_block(grad_logits, num_experts, TOKENS_PER_BLOCK, |first, block| {
-        let (mut row, mut p) = (Vec::new(), Vec::new());
+        let (mut row, mut p, mut s, mut products) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
             let t = first + i;
             if !groups.valid(t) {
@@ -205,8 +211,20 @@ pub fn score_sums_backward<L: Element>(
             }
             let a = &grad_sums[(t / groups.group_size) * num_experts..][..num_experts];
             load_row(&logits[t * num_experts..(t + 1) * num_experts], t, &mut row)?;
-            normalised_scores(&row, score, &mut p);
-            let products: Vec<L::Acc> = p.iter().zip(a).map(|(&pe, &ae)| pe * ae).collect();
+            // Sigmoid keeps the raw sigmoids `s` and their divisor for the chain rule.
+            let z = match score {
+                ScoreFunction::Softmax => {
+                    normalised_scores(&row, score, &mut p);
+                    L::Acc::one()
+                }
+                ScoreFunction::Sigmoid => {
+                    sigmoids(&row, &mut s);
+                    p.clone_from(&s);
+                    normalise(&mut p, L::Acc::SIGMOID_NORM_EPS)
+                }
+            };
+            products.clear();
+            products.extend(p.iter().zip(a).map(|(&pe, &ae)| pe * ae));
             let dot = lane_sum(&products);
             match score {
                 // d p_e / d l_j = p_e (delta_ej - p_j)
@@ -217,9 +235,6 @@ pub fn score_sums_backward<L: Element>(
                 }
                 // p = s / (S + eps): dL/ds_j = (a_j - dot) / (S + eps), ds/dl = s (1 - s)
                 ScoreFunction::Sigmoid => {
-                    let mut s = Vec::new();
-                    sigmoids(&row, &mut s);
-                    let z = lane_sum(&s) + L::Acc::SIGMOID_NORM_EPS;
                     for ((o, &sj), &aj) in out.iter_mut().zip(&s).zip(a) {
                         *o = L::from_acc((aj - dot) / z * sj * (L::Acc::one() - sj));
                     }
