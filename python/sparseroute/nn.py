@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparseroute.ops.dispatch import DROP_POLICIES, expert_capacity, permute, unpermute
-from sparseroute.ops.experts import ACTIVATIONS, grouped_mlp
+from sparseroute.ops.experts import ACTIVATIONS, gated_activation, grouped_mlp
 from sparseroute.ops.gating import SCORE_FUNCTIONS, topk_gating
 
 
@@ -176,11 +176,7 @@ class SparseMoE(nn.Module):
         assert self.shared_expert is not None
         act = ACTIVATIONS[self.activation]
         h = self.shared_expert["gate_up_proj"](x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = act(gate) * up
-        else:
-            h = act(h)
+        h = gated_activation(h, act, "concatenated") if self.gated else act(h)
         out: Tensor = self.shared_expert["down_proj"](h)
         return out
 
