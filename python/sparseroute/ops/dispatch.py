@@ -62,6 +62,14 @@ def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None, thre
 # --- sparseroute::permute ------------------------------------------------------------------
 
 
+def _static_rows(num_experts: int, num_rows: int | None, capacity: int | None, pad: bool) -> int | None:
+    """The row count of permute's output when it does not depend on the data: E * capacity
+    for the padded layout, else ``num_rows`` (None: as many rows as the plan fills)."""
+    if pad and capacity is not None:
+        return num_experts * capacity
+    return num_rows
+
+
 @torch.library.custom_op("sparseroute::permute", mutates_args=(), device_types="cpu")
 def _permute_op(
     x: Tensor,
@@ -73,10 +81,8 @@ def _permute_op(
     pad_to_capacity: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
-    if pad_to_capacity and capacity is not None:
-        rows = num_experts * capacity
-    else:
-        rows = num_tokens * k if num_rows is None else num_rows
+    static_rows = _static_rows(num_experts, num_rows, capacity, pad_to_capacity)
+    rows = num_tokens * k if static_rows is None else static_rows
     tokens_per_expert = torch.empty(num_experts, dtype=torch.int64)
     offsets = torch.empty(num_experts + 1, dtype=torch.int64)
     row_to_slot = torch.empty(rows, dtype=torch.int64)
@@ -100,7 +106,7 @@ def _permute_op(
             numpy_view(dropped),
             threads,
         )
-    if num_rows is None and not (pad_to_capacity and capacity is not None) and routed < rows:
+    if static_rows is None and routed < rows:
         row_to_slot = row_to_slot[:routed].clone()
     x_sorted = _gather(x, row_to_slot, k, None, threads)
     return x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped
@@ -117,13 +123,8 @@ def _(
     pad_to_capacity: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
-    rows: int | torch.SymInt
-    if pad_to_capacity and capacity is not None:
-        rows = num_experts * capacity
-    elif num_rows is not None:
-        rows = num_rows
-    else:
-        rows = torch.library.get_ctx().new_dynamic_size()
+    static_rows = _static_rows(num_experts, num_rows, capacity, pad_to_capacity)
+    rows = torch.library.get_ctx().new_dynamic_size() if static_rows is None else static_rows
     return (
         x.new_empty(rows, x.shape[1]),
         experts.new_empty(num_experts, dtype=torch.int64),
