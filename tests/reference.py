@@ -7,6 +7,8 @@ exactly, for the combine, whose arithmetic order is fixed).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -294,3 +296,84 @@ def expert_choice_reference(logits: Tensor, capacity: int) -> tuple[Tensor, Tens
         indices.append(chosen)
         gates.append(probs[chosen, e])
     return torch.stack(indices), torch.stack(gates)
+
+
+def token_count_reference(capacity: int | float, length: int) -> int:
+    """Positions kept of ``length``: an int capacity as is (at most ``length``); a fraction
+    ``ceil(capacity * length)``, a product within 1e-9 of an integer taken as it."""
+    if isinstance(capacity, int):
+        return min(capacity, length)
+    exact = capacity * length
+    nearest = round(exact)
+    return nearest if abs(exact - nearest) <= 1e-9 * max(nearest, 1) else math.ceil(exact)
+
+
+def select_tokens_reference(
+    scores: Tensor, capacity: int | float, *, lengths: Tensor | None = None, threshold: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per sequence, the kept positions ascending (then -1) and the [B, S] mask."""
+    batch, seq_len = scores.shape
+    width = token_count_reference(capacity, seq_len)
+    values = scores.to(acc_dtype(scores.dtype)).tolist()
+    indices = torch.full((batch, width), -1, dtype=torch.int64)
+    mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for b in range(batch):
+        length = seq_len if lengths is None else int(lengths[b])
+        row = values[b][:length]
+        if threshold is not None:
+            kept = [p for p in range(length) if row[p] > threshold][:width]
+        else:
+            count = min(width, token_count_reference(capacity, length))
+            kept = sorted(sorted(range(length), key=lambda p: (-row[p], p))[:count])
+        indices[b, : len(kept)] = torch.tensor(kept, dtype=torch.int64)
+        mask[b, kept] = True
+    return indices, mask
+
+
+def gather_tokens_reference(x: Tensor, indices: Tensor) -> Tensor:
+    """``x[b, indices[b, c]]``, zero rows for -1: torch.gather on clamped indices, masked."""
+    valid = (indices >= 0).unsqueeze(-1)
+    index = indices.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[2])
+    return torch.where(valid, x.gather(1, index), torch.zeros((), dtype=x.dtype))
+
+
+def scatter_tokens_reference(x: Tensor, y: Tensor, indices: Tensor, gate: Tensor | None = None) -> Tensor:
+    """``x`` with the kept rows replaced by ``y``, or set to ``x + gate * y`` computed in the
+    accumulator dtype and rounded once."""
+    out = x.clone()
+    acc = acc_dtype(x.dtype)
+    for b in range(x.shape[0]):
+        valid = indices[b] >= 0
+        positions = indices[b][valid]
+        rows = y[b][valid]
+        if gate is None:
+            out[b, positions] = rows
+        else:
+            g = gate[b, positions].to(acc).unsqueeze(-1)
+            out[b, positions] = (x[b, positions].to(acc) + g * rows.to(acc)).to(x.dtype)
+    return out
+
+
+def layer_plan_reference(logits: Tensor) -> Tensor:
+    """Argmax over (skip, execute, repeat); ties involving execute -> execute, skip vs
+    repeat -> skip."""
+    values = logits.to(acc_dtype(logits.dtype))
+    skip, execute, repeat = values.unbind(-1)
+    return torch.where(
+        (execute >= skip) & (execute >= repeat),
+        1,
+        torch.where(skip >= repeat, 0, 2),
+    ).to(torch.int64)
+
+
+def bucket_by_plan_reference(plans: Tensor, max_batch: int | None) -> list[tuple[list[int], list[int]]]:
+    """``(requests, plan)`` per batch: groups by first appearance, cut into max_batch."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for request, plan in enumerate(plans.tolist()):
+        groups.setdefault(tuple(plan), []).append(request)
+    size = max_batch or max(len(plans), 1)
+    return [
+        (requests[i : i + size], list(plan))
+        for plan, requests in groups.items()
+        for i in range(0, len(requests), size)
+    ]

@@ -11,6 +11,7 @@ import numpy.typing as npt
 __all__ = [
     "InvalidInputError",
     "__version__",
+    "bucket_by_plan",
     "buffer_cache_info",
     "build_capacity_plan",
     "build_plan",
@@ -18,12 +19,17 @@ __all__ = [
     "expert_choice",
     "expert_counts",
     "gather_rows",
+    "gather_tokens",
+    "layer_plan",
     "pooled_empty",
+    "scatter_tokens",
     "score_sums",
     "score_sums_backward",
+    "select_tokens",
     "set_buffer_cache_limit",
     "sinkhorn",
     "slot_dots",
+    "token_dots",
     "topk_gating",
     "topk_gating_backward",
     "topp_gating",
@@ -161,3 +167,36 @@ def z_loss(
     grad: npt.NDArray[np.floating],
     threads: int,
 ) -> float: ...
+def select_tokens(
+    scores: npt.NDArray[np.generic],
+    lengths: npt.NDArray[np.int64] | None,
+    rule: str,
+    value: float,
+    indices: npt.NDArray[np.int64],
+    mask: npt.NDArray[np.uint8],
+    threads: int,
+) -> None: ...
+def gather_tokens(
+    x: npt.NDArray[np.generic],
+    indices: npt.NDArray[np.int64],
+    scale: npt.NDArray[np.floating] | None,
+    out: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...
+def scatter_tokens(
+    base: npt.NDArray[np.generic] | None,
+    rows: npt.NDArray[np.generic] | None,
+    indices: npt.NDArray[np.int64],
+    gate: npt.NDArray[np.floating] | None,
+    out: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...
+def token_dots(
+    grad: npt.NDArray[np.generic],
+    rows: npt.NDArray[np.generic],
+    indices: npt.NDArray[np.int64],
+    out: npt.NDArray[np.floating],
+    threads: int,
+) -> None: ...
+def layer_plan(logits: npt.NDArray[np.generic], out: npt.NDArray[np.int64]) -> None: ...
+def bucket_by_plan(plans: npt.NDArray[np.int64], max_batch: int | None) -> list[npt.NDArray[np.int64]]: ...

@@ -307,7 +307,7 @@ const DOT_LANES: usize = 8;
 
 /// `sum_i a[i] * b[i]` in the accumulator type: lane `i % 8` accumulates in index order,
 /// then the eight lanes are added in lane order.
-fn dot<X: Element>(a: &[X], b: &[X]) -> X::Acc {
+pub(crate) fn dot<X: Element>(a: &[X], b: &[X]) -> X::Acc {
     let mut lanes = [X::Acc::zero(); DOT_LANES];
     let (a_main, a_tail) = a.split_at(a.len() - a.len() % DOT_LANES);
     let (b_main, b_tail) = b.split_at(a_main.len());

@@ -14,7 +14,9 @@ pub mod element;
 pub mod error;
 pub mod gating;
 pub mod lanes;
+pub mod layers;
 pub mod threads;
+pub mod tokens;
 
 pub use element::{Accumulator, Element};
 pub use error::{CoreError, Result};

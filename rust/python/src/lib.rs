@@ -7,6 +7,7 @@
 mod arrays;
 mod balance;
 mod buffers;
+mod depth;
 mod errors;
 mod routing;
 
@@ -30,6 +31,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(balance::expert_counts, m)?)?;
     m.add_function(wrap_pyfunction!(balance::z_loss, m)?)?;
     m.add_function(wrap_pyfunction!(balance::sinkhorn, m)?)?;
+    m.add_function(wrap_pyfunction!(depth::select_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(depth::gather_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(depth::scatter_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(depth::token_dots, m)?)?;
+    m.add_function(wrap_pyfunction!(depth::layer_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(depth::bucket_by_plan, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::pooled_empty, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::set_buffer_cache_limit, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::buffer_cache_info, m)?)?;
