@@ -334,3 +334,103 @@ def test_bad_input_is_rejected_clearly():
         sparseroute.scatter_tokens(x, torch.randn(2, 2, 4), indices, torch.rand(2, 2))
     with pytest.raises(sparseroute.InvalidInputError, match="indices"):
         sparseroute.scatter_tokens(x, torch.randn(2, 2, 4), torch.tensor([[0, -3], [2, 3]]))
+
+
+class _HandOffCounter:
+    """Counts the backward passes in which a scatter handed its gradient for x to its gather."""
+
+    def __init__(self, monkeypatch):
+        from sparseroute.ops import tokens
+
+        self.count = 0
+        original = tokens._hand_gradient_to_gather
+
+        def counted(*args):
+            handed = original(*args)
+            self.count += handed
+            return handed
+
+        monkeypatch.setattr(tokens, "_hand_gradient_to_gather", counted)
+
+
+def _mod_layer(x, router, block, gather, scatter, gated=True, capacity=5):
+    scores = router(x).squeeze(-1)
+    indices = sparseroute.select_tokens(scores.detach(), capacity).indices
+    rows = gather(x, indices)
+    y = block(rows)
+    return scatter(x, y, indices, torch.sigmoid(scores) if gated else None), rows
+
+
+def _mod_modules(seed=0, width=6):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(width, 1).double(), torch.nn.Linear(width, width).double()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_gradient_hand_off_gives_the_same_gradients(monkeypatch, gated):
+    """The scatter hands its gradient for x to the gather (one full-size gradient instead
+    of two summed by autograd); x, the router and the block get the reference gradients."""
+    counter = _HandOffCounter(monkeypatch)
+    router, block = _mod_modules()
+    x = torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
+    # Without a gate, the router only selects: it gets no gradient.
+    parameters = (x, *(router.parameters() if gated else ()), *block.parameters())
+
+    ours, _ = _mod_layer(x, router, block, sparseroute.gather_tokens, sparseroute.scatter_tokens, gated)
+    reference, _ = _mod_layer(x, router, block, gather_tokens_reference, scatter_tokens_reference, gated)
+    torch.testing.assert_close(ours, reference)
+    grad = torch.randn_like(ours)
+    expected = torch.autograd.grad(reference, parameters, grad)
+    assert counter.count == 0
+    for got, want in zip(
+        torch.autograd.grad(ours, parameters, grad, retain_graph=True), expected, strict=True
+    ):
+        torch.testing.assert_close(got, want)
+    assert counter.count == 1
+    # A second pass over the same graph hands off again and gets the same gradients.
+    for got, want in zip(torch.autograd.grad(ours, parameters, grad), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert counter.count == 2
+
+
+def test_no_hand_off_where_it_would_change_gradients(monkeypatch):
+    counter = _HandOffCounter(monkeypatch)
+    router, block = _mod_modules(1)
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    indices = sparseroute.select_tokens(torch.randn(2, 9), 4).indices
+    gate = torch.rand(2, 9, dtype=torch.float64)
+
+    def both(fn_gather, fn_scatter, case):
+        if case == "y without the gather":
+            rows = fn_gather(x, indices)
+            out = fn_scatter(x, block(torch.ones_like(rows)), indices, gate)
+            return out.square().sum() + rows.sum()
+        if case == "x changed in place":
+            base = x * 1.0
+            rows = fn_gather(base, indices)
+            # The reference's gather saves its input, so it can only compare out of place.
+            base = base.mul_(3.0) if fn_gather is sparseroute.gather_tokens else base * 3.0
+            return fn_scatter(base, block(rows), indices, gate).square().sum()
+        if case == "two scatters":
+            rows = fn_gather(x, indices)
+            first = fn_scatter(x, block(rows), indices, gate)
+            second = fn_scatter(x, torch.tanh(rows), indices, None)
+            return (first * second).sum()
+        raise AssertionError(case)
+
+    for case in ("y without the gather", "x changed in place", "two scatters"):
+        ours = torch.autograd.grad(both(sparseroute.gather_tokens, sparseroute.scatter_tokens, case), x)[0]
+        want = torch.autograd.grad(both(gather_tokens_reference, scatter_tokens_reference, case), x)[0]
+        torch.testing.assert_close(ours, want, msg=case)
+    # Only the first of the two scatters may hand off; the others must not.
+    assert counter.count == 1
+
+    # Gradients of the rows alone: the gather's backward does not run (its output's
+    # gradient is only captured), so anything handed to it is never used; nor is it needed,
+    # as no gradient for x is asked for.
+    out, rows = _mod_layer(x, router, block, sparseroute.gather_tokens, sparseroute.scatter_tokens)
+    grad_rows = torch.autograd.grad(out.sum(), rows)[0]
+    out_reference, reference_rows = _mod_layer(
+        x, router, block, gather_tokens_reference, scatter_tokens_reference
+    )
+    torch.testing.assert_close(grad_rows, torch.autograd.grad(out_reference.sum(), reference_rows)[0])

@@ -14,6 +14,7 @@ non-negative entries are distinct within their sequence; -1 entries are skipped.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -92,8 +93,19 @@ def _gather_tokens_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tens
 
 def _gather_tokens_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     indices, scale = ctx.saved_tensors
-    # The gradient of a gather of distinct rows is a scatter into zeros.
-    grad_x = torch.ops.sparseroute.scatter_tokens(None, grad, indices, scale, ctx.seq_len)
+    handed = _take_handed_gradient(ctx)
+    if handed is None:
+        # The gradient of a gather of distinct rows is a scatter into zeros.
+        grad_x = torch.ops.sparseroute.scatter_tokens(None, grad, indices, scale, ctx.seq_len)
+    else:
+        # The scatter's gradient for x, completed with this gather's rows in one pass.
+        residual, replaced = handed
+        if replaced:
+            # Its kept rows were zeroed (the scatter overwrote them): the rows replace them.
+            grad_x = torch.ops.sparseroute.scatter_tokens(residual, grad, indices, None, ctx.seq_len)
+        else:
+            ones = torch.ones(indices.shape[0], ctx.seq_len, dtype=accumulator_dtype(grad.dtype))
+            grad_x = torch.ops.sparseroute.scatter_tokens(residual, grad, indices, ones, ctx.seq_len)
     return grad_x, None, None
 
 
@@ -141,13 +153,12 @@ def _scatter_tokens_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Ten
 def _scatter_tokens_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     y, indices, gate = ctx.saved_tensors
     grad_x = grad_y = grad_gate = None
-    if ctx.has_x and ctx.needs_input_grad[0]:
+    if ctx.has_x and ctx.needs_input_grad[0] and not _hand_gradient_to_gather(ctx, grad, gate is None):
         # A gated update passes x through unchanged; a replacement overwrote the kept rows.
-        grad_x = (
-            grad
-            if gate is not None
-            else torch.ops.sparseroute.scatter_tokens(grad, None, indices, None, ctx.seq_len)
-        )
+        if gate is not None:
+            grad_x = grad
+        else:
+            grad_x = torch.ops.sparseroute.scatter_tokens(grad, None, indices, None, ctx.seq_len)
     if ctx.has_y and ctx.needs_input_grad[1]:
         grad_y = torch.ops.sparseroute.gather_tokens(grad, indices, gate)
     if gate is not None and ctx.needs_input_grad[3]:
@@ -176,6 +187,84 @@ def _token_dots_op(grad: Tensor, y: Tensor, indices: Tensor) -> Tensor:
 @_token_dots_op.register_fake
 def _(grad: Tensor, y: Tensor, indices: Tensor) -> Tensor:
     return grad.new_empty(grad.shape[0], grad.shape[1], dtype=accumulator_dtype(grad.dtype))
+
+
+# --- one gradient for x instead of two ----------------------------------------------------
+#
+# In a block ``scatter_tokens(x, f(gather_tokens(x, indices)), indices, gate)``, x has two
+# consumers, so autograd adds two full-size gradients: the scatter's (the output's gradient,
+# passed through) and the gather's (mostly zeros). That sum, into freshly allocated memory,
+# costs more than all of the block's routing kernels together. In eager mode the scatter
+# therefore hands its gradient for x to the gather, which returns it completed with its own
+# rows in one pass, while the scatter returns None for x. The result is the same sum.
+#
+# The hand-off happens only when it is provably equivalent: the scatter's x is the very
+# tensor (same version) the gather read, with the same indices; the gather lies in the
+# history of the scatter's y, so its backward runs after the scatter's; and the engine will
+# run the gather's backward in the current backward pass (the gradient is tagged with that
+# pass's id). Otherwise, and under torch.compile, both return their own gradients. (When a
+# pass only captures the gather's output gradient, the engine reports the gather as run
+# but skips it; the handed gradient is then unused, and so is x's: that pass does not
+# compute a gradient for x.)
+
+_HISTORY_SEARCH_LIMIT = 4096
+"""Autograd nodes searched for the gather in the history of y before giving up."""
+
+
+def _in_history(start: Any, target: Any) -> bool:
+    seen: set[int] = set()
+    stack = [start]
+    while stack and len(seen) < _HISTORY_SEARCH_LIMIT:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        if node is target:
+            return True
+        seen.add(id(node))
+        stack.extend(edge[0] for edge in node.next_functions)
+    return False
+
+
+def _remember_gather(x: Tensor, indices: Tensor, rows: Tensor) -> None:
+    if not torch.compiler.is_compiling() and rows.grad_fn is not None:
+        indices._sparseroute_gather = (weakref.ref(x), x._version, weakref.ref(rows.grad_fn))  # type: ignore[attr-defined]
+
+
+def _link_scatter_to_gather(x: Tensor, y: Tensor, indices: Tensor, out: Tensor) -> None:
+    if torch.compiler.is_compiling() or out.grad_fn is None or y.grad_fn is None:
+        return
+    link = getattr(indices, "_sparseroute_gather", None)
+    if link is None:
+        return
+    x_ref, version, gather_ref = link
+    gather = gather_ref()
+    if x_ref() is x and x._version == version and gather is not None and _in_history(y.grad_fn, gather):
+        out.grad_fn._sparseroute_gather = gather_ref  # type: ignore[attr-defined]
+
+
+def _hand_gradient_to_gather(ctx: Any, grad: Tensor, replaced: bool) -> bool:
+    """Give the scatter's gradient for x to its gather, if it is linked and will run."""
+    gather_ref = getattr(ctx, "_sparseroute_gather", None)
+    if gather_ref is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    gather = gather_ref()
+    task = torch._C._current_graph_task_id()
+    if gather is None or getattr(gather, "_sparseroute_handed", None) is not None:
+        return False
+    if not torch._C._will_engine_execute_node(gather):
+        return False
+    gather._sparseroute_handed = (task, grad, replaced)
+    return True
+
+
+def _take_handed_gradient(ctx: Any) -> tuple[Tensor, bool] | None:
+    handed = getattr(ctx, "_sparseroute_handed", None)
+    if handed is None:
+        return None
+    ctx._sparseroute_handed = None
+    task, grad, replaced = handed
+    # A gradient left by an earlier backward pass that stopped early is not this pass's.
+    return (grad, replaced) if task == torch._C._current_graph_task_id() else None
 
 
 # --- public API ----------------------------------------------------------------------------
@@ -321,8 +410,10 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
         InvalidInputError: an index out of range, or a position twice in one sequence.
     """
     x = check_tensor(x, "x", ndim=3, layout="[B, S, d]", dtypes=FLOAT_DTYPES)
+    original_indices = indices
     indices = _check_indices(indices, x.shape[0], x.shape[1])
     rows: Tensor = torch.ops.sparseroute.gather_tokens(x, indices, None)
+    _remember_gather(x, original_indices, rows)
     return rows
 
 
@@ -353,9 +444,10 @@ def scatter_tokens(x: Tensor, y: Tensor, indices: Tensor, gate: Tensor | None = 
     """
     x = check_tensor(x, "x", ndim=3, layout="[B, S, d]", dtypes=FLOAT_DTYPES)
     batch, seq_len, width = x.shape
-    indices = _check_indices(indices, batch, seq_len)
+    checked_indices = _check_indices(indices, batch, seq_len)
+    index_width = checked_indices.shape[1]
     y = check_tensor(y, "y", ndim=3, layout="[B, C, d]", dtypes=FLOAT_DTYPES)
-    expected = (batch, indices.shape[1], width)
+    expected = (batch, index_width, width)
     if tuple(y.shape) != expected:
         raise ValueError(
             f"y: expected shape [B, C, d] = {list(expected)} (batch and width of x, C of indices), "
@@ -370,5 +462,6 @@ def scatter_tokens(x: Tensor, y: Tensor, indices: Tensor, gate: Tensor | None = 
                 f"gate: expected shape [B, S] = {[batch, seq_len]} (the positions of x), "
                 f"got {list(gate.shape)}"
             )
-    out: Tensor = torch.ops.sparseroute.scatter_tokens(x, y, indices, gate, seq_len)
+    out: Tensor = torch.ops.sparseroute.scatter_tokens(x, y, checked_indices, gate, seq_len)
+    _link_scatter_to_gather(x, y, indices, out)
     return out
