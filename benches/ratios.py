@@ -16,6 +16,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from benchmarks.depth import LayerPlans, MixtureOfDepths
 from benchmarks.moe_block import MoEBlock
 from benchmarks.routing import Dispatch, Gating
 from benchmarks.variants import BalanceLoss, Capacity, ExpertChoiceAndSinkhorn, TopP
@@ -24,6 +25,7 @@ GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forwa
 DISPATCH_TARGET = 2.0  # permute + unpermute forward + backward, fp32
 # MoE block forward + backward, fp32, T = 2048: required speed-up over each transformers impl.
 VARIANT_TARGET = 3.0  # capacity dispatch and losses at T = 16384, E = 64, k = 8, fp32
+DEPTH_TARGET = 3.0  # Mixture-of-Depths routing forward + backward, B=8, S=2048, d=1024, 12.5%
 BLOCK_TARGETS = {("olmoe", "eager"): 10.0, ("olmoe", "grouped_mm"): 1.5, ("mixtral", "grouped_mm"): 1.15}
 
 
@@ -56,14 +58,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset at T = 4096")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["routing", "variants", "blocks"], help="run one section only")
+    parser.add_argument(
+        "--only", choices=["routing", "variants", "depth", "blocks"], help="run one section only"
+    )
     args = parser.parse_args()
     if args.only in (None, "routing"):
         routing_ratios(args)
     if args.only in (None, "variants"):
         variant_ratios(args)
+    if args.only in (None, "depth"):
+        depth_ratios(args)
     if args.only in (None, "blocks"):
         block_ratios(args)
+
+
+def depth_ratios(args: argparse.Namespace) -> None:
+    """Mixture-of-Depths token routing and layer plans against their torch versions."""
+    print("\n| op | shape | dtype | torch ms | sparseroute ms | ratio | target |")
+    print("|---|---|---|---|---|---|---|")
+    batch = 2 if args.quick else 8
+    for method, target in (("time_forward", None), ("time_forward_backward", DEPTH_TARGET)):
+        params = (batch, 2048, 1024, 0.125)
+        times = ratio(MixtureOfDepths, method, params, args.repeats)
+        name = "MoD routing " + method.removeprefix("time_").replace("_", "+")
+        print_row(
+            name, ("x".join(map(str, params[:3])) + ", 12.5%",), "fp32", times, None if args.quick else target
+        )
+    for requests in (256, 4096):
+        times = ratio(LayerPlans, "time_plan_and_bucket", (requests, 32), args.repeats)
+        print_row("layer_plan + bucket_by_plan", (f"B={requests}, L=32",), "fp32", times, None)
 
 
 def variant_ratios(args: argparse.Namespace) -> None:
