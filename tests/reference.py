@@ -377,3 +377,44 @@ def bucket_by_plan_reference(plans: Tensor, max_batch: int | None) -> list[tuple
         for plan, requests in groups.items()
         for i in range(0, len(requests), size)
     ]
+
+
+def batcher_reference(
+    routing: list[set[tuple[int, int]]], arrivals: list[int], max_batch: int, max_wait: int, policy: str
+) -> list[tuple[list[int], int, int]]:
+    """``(requests, distinct pairs, round)`` per batch of a lookahead batcher: overdue requests
+    (waited >= max_wait) first, oldest first; then the oldest; then FIFO order, or the request
+    adding the fewest new (layer, expert) pairs (ties: older). Idle rounds are skipped."""
+    order = sorted(range(len(arrivals)), key=lambda r: (arrivals[r], r))
+    queue: list[int] = []
+    queued_at: dict[int, int] = {}
+    batches = []
+    round_, offset, nxt = 0, 0, 0
+    while nxt < len(order) or queue:
+        now = round_ + offset
+        if not queue and arrivals[order[nxt]] > now:
+            offset += arrivals[order[nxt]] - now
+            continue
+        while nxt < len(order) and arrivals[order[nxt]] <= now:
+            queue.append(order[nxt])
+            queued_at[order[nxt]] = round_
+            nxt += 1
+        chosen = [r for r in queue if round_ - queued_at[r] >= max_wait][:max_batch] if queue else []
+        if not chosen and queue:
+            chosen = [queue[0]]
+        union = set().union(*(routing[r] for r in chosen))
+        while len(chosen) < max_batch:
+            rest = [r for r in queue if r not in chosen]
+            if not rest:
+                break
+            pick = (
+                rest[0]
+                if policy == "fifo"
+                else min(rest, key=lambda r: (len(routing[r] - union), queue.index(r)))
+            )
+            chosen.append(pick)
+            union |= routing[pick]
+        batches.append((chosen, len(union), now))
+        queue = [r for r in queue if r not in chosen]
+        round_ += 1
+    return batches

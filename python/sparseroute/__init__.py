@@ -9,7 +9,7 @@ Everything between a router's logits and the experts a token goes to, and back:
 or, for a Hugging Face transformers (>= 5) MoE model, ``sparseroute.patch(model)``.
 """
 
-from sparseroute import nn
+from sparseroute import nn, schedule
 from sparseroute._core import InvalidInputError, __version__
 from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
@@ -71,6 +71,7 @@ __all__ = [
     "renormalize_kept",
     "routing_stats",
     "scatter_tokens",
+    "schedule",
     "select_tokens",
     "set_buffer_cache_limit",
     "set_num_threads",

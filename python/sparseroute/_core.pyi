@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "Batcher",
     "InvalidInputError",
     "__version__",
     "bucket_by_plan",
@@ -22,6 +23,8 @@ __all__ = [
     "gather_tokens",
     "layer_plan",
     "pooled_empty",
+    "prefetch_plan",
+    "replay_batching",
     "scatter_tokens",
     "score_sums",
     "score_sums_backward",
@@ -200,3 +203,31 @@ def token_dots(
 ) -> None: ...
 def layer_plan(logits: npt.NDArray[np.generic], out: npt.NDArray[np.int64]) -> None: ...
 def bucket_by_plan(plans: npt.NDArray[np.int64], max_batch: int | None) -> list[npt.NDArray[np.int64]]: ...
+
+class Batcher:
+    """A queue of requests with known routing handing out batches (thread-safe)."""
+
+    def __new__(
+        cls, num_layers: int, num_experts: int, max_batch: int, max_wait: int, policy: str
+    ) -> Batcher: ...
+    def push(self, request_id: int, experts: npt.NDArray[np.int64]) -> None: ...
+    def next_batch(self) -> tuple[list[int], int, int]: ...
+    def pending(self) -> int: ...
+    def round(self) -> int: ...
+
+def replay_batching(
+    experts: npt.NDArray[np.int64],
+    num_experts: int,
+    arrivals: npt.NDArray[np.int64],
+    max_batch: int,
+    max_wait: int,
+    policy: str,
+) -> list[npt.NDArray[np.int64]]: ...
+def prefetch_plan(
+    resident: npt.NDArray[np.int64],
+    layers: npt.NDArray[np.int64],
+    experts: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    capacity: int,
+    depth: int,
+) -> npt.NDArray[np.int64]: ...

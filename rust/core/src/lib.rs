@@ -8,6 +8,7 @@
 //! element is computed by one block in a fixed order.
 
 pub mod balance;
+pub mod batching;
 pub mod buffers;
 pub mod dispatch;
 pub mod element;

@@ -6,6 +6,7 @@
 
 mod arrays;
 mod balance;
+mod batching;
 mod buffers;
 mod depth;
 mod errors;
@@ -31,6 +32,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(balance::expert_counts, m)?)?;
     m.add_function(wrap_pyfunction!(balance::z_loss, m)?)?;
     m.add_function(wrap_pyfunction!(balance::sinkhorn, m)?)?;
+    m.add_class::<batching::PyBatcher>()?;
+    m.add_function(wrap_pyfunction!(batching::replay_batching, m)?)?;
+    m.add_function(wrap_pyfunction!(batching::prefetch_plan, m)?)?;
     m.add_function(wrap_pyfunction!(depth::select_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(depth::gather_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(depth::scatter_tokens, m)?)?;
