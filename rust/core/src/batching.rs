@@ -308,13 +308,22 @@ pub fn prefetch_plan(
             keys
         })
         .collect();
+    // The steps that use each key, ascending: next uses are binary searches.
+    let mut uses: std::collections::HashMap<(i64, i64), Vec<usize>> = std::collections::HashMap::new();
+    for (j, keys) in needs.iter().enumerate() {
+        for &key in keys {
+            uses.entry(key).or_default().push(j);
+        }
+    }
     let next_use = |key: (i64, i64), from: usize| -> usize {
-        (from..needs.len()).find(|&j| needs[j].binary_search(&key).is_ok()).unwrap_or(usize::MAX)
+        uses.get(&key)
+            .and_then(|steps| steps.get(steps.partition_point(|&s| s < from)).copied())
+            .unwrap_or(usize::MAX)
     };
     let mut plan = Vec::new();
     for (j, keys) in needs.iter().enumerate() {
         let first_pinned = j.saturating_sub(depth);
-        let pinned = |key: &(i64, i64)| (first_pinned..=j).any(|s| needs[s].binary_search(key).is_ok());
+        let pinned = |key: &(i64, i64)| next_use(*key, first_pinned) <= j;
         let pinned_count =
             memory.iter().filter(|k| pinned(k)).count() + keys.iter().filter(|k| !memory.contains(k)).count();
         if pinned_count > capacity {
