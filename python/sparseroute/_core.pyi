@@ -5,6 +5,8 @@ int16 views of their bits. Output arrays are written in place. ``threads`` is th
 the thread pool the kernel runs on.
 """
 
+from typing import final
+
 import numpy as np
 import numpy.typing as npt
 
@@ -204,6 +206,7 @@ def token_dots(
 def layer_plan(logits: npt.NDArray[np.generic], out: npt.NDArray[np.int64]) -> None: ...
 def bucket_by_plan(plans: npt.NDArray[np.int64], max_batch: int | None) -> list[npt.NDArray[np.int64]]: ...
 
+@final
 class Batcher:
     """A queue of requests with known routing handing out batches (thread-safe)."""
 
