@@ -39,8 +39,8 @@ lint: $(STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc -p sparseroute-core --no-deps --locked --quiet
-	$(VENV)/bin/ruff check python tests benches docs
-	$(VENV)/bin/ruff format --check python tests benches docs
+	$(VENV)/bin/ruff check python tests benches docs/examples
+	$(VENV)/bin/ruff format --check python tests benches docs/examples
 	$(PY) -m mypy
 
 test-rust:
