@@ -9,10 +9,11 @@ Everything between a router's logits and the experts a token goes to, and back:
 or, for a Hugging Face transformers (>= 5) MoE model, ``sparseroute.patch(model)``.
 """
 
-from sparseroute import nn, schedule
+from sparseroute import budget, nn, schedule
 from sparseroute._core import InvalidInputError, __version__
 from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
+from sparseroute.budget import BudgetMeter, SparsitySchedule, sparsity_schedule
 from sparseroute.integrations import transformers as _transformers_integration
 from sparseroute.integrations.transformers import patch, unpatch
 from sparseroute.ops import (
@@ -46,14 +47,17 @@ from sparseroute.ops import (
 )
 
 __all__ = [
+    "BudgetMeter",
     "ExpertChoice",
     "InvalidInputError",
     "PermutePlan",
     "PlanBuckets",
     "RoutingStats",
+    "SparsitySchedule",
     "TokenSelection",
     "__version__",
     "bucket_by_plan",
+    "budget",
     "buffer_cache_info",
     "expert_capacity",
     "expert_choice",
@@ -76,6 +80,7 @@ __all__ = [
     "set_buffer_cache_limit",
     "set_num_threads",
     "sinkhorn",
+    "sparsity_schedule",
     "token_capacity",
     "topk_gating",
     "topp_gating",

@@ -34,6 +34,7 @@ __all__ = [
     "set_buffer_cache_limit",
     "sinkhorn",
     "slot_dots",
+    "sparsity_schedule",
     "token_dots",
     "topk_gating",
     "topk_gating_backward",
@@ -234,3 +235,13 @@ def prefetch_plan(
     capacity: int,
     depth: int,
 ) -> npt.NDArray[np.int64]: ...
+def sparsity_schedule(
+    layer_costs: npt.NDArray[np.float64],
+    layer_sensitivity: npt.NDArray[np.float64],
+    ratios: npt.NDArray[np.float64],
+    min_keep: npt.NDArray[np.float64],
+    max_keep: npt.NDArray[np.float64],
+    budget: float,
+    method: str,
+    max_states: int,
+) -> tuple[npt.NDArray[np.int64], float, float, bool]: ...

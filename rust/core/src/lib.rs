@@ -16,6 +16,7 @@ pub mod error;
 pub mod gating;
 pub mod lanes;
 pub mod layers;
+pub mod schedule;
 pub mod threads;
 pub mod tokens;
 

@@ -11,6 +11,7 @@ mod buffers;
 mod depth;
 mod errors;
 mod routing;
+mod schedule;
 
 use pyo3::prelude::*;
 
@@ -41,6 +42,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(depth::token_dots, m)?)?;
     m.add_function(wrap_pyfunction!(depth::layer_plan, m)?)?;
     m.add_function(wrap_pyfunction!(depth::bucket_by_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(schedule::sparsity_schedule, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::pooled_empty, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::set_buffer_cache_limit, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::buffer_cache_info, m)?)?;
