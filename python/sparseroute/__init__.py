@@ -9,7 +9,7 @@ Everything between a router's logits and the experts a token goes to, and back:
 or, for a Hugging Face transformers (>= 5) MoE model, ``sparseroute.patch(model)``.
 """
 
-from sparseroute import budget, nn, schedule
+from sparseroute import budget, cache, nn, placement, schedule
 from sparseroute._core import InvalidInputError, __version__
 from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
@@ -59,6 +59,7 @@ __all__ = [
     "bucket_by_plan",
     "budget",
     "buffer_cache_info",
+    "cache",
     "expert_capacity",
     "expert_choice",
     "gather_tokens",
@@ -72,6 +73,7 @@ __all__ = [
     "nn",
     "patch",
     "permute",
+    "placement",
     "renormalize_kept",
     "routing_stats",
     "scatter_tokens",

@@ -5,6 +5,7 @@ int16 views of their bits. Output arrays are written in place. ``threads`` is th
 the thread pool the kernel runs on.
 """
 
+from collections.abc import Callable
 from typing import final
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy.typing as npt
 
 __all__ = [
     "Batcher",
+    "ExpertCache",
     "InvalidInputError",
     "__version__",
     "bucket_by_plan",
@@ -23,15 +25,21 @@ __all__ = [
     "expert_counts",
     "gather_rows",
     "gather_tokens",
+    "greedy_placement",
     "layer_plan",
+    "logical_to_physical",
+    "plan_placement",
     "pooled_empty",
     "prefetch_plan",
+    "rebalance_placement",
     "replay_batching",
+    "replica_map",
     "scatter_tokens",
     "score_sums",
     "score_sums_backward",
     "select_tokens",
     "set_buffer_cache_limit",
+    "simulate_cache",
     "sinkhorn",
     "slot_dots",
     "sparsity_schedule",
@@ -206,6 +214,70 @@ def token_dots(
 ) -> None: ...
 def layer_plan(logits: npt.NDArray[np.generic], out: npt.NDArray[np.int64]) -> None: ...
 def bucket_by_plan(plans: npt.NDArray[np.int64], max_batch: int | None) -> list[npt.NDArray[np.int64]]: ...
+def sparsity_schedule(
+    layer_costs: npt.NDArray[np.float64],
+    layer_sensitivity: npt.NDArray[np.float64],
+    ratios: npt.NDArray[np.float64],
+    min_keep: npt.NDArray[np.float64],
+    max_keep: npt.NDArray[np.float64],
+    budget: float,
+    method: str,
+    max_states: int,
+) -> tuple[npt.NDArray[np.int64], float, float, bool]: ...
+def plan_placement(
+    load: npt.NDArray[np.float64],
+    num_slots: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    num_groups: int | None,
+    method: str,
+    physical_to_logical: npt.NDArray[np.int64],
+    replica_counts: npt.NDArray[np.int64],
+    gpu_load: npt.NDArray[np.float64],
+    imbalance: npt.NDArray[np.float64],
+    lower_bound: npt.NDArray[np.float64],
+    threads: int,
+) -> str: ...
+def greedy_placement(
+    load: npt.NDArray[np.float64],
+    num_slots: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    physical_to_logical: npt.NDArray[np.int64],
+    replica_counts: npt.NDArray[np.int64],
+    gpu_load: npt.NDArray[np.float64],
+    imbalance: npt.NDArray[np.float64],
+    lower_bound: npt.NDArray[np.float64],
+    threads: int,
+) -> None: ...
+def rebalance_placement(
+    current: npt.NDArray[np.int64],
+    load: npt.NDArray[np.float64],
+    num_nodes: int,
+    gpus_per_node: int,
+    num_groups: int | None,
+    method: str,
+    target_imbalance: float,
+    max_moves: int,
+    physical_to_logical: npt.NDArray[np.int64],
+    replica_counts: npt.NDArray[np.int64],
+    gpu_load: npt.NDArray[np.float64],
+    imbalance: npt.NDArray[np.float64],
+    lower_bound: npt.NDArray[np.float64],
+    moved_slots: npt.NDArray[np.int64],
+    replanned: npt.NDArray[np.uint8],
+    threads: int,
+) -> None: ...
+def logical_to_physical(physical_to_logical: npt.NDArray[np.int64], out: npt.NDArray[np.int64]) -> None: ...
+def replica_map(
+    experts: npt.NDArray[np.int64],
+    logical_to_physical: npt.NDArray[np.int64],
+    replica_counts: npt.NDArray[np.int64],
+    num_slots: int,
+    slots_per_gpu: int,
+    policy: str,
+    out: npt.NDArray[np.int64],
+) -> None: ...
 
 @final
 class Batcher:
@@ -235,13 +307,45 @@ def prefetch_plan(
     capacity: int,
     depth: int,
 ) -> npt.NDArray[np.int64]: ...
-def sparsity_schedule(
-    layer_costs: npt.NDArray[np.float64],
-    layer_sensitivity: npt.NDArray[np.float64],
-    ratios: npt.NDArray[np.float64],
-    min_keep: npt.NDArray[np.float64],
-    max_keep: npt.NDArray[np.float64],
-    budget: float,
-    method: str,
-    max_states: int,
-) -> tuple[npt.NDArray[np.int64], float, float, bool]: ...
+
+@final
+class ExpertCache:
+    """An expert cache driven one layer at a time (thread-safe)."""
+
+    def __new__(
+        cls,
+        num_layers: int,
+        num_experts: int,
+        capacity: int,
+        capacity_unit: str,
+        policy: str,
+        expert_bytes: npt.NDArray[np.int64] | None,
+        aliases: npt.NDArray[np.int64] | None,
+        scores: npt.NDArray[np.float64] | None,
+        decay: float,
+    ) -> ExpertCache: ...
+    def access(
+        self, layer: int, experts: list[int]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
+    def lookup(self, layer: int, expert: int) -> bool: ...
+    def evict_candidate(self) -> tuple[int, int] | None: ...
+    def resident(self) -> list[tuple[int, int]]: ...
+    def used(self) -> int: ...
+    def stats(self) -> tuple[int, int, int, int, int]: ...
+
+def simulate_cache(
+    experts: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    num_layers: int,
+    num_experts: int,
+    capacity: int,
+    capacity_unit: str,
+    policy: str,
+    window: int | None,
+    expert_bytes: npt.NDArray[np.int64] | None,
+    aliases: npt.NDArray[np.int64] | None,
+    scores: npt.NDArray[np.float64] | None,
+    decay: float,
+    progress: Callable[[int], object] | None,
+    chunk_steps: int,
+) -> tuple[int, int, int, int, int]: ...

@@ -10,12 +10,14 @@
 pub mod balance;
 pub mod batching;
 pub mod buffers;
+pub mod cache;
 pub mod dispatch;
 pub mod element;
 pub mod error;
 pub mod gating;
 pub mod lanes;
 pub mod layers;
+pub mod placement;
 pub mod schedule;
 pub mod threads;
 pub mod tokens;

@@ -8,8 +8,10 @@ mod arrays;
 mod balance;
 mod batching;
 mod buffers;
+mod cache;
 mod depth;
 mod errors;
+mod placement;
 mod routing;
 mod schedule;
 
@@ -36,6 +38,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<batching::PyBatcher>()?;
     m.add_function(wrap_pyfunction!(batching::replay_batching, m)?)?;
     m.add_function(wrap_pyfunction!(batching::prefetch_plan, m)?)?;
+    m.add_class::<cache::PyExpertCache>()?;
+    m.add_function(wrap_pyfunction!(cache::simulate_cache, m)?)?;
     m.add_function(wrap_pyfunction!(depth::select_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(depth::gather_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(depth::scatter_tokens, m)?)?;
@@ -43,6 +47,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(depth::layer_plan, m)?)?;
     m.add_function(wrap_pyfunction!(depth::bucket_by_plan, m)?)?;
     m.add_function(wrap_pyfunction!(schedule::sparsity_schedule, m)?)?;
+    m.add_function(wrap_pyfunction!(placement::plan_placement, m)?)?;
+    m.add_function(wrap_pyfunction!(placement::greedy_placement, m)?)?;
+    m.add_function(wrap_pyfunction!(placement::rebalance_placement, m)?)?;
+    m.add_function(wrap_pyfunction!(placement::logical_to_physical, m)?)?;
+    m.add_function(wrap_pyfunction!(placement::replica_map, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::pooled_empty, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::set_buffer_cache_limit, m)?)?;
     m.add_function(wrap_pyfunction!(buffers::buffer_cache_info, m)?)?;
