@@ -461,4 +461,76 @@ mod tests {
         assert_eq!(plan[2], Load { key: (3, 1), evict: Some((1, 5)), needed_by: 2, issue_during: 1 });
         assert!(prefetch_plan(&resident, &upcoming, 2, 1).is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            /// Every request is served exactly once, batches hold at most `max_batch`, and
+            /// with at most `max_batch` arrivals per round nobody waits beyond `max_wait`.
+            #[test]
+            fn replays_serve_everyone_within_the_bound(
+                per_round in proptest::collection::vec(0usize..=4, 1..20),
+                max_wait in 0u64..4,
+                expert_aware in any::<bool>(),
+                seed in any::<u64>(),
+            ) {
+                let max_batch = 4;
+                let arrivals: Vec<i64> = per_round.iter().enumerate()
+                    .flat_map(|(round, &n)| std::iter::repeat_n(round as i64, n)).collect();
+                let requests = arrivals.len();
+                let mut state = seed | 1;
+                let experts: Vec<i64> = (0..requests * 3 * 2).map(|_| {
+                    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                    (state % 9) as i64 - 1
+                }).collect();
+                let policy = if expert_aware { BatchPolicy::ExpertAware } else { BatchPolicy::Fifo };
+                let rules = BatchRules { max_batch, max_wait, policy };
+                let batches = replay_batching(&experts, requests, 3, 8, &arrivals, rules).unwrap();
+                let mut served = vec![0; requests];
+                for batch in &batches {
+                    prop_assert!(!batch.requests.is_empty() && batch.requests.len() <= max_batch);
+                    for &r in &batch.requests {
+                        served[r as usize] += 1;
+                        prop_assert!(batch.round as i64 >= arrivals[r as usize]);
+                        prop_assert!(batch.round as i64 - arrivals[r as usize] <= max_wait as i64);
+                    }
+                }
+                prop_assert!(served.iter().all(|&n| n == 1));
+            }
+
+            /// Replaying a prefetch plan: every step finds its experts resident, memory never
+            /// exceeds capacity, and no load evicts an expert of a step in flight.
+            #[test]
+            fn prefetch_plans_keep_every_step_resident(
+                steps in proptest::collection::vec((0i64..3, proptest::collection::vec(-1i64..5, 1..3)), 0..10),
+                depth in 0usize..3,
+                spare in 0usize..3,
+            ) {
+                let capacity = (depth + 1) * 2 + spare;
+                let resident: Vec<(i64, i64)> = (0..capacity.min(4) as i64).map(|e| (0, e)).collect();
+                let plan = prefetch_plan(&resident, &steps, capacity, depth).unwrap();
+                let mut memory: std::collections::BTreeSet<(i64, i64)> = resident.iter().copied().collect();
+                let mut loads = plan.iter().peekable();
+                for (j, (layer, experts)) in steps.iter().enumerate() {
+                    while let Some(load) = loads.next_if(|load| load.needed_by == j) {
+                        if let Some(victim) = load.evict {
+                            let in_flight = (j.saturating_sub(depth)..=j)
+                                .any(|s| steps[s].1.contains(&victim.1) && steps[s].0 == victim.0);
+                            prop_assert!(!in_flight, "evicted {victim:?} needed by a step in flight");
+                            prop_assert!(memory.remove(&victim));
+                        }
+                        prop_assert!(memory.insert(load.key));
+                        prop_assert!(memory.len() <= capacity);
+                    }
+                    for &e in experts.iter().filter(|&&e| e >= 0) {
+                        prop_assert!(memory.contains(&(*layer, e)), "step {j} misses ({layer}, {e})");
+                    }
+                }
+            }
+        }
+    }
 }
