@@ -477,7 +477,7 @@ pub fn plan(load: &[f64], topo: &Topology, method: Method, out: PlanBuffers<'_>)
     Ok(method)
 }
 
-/// The baseline of [`greedy_layer`] for every layer of `load` `[L, E]`.
+/// The baseline of `greedy_layer` for every layer of `load` `[L, E]`.
 pub fn greedy(load: &[f64], topo: &Topology, out: PlanBuffers<'_>) -> Result<()> {
     topo.validate(Method::Global)?;
     let num_layers = check_loads(load, topo.num_experts)?;
@@ -949,14 +949,14 @@ fn align(old: &[usize], new: &Layout, topo: &Topology, method: Method) -> Layout
 /// finds to bring every layer of `load` `[L, E]` to `max / mean <= target_imbalance`.
 ///
 /// Per layer, while above the target: take the hottest GPU (lower index on ties) and
-/// apply the best of these moves (see [`Score`]), each of which must leave every GPU it
+/// apply the best of these moves (see `Score`), each of which must leave every GPU it
 /// touches below the current maximum: reassign one of its slots whose expert has another
 /// replica to another expert (one slot changed); give one of its experts an extra replica
 /// in a slot elsewhere whose expert has another replica (one slot); swap one of its slots
 /// with a lighter replica on another GPU (two slots). The hierarchical method keeps every
 /// expert on its node (the current placement must have each group on one node). When the
 /// moves stop short of the target, the layer is re-planned from scratch with `method`,
-/// renumbered to keep as many slots as possible ([`align`]), and the re-plan is used if its
+/// renumbered to keep as many slots as possible (`align`), and the re-plan is used if its
 /// maximum is lower (`replanned = 1`).
 pub fn rebalance(
     current: &[i64],
