@@ -11,7 +11,7 @@ WHEEL_STAMP := $(VENV)/.sparseroute-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 PY_SOURCES := $(shell find python -type f -not -path '*/__pycache__/*')
 
-.PHONY: demo test test-rust test-python lint wheel bench bench-quick clean
+.PHONY: demo test test-rust test-python lint wheel bench bench-quick gpu-check clean
 
 demo: $(WHEEL_STAMP)
 	$(PY) -m sparseroute demo
@@ -48,7 +48,7 @@ test-rust:
 
 # Run from tests/ so that `import sparseroute` can only resolve to the installed wheel.
 test-python: $(WHEEL_STAMP)
-	cd tests && ../$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	cd tests && SPARSEROUTE_REQUIRE_NVRTC=1 ../$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(WHEEL_STAMP)
 	cd benches && ../$(VENV)/bin/asv machine --yes > /dev/null && ../$(VENV)/bin/asv run --python=same --show-stderr $(ASV_ARGS)
@@ -56,6 +56,11 @@ bench: $(WHEEL_STAMP)
 
 bench-quick: $(WHEEL_STAMP)
 	$(PY) benches/ratios.py --quick
+
+# CUDA kernels on a GPU: tests/gpu against the installed wheel, plus timings (see scripts/gpu-check.sh).
+gpu-check: $(WHEEL_STAMP)
+	git rev-parse HEAD > dist/COMMIT
+	PYTHON=$(abspath $(PY)) bash scripts/gpu-check.sh
 
 clean:
 	rm -rf dist target $(VENV) benches/.asv

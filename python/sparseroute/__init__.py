@@ -9,8 +9,11 @@ Everything between a router's logits and the experts a token goes to, and back:
 or, for a Hugging Face transformers (>= 5) MoE model, ``sparseroute.patch(model)``.
 """
 
-from sparseroute import budget, cache, nn, placement, schedule
+from sparseroute import _cuda_ops, budget, cache, nn, placement, schedule
 from sparseroute._core import InvalidInputError, __version__
+from sparseroute._cuda import check_errors as check_cuda_errors
+from sparseroute._cuda import warm_up as warm_up_cuda
+from sparseroute._info import info
 from sparseroute._memory import buffer_cache_info, set_buffer_cache_limit
 from sparseroute._threads import get_num_threads, set_num_threads
 from sparseroute.budget import BudgetMeter, SparsitySchedule, sparsity_schedule
@@ -60,12 +63,14 @@ __all__ = [
     "budget",
     "buffer_cache_info",
     "cache",
+    "check_cuda_errors",
     "expert_capacity",
     "expert_choice",
     "gather_tokens",
     "get_num_threads",
     "grouped_linear",
     "grouped_mlp",
+    "info",
     "jitter",
     "layer_plan",
     "layer_sequence",
@@ -89,8 +94,12 @@ __all__ = [
     "unpatch",
     "unpermute",
     "update_expert_bias",
+    "warm_up_cuda",
     "z_loss",
 ]
 
 # Register the "sparseroute" experts implementation with transformers once it is imported.
 _transformers_integration.install()
+
+# Register the CUDA kernels of the ops (and a clear error for the ops without one).
+_cuda_ops.register()

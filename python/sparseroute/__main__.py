@@ -7,6 +7,8 @@ Commands:
     cache-sim
             replay a routing trace file through expert caches (policies x capacities);
             print hit ratio, bytes moved and stalls, and optionally plot hit ratio.
+    info    print the version, CPU threads, CUDA, CuPy and NVRTC versions, the device and
+            which ops have CUDA kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=4, help="sequences per batch")
     demo.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     demo.add_argument("--heatmap", default=None, help="PNG path (default sparseroute-demo-load.png)")
+    commands.add_parser("info", help="versions, CUDA device and the ops with CUDA kernels")
     sim = commands.add_parser("cache-sim", help="replay a routing trace through expert caches")
     sim.add_argument("trace", help="routing trace file (JSON lines, see docs/cache.md)")
     sim.add_argument("--capacity", type=int, nargs="+", required=True, help="cache sizes to try")
@@ -44,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         help="progress bar on stderr (default: for long runs on a terminal)",
     )
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "info":
+        from sparseroute._info import format_info
+
+        print(format_info())
+    elif args.command == "demo":
         from sparseroute._demo import run_demo
 
         run_demo(repeats=args.repeats, batch=args.batch, seq_len=args.seq_len, heatmap=args.heatmap)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sparseroute import _cuda
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -29,7 +31,7 @@ def check_tensor(
     layout: str,
     dtypes: Sequence[torch.dtype],
 ) -> torch.Tensor:
-    """``value`` must be a CPU tensor with ``ndim`` dimensions (described as ``layout``,
+    """``value`` must be a CPU (or CUDA) tensor with ``ndim`` dimensions (described as ``layout``,
     e.g. "[T, E]") and one of ``dtypes``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor {layout}, got {type(value).__name__}")
@@ -37,10 +39,14 @@ def check_tensor(
         raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {tuple(value.shape)}")
     if value.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {value.dtype}")
-    if value.device.type != "cpu":
+    if value.device.type == "cuda":
+        # CUDA tensors go to the CUDA kernels (sparseroute/_cuda_ops.py), which need CuPy;
+        # an op without a CUDA kernel raises NotImplementedError when it is dispatched.
+        _cuda.check_available(name)
+    elif value.device.type != "cpu":
         raise ValueError(
-            f"{name}: expected a CPU tensor, got device {value.device}; "
-            "this version of sparseroute has CPU kernels only"
+            f"{name}: expected a CPU tensor (or a CUDA tensor, for ops with CUDA kernels), "
+            f"got device {value.device}"
         )
     return value
 

@@ -1,0 +1,553 @@
+"""The CUDA backend: finding, compiling, caching and launching the kernels of sparseroute/cuda.
+
+The CUDA C++ sources ship inside the wheel (``sparseroute/cuda/*.cu``, found through
+``importlib.resources``). A module is compiled by NVRTC for the exact architecture of the
+device (``sm_XY`` from its compute capability; PTX for the newest architecture NVRTC knows when
+the device is newer still), once per (device, source file, element type), and loaded with
+``cupy.RawModule``. Compiled binaries are also kept on disk, named by a hash of the sources,
+the options and the NVRTC version (``$SPARSEROUTE_CACHE_DIR``, default
+``~/.cache/sparseroute/cuda``), so a new process skips the compile.
+
+NVRTC is called directly (through ``cuda.bindings.nvrtc`` when cuda-python is installed, as
+with torch's CUDA 13 wheels, else through CuPy's own NVRTC binding) rather than through
+``cupy.RawModule(code=...)``, because CuPy compiles its modules with ``-ftz=true``:
+flushing subnormal floats to zero would break the bit-for-bit agreement of the combine and
+the dot products with the CPU kernels. The options are ``compile_options``; the tests compile
+every module with them for sm_80 and sm_90.
+
+Launches go on torch's current stream of the tensor's device (wrapped with
+``cupy.cuda.Stream.from_external``, or ``ExternalStream`` before CuPy 14), with that device
+current. Tensors cross as raw pointers (``tensor.data_ptr()`` as a
+``numpy.uint64``), scalars as ``numpy.int32`` / ``numpy.int64`` / ``numpy.float64``; torch
+allocates every output and workspace. CuPy allocates nothing.
+
+Kernels never synchronise with the host. Invalid inputs that the CPU kernels refuse with an
+exception (NaN logits, expert ids out of range, corrupt plans) are counted instead in a small
+torch-allocated int32 buffer per device, which ``check_errors`` (public as
+``sparseroute.check_cuda_errors``) reads, clears and turns into ``InvalidInputError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.resources
+import importlib.util
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+CUPY_INSTALL_HINT = (
+    "install sparseroute's GPU extra: pip install 'sparseroute[gpu]' "
+    "(or CuPy itself: pip install cupy-cuda12x, or cupy-cuda13x, matching your CUDA version)"
+)
+
+# Looked up once at import (without importing CuPy, which is slow): argument checks read this
+# flag, and they run inside torch.compile's tracing, where imports cannot happen.
+_CUPY_FOUND = importlib.util.find_spec("cupy") is not None
+
+#: The element types of the kernels and the code each module is compiled with (-DSR_DTYPE).
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+}
+
+#: The source files of the kernels and the element types each is compiled for (None: the
+#: module does not depend on one).
+MODULES: dict[str, tuple[torch.dtype | None, ...]] = {
+    "gating.cu": tuple(DTYPE_CODES),
+    "plan.cu": (None,),
+    "rows.cu": tuple(DTYPE_CODES),
+}
+
+#: Headers the sources include.
+HEADERS = ("common.cuh",)
+
+#: Slots of the per-device error buffer (the SR_ERR_* constants of common.cuh).
+ERROR_KINDS = (
+    "rows of logits holding NaN or an infinity (topk_gating routed them nowhere: experts -1, weights 0)",
+    "expert ids outside [-1, num_experts) (treated as empty slots)",
+    "plan indices outside the tensors (treated as empty rows or slots)",
+    "slots that did not fit in num_rows rows (permute left them unrouted: slot_to_row -1)",
+)
+
+_EXTERN_KERNEL = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(')
+
+
+class CudaCompileError(RuntimeError):
+    """NVRTC could not compile one of sparseroute's CUDA modules."""
+
+
+def check_available(name: str) -> None:
+    """Raises a clear ImportError, naming the argument, when a CUDA tensor reaches an op
+    but CuPy, which launches the CUDA kernels, is not installed."""
+    if not _CUPY_FOUND:
+        raise ImportError(
+            f"{name}: got a CUDA tensor, and sparseroute's CUDA kernels need CuPy, which is not "
+            f"installed; {CUPY_INSTALL_HINT}"
+        )
+
+
+def cupy_module() -> Any:
+    """CuPy, imported on first use, or an ImportError saying what to install."""
+    try:
+        return importlib.import_module("cupy")
+    except ImportError as err:
+        raise ImportError(f"sparseroute's CUDA kernels need CuPy: {CUPY_INSTALL_HINT} ({err})") from err
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def kernel_dir() -> Path:
+    """The directory of the CUDA sources inside the installed package."""
+    return Path(str(importlib.resources.files("sparseroute") / "cuda"))
+
+
+def read_source(file: str) -> str:
+    return (kernel_dir() / file).read_text(encoding="utf-8")
+
+
+def kernel_names(file: str) -> tuple[str, ...]:
+    """The ``extern "C"`` kernels a source file defines."""
+    return tuple(_EXTERN_KERNEL.findall(read_source(file)))
+
+
+def module_keys() -> list[tuple[str, torch.dtype | None]]:
+    """Every (source file, element type) the loader compiles for a device."""
+    return [(file, dtype) for file, dtypes in MODULES.items() for dtype in dtypes]
+
+
+def compile_options(arch: str, dtype: torch.dtype | None) -> list[str]:
+    """NVRTC options of a module: C++17, the explicit architecture (``sm_XY`` gives a cubin,
+    ``compute_XY`` PTX), IEEE arithmetic without contraction or flush-to-zero, the element
+    type."""
+    options = [
+        "--std=c++17",
+        f"--gpu-architecture={arch}",
+        "--fmad=false",
+        "--ftz=false",
+        "--prec-div=true",
+        "--prec-sqrt=true",
+        f"--include-path={kernel_dir()}",
+    ]
+    if dtype is not None:
+        options.append(f"-DSR_DTYPE={DTYPE_CODES[dtype]}")
+    return options
+
+
+# --- NVRTC -----------------------------------------------------------------------------------
+
+
+class Nvrtc(Protocol):
+    """The NVRTC calls the loader needs, from one Python binding or another."""
+
+    name: str
+
+    def version(self) -> tuple[int, int]: ...
+
+    def supported_archs(self) -> list[int]: ...
+
+    def compile(self, source: str, name: str, options: Sequence[str], ptx: bool) -> tuple[bytes | None, str]:
+        """(cubin or PTX, log); the binary is None when compilation failed."""
+        ...
+
+
+class _CudaBindingsNvrtc:
+    """NVRTC through cuda-python (``cuda.bindings.nvrtc``)."""
+
+    name = "cuda.bindings"
+
+    def __init__(self) -> None:
+        nvrtc: Any = importlib.import_module("cuda.bindings.nvrtc")
+        self._nvrtc = nvrtc
+        self._success = nvrtc.nvrtcResult.NVRTC_SUCCESS
+        self.version()  # loads libnvrtc, or raises
+
+    def _check(self, result: Any, what: str) -> None:
+        if result != self._success:
+            raise CudaCompileError(f"NVRTC {what} failed: {result}")
+
+    def version(self) -> tuple[int, int]:
+        result, major, minor = self._nvrtc.nvrtcVersion()
+        self._check(result, "nvrtcVersion")
+        return int(major), int(minor)
+
+    def supported_archs(self) -> list[int]:
+        result, archs = self._nvrtc.nvrtcGetSupportedArchs()
+        self._check(result, "nvrtcGetSupportedArchs")
+        return [int(a) for a in archs]
+
+    def compile(self, source: str, name: str, options: Sequence[str], ptx: bool) -> tuple[bytes | None, str]:
+        nv = self._nvrtc
+        result, program = nv.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
+        self._check(result, "nvrtcCreateProgram")
+        try:
+            encoded = [option.encode() for option in options]
+            (compiled,) = nv.nvrtcCompileProgram(program, len(encoded), encoded)
+            result, size = nv.nvrtcGetProgramLogSize(program)
+            self._check(result, "nvrtcGetProgramLogSize")
+            log = b" " * size
+            (result,) = nv.nvrtcGetProgramLog(program, log)
+            self._check(result, "nvrtcGetProgramLog")
+            text = log.rstrip(b"\x00").decode(errors="replace").strip()
+            if compiled != self._success:
+                return None, text
+            get_size, get = (
+                (nv.nvrtcGetPTXSize, nv.nvrtcGetPTX) if ptx else (nv.nvrtcGetCUBINSize, nv.nvrtcGetCUBIN)
+            )
+            result, size = get_size(program)
+            self._check(result, "getting the binary's size")
+            binary = b" " * size
+            (result,) = get(program, binary)
+            self._check(result, "getting the binary")
+            return bytes(binary), text
+        finally:
+            nv.nvrtcDestroyProgram(program)
+
+
+class _CupyNvrtc:
+    """NVRTC through CuPy's binding (``cupy_backends.cuda.libs.nvrtc``)."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        cupy_module()
+        self._nvrtc: Any = importlib.import_module("cupy_backends.cuda.libs.nvrtc")
+
+    def version(self) -> tuple[int, int]:
+        major, minor = self._nvrtc.getVersion()
+        return int(major), int(minor)
+
+    def supported_archs(self) -> list[int]:
+        supported = getattr(self._nvrtc, "getSupportedArchs", None)  # CuPy >= 12
+        return [] if supported is None else [int(a) for a in supported()]
+
+    def compile(self, source: str, name: str, options: Sequence[str], ptx: bool) -> tuple[bytes | None, str]:
+        nv = self._nvrtc
+        program = nv.createProgram(source, name, (), ())
+        try:
+            try:
+                nv.compileProgram(program, list(options))
+            except nv.NVRTCError:
+                return None, str(nv.getProgramLog(program)).rstrip("\x00").strip()
+            log = str(nv.getProgramLog(program)).rstrip("\x00").strip()
+            return bytes(nv.getPTX(program) if ptx else nv.getCUBIN(program)), log
+        finally:
+            nv.destroyProgram(program)
+
+
+_BACKENDS: dict[str, Any] = {"cuda.bindings": _CudaBindingsNvrtc, "cupy": _CupyNvrtc}
+_backend_cache: dict[str, Nvrtc] = {}
+
+
+def nvrtc_backend(name: str | None = None) -> Nvrtc:
+    """The NVRTC binding the loader uses: ``name`` ("cuda.bindings" or "cupy"), or the first
+    of them that loads."""
+    names = [name] if name is not None else list(_BACKENDS)
+    errors = []
+    for candidate in names:
+        if candidate in _backend_cache:
+            return _backend_cache[candidate]
+        if candidate not in _BACKENDS:
+            raise ValueError(f"name: expected one of {sorted(_BACKENDS)}, got {candidate!r}")
+        try:
+            backend: Nvrtc = _BACKENDS[candidate]()
+        except Exception as err:  # a missing package or a libnvrtc that does not load
+            errors.append(f"{candidate}: {err}")
+            continue
+        _backend_cache[candidate] = backend
+        return backend
+    raise ImportError(f"no NVRTC found to compile sparseroute's CUDA kernels ({'; '.join(errors)})")
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """One compiled module: the binary (a cubin, or PTX), NVRTC's log and the options."""
+
+    file: str
+    dtype: torch.dtype | None
+    arch: str
+    binary: bytes
+    log: str
+    options: tuple[str, ...]
+
+    @property
+    def is_ptx(self) -> bool:
+        return self.arch.startswith("compute_")
+
+
+def compile_module(
+    file: str, dtype: torch.dtype | None, arch: str, backend: Nvrtc | None = None
+) -> CompiledModule:
+    """Compiles one source file for one element type and architecture (``sm_XY`` or
+    ``compute_XY``). Raises CudaCompileError with NVRTC's log on failure."""
+    backend = backend or nvrtc_backend()
+    options = compile_options(arch, dtype)
+    binary, log = backend.compile(read_source(file), file, options, ptx=arch.startswith("compute_"))
+    if binary is None:
+        raise CudaCompileError(
+            f"NVRTC ({backend.name} {'.'.join(map(str, backend.version()))}) could not compile "
+            f"{file} for {arch}, dtype {dtype}:\n{log}"
+        )
+    return CompiledModule(file, dtype, arch, binary, log, tuple(options))
+
+
+def device_arch(index: int, backend: Nvrtc) -> str:
+    """The NVRTC architecture for device ``index``: ``sm_XY`` for its compute capability when
+    NVRTC supports it, else PTX for the newest older architecture NVRTC knows (the driver
+    compiles that PTX for the device)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    capability = major * 10 + minor
+    supported = backend.supported_archs()
+    if capability in supported or not supported:  # no list: trust the device's own
+        return f"sm_{capability}"
+    older = [a for a in supported if a <= capability]
+    if not older:
+        raise CudaCompileError(
+            f"NVRTC {'.'.join(map(str, backend.version()))} cannot compile for compute capability "
+            f"{major}.{minor} (it supports {supported})"
+        )
+    return f"compute_{max(older)}"
+
+
+# --- the module cache --------------------------------------------------------------------------
+
+
+def _disk_cache_dir() -> Path:
+    configured = os.environ.get("SPARSEROUTE_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparseroute" / "cuda"
+
+
+_fallback_dir: Path | None = None
+
+
+def _binary_path(file: str, dtype: torch.dtype | None, arch: str, backend: Nvrtc) -> Path:
+    """A content-addressed file for the compiled module: its name hashes everything that
+    determines the binary, so an existing file is always the right one."""
+    digest = hashlib.sha256()
+    for part in [backend.name, str(backend.version()), *compile_options(arch, dtype)]:
+        digest.update(part.encode() + b"\0")
+    for source in (file, *HEADERS):
+        digest.update(read_source(source).encode() + b"\0")
+    dtype_name = "any" if dtype is None else str(dtype).removeprefix("torch.")
+    suffix = "ptx" if arch.startswith("compute_") else "cubin"
+    return Path(f"{Path(file).stem}-{dtype_name}-{arch}-{digest.hexdigest()[:20]}.{suffix}")
+
+
+def _stored_binary(name: Path, compile_binary: Callable[[], bytes]) -> Path:
+    """The path of the binary ``name`` in the disk cache, compiling and writing it first when
+    it is not there (written to a temporary file, then renamed: never half-written). Falls
+    back to a per-process temporary directory when the cache directory is not writable."""
+    global _fallback_dir
+    directories = [_disk_cache_dir()] + ([_fallback_dir] if _fallback_dir is not None else [])
+    for directory in directories:
+        path = directory / name
+        if path.is_file() and path.stat().st_size > 0:
+            return path
+    binary = compile_binary()
+    for directory in directories:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as out:
+                out.write(binary)
+            os.replace(temporary, directory / name)
+            return directory / name
+        except OSError:
+            continue
+    _fallback_dir = Path(tempfile.mkdtemp(prefix="sparseroute-cuda-"))
+    (_fallback_dir / name).write_bytes(binary)
+    return _fallback_dir / name
+
+
+@dataclass
+class LoadedModule:
+    arch: str
+    path: Path
+    kernels: dict[str, Any]
+
+
+_lock = threading.Lock()
+_modules: dict[tuple[int, str, torch.dtype | None], LoadedModule] = {}
+_error_buffers: dict[int, torch.Tensor] = {}
+
+
+def _capturing() -> bool:
+    return bool(torch.cuda.is_current_stream_capturing())
+
+
+def _not_during_capture(what: str) -> None:
+    if _capturing():
+        raise RuntimeError(
+            f"sparseroute: {what} is not ready and cannot be prepared while a CUDA graph is being "
+            "captured; call sparseroute.warm_up_cuda() (or run the ops once) before capturing"
+        )
+
+
+def load_module(index: int, file: str, dtype: torch.dtype | None) -> LoadedModule:
+    """The module of ``file`` for element type ``dtype`` on device ``index``, compiled and
+    loaded on first use (never during CUDA graph capture)."""
+    key = (index, file, dtype)
+    module = _modules.get(key)
+    if module is not None:
+        return module
+    with _lock:
+        module = _modules.get(key)
+        if module is not None:
+            return module
+        _not_during_capture(f"the CUDA module {file} ({dtype}) for cuda:{index}")
+        cupy = cupy_module()
+        backend = nvrtc_backend()
+        arch = device_arch(index, backend)
+        name = _binary_path(file, dtype, arch, backend)
+        path = _stored_binary(name, lambda: compile_module(file, dtype, arch, backend).binary)
+        with cupy.cuda.Device(index):
+            raw = cupy.RawModule(path=str(path))
+            kernels = {kernel: raw.get_function(kernel) for kernel in kernel_names(file)}
+        module = LoadedModule(arch, path, kernels)
+        _modules[key] = module
+        return module
+
+
+def error_counters(index: int) -> torch.Tensor:
+    """The int32 error buffer of device ``index`` (one counter per ``ERROR_KINDS`` entry)."""
+    buffer = _error_buffers.get(index)
+    if buffer is None:
+        with _lock:
+            buffer = _error_buffers.get(index)
+            if buffer is None:
+                _not_during_capture(f"the error buffer of cuda:{index}")
+                buffer = torch.zeros(len(ERROR_KINDS), dtype=torch.int32, device=f"cuda:{index}")
+                _error_buffers[index] = buffer
+    return buffer
+
+
+def _device_index(device: torch.device | int | str | None) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device, got {device}")
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def warm_up(device: torch.device | int | str | None = None) -> list[str]:
+    """Compiles and loads every CUDA module of sparseroute for ``device`` (default: the
+    current device) and allocates its error buffer, so that no op compiles or allocates
+    later: call it before capturing a CUDA graph. Returns the modules, as
+    ``"file (dtype) -> arch"`` strings."""
+    index = _device_index(device)
+    loaded = []
+    for file, dtype in module_keys():
+        module = load_module(index, file, dtype)
+        loaded.append(
+            f"{file} ({'any' if dtype is None else str(dtype).removeprefix('torch.')}) -> {module.arch}"
+        )
+    error_counters(index)
+    return loaded
+
+
+def check_errors(device: torch.device | int | str | None = None) -> None:
+    """Reads and clears the error counters of ``device`` (default: the current device), and
+    raises ``sparseroute.InvalidInputError`` if a CUDA kernel met invalid input since the last
+    check. This waits for the whole device; the ops themselves never do."""
+    from sparseroute._core import InvalidInputError
+
+    if not torch.cuda.is_available():
+        return
+    index = _device_index(device)
+    buffer = _error_buffers.get(index)
+    if buffer is None:
+        return
+    torch.cuda.synchronize(index)  # kernels on every stream of the device have counted
+    counts = buffer.tolist()
+    buffer.zero_()
+    found = [f"{count} {kind}" for count, kind in zip(counts, ERROR_KINDS, strict=True) if count]
+    if found:
+        raise InvalidInputError(
+            f"sparseroute CUDA kernels on cuda:{index} met invalid input since the last check: "
+            + "; ".join(found)
+        )
+
+
+def cached_modules() -> list[tuple[int, str, torch.dtype | None, str]]:
+    """(device, file, dtype, arch) of every loaded module."""
+    return [(index, file, dtype, module.arch) for (index, file, dtype), module in _modules.items()]
+
+
+# --- launching -------------------------------------------------------------------------------
+
+
+def pointer(tensor: torch.Tensor | None) -> np.uint64:
+    """A kernel argument for a tensor's data (a null pointer for None)."""
+    address: np.uint64 = np.uint64(0 if tensor is None else tensor.data_ptr())
+    return address
+
+
+class Launcher:
+    """Launches kernels on one device, on torch's current stream there (see ``launcher``)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.errors = error_counters(index)
+
+    def __call__(
+        self,
+        file: str,
+        dtype: torch.dtype | None,
+        kernel: str,
+        grid: int,
+        block: int,
+        args: Sequence[Any],
+        shared_mem: int = 0,
+    ) -> None:
+        if grid <= 0:
+            return
+        function = load_module(self.index, file, dtype).kernels[kernel]
+        function((grid,), (block,), tuple(args), shared_mem=shared_mem)
+
+
+class _StreamHandle:
+    """A raw stream pointer behind the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, pointer: int) -> None:
+        self._pointer = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self._pointer)
+
+
+def _cupy_stream(cupy: Any, pointer: int, index: int) -> Any:
+    """A CuPy view of an existing stream (``Stream.from_external`` from CuPy 14 on, where
+    ``ExternalStream`` is deprecated); CuPy never destroys it."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(pointer))
+    return cupy.cuda.ExternalStream(pointer, index)
+
+
+@contextmanager
+def launcher(device: torch.device) -> Iterator[Launcher]:
+    """A ``Launcher`` for ``device``, with that device current and CuPy's current stream set
+    to torch's current stream of the device."""
+    cupy = cupy_module()
+    index = _device_index(device)
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index):
+        with _cupy_stream(cupy, stream.cuda_stream, index):
+            yield Launcher(index)

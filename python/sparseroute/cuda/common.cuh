@@ -1,0 +1,207 @@
+// Shared definitions of sparseroute's CUDA kernels.
+//
+// The kernels are compiled at run time by NVRTC (see sparseroute/_cuda.py), once per device
+// and element type. They include no CUDA headers: the element type is chosen with
+// -DSR_DTYPE=<code> and float16 / bfloat16 values are handled as their 16-bit patterns, with
+// explicit round-to-nearest-even conversions (the conversions torch and the Rust core use).
+//
+// Arithmetic that must match the Rust core bit for bit (the combine, the weighted gather, the
+// slot dot products) goes through add_rn / mul_rn: one rounding per operation, never a fused
+// multiply-add. The loader also compiles with --fmad=false and without flush-to-zero, so
+// subnormal values survive as they do on the CPU.
+
+#pragma once
+
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define SR_FULL_MASK 0xffffffffu
+
+// ---- the element type of the tensors a module reads and writes ----------------------------
+
+#if defined(SR_DTYPE)
+
+__device__ __forceinline__ float sr_bf16_to_f32(unsigned short bits) {
+  return __uint_as_float(static_cast<unsigned int>(bits) << 16);
+}
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ unsigned short sr_f32_to_bf16(float value) {
+  unsigned int u = __float_as_uint(value);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    return static_cast<unsigned short>((u >> 16) | 0x40u);
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<unsigned short>(u >> 16);
+}
+
+#if defined(SR_HOST_EMULATION)  // tests/cuda_emulation.h: the same IEEE conversions on the host
+__device__ __forceinline__ float sr_f16_to_f32(unsigned short bits) { return sr_emulated_f16_to_f32(bits); }
+__device__ __forceinline__ unsigned short sr_f32_to_f16(float value) { return sr_emulated_f32_to_f16(value); }
+#else
+__device__ __forceinline__ float sr_f16_to_f32(unsigned short bits) {
+  float value;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(bits));
+  return value;
+}
+
+__device__ __forceinline__ unsigned short sr_f32_to_f16(float value) {
+  unsigned short bits;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+  return bits;
+}
+#endif
+
+#if SR_DTYPE == 0  // float32
+typedef float elem_t;
+typedef float acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t v) { return v; }
+__device__ __forceinline__ elem_t from_acc(acc_t v) { return v; }
+#elif SR_DTYPE == 1  // float16, as its bits
+typedef unsigned short elem_t;
+typedef float acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t v) { return sr_f16_to_f32(v); }
+__device__ __forceinline__ elem_t from_acc(acc_t v) { return sr_f32_to_f16(v); }
+#elif SR_DTYPE == 2  // bfloat16, as its bits
+typedef unsigned short elem_t;
+typedef float acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t v) { return sr_bf16_to_f32(v); }
+__device__ __forceinline__ elem_t from_acc(acc_t v) { return sr_f32_to_bf16(v); }
+#elif SR_DTYPE == 3  // float64 (gradient checks)
+typedef double elem_t;
+typedef double acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t v) { return v; }
+__device__ __forceinline__ elem_t from_acc(acc_t v) { return v; }
+#else
+#error "SR_DTYPE must be 0 (float32), 1 (float16), 2 (bfloat16) or 3 (float64)"
+#endif
+
+#endif  // SR_DTYPE
+
+// ---- accumulator arithmetic: one rounding per operation ------------------------------------
+
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+__device__ __forceinline__ bool is_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
+__device__ __forceinline__ bool is_finite(double x) {
+  return (static_cast<u64>(__double_as_longlong(x)) & 0x7ff0000000000000ull) !=
+         0x7ff0000000000000ull;
+}
+
+template <class T>
+__device__ __forceinline__ T neg_infinity();
+template <>
+__device__ __forceinline__ float neg_infinity<float>() {
+  return __uint_as_float(0xff800000u);
+}
+template <>
+__device__ __forceinline__ double neg_infinity<double>() {
+  return __longlong_as_double(static_cast<i64>(0xfff0000000000000ull));
+}
+
+// ---- error counters -------------------------------------------------------------------------
+// A torch-allocated int32 buffer per device (sparseroute._cuda.error_counters): kernels count
+// invalid inputs here instead of raising, so that no op has to synchronise with the host.
+// sparseroute.check_cuda_errors() reads and clears it.
+
+#define SR_ERR_NON_FINITE_LOGITS 0
+#define SR_ERR_EXPERT_ID 1
+#define SR_ERR_PLAN_INDEX 2
+#define SR_ERR_NUM_ROWS 3
+
+// ---- a team of NT threads working on one item: a warp (NT = 32) or a whole block -----------
+// Reductions give every thread of the team the same bits: the xor butterfly combines the
+// same two partial values on both partners (the operations are commutative), and the
+// cross-warp step combines the warp results in warp order.
+
+template <int NT>
+__device__ __forceinline__ void team_sync() {
+  if constexpr (NT == 32) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+}
+
+struct MaxOp {
+  template <class T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return b > a ? b : a; }
+};
+struct SumOp {
+  template <class T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return add_rn(a, b); }
+};
+struct MinIntOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return b < a ? b : a; }
+};
+
+// `scratch` holds NT / 32 values in shared memory (unused when NT == 32).
+template <int NT, class T, class Op>
+__device__ __forceinline__ T team_reduce(T value, Op op, T* scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    value = op(value, __shfl_xor_sync(SR_FULL_MASK, value, offset));
+  }
+  if constexpr (NT > 32) {
+    __syncthreads();  // earlier readers of scratch are done
+    if ((threadIdx.x & 31) == 0) {
+      scratch[threadIdx.x >> 5] = value;
+    }
+    __syncthreads();
+    value = scratch[0];
+#pragma unroll
+    for (int w = 1; w < NT / 32; ++w) {
+      value = op(value, scratch[w]);
+    }
+  }
+  return value;
+}
+
+// (key, index) pairs in selection order: a higher key first, equal keys the lower index first.
+template <class K>
+__device__ __forceinline__ bool pair_before(K key, int index, K other_key, int other_index) {
+  return key > other_key || (key == other_key && index < other_index);
+}
+
+// The first pair (in selection order) over the team; every thread gets it.
+template <int NT, class K>
+__device__ __forceinline__ void team_best_pair(K& key, int& index, K* key_scratch, int* index_scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const K other_key = __shfl_xor_sync(SR_FULL_MASK, key, offset);
+    const int other_index = __shfl_xor_sync(SR_FULL_MASK, index, offset);
+    if (pair_before(other_key, other_index, key, index)) {
+      key = other_key;
+      index = other_index;
+    }
+  }
+  if constexpr (NT > 32) {
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) {
+      key_scratch[threadIdx.x >> 5] = key;
+      index_scratch[threadIdx.x >> 5] = index;
+    }
+    __syncthreads();
+    key = key_scratch[0];
+    index = index_scratch[0];
+#pragma unroll
+    for (int w = 1; w < NT / 32; ++w) {
+      if (pair_before(key_scratch[w], index_scratch[w], key, index)) {
+        key = key_scratch[w];
+        index = index_scratch[w];
+      }
+    }
+  }
+}

@@ -1,0 +1,434 @@
+// Top-k gating on the GPU: forward (logits -> weights, experts) and backward (grad of the
+// weights -> grad of the logits). The semantics are those of rust/core/src/gating.rs and
+// docs/semantics.md; docs/cuda.md says where the GPU results may differ in the last bits.
+//
+// One team of threads routes one token: a warp (sr_topk_gating_warp, four tokens per
+// 128-thread block) for up to a few hundred experts, a 256-thread block
+// (sr_topk_gating_block) above. Any E and any k: each of the k selection rounds finds the best
+// (key, expert) pair that comes after the previous round's pair in selection order (higher key
+// first, equal keys lower expert first), so the k experts come out in order and ties can never
+// select an expert twice. Keys are recomputed from the logits in every round; nothing scales
+// with E in registers or shared memory.
+//
+// Rows holding NaN or an infinity (in the logits, or in expert_bias + scores) are not routed:
+// their experts are -1 and their weights 0, and the row is counted in the error buffer that
+// sparseroute.check_cuda_errors() reads. The kernel never synchronises with the host.
+
+#include "common.cuh"
+
+namespace {
+
+struct GatingArgs {
+  const elem_t* logits;  // [T, E]
+  i64 num_tokens;
+  int num_experts;
+  int k;
+  int sigmoid;    // 0: softmax, 1: sigmoid
+  int normalize;  // 0 / 1
+  const acc_t* bias;  // [E] or null
+  int num_groups;     // 0: no group limit
+  int topk_groups;
+  acc_t* group_scores;  // [T, num_groups] workspace (only with a group limit)
+  acc_t scale;
+  acc_t* weights;  // [T, k]
+  i64* experts;    // [T, k]
+  int* errors;
+};
+
+template <int NT>
+struct Scratch {
+  acc_t values[NT / 32];
+  int indices[NT / 32];
+  int flags[NT / 32];
+};
+
+template <int NT>
+__device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& sm) {
+  const int num_experts = a.num_experts;
+  const int k = a.k;
+  const elem_t* row = a.logits + t * static_cast<i64>(num_experts);
+  acc_t* weights = a.weights + t * static_cast<i64>(k);
+  i64* experts = a.experts + t * static_cast<i64>(k);
+  const bool use_keys = a.bias != nullptr || a.num_groups > 0;
+
+  // Pass 1: finiteness (of logits and bias) and the largest logit.
+  int finite = 1;
+  acc_t row_max = neg_infinity<acc_t>();
+  for (int e = lane; e < num_experts; e += NT) {
+    const acc_t v = to_acc(row[e]);
+    finite &= is_finite(v) ? 1 : 0;
+    if (a.bias != nullptr) {
+      finite &= is_finite(a.bias[e]) ? 1 : 0;
+    }
+    row_max = v > row_max ? v : row_max;
+  }
+  finite = team_reduce<NT>(finite, MinIntOp(), sm.flags);
+  if (!finite) {
+    for (int r = lane; r < k; r += NT) {
+      experts[r] = -1;
+      weights[r] = acc_t(0);
+    }
+    if (lane == 0) {
+      atomicAdd(&a.errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    }
+    return;
+  }
+
+  // Softmax statistics over all experts, when the keys or the weights need them.
+  acc_t row_sum = acc_t(1);
+  if (!a.sigmoid && (use_keys || !a.normalize)) {
+    row_max = team_reduce<NT>(row_max, MaxOp(), sm.values);
+    acc_t partial = acc_t(0);
+    for (int e = lane; e < num_experts; e += NT) {
+      partial = add_rn(partial, exp_acc(sub_rn(to_acc(row[e]), row_max)));
+    }
+    row_sum = team_reduce<NT>(partial, SumOp(), sm.values);
+  }
+
+  // The selection key of expert e: its logit, or its score plus its bias.
+  auto key_of = [&](int e) -> acc_t {
+    const acc_t v = to_acc(row[e]);
+    if (!use_keys) {
+      return v;
+    }
+    acc_t s;
+    if (a.sigmoid) {
+      s = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-v)));
+    } else {
+      s = div_rn(exp_acc(sub_rn(v, row_max)), row_sum);
+    }
+    return a.bias != nullptr ? add_rn(s, a.bias[e]) : s;
+  };
+
+  // Group limit: group scores (sum of the two best keys), then the topk_groups-th best group.
+  const int group_size = a.num_groups > 0 ? num_experts / a.num_groups : num_experts;
+  acc_t* group_scores = a.group_scores + t * static_cast<i64>(a.num_groups > 0 ? a.num_groups : 0);
+  acc_t group_key = neg_infinity<acc_t>();
+  int group_index = 0;
+  if (a.num_groups > 0) {
+    for (int g = lane; g < a.num_groups; g += NT) {
+      acc_t best = neg_infinity<acc_t>();
+      acc_t second = neg_infinity<acc_t>();
+      for (int i = 0; i < group_size; ++i) {
+        const acc_t key = key_of(g * group_size + i);
+        if (key > best) {
+          second = best;
+          best = key;
+        } else if (key > second) {
+          second = key;
+        }
+      }
+      const acc_t first_sum = add_rn(acc_t(0), best);
+      group_scores[g] = group_size >= 2 ? add_rn(first_sum, second) : first_sum;
+    }
+    team_sync<NT>();
+    for (int round = 0; round < a.topk_groups; ++round) {
+      acc_t best_key = neg_infinity<acc_t>();
+      int best_index = 0x7fffffff;
+      for (int g = lane; g < a.num_groups; g += NT) {
+        const acc_t key = group_scores[g];
+        const bool after_previous = round == 0 || pair_before(group_key, group_index, key, g);
+        if (after_previous && pair_before(key, g, best_key, best_index)) {
+          best_key = key;
+          best_index = g;
+        }
+      }
+      team_best_pair<NT>(best_key, best_index, sm.values, sm.indices);
+      group_key = best_key;
+      group_index = best_index;
+    }
+  }
+  // Expert e competes when its group is one of the topk_groups best: its group's pair does not
+  // come after the topk_groups-th best group's pair.
+  auto allowed = [&](int e) -> bool {
+    if (a.num_groups <= 0) {
+      return true;
+    }
+    const int g = e / group_size;
+    return !pair_before(group_key, group_index, group_scores[g], g);
+  };
+
+  // Selection: k rounds, each taking the best pair after the previous round's pair.
+  acc_t previous_key = neg_infinity<acc_t>();
+  int previous_index = 0;
+  for (int r = 0; r < k; ++r) {
+    acc_t best_key = neg_infinity<acc_t>();
+    int best_index = 0x7fffffff;
+    for (int e = lane; e < num_experts; e += NT) {
+      if (!allowed(e)) {
+        continue;
+      }
+      const acc_t key = key_of(e);
+      const bool after_previous = r == 0 || pair_before(previous_key, previous_index, key, e);
+      if (after_previous && pair_before(key, e, best_key, best_index)) {
+        best_key = key;
+        best_index = e;
+      }
+    }
+    team_best_pair<NT>(best_key, best_index, sm.values, sm.indices);
+    if (lane == r % NT) {
+      // Slot r is owned by thread r % NT from here on: it keeps the chosen logit there.
+      const bool found = best_index < num_experts;
+      experts[r] = found ? best_index : -1;
+      weights[r] = found ? to_acc(row[best_index]) : acc_t(0);
+    }
+    previous_key = best_key;
+    previous_index = best_index;
+  }
+
+  // Weights from the chosen logits (each thread reads back only the slots it wrote).
+  const acc_t scale = a.scale;
+  if (!a.sigmoid && a.normalize) {
+    acc_t chosen_max = neg_infinity<acc_t>();
+    for (int r = lane; r < k; r += NT) {
+      if (experts[r] >= 0) {
+        chosen_max = weights[r] > chosen_max ? weights[r] : chosen_max;
+      }
+    }
+    chosen_max = team_reduce<NT>(chosen_max, MaxOp(), sm.values);
+    acc_t partial = acc_t(0);
+    for (int r = lane; r < k; r += NT) {
+      if (experts[r] >= 0) {
+        partial = add_rn(partial, exp_acc(sub_rn(weights[r], chosen_max)));
+      }
+    }
+    const acc_t total = team_reduce<NT>(partial, SumOp(), sm.values);
+    for (int r = lane; r < k; r += NT) {
+      if (experts[r] >= 0) {
+        weights[r] = mul_rn(div_rn(exp_acc(sub_rn(weights[r], chosen_max)), total), scale);
+      }
+    }
+  } else if (!a.sigmoid) {
+    for (int r = lane; r < k; r += NT) {
+      if (experts[r] >= 0) {
+        weights[r] = mul_rn(div_rn(exp_acc(sub_rn(weights[r], row_max)), row_sum), scale);
+      }
+    }
+  } else {
+    acc_t partial = acc_t(0);
+    for (int r = lane; r < k; r += NT) {
+      if (experts[r] >= 0) {
+        weights[r] = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-weights[r])));
+        partial = add_rn(partial, weights[r]);
+      }
+    }
+    if (a.normalize) {
+      const acc_t total = add_rn(team_reduce<NT>(partial, SumOp(), sm.values), acc_t(1e-20));
+      for (int r = lane; r < k; r += NT) {
+        if (experts[r] >= 0) {
+          weights[r] = div_rn(weights[r], total);
+        }
+      }
+    }
+    for (int r = lane; r < k; r += NT) {
+      if (experts[r] >= 0) {
+        weights[r] = mul_rn(weights[r], scale);
+      }
+    }
+  }
+}
+
+struct BackwardArgs {
+  const elem_t* logits;   // [T, E]
+  i64 num_tokens;
+  int num_experts;
+  int k;
+  const i64* experts;       // [T, k]
+  const acc_t* grad_weights;  // [T, k]
+  int sigmoid;
+  int normalize;
+  acc_t scale;
+  elem_t* grad_logits;  // [T, E]
+  int* errors;
+};
+
+// The last slot of the token that chose expert e (the Rust kernel writes slots in order, so
+// with a repeated expert the last slot's value stands), or -1.
+__device__ __forceinline__ int last_slot_of(const i64* ids, int k, int e) {
+  int found = -1;
+  for (int j = 0; j < k; ++j) {
+    found = ids[j] == e ? j : found;
+  }
+  return found;
+}
+
+template <int NT>
+__device__ void backward_token(const BackwardArgs& a, i64 t, int lane, Scratch<NT>& sm) {
+  const int num_experts = a.num_experts;
+  const int k = a.k;
+  const elem_t* row = a.logits + t * static_cast<i64>(num_experts);
+  const i64* ids = a.experts + t * static_cast<i64>(k);
+  const acc_t* g = a.grad_weights + t * static_cast<i64>(k);
+  elem_t* out = a.grad_logits + t * static_cast<i64>(num_experts);
+  const acc_t scale = a.scale;
+  auto live = [&](int j) -> bool { return ids[j] >= 0 && ids[j] < num_experts; };
+
+  int valid = 1;
+  for (int j = lane; j < k; j += NT) {
+    valid &= (ids[j] >= -1 && ids[j] < num_experts) ? 1 : 0;
+  }
+  valid = team_reduce<NT>(valid, MinIntOp(), sm.flags);
+  if (!valid && lane == 0) {
+    atomicAdd(&a.errors[SR_ERR_EXPERT_ID], 1);
+  }
+
+  if (!a.sigmoid && !a.normalize) {
+    // w_j = scale * s_j, s the softmax over all experts:
+    // dL/dl_n = s_n * (a_n - c), a_n = scale * g_j for the slot j holding n, c = sum_j a_j s_j.
+    acc_t m = neg_infinity<acc_t>();
+    for (int e = lane; e < num_experts; e += NT) {
+      const acc_t v = to_acc(row[e]);
+      m = v > m ? v : m;
+    }
+    m = team_reduce<NT>(m, MaxOp(), sm.values);
+    acc_t partial = acc_t(0);
+    for (int e = lane; e < num_experts; e += NT) {
+      partial = add_rn(partial, exp_acc(sub_rn(to_acc(row[e]), m)));
+    }
+    const acc_t z = team_reduce<NT>(partial, SumOp(), sm.values);
+    auto score = [&](int e) -> acc_t { return div_rn(exp_acc(sub_rn(to_acc(row[e]), m)), z); };
+    acc_t c_partial = acc_t(0);
+    for (int j = lane; j < k; j += NT) {
+      if (live(j)) {
+        c_partial = add_rn(c_partial, mul_rn(mul_rn(scale, g[j]), score(static_cast<int>(ids[j]))));
+      }
+    }
+    const acc_t c = team_reduce<NT>(c_partial, SumOp(), sm.values);
+    for (int e = lane; e < num_experts; e += NT) {
+      const acc_t s = score(e);
+      const int j = last_slot_of(ids, k, e);
+      const acc_t upstream = j >= 0 ? mul_rn(scale, g[j]) : acc_t(0);
+      out[e] = from_acc(mul_rn(s, sub_rn(upstream, c)));
+    }
+    return;
+  }
+
+  if (!a.sigmoid) {
+    // w_j = scale * p_j, p the softmax over the chosen logits:
+    // dL/dl_j = scale * p_j * (g_j - sum_i p_i g_i); unchosen logits get 0.
+    acc_t m = neg_infinity<acc_t>();
+    for (int j = lane; j < k; j += NT) {
+      if (live(j)) {
+        const acc_t v = to_acc(row[ids[j]]);
+        m = v > m ? v : m;
+      }
+    }
+    m = team_reduce<NT>(m, MaxOp(), sm.values);
+    acc_t partial = acc_t(0);
+    for (int j = lane; j < k; j += NT) {
+      if (live(j)) {
+        partial = add_rn(partial, exp_acc(sub_rn(to_acc(row[ids[j]]), m)));
+      }
+    }
+    const acc_t total = team_reduce<NT>(partial, SumOp(), sm.values);
+    acc_t mean_partial = acc_t(0);
+    for (int j = lane; j < k; j += NT) {
+      if (live(j)) {
+        const acc_t p = div_rn(exp_acc(sub_rn(to_acc(row[ids[j]]), m)), total);
+        mean_partial = add_rn(mean_partial, mul_rn(p, g[j]));
+      }
+    }
+    const acc_t mean_g = team_reduce<NT>(mean_partial, SumOp(), sm.values);
+    for (int e = lane; e < num_experts; e += NT) {
+      const int j = last_slot_of(ids, k, e);
+      acc_t grad = acc_t(0);
+      if (j >= 0) {
+        const acc_t p = div_rn(exp_acc(sub_rn(to_acc(row[e]), m)), total);
+        grad = mul_rn(mul_rn(scale, p), sub_rn(g[j], mean_g));
+      }
+      out[e] = from_acc(grad);
+    }
+    return;
+  }
+
+  // Sigmoid: w_j = scale * s_j (/ (sum_i s_i + 1e-20) when normalised); unchosen logits get 0.
+  auto sigmoid = [&](int e) -> acc_t {
+    return div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-to_acc(row[e]))));
+  };
+  acc_t total = acc_t(1);
+  acc_t weighted = acc_t(0);
+  if (a.normalize) {
+    acc_t sum_partial = acc_t(0);
+    acc_t weighted_partial = acc_t(0);
+    for (int j = lane; j < k; j += NT) {
+      if (live(j)) {
+        const acc_t s = sigmoid(static_cast<int>(ids[j]));
+        sum_partial = add_rn(sum_partial, s);
+        weighted_partial = add_rn(weighted_partial, mul_rn(g[j], s));
+      }
+    }
+    total = add_rn(team_reduce<NT>(sum_partial, SumOp(), sm.values), acc_t(1e-20));
+    weighted = team_reduce<NT>(weighted_partial, SumOp(), sm.values);
+  }
+  for (int e = lane; e < num_experts; e += NT) {
+    const int j = last_slot_of(ids, k, e);
+    acc_t grad = acc_t(0);
+    if (j >= 0) {
+      const acc_t s = sigmoid(e);
+      const acc_t d_score =
+          a.normalize ? mul_rn(scale, sub_rn(div_rn(g[j], total), div_rn(weighted, mul_rn(total, total))))
+                      : mul_rn(scale, g[j]);
+      grad = mul_rn(mul_rn(d_score, s), sub_rn(acc_t(1), s));
+    }
+    out[e] = from_acc(grad);
+  }
+}
+
+}  // namespace
+
+// ---- entry points: grids are (ceil(T / 4)) blocks of 128 threads (warp teams) or (T) blocks
+// ---- of 256 threads (block teams).
+
+#define SR_GATING_PARAMS                                                                        \
+  const elem_t *logits, i64 num_tokens, int num_experts, int k, int sigmoid, int normalize,     \
+      const acc_t *bias, int num_groups, int topk_groups, acc_t *group_scores, double scale,    \
+      acc_t *weights, i64 *experts, int *errors
+#define SR_GATING_ARGS                                                                          \
+  GatingArgs{logits, num_tokens, num_experts, k, sigmoid, normalize, bias, num_groups,          \
+             topk_groups, group_scores, static_cast<acc_t>(scale), weights, experts, errors}
+
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_warp(SR_GATING_PARAMS) {
+  __shared__ Scratch<32> scratch[4];
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const i64 t = static_cast<i64>(blockIdx.x) * 4 + warp;
+  if (t >= num_tokens) {
+    return;
+  }
+  route_token<32>(SR_GATING_ARGS, t, static_cast<int>(threadIdx.x & 31), scratch[warp]);
+}
+
+extern "C" __global__ void __launch_bounds__(256) sr_topk_gating_block(SR_GATING_PARAMS) {
+  __shared__ Scratch<256> scratch;
+  const i64 t = static_cast<i64>(blockIdx.x);
+  if (t >= num_tokens) {
+    return;
+  }
+  route_token<256>(SR_GATING_ARGS, t, static_cast<int>(threadIdx.x), scratch);
+}
+
+#define SR_BACKWARD_PARAMS                                                                     \
+  const elem_t *logits, i64 num_tokens, int num_experts, int k, const i64 *experts,            \
+      const acc_t *grad_weights, int sigmoid, int normalize, double scale, elem_t *grad_logits, \
+      int *errors
+#define SR_BACKWARD_ARGS                                                                       \
+  BackwardArgs{logits, num_tokens, num_experts, k, experts, grad_weights, sigmoid, normalize,  \
+               static_cast<acc_t>(scale), grad_logits, errors}
+
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_backward_warp(SR_BACKWARD_PARAMS) {
+  __shared__ Scratch<32> scratch[4];
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const i64 t = static_cast<i64>(blockIdx.x) * 4 + warp;
+  if (t >= num_tokens) {
+    return;
+  }
+  backward_token<32>(SR_BACKWARD_ARGS, t, static_cast<int>(threadIdx.x & 31), scratch[warp]);
+}
+
+extern "C" __global__ void __launch_bounds__(256) sr_topk_gating_backward_block(SR_BACKWARD_PARAMS) {
+  __shared__ Scratch<256> scratch;
+  const i64 t = static_cast<i64>(blockIdx.x);
+  if (t >= num_tokens) {
+    return;
+  }
+  backward_token<256>(SR_BACKWARD_ARGS, t, static_cast<int>(threadIdx.x), scratch);
+}

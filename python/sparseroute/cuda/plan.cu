@@ -1,0 +1,168 @@
+// The dropless permutation plan on the GPU: the same plan as rust/core/src/dispatch.rs
+// (build_plan), which is unique: rows in expert-major order, within an expert ascending slot
+// index. Integer counting only, so the plan is identical to the CPU's, bit for bit.
+//
+// The S = T * k slots are cut into consecutive chunks, one warp per chunk:
+//   sr_plan_count    per-chunk histograms, counts[c, e] (a torch-zeroed int64 workspace)
+//   sr_plan_totals   tokens_per_expert[e] = sum over chunks of counts[c, e]
+//   sr_plan_scan     offsets = exclusive prefix sums of tokens_per_expert (one block)
+//   sr_plan_cursors  counts[c, e] becomes the first row of chunk c's slots of expert e
+//   sr_plan_scatter  each warp walks its chunk in slot order, 32 slots at a time; slots of the
+//                    same expert in a step are ranked by lane (__match_any_sync), so the row
+//                    of a slot is its expert's cursor plus its rank: a stable counting sort.
+// No atomics decide an order anywhere; each chunk's row of the workspace belongs to one warp.
+//
+// Invalid expert ids (not -1 and outside [0, E)) are treated as empty slots and counted in the
+// error buffer; so are slots that do not fit in num_rows rows (their slot_to_row is -1).
+
+#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_plan_count(const i64* experts, i64 num_slots, int num_experts, i64 chunk, i64 num_chunks,
+                  i64* counts, int* errors) {
+  const i64 c = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (c >= num_chunks) {
+    return;
+  }
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const i64 begin = c * chunk;
+  const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
+  i64* mine = counts + c * static_cast<i64>(num_experts);
+  int invalid = 0;
+  for (i64 base = begin; base < end; base += 32) {
+    const i64 s = base + lane;
+    i64 e = -1;
+    if (s < end) {
+      e = experts[s];
+      if (e < -1 || e >= num_experts) {
+        invalid = 1;
+        e = -1;
+      }
+    }
+    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
+    if (e >= 0 && lane == __ffs(peers) - 1) {
+      mine[e] += __popc(peers);
+    }
+    __syncwarp();
+  }
+  if (__any_sync(SR_FULL_MASK, invalid) && lane == 0) {
+    atomicAdd(&errors[SR_ERR_EXPERT_ID], 1);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    sr_plan_totals(const i64* counts, i64 num_chunks, int num_experts, i64* tokens_per_expert) {
+  const i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= num_experts) {
+    return;
+  }
+  i64 total = 0;
+  for (i64 c = 0; c < num_chunks; ++c) {
+    total += counts[c * num_experts + e];
+  }
+  tokens_per_expert[e] = total;
+}
+
+// One block of 1024 threads: tiles of 1024 experts, scanned with warp shuffles.
+extern "C" __global__ void __launch_bounds__(1024)
+    sr_plan_scan(const i64* tokens_per_expert, int num_experts, i64* offsets) {
+  __shared__ i64 warp_totals[32];
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  i64 carry = 0;
+  for (int base = 0; base < num_experts; base += 1024) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    const i64 count = e < num_experts ? tokens_per_expert[e] : 0;
+    i64 inclusive = count;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const i64 other = __shfl_up_sync(SR_FULL_MASK, inclusive, offset);
+      inclusive += lane >= offset ? other : 0;
+    }
+    if (lane == 31) {
+      warp_totals[warp] = inclusive;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      i64 total = warp_totals[lane];
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const i64 other = __shfl_up_sync(SR_FULL_MASK, total, offset);
+        total += lane >= offset ? other : 0;
+      }
+      warp_totals[lane] = total;
+    }
+    __syncthreads();
+    const i64 before_warp = warp > 0 ? warp_totals[warp - 1] : 0;
+    if (e < num_experts) {
+      offsets[e] = carry + before_warp + inclusive - count;
+    }
+    carry += warp_totals[31];
+    __syncthreads();  // warp_totals is rewritten by the next tile
+  }
+  if (threadIdx.x == 0) {
+    offsets[num_experts] = carry;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    sr_plan_cursors(i64* counts, i64 num_chunks, int num_experts, const i64* offsets) {
+  const i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= num_experts) {
+    return;
+  }
+  i64 next = offsets[e];
+  for (i64 c = 0; c < num_chunks; ++c) {
+    const i64 n = counts[c * num_experts + e];
+    counts[c * num_experts + e] = next;
+    next += n;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_plan_scatter(const i64* experts, i64 num_slots, int num_experts, i64 chunk, i64 num_chunks,
+                    i64* cursors, i64 num_rows, i64* row_to_slot, i64* slot_to_row, int* errors) {
+  const i64 c = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (c >= num_chunks) {
+    return;
+  }
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  const i64 begin = c * chunk;
+  const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
+  i64* mine = cursors + c * static_cast<i64>(num_experts);
+  int overflow = 0;
+  for (i64 base = begin; base < end; base += 32) {
+    const i64 s = base + lane;
+    i64 e = -1;
+    if (s < end) {
+      e = experts[s];
+      if (e < -1 || e >= num_experts) {
+        e = -1;
+      }
+    }
+    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
+    i64 row = -1;
+    if (e >= 0) {
+      row = mine[e] + __popc(peers & lanes_below);
+    }
+    __syncwarp();  // every peer has read the cursor
+    if (e >= 0 && lane == __ffs(peers) - 1) {
+      mine[e] += __popc(peers);
+    }
+    if (s < end) {
+      if (row >= num_rows) {
+        overflow = 1;
+        row = -1;
+      }
+      slot_to_row[s] = row;
+      if (row >= 0) {
+        row_to_slot[row] = s;
+      }
+    }
+    __syncwarp();  // the cursor update is visible to the next step
+  }
+  if (__any_sync(SR_FULL_MASK, overflow) && lane == 0) {
+    atomicAdd(&errors[SR_ERR_NUM_ROWS], 1);
+  }
+}

@@ -1,0 +1,229 @@
+"""The CUDA backend without a GPU: the kernel sources ship in the installed wheel, every
+module compiles through NVRTC for sm_80 and sm_90 with exactly the loader's options and no
+warnings, the order-fixed kernels compile without fused multiply-adds or flush-to-zero, and
+CUDA tensors get the documented errors when CuPy is missing."""
+
+import base64
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import sparseroute
+from sparseroute import _cuda, _cuda_ops
+
+ARCHS = ["sm_80", "sm_90"]
+MODULE_IDS = [f"{file}-{str(dtype).removeprefix('torch.')}" for file, dtype in _cuda.module_keys()]
+
+
+# --- the sources in the wheel --------------------------------------------------------------------
+
+
+def test_sources_ship_inside_the_installed_package():
+    kernel_dir = _cuda.kernel_dir()
+    assert kernel_dir.parent == pathlib.Path(sparseroute.__file__).parent
+    expected = {*_cuda.MODULES, *_cuda.HEADERS}
+    assert expected <= {path.name for path in kernel_dir.iterdir()}
+    # Listed in the installed distribution's RECORD: they were in the wheel pip installed.
+    recorded = {str(path) for path in importlib.metadata.files("sparseroute") or []}
+    assert {f"sparseroute/cuda/{name}" for name in expected} <= recorded
+
+
+def _record_hash(path: pathlib.Path) -> str:
+    digest = hashlib.sha256(path.read_bytes()).digest()
+    return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_the_built_wheel_contains_the_sources():
+    """dist/ holds the wheel `make wheel` built and installed (checked by the hash of the
+    installed sparseroute/_cuda.py in the wheel's RECORD); it must carry the sources."""
+    wheels = sorted((pathlib.Path(__file__).parents[1] / "dist").glob("sparseroute-*.whl"))
+    if not wheels:
+        pytest.skip("no wheel in dist/ (make wheel builds one)")
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        names = set(wheel.namelist())
+        record = next(name for name in names if name.endswith(".dist-info/RECORD"))
+        lines = wheel.read(record).decode().splitlines()
+    installed = _record_hash(pathlib.Path(_cuda.__file__))
+    if not any(line.startswith(f"sparseroute/_cuda.py,{installed},") for line in lines):
+        pytest.skip(f"{wheels[-1].name} is not the wheel installed here (built from other sources)")
+    assert {f"sparseroute/cuda/{name}" for name in (*_cuda.MODULES, *_cuda.HEADERS)} <= names
+
+
+def test_every_launched_kernel_is_defined_in_its_source():
+    defined = {name for file in _cuda.MODULES for name in _cuda.kernel_names(file)}
+    launched = set(re.findall(r'"(sr_\w+)"', pathlib.Path(_cuda_ops.__file__).read_text()))
+    assert launched and launched <= defined
+
+
+# --- NVRTC -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    # `make test` sets SPARSEROUTE_REQUIRE_NVRTC: there every kernel must compile, so a
+    # missing NVRTC is a failure, not a skip (torch's CUDA wheels bring it).
+    required = os.environ.get("SPARSEROUTE_REQUIRE_NVRTC") == "1"
+    try:
+        import cuda.bindings.nvrtc  # noqa: F401
+
+        return _cuda.nvrtc_backend("cuda.bindings")
+    except ImportError as err:
+        if required:
+            raise
+        pytest.skip(f"NVRTC does not load: {err}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("file", "dtype"), _cuda.module_keys(), ids=MODULE_IDS)
+def test_module_compiles_without_warnings(nvrtc, file, dtype, arch):
+    module = _cuda.compile_module(file, dtype, arch, nvrtc)
+    assert module.log == "", module.log
+    assert len(module.binary) > 0
+    for kernel in _cuda.kernel_names(file):
+        assert kernel.encode() in module.binary, kernel
+    assert f"--gpu-architecture={arch}" in module.options and "--std=c++17" in module.options
+
+
+@pytest.mark.parametrize("file", ["plan.cu", "rows.cu"])
+@pytest.mark.parametrize("dtype", list(_cuda.DTYPE_CODES))
+def test_order_fixed_kernels_have_no_fma_and_no_flush_to_zero(nvrtc, file, dtype):
+    """The combine, the gather and the dot products round every product and sum on its own,
+    keeping subnormals, as the Rust kernels do: their PTX has no fma and no .ftz."""
+    if _cuda.MODULES[file] == (None,):
+        dtype = None
+    ptx = _cuda.compile_module(file, dtype, "compute_80", nvrtc).binary.decode()
+    assert ".entry" in ptx
+    assert not re.search(r"\bfma\.", ptx)
+    assert ".ftz" not in ptx
+
+
+def test_errors_name_the_source_when_compilation_fails(nvrtc, monkeypatch):
+    monkeypatch.setattr(_cuda, "read_source", lambda file: "this is not C++")
+    with pytest.raises(_cuda.CudaCompileError, match=r"could not compile plan\.cu for sm_80"):
+        _cuda.compile_module("plan.cu", None, "sm_80", nvrtc)
+
+
+def test_device_arch_is_explicit(monkeypatch):
+    class Backend:
+        name = "test"
+
+        def version(self):
+            return (13, 2)
+
+        def supported_archs(self):
+            return [75, 80, 86, 90]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    assert _cuda.device_arch(0, Backend()) == "sm_90"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 9))
+    assert _cuda.device_arch(0, Backend()) == "compute_86"  # PTX the driver compiles for 8.9
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 0))
+    with pytest.raises(_cuda.CudaCompileError, match=r"compute capability 7\.0"):
+        _cuda.device_arch(0, Backend())
+
+
+def test_compiled_binaries_are_cached_on_disk_by_content(nvrtc, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEROUTE_CACHE_DIR", str(tmp_path))
+    name = _cuda._binary_path("plan.cu", None, "sm_80", nvrtc)
+    calls = []
+
+    def compile_binary():
+        calls.append(1)
+        return _cuda.compile_module("plan.cu", None, "sm_80", nvrtc).binary
+
+    first = _cuda._stored_binary(name, compile_binary)
+    second = _cuda._stored_binary(name, compile_binary)
+    assert first == second == tmp_path / name and len(calls) == 1
+    assert name != _cuda._binary_path("plan.cu", None, "sm_90", nvrtc)
+
+
+# --- errors without CuPy or without a GPU ---------------------------------------------------------
+
+
+def test_cuda_tensors_without_cupy_say_what_to_install(monkeypatch):
+    monkeypatch.setattr(_cuda, "_CUPY_FOUND", False)
+    with FakeTensorMode():
+        logits = torch.empty(4, 8, device="cuda")
+        x = torch.empty(4, 16, device="cuda")
+        with pytest.raises(
+            ImportError, match=r"logits: got a CUDA tensor.*sparseroute\[gpu\].*cupy-cuda1[23]x"
+        ):
+            sparseroute.topk_gating(logits, 2)
+        with pytest.raises(ImportError, match=r"x: got a CUDA tensor"):
+            sparseroute.permute(x, torch.zeros(4, 2, dtype=torch.int64, device="cuda"), 8)
+
+
+def test_cuda_tensors_pass_the_checks_when_cupy_is_installed(monkeypatch):
+    """With CuPy, the public wrappers accept CUDA tensors (here fake ones, which run the ops'
+    fake kernels: shapes, dtypes and devices as on the GPU)."""
+    monkeypatch.setattr(_cuda, "_CUPY_FOUND", True)
+    with FakeTensorMode():
+        logits = torch.empty(6, 8, device="cuda")
+        weights, experts = sparseroute.topk_gating(logits, 2, expert_bias=torch.zeros(8, device="cuda"))
+        assert weights.device.type == experts.device.type == "cuda"
+        assert weights.dtype == torch.float32 and experts.dtype == torch.int64
+        x_sorted, plan = sparseroute.permute(torch.empty(6, 16, device="cuda"), experts, 8, num_rows=12)
+        assert x_sorted.shape == (12, 16) and plan.slot_to_row.shape == (6, 2)
+        y = sparseroute.unpermute(x_sorted, plan, weights)
+        assert y.shape == (6, 16) and y.device.type == "cuda"
+
+
+def test_other_devices_keep_the_cpu_error():
+    with pytest.raises(ValueError, match="logits: expected a CPU tensor"):
+        sparseroute.topk_gating(torch.empty(4, 8, device="meta"), 2)
+
+
+def test_launching_without_cupy_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(ImportError, match=r"need CuPy: install sparseroute's GPU extra"):
+        _cuda.cupy_module()
+
+
+def test_every_op_has_a_cuda_kernel_or_a_clear_error():
+    # register() runs when sparseroute is imported; ops of modules imported later (lazily)
+    # get their stand-ins when it runs again. It is idempotent.
+    _cuda_ops.register()
+    names = _cuda_ops._sparseroute_ops()
+    assert {f"sparseroute::{name}" for name in _cuda_ops.CUDA_OPS} <= set(names)
+    for name in names:
+        assert _cuda_ops._has_cuda_kernel(name), name
+    stand_in = _cuda_ops._missing_kernel("sparseroute::topp_gating")
+    with pytest.raises(
+        NotImplementedError, match=r"sparseroute::topp_gating has no CUDA kernel.*tensor\.cpu"
+    ):
+        stand_in(torch.empty(1))
+
+
+def test_check_cuda_errors_without_a_device_is_a_no_op():
+    sparseroute.check_cuda_errors()
+
+
+# --- info ------------------------------------------------------------------------------------------
+
+
+def test_info_describes_the_installation():
+    info = sparseroute.info()
+    assert info["version"] == sparseroute.__version__
+    assert info["rust_threads"] == sparseroute.get_num_threads()
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert info["cuda_ops"] == list(_cuda_ops.CUDA_OPS)
+    assert set(info["cuda_source_files"]) >= {"gating.cu", "plan.cu", "rows.cu", "common.cuh"}
+    assert {"cupy", "nvrtc", "device", "torch_cuda"} <= set(info)
+
+
+def test_python_m_sparseroute_info():
+    result = subprocess.run(
+        [sys.executable, "-m", "sparseroute", "info"], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert result.stdout.startswith("version:")
+    for key in ("rust_threads:", "cuda_available:", "cupy:", "nvrtc:", "device:", "cuda_ops:"):
+        assert key in result.stdout

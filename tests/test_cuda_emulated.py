@@ -1,0 +1,279 @@
+"""The CUDA kernels, run on the CPU by the host emulation in cuda_emulation.h, against the
+CPU kernels: the same expert choices and permutation plans bit for bit, the combine, the
+weighted gather and the slot dot products bit for bit, gating weights and gradients within
+float tolerance (the GPU reduces in a different order than the Rust kernels).
+
+This checks the kernel sources and the launch glue (argument widths and order, grid sizes,
+workspaces) without a GPU; tests/gpu checks the same on a real device. Skipped without a C++20
+compiler.
+"""
+
+import pytest
+import torch
+
+from cuda_emulation import compiler, emulated_cuda
+from sparseroute import _cuda_ops
+
+from reference import WEIGHT_TOLERANCE, permute_reference, topk_gating_reference, unpermute_reference
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulation")
+
+ops = torch.ops.sparseroute
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    with emulated_cuda(monkeypatch) as launcher:
+        yield launcher
+
+
+def tie_heavy(num_tokens, num_experts, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 5, (num_tokens, num_experts), generator=g).to(dtype)
+
+
+def gating_args(
+    logits, k, score="softmax", normalize=True, bias=None, groups=None, topk_groups=None, scale=1.0
+):
+    return (logits, k, score, normalize, bias, groups, topk_groups, scale)
+
+
+def assert_weights_close(actual, expected, dtype):
+    tolerance = WEIGHT_TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tolerance["rtol"] * 4, atol=tolerance["atol"] * 4)
+
+
+# --- top-k gating --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("num_experts", "k"), [(1, 1), (5, 5), (8, 2), (64, 6), (600, 4)], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
+def test_gating_matches_the_cpu_kernel(gpu, dtype, num_experts, k, score, normalize):
+    logits = tie_heavy(9, num_experts, dtype, seed=num_experts + k)
+    args = gating_args(logits, k, score, normalize, scale=2.5)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    cpu_weights, cpu_experts = ops.topk_gating(*args)
+    assert torch.equal(experts, cpu_experts)
+    assert weights.dtype == cpu_weights.dtype
+    assert_weights_close(weights, cpu_weights, dtype)
+    ref_weights, ref_experts = topk_gating_reference(logits, k, score=score, normalize=normalize, scale=2.5)
+    assert torch.equal(experts, ref_experts)
+    assert_weights_close(weights, ref_weights, dtype)
+    assert not gpu.errors.any()
+    expected_kernel = (
+        "sr_topk_gating_warp" if num_experts <= _cuda_ops.WARP_TEAM_MAX_EXPERTS else "sr_topk_gating_block"
+    )
+    assert gpu.launches[-1][0] == expected_kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("num_experts", "groups", "topk_groups", "k"), [(12, 4, 2, 3), (64, 8, 3, 8), (640, 8, 4, 8)]
+)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bias_and_group_limit(gpu, dtype, num_experts, groups, topk_groups, k, score):
+    logits = tie_heavy(7, num_experts, dtype, seed=groups)
+    g = torch.Generator().manual_seed(k)
+    # One bias class (a multiple of 10) per group: no near-ties between groups (see test_gating).
+    bias = (torch.randint(0, 3, (groups,), generator=g).double() * 10).repeat_interleave(
+        num_experts // groups
+    )
+    args = gating_args(logits, k, score, True, bias.to(dtype), groups, topk_groups, 1.5)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    cpu_weights, cpu_experts = ops.topk_gating(*args)
+    assert torch.equal(experts, cpu_experts)
+    assert_weights_close(weights, cpu_weights, dtype)
+
+
+def test_deepseek_v3_style_routing(gpu):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(16, 256, generator=g)
+    bias = torch.randn(256, generator=g) * 0.01
+    args = gating_args(logits, 8, "sigmoid", True, bias, 8, 4, 2.5)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    cpu_weights, cpu_experts = ops.topk_gating(*args)
+    assert torch.equal(experts, cpu_experts)
+    torch.testing.assert_close(weights, cpu_weights)
+
+
+def test_non_finite_rows_are_counted_not_routed(gpu):
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    logits[1, 4] = float("nan")
+    logits[3, 0] = float("inf")
+    weights, experts = _cuda_ops.topk_gating_cuda(*gating_args(logits, 2))
+    assert experts[1].tolist() == [-1, -1] and experts[3].tolist() == [-1, -1]
+    assert weights[1].tolist() == [0.0, 0.0] and weights[3].tolist() == [0.0, 0.0]
+    good = [0, 2, 4]
+    cpu_weights, cpu_experts = ops.topk_gating(*gating_args(logits[good], 2))
+    assert torch.equal(experts[good], cpu_experts)
+    torch.testing.assert_close(weights[good], cpu_weights)
+    assert gpu.errors.tolist() == [2, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("num_experts", [6, 700])
+@pytest.mark.parametrize(
+    ("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True), ("sigmoid", False)]
+)
+def test_gating_backward_matches_the_cpu_kernel(gpu, dtype, num_experts, score, normalize):
+    g = torch.Generator().manual_seed(num_experts)
+    logits = torch.randn(5, num_experts, generator=g).to(dtype)
+    k = 3
+    _, experts = ops.topk_gating(logits, k, score, normalize, None, None, None, 1.0)
+    experts[2, 1] = -1  # an empty slot (top-p layouts have them)
+    grad_weights = torch.randn(5, k, generator=g, dtype=torch.float64).to(_cuda_ops._accumulator(dtype))
+    args = (logits, experts, grad_weights, score, normalize, 1.7)
+    grad = _cuda_ops.topk_gating_backward_cuda(*args)
+    cpu_grad = ops.topk_gating_backward(*args)
+    assert grad.dtype == cpu_grad.dtype == dtype
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(grad, cpu_grad, rtol=tolerance, atol=tolerance)
+
+
+def test_gating_empty_batch(gpu):
+    weights, experts = _cuda_ops.topk_gating_cuda(*gating_args(torch.empty(0, 8), 2))
+    assert weights.shape == experts.shape == (0, 2)
+    assert gpu.launches == []
+
+
+def test_gating_checks_its_arguments(gpu):
+    with pytest.raises(ValueError, match="k: expected 1 <= k <= E = 4"):
+        _cuda_ops.topk_gating_cuda(*gating_args(torch.zeros(2, 4), 5))
+    with pytest.raises(ValueError, match="num_groups"):
+        _cuda_ops.topk_gating_cuda(*gating_args(torch.zeros(2, 6), 2, groups=4, topk_groups=1))
+
+
+# --- permute ------------------------------------------------------------------------------------
+
+
+def random_experts(num_tokens, k, num_experts, seed, empty=0.1):
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.randint(0, num_experts, (num_tokens, k), generator=g)
+    holes = torch.rand(num_tokens, k, generator=g) < empty
+    return experts.masked_fill(holes, -1)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "k", "num_experts"), [(0, 2, 4), (1, 1, 1), (37, 2, 3), (300, 4, 64), (200, 3, 1000)]
+)
+@pytest.mark.parametrize("static_rows", [False, True])
+def test_permute_plan_is_the_cpu_plan(gpu, num_tokens, k, num_experts, static_rows):
+    experts = random_experts(num_tokens, k, num_experts, seed=num_tokens)
+    x = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(1))
+    num_rows = num_tokens * k + 3 if static_rows else None
+    args = (x, experts, num_experts, num_rows, None, None, False)
+    ours = _cuda_ops.permute_cuda(*args)
+    cpu = ops.permute(*args)
+    names = ["x_sorted", "tokens_per_expert", "offsets", "row_to_slot", "slot_to_row", "dropped"]
+    for name, a, b in zip(names, ours, cpu, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    if not static_rows:
+        ref_sorted, plan = permute_reference(x, experts, num_experts)
+        assert torch.equal(ours[0], ref_sorted)
+        assert torch.equal(ours[3], plan["row_to_slot"])
+    assert not gpu.errors.any()
+
+
+def test_permute_plan_over_many_chunks(gpu, monkeypatch):
+    """Small chunks: the per-chunk cursors must chain chunk after chunk."""
+    monkeypatch.setattr(_cuda_ops, "PLAN_CHUNK_SLOTS", 40)
+    experts = random_experts(500, 2, 7, seed=5, empty=0.2)
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(2))
+    args = (x, experts, 7, None, None, None, False)
+    ours = _cuda_ops.permute_cuda(*args)
+    cpu = ops.permute(*args)
+    assert all(torch.equal(a, b) for a, b in zip(ours, cpu, strict=True))
+    count_launch = next(launch for launch in gpu.launches if launch[0] == "sr_plan_count")
+    assert count_launch[1] == 7  # 25 chunks of 40 slots, four warps per block
+
+
+def test_permute_plan_chunking_respects_the_workspace_bound():
+    chunks, chunk = _cuda_ops.plan_chunks(1 << 20, 100_000)
+    assert chunks * 100_000 <= _cuda_ops.PLAN_WORKSPACE_ENTRIES and chunks * chunk >= 1 << 20
+    assert _cuda_ops.plan_chunks(0, 8) == (0, 1)
+    chunks, chunk = _cuda_ops.plan_chunks(5000, 8)
+    assert (chunks - 1) * chunk < 5000 <= chunks * chunk
+
+
+def test_invalid_expert_ids_and_short_num_rows_are_counted(gpu):
+    experts = torch.tensor([[0, 9], [1, -3], [0, 1]])
+    x = torch.randn(3, 4)
+    _, tpe, offsets, _, slot_to_row, _ = _cuda_ops.permute_cuda(x, experts, 2, None, None, None, False)
+    assert gpu.errors.tolist() == [0, 1, 0, 0]
+    assert slot_to_row.tolist() == [[0, -1], [2, -1], [1, 3]]
+    assert tpe.tolist() == [2, 2] and offsets.tolist() == [0, 2, 4]
+    gpu.errors.zero_()
+    _, _, _, row_to_slot, slot_to_row, _ = _cuda_ops.permute_cuda(
+        x, experts.clamp(0, 1), 2, 4, None, None, False
+    )
+    assert gpu.errors.tolist() == [0, 0, 0, 1]
+    assert row_to_slot.shape == (4,) and (slot_to_row == -1).sum() == 2
+
+
+def test_capacity_has_no_cuda_kernel_yet(gpu):
+    with pytest.raises(NotImplementedError, match="capacity"):
+        _cuda_ops.permute_cuda(
+            torch.zeros(2, 2), torch.zeros(2, 1, dtype=torch.int64), 2, None, 1, None, False
+        )
+
+
+# --- rows: gather, combine, dot products ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_len", [1, 5, 16, 40])
+def test_row_kernels_match_the_cpu_kernels_bit_for_bit(gpu, dtype, row_len):
+    g = torch.Generator().manual_seed(row_len)
+    num_tokens, k, num_experts = 23, 3, 5
+    experts = random_experts(num_tokens, k, num_experts, seed=row_len, empty=0.2)
+    x = torch.randn(num_tokens, row_len, generator=g).to(dtype)
+    _, _, _, row_to_slot, slot_to_row, _ = ops.permute(
+        x, experts, num_experts, num_tokens * k, None, None, False
+    )
+    y_sorted = torch.randn(num_tokens * k, row_len, generator=g).to(dtype)
+    weights = torch.rand(num_tokens, k, generator=g, dtype=torch.float64).to(_cuda_ops._accumulator(dtype))
+    for w in (None, weights):
+        combined = _cuda_ops.unpermute_cuda(y_sorted, slot_to_row, row_to_slot, w)
+        assert torch.equal(combined, ops.unpermute(y_sorted, slot_to_row, row_to_slot, w))
+        assert torch.equal(combined, unpermute_reference(y_sorted, slot_to_row, w))
+        gathered = _cuda_ops.gather_rows_cuda(x, row_to_slot, k, w)
+        assert torch.equal(gathered, ops.gather_rows(x, row_to_slot, k, w))
+    grad_y = torch.randn(num_tokens, row_len, generator=g).to(dtype)
+    dots = _cuda_ops.slot_dots_cuda(grad_y, y_sorted, slot_to_row)
+    assert torch.equal(dots, ops.slot_dots(grad_y, y_sorted, slot_to_row))
+    assert not gpu.errors.any()
+
+
+def test_long_rows_use_16_byte_words(gpu):
+    x = torch.randn(4, 64)
+    row_to_slot = torch.tensor([3, -1, 0, 2])
+    out = _cuda_ops.gather_rows_cuda(x, row_to_slot, 1, None)
+    assert torch.equal(out, ops.gather_rows(x, row_to_slot, 1, None))
+    odd = _cuda_ops.gather_rows_cuda(x[:, 1:], row_to_slot, 1, None)  # 63 floats: element by element
+    assert torch.equal(odd, ops.gather_rows(x[:, 1:].contiguous(), row_to_slot, 1, None))
+
+
+def test_corrupt_plans_are_counted_and_never_read_out_of_bounds(gpu):
+    x = torch.randn(2, 4)
+    out = _cuda_ops.gather_rows_cuda(x, torch.tensor([0, 7, 1]), 1, None)
+    assert torch.equal(out[1], torch.zeros(4)) and torch.equal(out[0], x[0])
+    combined = _cuda_ops.unpermute_cuda(x, torch.tensor([[1], [5]]), torch.tensor([0, 1]), None)
+    assert torch.equal(combined[0], x[1]) and torch.equal(combined[1], torch.zeros(4))
+    dots = _cuda_ops.slot_dots_cuda(x, x, torch.tensor([[0], [9]]))
+    assert dots[1, 0] == 0
+    assert gpu.errors.tolist() == [0, 0, 3, 0]
+
+
+def test_subnormal_values_survive_the_combine(gpu):
+    """No flush-to-zero: the products below float32's normal range stay what the CPU gives."""
+    y_sorted = torch.full((2, 4), 1e-30)
+    slot_to_row = torch.tensor([[0, 1]])
+    weights = torch.tensor([[1e-10, 3e-10]])
+    ours = _cuda_ops.unpermute_cuda(y_sorted, slot_to_row, torch.tensor([0, 0]), weights)
+    cpu = ops.unpermute(y_sorted, slot_to_row, torch.tensor([0, 0]), weights)
+    assert torch.equal(ours, cpu) and (cpu != 0).all()
