@@ -5,7 +5,9 @@
 Each case times both sides with CUDA events (median of ``--repeats`` runs after warm-up, in
 milliseconds) on the current device, and prints a table; ``--out`` writes the rows as JSON.
 The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ group mask),
-a stable argsort + index_select for permute, and a gather + weighted sum for unpermute.
+a stable argsort + index_select for permute, and a gather + weighted sum for unpermute; for
+the token ops topk + sort, gather and a gathered x + gate * y scattered back; for the balance
+ops softmax + sum, bincount, logsumexp; argmax for layer_plan.
 """
 
 from __future__ import annotations
@@ -116,7 +118,78 @@ def cases(repeats: int) -> list[dict[str, object]]:
             lambda x_sorted=x_sorted, plan=plan, w=weights: sparseroute.unpermute(x_sorted, plan, w),
             lambda x_sorted=x_sorted, order=order, w=weights: torch_unpermute(x_sorted, order, w),
         )
+    # Mixture-of-Depths: top-C selection, gather, gated scatter (torch: topk + sort + gather /
+    # scatter of x + gate * y).
+    for batch, seq_len, hidden in [(8, 4096, 2048), (32, 1024, 1024)]:
+        capacity = seq_len // 8
+        scores = torch.randn(batch, seq_len, device="cuda", generator=g)
+        x = torch.randn(batch, seq_len, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+        shape = f"B={batch} S={seq_len} C={capacity} d={hidden} bf16"
+        add(
+            "select_tokens (top-C)",
+            shape,
+            lambda scores=scores, c=capacity: sparseroute.select_tokens(scores, c),
+            lambda scores=scores, c=capacity: torch_select(scores, c),
+        )
+        indices = sparseroute.select_tokens(scores, capacity).indices
+        y = torch.randn(batch, capacity, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+        gate = torch.sigmoid(scores)
+        add(
+            "gather_tokens",
+            shape,
+            lambda x=x, indices=indices: sparseroute.gather_tokens(x, indices),
+            lambda x=x, indices=indices: x.gather(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[2])),
+        )
+        add(
+            "scatter_tokens (gated)",
+            shape,
+            lambda x=x, y=y, indices=indices, gate=gate: sparseroute.scatter_tokens(x, y, indices, gate=gate),
+            lambda x=x, y=y, indices=indices, gate=gate: torch_gated_scatter(x, y, indices, gate),
+        )
+    # Load balancing: score sums, expert counts, z-loss (torch: softmax + sum, bincount, logsumexp).
+    ops = torch.ops.sparseroute
+    for tokens, experts, k in [(16384, 64, 8), (65536, 256, 8)]:
+        logits = torch.randn(tokens, experts, device="cuda", generator=g, dtype=torch.bfloat16)
+        ids = torch.randint(0, experts, (tokens, k), device="cuda", generator=g)
+        shape = f"T={tokens} E={experts} k={k} bf16"
+        add(
+            "score_sums (softmax, batch)",
+            shape,
+            lambda logits=logits: ops.score_sums(logits, "softmax", logits.shape[0], None),
+            lambda logits=logits: torch.softmax(logits.double(), -1).sum(0, keepdim=True),
+        )
+        add(
+            "expert_counts",
+            shape,
+            lambda ids=ids, e=experts: ops.expert_counts(ids, e, ids.shape[0], None),
+            lambda ids=ids, e=experts: torch.bincount(ids.reshape(-1), minlength=e),
+        )
+        add(
+            "z_loss",
+            shape,
+            lambda logits=logits: sparseroute.z_loss(logits),
+            lambda logits=logits: torch.logsumexp(logits.float(), -1).square().mean(),
+        )
+    plan_logits = torch.randn(4096, 32, 3, device="cuda", generator=g)
+    add(
+        "layer_plan",
+        "B=4096 L=32 fp32",
+        lambda: sparseroute.layer_plan(plan_logits),
+        lambda: plan_logits.argmax(-1),
+    )
     return rows
+
+
+def torch_select(scores, capacity):
+    indices = scores.topk(capacity, dim=-1).indices.sort(dim=-1).values
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+    return indices, mask
+
+
+def torch_gated_scatter(x, y, indices, gate):
+    index = indices.unsqueeze(-1).expand(-1, -1, x.shape[2])
+    rows = x.gather(1, index).float() + gate.gather(1, indices).unsqueeze(-1) * y.float()
+    return x.scatter(1, index, rows.to(x.dtype))
 
 
 def main() -> int:

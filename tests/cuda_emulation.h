@@ -124,9 +124,29 @@ inline int __any_sync(unsigned, int predicate) {
   return any;
 }
 
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  auto* w = sr_emulation::warp;
+  w->slots[sr_emulation::lane] = predicate != 0;
+  w->barrier.arrive_and_wait();
+  unsigned votes = 0;
+  for (unsigned l = 0; l < 32; ++l) {
+    votes |= static_cast<unsigned>(w->slots[l] != 0) << l;
+  }
+  w->barrier.arrive_and_wait();
+  return votes;
+}
+
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  return std::atomic_ref<unsigned long long>(*address).fetch_add(value);
+}
+inline int atomicCAS(int* address, int compare, int value) {
+  std::atomic_ref<int>(*address).compare_exchange_strong(compare, value);
+  return compare;
+}
+inline int atomicExch(int* address, int value) { return std::atomic_ref<int>(*address).exchange(value); }
 
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

@@ -93,7 +93,7 @@ def test_module_compiles_without_warnings(nvrtc, file, dtype, arch):
     assert f"--gpu-architecture={arch}" in module.options and "--std=c++17" in module.options
 
 
-@pytest.mark.parametrize("file", ["plan.cu", "rows.cu"])
+@pytest.mark.parametrize("file", ["plan.cu", "rows.cu", "tokens.cu"])
 @pytest.mark.parametrize("dtype", list(_cuda.DTYPE_CODES))
 def test_order_fixed_kernels_have_no_fma_and_no_flush_to_zero(nvrtc, file, dtype):
     """The combine, the gather and the dot products round every product and sum on its own,
@@ -216,7 +216,7 @@ def test_info_describes_the_installation():
     assert info["rust_threads"] == sparseroute.get_num_threads()
     assert info["cuda_available"] == torch.cuda.is_available()
     assert info["cuda_ops"] == list(_cuda_ops.CUDA_OPS)
-    assert set(info["cuda_source_files"]) >= {"gating.cu", "plan.cu", "rows.cu", "common.cuh"}
+    assert set(info["cuda_source_files"]) >= {"gating.cu", "plan.cu", "rows.cu", "tokens.cu", "common.cuh"}
     assert {"cupy", "nvrtc", "device", "torch_cuda"} <= set(info)
 
 

@@ -111,7 +111,7 @@ def test_non_finite_rows_are_counted_not_routed(gpu):
     cpu_weights, cpu_experts = ops.topk_gating(*gating_args(logits[good], 2))
     assert torch.equal(experts[good], cpu_experts)
     torch.testing.assert_close(weights[good], cpu_weights)
-    assert gpu.errors.tolist() == [2, 0, 0, 0]
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -204,14 +204,14 @@ def test_invalid_expert_ids_and_short_num_rows_are_counted(gpu):
     experts = torch.tensor([[0, 9], [1, -3], [0, 1]])
     x = torch.randn(3, 4)
     _, tpe, offsets, _, slot_to_row, _ = _cuda_ops.permute_cuda(x, experts, 2, None, None, None, False)
-    assert gpu.errors.tolist() == [0, 1, 0, 0]
+    assert gpu.errors.tolist() == [0, 1, 0, 0, 0, 0]
     assert slot_to_row.tolist() == [[0, -1], [2, -1], [1, 3]]
     assert tpe.tolist() == [2, 2] and offsets.tolist() == [0, 2, 4]
     gpu.errors.zero_()
     _, _, _, row_to_slot, slot_to_row, _ = _cuda_ops.permute_cuda(
         x, experts.clamp(0, 1), 2, 4, None, None, False
     )
-    assert gpu.errors.tolist() == [0, 0, 0, 1]
+    assert gpu.errors.tolist() == [0, 0, 0, 1, 0, 0]
     assert row_to_slot.shape == (4,) and (slot_to_row == -1).sum() == 2
 
 
@@ -266,7 +266,7 @@ def test_corrupt_plans_are_counted_and_never_read_out_of_bounds(gpu):
     assert torch.equal(combined[0], x[1]) and torch.equal(combined[1], torch.zeros(4))
     dots = _cuda_ops.slot_dots_cuda(x, x, torch.tensor([[0], [9]]))
     assert dots[1, 0] == 0
-    assert gpu.errors.tolist() == [0, 0, 3, 0]
+    assert gpu.errors.tolist() == [0, 0, 3, 0, 0, 0]
 
 
 def test_subnormal_values_survive_the_combine(gpu):
@@ -277,3 +277,257 @@ def test_subnormal_values_survive_the_combine(gpu):
     ours = _cuda_ops.unpermute_cuda(y_sorted, slot_to_row, torch.tensor([0, 0]), weights)
     cpu = ops.unpermute(y_sorted, slot_to_row, torch.tensor([0, 0]), weights)
     assert torch.equal(ours, cpu) and (cpu != 0).all()
+
+
+# --- tokens: Mixture-of-Depths -----------------------------------------------------------------
+
+
+def token_indices(batch, seq_len, capacity, seed, holes=0.2):
+    """Distinct positions per sequence in ascending order, then -1 entries."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        kept = torch.randperm(seq_len, generator=g)[:capacity].sort().values
+        kept = kept[torch.rand(capacity, generator=g) >= holes]
+        rows.append(torch.cat([kept, torch.full((capacity - kept.numel(),), -1, dtype=torch.int64)]))
+    return torch.stack(rows) if rows else torch.empty(0, capacity, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "seq_len", "capacity", "row_len"), [(3, 11, 4, 5), (2, 40, 40, 16), (4, 9, 0, 3)]
+)
+def test_token_row_kernels_match_the_cpu_kernels_bit_for_bit(gpu, dtype, batch, seq_len, capacity, row_len):
+    g = torch.Generator().manual_seed(seq_len + capacity)
+    indices = token_indices(batch, seq_len, capacity, seed=row_len)
+    x = torch.randn(batch, seq_len, row_len, generator=g).to(dtype)
+    y = torch.randn(batch, capacity, row_len, generator=g).to(dtype)
+    gate = torch.rand(batch, seq_len, generator=g, dtype=torch.float64).to(_cuda_ops._accumulator(dtype))
+    for scale in (None, gate):
+        rows = _cuda_ops.gather_tokens_cuda(x, indices, scale)
+        assert torch.equal(rows, ops.gather_tokens(x, indices, scale))
+    for base, ys, g_ in [(x, y, None), (x, y, gate), (None, y, None), (None, y, gate), (x, None, None)]:
+        out = _cuda_ops.scatter_tokens_cuda(base, ys, indices, g_, seq_len)
+        assert torch.equal(out, ops.scatter_tokens(base, ys, indices, g_, seq_len))
+    dots = _cuda_ops.token_dots_cuda(x, y, indices)
+    assert torch.equal(dots, ops.token_dots(x, y, indices))
+    assert not gpu.errors.any()
+
+
+def test_gated_scatter_rounds_once(gpu):
+    """x + gate * y in float32, one rounding into bfloat16: not two roundings."""
+    x = torch.tensor([[[1.0]]], dtype=torch.bfloat16)
+    y = torch.tensor([[[2.0**-9]]], dtype=torch.bfloat16)
+    gate = torch.tensor([[1.5]])
+    indices = torch.tensor([[0]])
+    out = _cuda_ops.scatter_tokens_cuda(x, y, indices, gate, 1)
+    assert torch.equal(out, ops.scatter_tokens(x, y, indices, gate, 1))
+    assert out.item() == torch.tensor(1.0 + 1.5 * 2.0**-9).bfloat16().item()
+
+
+def test_invalid_and_repeated_token_indices_are_counted_and_empty(gpu):
+    x = torch.randn(2, 5, 3)
+    indices = torch.tensor([[4, 9, 1], [2, 2, -3]])
+    rows = _cuda_ops.gather_tokens_cuda(x, indices, None)
+    assert torch.equal(rows[0, 0], x[0, 4]) and torch.equal(rows[0, 2], x[0, 1])
+    assert not rows[0, 1].any() and not rows[1].any()
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 3, 0]
+    gpu.errors.zero_()
+    y = torch.randn(2, 3, 3)
+    out = _cuda_ops.scatter_tokens_cuda(x, y, indices, None, 5)
+    assert torch.equal(out[0, 4], y[0, 0]) and torch.equal(out[0, 1], y[0, 2])
+    assert torch.equal(out[1], x[1])  # position 2 is kept twice: kept by neither entry
+    dots = _cuda_ops.token_dots_cuda(x, y, indices)
+    assert dots[1].tolist() == [0.0] * 5
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 6, 0]
+
+
+SELECT_CASES = [
+    # (rule, value, capacity)
+    ("top", 0.0, 5),
+    ("top", 0.0, 0),
+    ("top", 0.0, 17),
+    ("fraction", 0.3, 6),
+    ("fraction", 0.1, 2),
+    ("fraction", 1.0, 17),
+    ("threshold", 1.5, 4),
+    ("threshold", -1.0, 17),
+    ("threshold", 2.0, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rule", "value", "capacity"), SELECT_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_select_tokens_matches_the_cpu_kernel(gpu, dtype, rule, value, capacity, with_lengths):
+    g = torch.Generator().manual_seed(capacity)
+    scores = torch.randint(-2, 4, (5, 17), generator=g).to(dtype)  # many exact ties
+    scores[0, 3] = -0.0
+    scores[0, 4] = 0.0
+    lengths = torch.tensor([17, 0, 9, 16, 3]) if with_lengths else None
+    if lengths is not None:
+        scores[4, 3:] = float("nan")  # padding is never read
+    args = (scores, capacity, rule, value, lengths)
+    indices, mask = _cuda_ops.select_tokens_cuda(*args)
+    cpu_indices, cpu_mask = ops.select_tokens(*args)
+    assert torch.equal(indices, cpu_indices) and torch.equal(mask, cpu_mask)
+    assert mask.dtype == torch.bool
+    assert not gpu.errors.any()
+
+
+def test_select_tokens_over_several_chunks(gpu):
+    """Sequences longer than the block: the kept entries continue chunk after chunk."""
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(3, 700, generator=g)
+    scores[1, :300] = 1.0  # ties across chunks
+    for rule, value, capacity in [("top", 0.0, 300), ("fraction", 0.25, 300), ("threshold", 0.5, 250)]:
+        args = (scores, capacity, rule, value, torch.tensor([700, 650, 513]))
+        indices, mask = _cuda_ops.select_tokens_cuda(*args)
+        cpu_indices, cpu_mask = ops.select_tokens(*args)
+        assert torch.equal(indices, cpu_indices) and torch.equal(mask, cpu_mask)
+    assert gpu.launches[-1] == ("sr_select_tokens", 3, 256)
+
+
+def test_select_tokens_counts_nan_scores_and_bad_lengths(gpu):
+    scores = torch.randn(4, 6)
+    scores[1, 2] = float("nan")
+    scores[3, 5] = float("nan")  # past its length: fine
+    lengths = torch.tensor([6, 6, 7, 5])
+    indices, mask = _cuda_ops.select_tokens_cuda(scores, 2, "top", 0.0, lengths)
+    assert indices[1].tolist() == [-1, -1] and indices[2].tolist() == [-1, -1]
+    assert not mask[1].any() and not mask[2].any()
+    good = [0, 3]
+    cpu_indices, cpu_mask = ops.select_tokens(scores[good], 2, "top", 0.0, lengths[good])
+    assert torch.equal(indices[good], cpu_indices) and torch.equal(mask[good], cpu_mask)
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 0, 2]
+
+
+# --- load balancing -----------------------------------------------------------------------------
+
+
+def balance_logits(num_tokens, num_experts, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_tokens, num_experts, generator=g) * 3).to(dtype)
+
+
+def balance_tolerance(dtype):
+    return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "group_size"), [(7, 5, 7), (2500, 6, 900), (40, 70, 3)]
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_score_sums_and_gradient_match_the_cpu_kernels(
+    gpu, dtype, score, num_tokens, num_experts, group_size, masked
+):
+    logits = balance_logits(num_tokens, num_experts, dtype, seed=num_tokens)
+    g = torch.Generator().manual_seed(group_size)
+    mask = (torch.rand(num_tokens, generator=g) > 0.3).to(torch.uint8) if masked else None
+    sums = _cuda_ops.score_sums_cuda(logits, score, group_size, mask)
+    cpu = ops.score_sums(logits, score, group_size, mask)
+    assert sums.dtype == cpu.dtype and sums.shape == cpu.shape
+    torch.testing.assert_close(sums, cpu, **balance_tolerance(dtype))
+    grad_sums = torch.randn(cpu.shape, generator=g, dtype=torch.float64).to(cpu.dtype)
+    grad = _cuda_ops.score_sums_backward_cuda(logits, score, group_size, mask, grad_sums)
+    cpu_grad = ops.score_sums_backward(logits, score, group_size, mask, grad_sums)
+    assert grad.dtype == cpu_grad.dtype == dtype
+    tolerance = {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype)
+    if tolerance is None:
+        torch.testing.assert_close(grad, cpu_grad, **balance_tolerance(dtype))
+    else:
+        torch.testing.assert_close(grad, cpu_grad, rtol=tolerance, atol=tolerance)
+    assert not gpu.errors.any()
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "k", "num_experts", "group_size"), [(9, 2, 4, 9), (300, 3, 17, 40), (5, 1, 3, 1)]
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_expert_counts_are_the_cpu_counts(gpu, num_tokens, k, num_experts, group_size, masked):
+    experts = random_experts(num_tokens, k, num_experts, seed=num_tokens, empty=0.2)
+    mask = (torch.arange(num_tokens) % 3 != 1).to(torch.uint8) if masked else None
+    counts = _cuda_ops.expert_counts_cuda(experts, num_experts, group_size, mask)
+    assert torch.equal(counts, ops.expert_counts(experts, num_experts, group_size, mask))
+    assert not gpu.errors.any()
+
+
+def test_expert_counts_count_invalid_ids(gpu):
+    counts = _cuda_ops.expert_counts_cuda(torch.tensor([[0, 5], [-2, 1]]), 3, 2, None)
+    assert counts.tolist() == [[1, 1, 0]]
+    assert gpu.errors.tolist() == [0, 2, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_tokens", "num_experts"), [(1, 1), (13, 8), (3000, 5), (6, 100)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_z_loss_matches_the_cpu_kernel(gpu, dtype, num_tokens, num_experts, masked):
+    logits = balance_logits(num_tokens, num_experts, dtype, seed=num_experts)
+    if num_experts > 1:
+        logits[0, 0] = float("-inf")  # probability 0, not an error
+    mask = (torch.arange(num_tokens) % 4 != 2).to(torch.uint8) if masked else None
+    loss, direction = _cuda_ops.z_loss_cuda(logits, mask)
+    cpu_loss, cpu_direction = ops.z_loss(logits, mask)
+    assert loss.dtype == cpu_loss.dtype and loss.shape == cpu_loss.shape == ()
+    torch.testing.assert_close(loss, cpu_loss, **balance_tolerance(dtype))
+    torch.testing.assert_close(direction, cpu_direction, **balance_tolerance(dtype))
+    assert not gpu.errors.any()
+
+
+def test_non_finite_logits_are_counted_by_the_balance_kernels(gpu):
+    logits = torch.randn(4, 3)
+    logits[1, 2] = float("nan")
+    logits[2, 0] = float("inf")
+    _, direction = _cuda_ops.z_loss_cuda(logits, None)
+    assert not direction[1].any() and not direction[2].any()
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0]
+    gpu.errors.zero_()
+    sums = _cuda_ops.score_sums_cuda(logits, "softmax", 4, None)
+    torch.testing.assert_close(sums, ops.score_sums(logits[[0, 3]], "softmax", 4, None))
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0]
+
+
+def test_empty_masks_give_a_zero_z_loss(gpu):
+    loss, direction = _cuda_ops.z_loss_cuda(torch.randn(3, 4), torch.zeros(3, dtype=torch.uint8))
+    assert loss.item() == 0.0 and not direction.any()
+
+
+# --- layer routing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_plan_is_the_cpu_plan(gpu, dtype):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randint(-1, 2, (7, 300, 3), generator=g).to(dtype)  # every kind of tie
+    logits[0, 0] = torch.tensor([float("-inf"), float("-inf"), float("-inf")])
+    logits[0, 1] = torch.tensor([float("inf"), 0.0, float("inf")])
+    plans = _cuda_ops.layer_plan_cuda(logits)
+    assert torch.equal(plans, ops.layer_plan(logits))
+    assert not gpu.errors.any()
+
+
+def test_layer_plan_counts_nan_rows(gpu):
+    logits = torch.zeros(2, 2, 3)
+    logits[1, 0, 2] = float("nan")
+    plans = _cuda_ops.layer_plan_cuda(logits)
+    assert plans.tolist() == [[1, 1], [-1, 1]]
+    assert gpu.errors.tolist() == [1, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_tokens_ranks_every_kind_of_value(gpu, dtype):
+    """The radix select over the scores' bits: signs, infinities, subnormals, -0.0, near-ties."""
+    g = torch.Generator().manual_seed(11)
+    values = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0, 1e-40, -1e-40, 1.0, -1.0, 3.5, -3.5])
+    scores = values[torch.randint(0, values.numel(), (4, 600), generator=g)]
+    scores[2] = torch.randn(600, generator=g) * 1e3
+    scores[3, ::2] = 1.0 + torch.arange(300) * 2.0**-20  # close keys that differ in low bits
+    scores = scores.to(dtype)
+    for capacity in (1, 7, 299, 300, 599):
+        args = (scores, capacity, "top", 0.0, None)
+        indices, mask = _cuda_ops.select_tokens_cuda(*args)
+        cpu_indices, cpu_mask = ops.select_tokens(*args)
+        assert torch.equal(indices, cpu_indices) and torch.equal(mask, cpu_mask), capacity
+    assert not gpu.errors.any()

@@ -66,9 +66,12 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 #: The source files of the kernels and the element types each is compiled for (None: the
 #: module does not depend on one).
 MODULES: dict[str, tuple[torch.dtype | None, ...]] = {
+    "balance.cu": tuple(DTYPE_CODES),
     "gating.cu": tuple(DTYPE_CODES),
+    "layers.cu": tuple(DTYPE_CODES),
     "plan.cu": (None,),
     "rows.cu": tuple(DTYPE_CODES),
+    "tokens.cu": tuple(DTYPE_CODES),
 }
 
 #: Headers the sources include.
@@ -76,10 +79,15 @@ HEADERS = ("common.cuh",)
 
 #: Slots of the per-device error buffer (the SR_ERR_* constants of common.cuh).
 ERROR_KINDS = (
-    "rows of logits holding NaN or an infinity (topk_gating routed them nowhere: experts -1, weights 0)",
+    "rows of logits holding NaN or an infinity (topk_gating routed them nowhere: experts -1, weights 0; "
+    "score_sums, score_sums_backward and z_loss skipped them; layer_plan, for NaN: decision -1)",
     "expert ids outside [-1, num_experts) (treated as empty slots)",
     "plan indices outside the tensors (treated as empty rows or slots)",
     "slots that did not fit in num_rows rows (permute left them unrouted: slot_to_row -1)",
+    "token indices outside [-1, S) or repeated within a sequence (gather_tokens, scatter_tokens and "
+    "token_dots treated them as -1)",
+    "sequences with a NaN score at a valid position or a length outside [0, S] (select_tokens kept "
+    "nothing: indices -1, mask False)",
 )
 
 _EXTERN_KERNEL = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(')

@@ -41,6 +41,15 @@ CUDA_OPS: tuple[str, ...] = (
     "unpermute",
     "gather_rows",
     "slot_dots",
+    "select_tokens",
+    "gather_tokens",
+    "scatter_tokens",
+    "token_dots",
+    "score_sums",
+    "score_sums_backward",
+    "expert_counts",
+    "z_loss",
+    "layer_plan",
 )
 
 #: Up to this many experts a warp routes a token; above, a block of 256 threads does.
@@ -457,6 +466,482 @@ def permute_cuda(
     return x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped
 
 
+# --- tokens: Mixture-of-Depths selection and row movement ---------------------------------------
+
+#: The kept-position kinds of sr_select_tokens (its `rule` argument).
+_SELECT_RULES = {"top": 0, "fraction": 1, "threshold": 2}
+
+
+def _token_indices(indices: Tensor, device: torch.device, batch: int, seq_len: int) -> Tensor:
+    _on_device(indices, "indices", device, "x")
+    if indices.dim() != 2 or indices.shape[0] != batch:
+        raise ValueError(
+            f"indices: expected a 2-D tensor [B, C] with B = {batch}, got shape {tuple(indices.shape)}"
+        )
+    if indices.shape[1] > max(seq_len, 0) or indices.shape[1] >= 2**31:
+        raise _invalid("indices", f"at most S = {seq_len} entries per sequence", tuple(indices.shape))
+    return indices.to(torch.int64).contiguous()
+
+
+def _token_inverse(launch: Any, dtype: torch.dtype, indices: Tensor, seq_len: int) -> Tensor:
+    """[B, S] int32: the entry of indices that keeps each position, -1 for none, -2 for a
+    position kept twice (counted, and treated as kept by none)."""
+    batch, capacity = indices.shape
+    inverse = torch.full((batch, seq_len), -1, dtype=torch.int32, device=indices.device)
+    entries = batch * capacity
+    launch(
+        "tokens.cu",
+        dtype,
+        "sr_token_inverse",
+        min(-(-entries // 256), MAX_ROW_BLOCKS),
+        256,
+        (
+            pointer(indices),
+            _i64(batch),
+            _i64(seq_len),
+            _i64(capacity),
+            pointer(inverse),
+            pointer(launch.errors),
+        ),
+    )
+    return inverse
+
+
+def _per_position(
+    tensor: Tensor | None, name: str, dtype: torch.dtype, batch: int, seq_len: int, device: torch.device
+) -> Tensor | None:
+    """A [B, S] scale or gate as a contiguous accumulator-dtype tensor on ``device``."""
+    if tensor is None:
+        return None
+    if tensor.numel() != batch * seq_len:
+        raise _invalid(name, f"[B, S] = {[batch, seq_len]} elements", tuple(tensor.shape))
+    # Moved when on the CPU: the autograd formula of gather_tokens builds its all-ones gate there.
+    return tensor.to(device=device, dtype=_accumulator(dtype)).contiguous()
+
+
+def gather_tokens_cuda(x: Tensor, indices: Tensor, scale: Tensor | None) -> Tensor:
+    dtype = _element_dtype(x, "x")
+    if x.dim() != 3:
+        raise ValueError(f"x: expected a 3-D tensor [B, S, d], got shape {tuple(x.shape)}")
+    device = x.device
+    batch, seq_len, row_len = x.shape
+    indices = _token_indices(indices, device, batch, seq_len)
+    capacity = indices.shape[1]
+    scale = _per_position(scale, "scale", dtype, batch, seq_len, device)
+    x = x.contiguous()
+    out = torch.empty(batch, capacity, row_len, dtype=dtype, device=device)
+    if batch * capacity == 0:
+        return out
+    with _cuda.launcher(device) as launch:
+        inverse = _token_inverse(launch, dtype, indices, seq_len)
+        if row_len > 0:
+            launch(
+                "tokens.cu",
+                dtype,
+                "sr_gather_tokens",
+                min(batch * capacity, MAX_ROW_BLOCKS),
+                128,
+                (
+                    pointer(x),
+                    _i64(batch),
+                    _i64(seq_len),
+                    _i64(row_len),
+                    pointer(indices),
+                    _i64(capacity),
+                    pointer(inverse),
+                    pointer(scale),
+                    pointer(out),
+                ),
+            )
+    return out
+
+
+def scatter_tokens_cuda(
+    x: Tensor | None, y: Tensor | None, indices: Tensor, gate: Tensor | None, seq_len: int
+) -> Tensor:
+    reference = x if x is not None else y
+    if reference is None:
+        raise ValueError("scatter_tokens: needs x or y")
+    dtype = _element_dtype(reference, "x" if x is not None else "y")
+    device = reference.device
+    if reference.dim() != 3:
+        raise ValueError(f"x: expected a 3-D tensor, got shape {tuple(reference.shape)}")
+    batch, row_len = reference.shape[0], reference.shape[2]
+    indices = _token_indices(indices, device, batch, seq_len)
+    capacity = indices.shape[1]
+    if x is not None:
+        _on_device(x, "x", device, "x")
+        if tuple(x.shape) != (batch, seq_len, row_len) or x.dtype != dtype:
+            raise _invalid(
+                "x", f"shape {[batch, seq_len, row_len]}, dtype {dtype}", (tuple(x.shape), x.dtype)
+            )
+        x = x.contiguous()
+    if y is not None:
+        _on_device(y, "y", device, "x")
+        if tuple(y.shape) != (batch, capacity, row_len) or y.dtype != dtype:
+            raise _invalid(
+                "y", f"shape {[batch, capacity, row_len]}, dtype {dtype}", (tuple(y.shape), y.dtype)
+            )
+        y = y.contiguous()
+    if gate is not None and y is None:
+        raise ValueError("gate: needs the rows y to scale")
+    gate = _per_position(gate, "gate", dtype, batch, seq_len, device)
+    out = torch.empty(batch, seq_len, row_len, dtype=dtype, device=device)
+    if batch * seq_len == 0 or row_len == 0:
+        return out
+    with _cuda.launcher(device) as launch:
+        inverse = _token_inverse(launch, dtype, indices, seq_len)
+        launch(
+            "tokens.cu",
+            dtype,
+            "sr_scatter_tokens",
+            min(batch * seq_len, MAX_ROW_BLOCKS),
+            128,
+            (
+                pointer(x),
+                pointer(y),
+                _i64(batch),
+                _i64(seq_len),
+                _i64(row_len),
+                _i64(capacity),
+                pointer(inverse),
+                pointer(gate),
+                pointer(out),
+            ),
+        )
+    return out
+
+
+def token_dots_cuda(grad: Tensor, y: Tensor, indices: Tensor) -> Tensor:
+    dtype = _element_dtype(grad, "grad")
+    if grad.dim() != 3:
+        raise ValueError(f"grad: expected a 3-D tensor [B, S, d], got shape {tuple(grad.shape)}")
+    device = grad.device
+    batch, seq_len, row_len = grad.shape
+    indices = _token_indices(indices, device, batch, seq_len)
+    capacity = indices.shape[1]
+    _on_device(y, "y", device, "grad")
+    if y.dtype != dtype:
+        raise TypeError(f"y: expected dtype {dtype} (the dtype of grad), got {y.dtype}")
+    if tuple(y.shape) != (batch, capacity, row_len):
+        raise _invalid("y", f"shape [B, C, d] = {[batch, capacity, row_len]}", list(y.shape))
+    out = torch.zeros(batch, seq_len, dtype=_accumulator(dtype), device=device)
+    if batch * seq_len == 0 or capacity == 0:
+        return out
+    grad = grad.contiguous()
+    y = y.contiguous()
+    with _cuda.launcher(device) as launch:
+        inverse = _token_inverse(launch, dtype, indices, seq_len)
+        launch(
+            "tokens.cu",
+            dtype,
+            "sr_token_dots",
+            -(-(batch * seq_len) // 32),
+            256,
+            (
+                pointer(grad),
+                pointer(y),
+                _i64(batch),
+                _i64(seq_len),
+                _i64(row_len),
+                _i64(capacity),
+                pointer(inverse),
+                pointer(out),
+            ),
+        )
+    return out
+
+
+def select_tokens_cuda(
+    scores: Tensor, capacity: int, rule: str, value: float, lengths: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    dtype = _element_dtype(scores, "scores")
+    if scores.dim() != 2:
+        raise ValueError(f"scores: expected a 2-D tensor [B, S], got shape {tuple(scores.shape)}")
+    device = scores.device
+    batch, seq_len = scores.shape
+    if not 0 <= capacity <= seq_len:
+        raise _invalid("capacity", f"0 <= capacity <= {seq_len} (the sequence length)", capacity)
+    if rule not in _SELECT_RULES:
+        raise _invalid("rule", "'top', 'fraction' or 'threshold'", repr(rule))
+    if rule == "fraction" and not 0 < value <= 1:
+        raise _invalid("capacity", "a fraction in (0, 1]", value)
+    if rule == "threshold" and math.isnan(value):
+        raise _invalid("threshold", "a number", "NaN")
+    if lengths is not None:
+        _on_device(lengths, "lengths", device, "scores")
+        if tuple(lengths.shape) != (batch,):
+            raise ValueError(f"lengths: expected shape [B] = [{batch}], got {list(lengths.shape)}")
+        lengths = lengths.to(torch.int64).contiguous()
+    indices = torch.empty(batch, capacity, dtype=torch.int64, device=device)
+    mask = torch.empty(batch, seq_len, dtype=torch.bool, device=device)
+    if batch == 0 or seq_len == 0:
+        return indices, mask
+    scores = scores.contiguous()
+    with _cuda.launcher(device) as launch:
+        launch(
+            "tokens.cu",
+            dtype,
+            "sr_select_tokens",
+            min(batch, MAX_ROW_BLOCKS),
+            256,
+            (
+                pointer(scores),
+                _i64(batch),
+                _i64(seq_len),
+                _i64(capacity),
+                pointer(lengths),
+                _i32(_SELECT_RULES[rule]),
+                np.float64(value),
+                pointer(indices),
+                pointer(mask),
+                pointer(launch.errors),
+            ),
+        )
+    return indices, mask
+
+
+# --- load balancing: score sums, expert counts, z-loss ------------------------------------------
+
+#: Tokens per reduction segment of score_sums (the Rust kernel's token blocks).
+SCORE_SEGMENT_TOKENS = 1024
+
+
+def _token_mask(mask: Tensor | None, num_tokens: int, device: torch.device) -> Tensor | None:
+    """The [T] token mask as contiguous uint8 on ``device`` (the public wrappers build it on the
+    CPU: it is copied over)."""
+    if mask is None:
+        return None
+    if mask.numel() != num_tokens:
+        raise _invalid("attention_mask", f"{num_tokens} elements (one per token)", mask.numel())
+    return mask.reshape(-1).to(device=device, dtype=torch.uint8).contiguous()
+
+
+def _balance_logits(logits: Tensor, score: str | None) -> tuple[torch.dtype, int, int]:
+    dtype = _element_dtype(logits, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
+    if score is not None and score not in ("softmax", "sigmoid"):
+        raise _invalid("score", "'softmax' or 'sigmoid'", repr(score))
+    return dtype, logits.shape[0], logits.shape[1]
+
+
+def _group_size(group_size: int) -> int:
+    if group_size < 1:
+        raise _invalid("seq_len", "at least 1", group_size)
+    return group_size
+
+
+def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | None) -> Tensor:
+    dtype, num_tokens, num_experts = _balance_logits(logits, score)
+    group_size = _group_size(group_size)
+    device = logits.device
+    groups = -(-num_tokens // group_size)
+    sums = torch.zeros(groups, num_experts, dtype=torch.float64, device=device)
+    if num_tokens == 0:
+        return sums.to(_accumulator(dtype))
+    logits = logits.contiguous()
+    mask = _token_mask(mask, num_tokens, device)
+    segments = min((group_size - 1) // SCORE_SEGMENT_TOKENS + 2, -(-num_tokens // SCORE_SEGMENT_TOKENS))
+    stats = torch.empty(num_tokens, 2, dtype=_accumulator(dtype), device=device)
+    partials = torch.empty(groups * segments, num_experts, dtype=torch.float64, device=device)
+    sigmoid = _i32(score == "sigmoid")
+    with _cuda.launcher(device) as launch:
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_score_stats",
+            -(-num_tokens // 4),
+            128,
+            (
+                pointer(logits),
+                _i64(num_tokens),
+                _i32(num_experts),
+                sigmoid,
+                pointer(mask),
+                pointer(stats),
+                pointer(launch.errors),
+            ),
+        )
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_score_partials",
+            min(-(-partials.numel() // 256), MAX_ROW_BLOCKS),
+            256,
+            (
+                pointer(logits),
+                _i64(num_tokens),
+                _i32(num_experts),
+                sigmoid,
+                _i64(group_size),
+                _i64(groups),
+                _i64(segments),
+                pointer(stats),
+                pointer(partials),
+            ),
+        )
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_score_totals",
+            min(-(-sums.numel() // 256), MAX_ROW_BLOCKS),
+            256,
+            (pointer(partials), _i64(groups), _i64(segments), _i32(num_experts), pointer(sums)),
+        )
+    return sums.to(_accumulator(dtype))
+
+
+def score_sums_backward_cuda(
+    logits: Tensor, score: str, group_size: int, mask: Tensor | None, grad_sums: Tensor
+) -> Tensor:
+    dtype, num_tokens, num_experts = _balance_logits(logits, score)
+    group_size = _group_size(group_size)
+    device = logits.device
+    _on_device(grad_sums, "grad_sums", device, "logits")
+    groups = -(-num_tokens // group_size)
+    if grad_sums.numel() != groups * num_experts:
+        raise _invalid("grad_sums", f"[G, E] = {[groups, num_experts]} elements", tuple(grad_sums.shape))
+    grad_logits = torch.empty(num_tokens, num_experts, dtype=dtype, device=device)
+    if num_tokens == 0:
+        return grad_logits
+    logits = logits.contiguous()
+    mask = _token_mask(mask, num_tokens, device)
+    grad_sums = grad_sums.to(_accumulator(dtype)).contiguous()
+    with _cuda.launcher(device) as launch:
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_score_sums_backward",
+            -(-num_tokens // 4),
+            128,
+            (
+                pointer(logits),
+                _i64(num_tokens),
+                _i32(num_experts),
+                _i32(score == "sigmoid"),
+                _i64(group_size),
+                pointer(mask),
+                pointer(grad_sums),
+                pointer(grad_logits),
+                pointer(launch.errors),
+            ),
+        )
+    return grad_logits
+
+
+def expert_counts_cuda(experts: Tensor, num_experts: int, group_size: int, mask: Tensor | None) -> Tensor:
+    if experts.dim() != 2:
+        raise ValueError(f"experts: expected a 2-D tensor [T, k], got shape {tuple(experts.shape)}")
+    if num_experts < 0 or num_experts >= 2**31:
+        raise _invalid("num_experts", "a number of experts in [0, 2**31)", num_experts)
+    group_size = _group_size(group_size)
+    device = experts.device
+    num_tokens, k = experts.shape
+    groups = -(-num_tokens // group_size)
+    counts = torch.zeros(groups, num_experts, dtype=torch.int64, device=device)
+    if num_tokens * k == 0:
+        return counts
+    experts = experts.to(torch.int64).contiguous()
+    mask = _token_mask(mask, num_tokens, device)
+    with _cuda.launcher(device) as launch:
+        launch(
+            "plan.cu",
+            None,
+            "sr_expert_counts",
+            min(-(-(num_tokens * k) // 256), MAX_ROW_BLOCKS),
+            256,
+            (
+                pointer(experts),
+                _i64(num_tokens),
+                _i64(k),
+                _i32(num_experts),
+                _i64(group_size),
+                pointer(mask),
+                pointer(counts),
+                pointer(launch.errors),
+            ),
+        )
+    return counts
+
+
+def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    dtype, num_tokens, num_experts = _balance_logits(logits, None)
+    device = logits.device
+    acc = _accumulator(dtype)
+    loss = torch.zeros((), dtype=acc, device=device)
+    direction = torch.empty(num_tokens, num_experts, dtype=acc, device=device)
+    if num_tokens == 0:
+        return loss, direction
+    logits = logits.contiguous()
+    mask = _token_mask(mask, num_tokens, device)
+    count = torch.empty(1, dtype=torch.float64, device=device)
+    scale = torch.empty(1, dtype=acc, device=device)
+    squares = torch.empty(num_tokens, dtype=torch.float64, device=device)
+    with _cuda.launcher(device) as launch:
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_z_loss_count",
+            1,
+            1024,
+            (pointer(mask), _i64(num_tokens), pointer(count), pointer(scale)),
+        )
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_z_loss_rows",
+            -(-num_tokens // 4),
+            128,
+            (
+                pointer(logits),
+                _i64(num_tokens),
+                _i32(num_experts),
+                pointer(mask),
+                pointer(scale),
+                pointer(direction),
+                pointer(squares),
+                pointer(launch.errors),
+            ),
+        )
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_z_loss_total",
+            1,
+            1024,
+            (pointer(squares), _i64(num_tokens), pointer(count), pointer(loss)),
+        )
+    return loss, direction
+
+
+# --- layer routing --------------------------------------------------------------------------------
+
+
+def layer_plan_cuda(logits: Tensor) -> Tensor:
+    dtype = _element_dtype(logits, "logits")
+    if logits.dim() < 1 or logits.shape[-1] != 3:
+        raise ValueError(f"logits: expected [B, L, 3], got shape {tuple(logits.shape)}")
+    device = logits.device
+    plans = torch.empty(logits.shape[:-1], dtype=torch.int64, device=device)
+    num_rows = plans.numel()
+    if num_rows == 0:
+        return plans
+    logits = logits.contiguous()
+    with _cuda.launcher(device) as launch:
+        launch(
+            "layers.cu",
+            dtype,
+            "sr_layer_plan",
+            min(-(-num_rows // 256), MAX_ROW_BLOCKS),
+            256,
+            (pointer(logits), _i64(num_rows), pointer(plans), pointer(launch.errors)),
+        )
+    return plans
+
+
 # --- registration -------------------------------------------------------------------------------
 
 _KERNELS: dict[str, Callable[..., Any]] = {
@@ -466,6 +951,15 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     "unpermute": unpermute_cuda,
     "gather_rows": gather_rows_cuda,
     "slot_dots": slot_dots_cuda,
+    "select_tokens": select_tokens_cuda,
+    "gather_tokens": gather_tokens_cuda,
+    "scatter_tokens": scatter_tokens_cuda,
+    "token_dots": token_dots_cuda,
+    "score_sums": score_sums_cuda,
+    "score_sums_backward": score_sums_backward_cuda,
+    "expert_counts": expert_counts_cuda,
+    "z_loss": z_loss_cuda,
+    "layer_plan": layer_plan_cuda,
 }
 assert tuple(_KERNELS) == CUDA_OPS
 

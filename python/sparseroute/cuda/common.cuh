@@ -91,6 +91,8 @@ __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 __device__ __forceinline__ bool is_finite(float x) {
   return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
@@ -120,6 +122,8 @@ __device__ __forceinline__ double neg_infinity<double>() {
 #define SR_ERR_EXPERT_ID 1
 #define SR_ERR_PLAN_INDEX 2
 #define SR_ERR_NUM_ROWS 3
+#define SR_ERR_TOKEN_INDEX 4
+#define SR_ERR_TOKEN_SCORES 5
 
 // ---- a team of NT threads working on one item: a warp (NT = 32) or a whole block -----------
 // Reductions give every thread of the team the same bits: the xor butterfly combines the

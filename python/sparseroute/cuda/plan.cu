@@ -166,3 +166,29 @@ extern "C" __global__ void __launch_bounds__(128)
     atomicAdd(&errors[SR_ERR_NUM_ROWS], 1);
   }
 }
+
+// Per-group expert counts of load balancing (rust/core/src/balance.rs, expert_counts):
+// counts[g, e] += 1 for every slot of an unmasked token of group g routed to e. One thread per
+// slot (grid-stride), 64-bit integer atomics: the counts do not depend on the order. Ids outside
+// [-1, E) are counted in the error buffer and skipped; counts must start zeroed.
+extern "C" __global__ void __launch_bounds__(256)
+    sr_expert_counts(const i64* experts, i64 num_tokens, i64 k, int num_experts, i64 group_size,
+                     const unsigned char* mask, i64* counts, int* errors) {
+  const i64 slots = num_tokens * k;
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+  for (i64 s = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; s < slots; s += stride) {
+    const i64 t = s / k;
+    if (mask != nullptr && mask[t] == 0) {
+      continue;
+    }
+    const i64 id = experts[s];
+    if (id == -1) {
+      continue;
+    }
+    if (id < 0 || id >= num_experts) {
+      atomicAdd(&errors[SR_ERR_EXPERT_ID], 1);
+      continue;
+    }
+    atomicAdd(reinterpret_cast<u64*>(counts + (t / group_size) * num_experts + id), 1ull);
+  }
+}

@@ -1,0 +1,270 @@
+// Load-balancing statistics, after rust/core/src/balance.rs: per-group sums of normalised
+// router scores and their gradient, the router z-loss. (Expert counts are integer work:
+// sr_expert_counts in plan.cu.)
+//
+//   sr_score_stats         one warp per token (4 per block of 128): the row's max and the
+//                          inverse of the normaliser (softmax: 1 / sum exp(l - max); sigmoid:
+//                          1 / (sum sigmoid(l) + 1e-20)) into stats [T, 2]. Masked tokens get
+//                          an inverse of 0 (skipped later); rows holding NaN or an infinity
+//                          are counted and skipped the same way.
+//   sr_score_partials      one thread per (group, segment, expert): a group's tokens split at
+//                          multiples of 1024 (the Rust kernel's token blocks) into at most J
+//                          segments; each thread sums its segment's normalised scores in
+//                          token order in float64, from 0.
+//   sr_score_totals        one thread per (group, expert): the segments added in order, from
+//                          0: the Rust kernel's order of additions. The scores themselves come
+//                          from the GPU's exp, so the sums agree with the CPU to float tolerance.
+//   sr_score_sums_backward one warp per token: the Jacobian-vector product of its normalised
+//                          scores with grad_sums of its group; zeros for masked and
+//                          non-finite (counted) rows.
+//   sr_z_loss_count        one block of 1024 threads: the unmasked tokens, n, and 1 / n.
+//   sr_z_loss_rows         one warp per token: z = logsumexp(row), z^2 (float64) and the
+//                          gradient direction 2 * (1 / n) * z / sum * exp(l - max); zeros for
+//                          masked rows and for rows whose z is not finite (counted).
+//   sr_z_loss_total        one block of 1024 threads: the squares summed (strided, then a
+//                          fixed-order tree), divided by n (0 without unmasked tokens).
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kTokenSegment = 1024;
+
+__device__ __forceinline__ acc_t sigmoid(acc_t v) {
+  return div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-v)));
+}
+
+// The unnormalised score of one logit: exp(l - max), or sigmoid(l).
+__device__ __forceinline__ acc_t raw_score(acc_t v, acc_t max_logit, int use_sigmoid) {
+  return use_sigmoid ? sigmoid(v) : exp_acc(sub_rn(v, max_logit));
+}
+
+__device__ __forceinline__ bool token_counts(const unsigned char* mask, i64 t) {
+  return mask == nullptr || mask[t] != 0;
+}
+
+// Max and normaliser of one token's row, for a warp; false (on every lane) when the row holds
+// NaN or an infinity.
+__device__ __forceinline__ bool row_stats(const elem_t* row, int num_experts, int use_sigmoid,
+                                          acc_t& max_logit, acc_t& normaliser) {
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  bool finite = true;
+  acc_t m = neg_infinity<acc_t>();
+  for (int e = lane; e < num_experts; e += 32) {
+    const acc_t v = to_acc(row[e]);
+    finite = finite && is_finite(v);
+    m = v > m ? v : m;
+  }
+  if (__any_sync(SR_FULL_MASK, finite ? 0 : 1)) {
+    return false;
+  }
+  m = team_reduce<32>(m, MaxOp(), static_cast<acc_t*>(nullptr));
+  acc_t sum = acc_t(0);
+  for (int e = lane; e < num_experts; e += 32) {
+    sum = add_rn(sum, raw_score(to_acc(row[e]), m, use_sigmoid));
+  }
+  sum = team_reduce<32>(sum, SumOp(), static_cast<acc_t*>(nullptr));
+  max_logit = m;
+  normaliser = use_sigmoid ? add_rn(sum, acc_t(1e-20)) : sum;
+  return true;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_score_stats(const elem_t* logits, i64 num_tokens, int num_experts, int use_sigmoid,
+                   const unsigned char* mask, acc_t* stats, int* errors) {
+  const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (t >= num_tokens) {
+    return;  // a whole warp: the shuffles below involve only this warp
+  }
+  const bool lane0 = (threadIdx.x & 31) == 0;
+  acc_t m = acc_t(0);
+  acc_t z = acc_t(0);
+  acc_t inverse = acc_t(0);
+  if (token_counts(mask, t)) {
+    if (row_stats(logits + t * num_experts, num_experts, use_sigmoid, m, z)) {
+      inverse = div_rn(acc_t(1), z);
+    } else if (lane0) {
+      atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    }
+  }
+  if (lane0) {
+    stats[2 * t] = m;
+    stats[2 * t + 1] = inverse;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    sr_score_partials(const elem_t* logits, i64 num_tokens, int num_experts, int use_sigmoid,
+                      i64 group_size, i64 num_groups, i64 segments, const acc_t* stats,
+                      double* partials) {
+  const i64 items = num_groups * segments * num_experts;
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+  for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < items; i += stride) {
+    const int e = static_cast<int>(i % num_experts);
+    const i64 segment = i / num_experts;
+    const i64 g = segment / segments;
+    const i64 j = segment - g * segments;
+    const i64 start = g * group_size;
+    const i64 end = start + group_size < num_tokens ? start + group_size : num_tokens;
+    const i64 block = start / kTokenSegment + j;
+    const i64 lo = block * kTokenSegment > start ? block * kTokenSegment : start;
+    const i64 hi = (block + 1) * kTokenSegment < end ? (block + 1) * kTokenSegment : end;
+    double sum = 0.0;
+    for (i64 t = lo; t < hi; ++t) {
+      const acc_t inverse = stats[2 * t + 1];
+      if (inverse == acc_t(0)) {
+        continue;
+      }
+      const acc_t p = mul_rn(raw_score(to_acc(logits[t * num_experts + e]), stats[2 * t], use_sigmoid), inverse);
+      sum = add_rn(sum, static_cast<double>(p));
+    }
+    partials[i] = sum;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    sr_score_totals(const double* partials, i64 num_groups, i64 segments, int num_experts,
+                    double* sums) {
+  const i64 items = num_groups * num_experts;
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+  for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < items; i += stride) {
+    const i64 g = i / num_experts;
+    const i64 e = i - g * num_experts;
+    double total = 0.0;
+    for (i64 j = 0; j < segments; ++j) {
+      total = add_rn(total, partials[(g * segments + j) * num_experts + e]);
+    }
+    sums[i] = total;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_score_sums_backward(const elem_t* logits, i64 num_tokens, int num_experts,
+                           int use_sigmoid, i64 group_size, const unsigned char* mask,
+                           const acc_t* grad_sums, elem_t* grad_logits, int* errors) {
+  const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (t >= num_tokens) {
+    return;
+  }
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const elem_t* row = logits + t * num_experts;
+  elem_t* out = grad_logits + t * num_experts;
+  acc_t m = acc_t(0);
+  acc_t z = acc_t(0);
+  bool valid = token_counts(mask, t);
+  if (valid && !row_stats(row, num_experts, use_sigmoid, m, z)) {
+    if (lane == 0) {
+      atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    }
+    valid = false;
+  }
+  if (!valid) {
+    for (int e = lane; e < num_experts; e += 32) {
+      out[e] = from_acc(acc_t(0));
+    }
+    return;
+  }
+  const acc_t inverse = div_rn(acc_t(1), z);
+  const acc_t* a = grad_sums + (t / group_size) * num_experts;
+  acc_t dot = acc_t(0);
+  for (int e = lane; e < num_experts; e += 32) {
+    const acc_t p = mul_rn(raw_score(to_acc(row[e]), m, use_sigmoid), inverse);
+    dot = add_rn(dot, mul_rn(p, a[e]));
+  }
+  dot = team_reduce<32>(dot, SumOp(), static_cast<acc_t*>(nullptr));
+  for (int e = lane; e < num_experts; e += 32) {
+    const acc_t s = raw_score(to_acc(row[e]), m, use_sigmoid);
+    const acc_t difference = sub_rn(a[e], dot);
+    acc_t g;
+    if (use_sigmoid) {
+      // p = s / z: dL/ds = (a - dot) / z, ds/dl = s (1 - s)
+      g = mul_rn(mul_rn(div_rn(difference, z), s), sub_rn(acc_t(1), s));
+    } else {
+      // dp_e/dl_j = p_e (delta_ej - p_j)
+      g = mul_rn(mul_rn(s, inverse), difference);
+    }
+    out[e] = from_acc(g);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    sr_z_loss_count(const unsigned char* mask, i64 num_tokens, double* count, acc_t* scale) {
+  __shared__ double scratch[32];
+  double local = 0.0;
+  for (i64 t = threadIdx.x; t < num_tokens; t += blockDim.x) {
+    local = add_rn(local, token_counts(mask, t) ? 1.0 : 0.0);
+  }
+  const double n = team_reduce<1024>(local, SumOp(), scratch);
+  if (threadIdx.x == 0) {
+    count[0] = n;
+    scale[0] = n > 0.0 ? static_cast<acc_t>(div_rn(1.0, n)) : acc_t(0);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_z_loss_rows(const elem_t* logits, i64 num_tokens, int num_experts,
+                   const unsigned char* mask, const acc_t* scale, acc_t* direction,
+                   double* squares, int* errors) {
+  const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (t >= num_tokens) {
+    return;
+  }
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const elem_t* row = logits + t * num_experts;
+  acc_t* out = direction + t * num_experts;
+  bool valid = token_counts(mask, t);
+  acc_t m = neg_infinity<acc_t>();
+  acc_t sum = acc_t(0);
+  acc_t z = acc_t(0);
+  if (valid) {
+    for (int e = lane; e < num_experts; e += 32) {
+      const acc_t v = to_acc(row[e]);
+      m = v > m ? v : m;
+    }
+    m = team_reduce<32>(m, MaxOp(), static_cast<acc_t*>(nullptr));
+    for (int e = lane; e < num_experts; e += 32) {
+      sum = add_rn(sum, exp_acc(sub_rn(to_acc(row[e]), m)));
+    }
+    sum = team_reduce<32>(sum, SumOp(), static_cast<acc_t*>(nullptr));
+    z = add_rn(m, log_acc(sum));
+    if (!is_finite(z)) {  // NaN, +inf, or every logit -inf
+      if (lane == 0) {
+        atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+      }
+      valid = false;
+    }
+  }
+  if (!valid) {
+    for (int e = lane; e < num_experts; e += 32) {
+      out[e] = acc_t(0);
+    }
+    if (lane == 0) {
+      squares[t] = 0.0;
+    }
+    return;
+  }
+  const acc_t factor = div_rn(mul_rn(mul_rn(acc_t(2), scale[0]), z), sum);
+  for (int e = lane; e < num_experts; e += 32) {
+    out[e] = mul_rn(exp_acc(sub_rn(to_acc(row[e]), m)), factor);
+  }
+  if (lane == 0) {
+    const double zd = static_cast<double>(z);
+    squares[t] = mul_rn(zd, zd);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    sr_z_loss_total(const double* squares, i64 num_tokens, const double* count, acc_t* loss) {
+  __shared__ double scratch[32];
+  double local = 0.0;
+  for (i64 t = threadIdx.x; t < num_tokens; t += blockDim.x) {
+    local = add_rn(local, squares[t]);
+  }
+  const double total = team_reduce<1024>(local, SumOp(), scratch);
+  if (threadIdx.x == 0) {
+    const double n = count[0];
+    loss[0] = static_cast<acc_t>(n > 0.0 ? div_rn(total, n) : 0.0);
+  }
+}

@@ -1,0 +1,338 @@
+// Token selection for conditional computation (Mixture-of-Depths), matching
+// rust/core/src/tokens.rs: the same positions, masks and rows bit for bit, the gated scatter
+// and the dot products with the same roundings in the same order (add_rn / mul_rn, no fused
+// multiply-add).
+//
+//   sr_token_inverse   inverse[b, p] = the entry c with indices[b, c] = p, -1 where no entry
+//                      keeps p. Entries outside [-1, S) are counted and skipped; a position
+//                      that two or more entries of one sequence name is marked -2 (kept by
+//                      none of them) and every extra entry is counted. The result does not
+//                      depend on the order of the threads. 256 threads per block, one per
+//                      entry (grid-stride).
+//   sr_gather_tokens   out[b, c] = x[b, p] (times scale[b, p], in acc_t, rounded once) for
+//                      p = indices[b, c] when inverse[b, p] == c; zeros otherwise (-1,
+//                      invalid and repeated entries). One block of 128 threads per output
+//                      row (grid-stride over rows).
+//   sr_scatter_tokens  out[b, p] = base[b, p] (zeros without base) where no entry keeps p;
+//                      at a kept position the entry's row of `rows` (zeros without rows), or
+//                      base + gate[b, p] * row in acc_t (a product, then a sum, each rounded
+//                      once, then one conversion) with a gate. One block of 128 threads per
+//                      output row (grid-stride).
+//   sr_token_dots      out[b, p] = dot(grad[b, p], rows[b, c]) at kept positions, 0
+//                      elsewhere: eight threads per dot over fixed lanes, as sr_slot_dots.
+//                      32 dots per block of 256 threads.
+//   sr_select_tokens   one block of 256 threads per sequence (grid-stride over sequences).
+//                      Top C: a radix select (8 bits a pass, 4 passes for float32 keys, 8
+//                      for float64, histograms in shared memory) finds the C-th largest
+//                      score in acc_t (-0.0 == 0.0); positions above it are kept, and of
+//                      those equal to it the lowest. The kept positions are then compacted
+//                      in ascending order by block scans (warp ballots). Threshold mode keeps the positions whose score,
+//                      in float64, is greater than the threshold, the earliest C of them. A
+//                      sequence with a NaN score at a valid position, or a length outside
+//                      [0, S], is counted and gets -1 entries and an empty mask.
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kSelectThreads = 256;
+constexpr double kFractionRoundingSlack = 1e-9;
+
+// ceil(fraction * length), except that a product within a relative 1e-9 of an integer is
+// that integer: rust/core/src/tokens.rs, fraction_count.
+__device__ __forceinline__ i64 fraction_count(double fraction, i64 length) {
+  const double exact = mul_rn(fraction, static_cast<double>(length));
+  const double nearest = round(exact);
+  const double distance = fabs(sub_rn(exact, nearest));
+  if (distance <= mul_rn(kFractionRoundingSlack, nearest > 1.0 ? nearest : 1.0)) {
+    return static_cast<i64>(nearest);
+  }
+  return static_cast<i64>(ceil(exact));
+}
+
+// Keys whose unsigned order is the order of the scores (-0.0 ranks as 0.0; no NaN here).
+#if SR_DTYPE == 3
+typedef u64 score_key;
+__device__ __forceinline__ score_key order_key(double v) {
+  u64 u = static_cast<u64>(__double_as_longlong(v));
+  if (u == 0x8000000000000000ull) {
+    u = 0ull;
+  }
+  return (u >> 63) != 0ull ? ~u : (u | 0x8000000000000000ull);
+}
+#else
+typedef unsigned score_key;
+__device__ __forceinline__ score_key order_key(float v) {
+  unsigned u = __float_as_uint(v);
+  if (u == 0x80000000u) {
+    u = 0u;
+  }
+  return (u & 0x80000000u) != 0u ? ~u : (u | 0x80000000u);
+}
+#endif
+
+// How many threads of the block below this one have `v` set (and the block's total): warp
+// ballots, then the warps' counts in order. Every thread of the block takes part.
+__device__ __forceinline__ int block_count_before(bool v, int* warp_counts, int& total) {
+  const unsigned votes = __ballot_sync(SR_FULL_MASK, v ? 1 : 0);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const unsigned lane = threadIdx.x & 31u;
+  if (lane == 0) {
+    warp_counts[warp] = __popc(votes);
+  }
+  __syncthreads();
+  int before = __popc(votes & ((1u << lane) - 1u));
+  total = 0;
+  for (int w = 0; w < kSelectThreads / 32; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();  // every thread has read warp_counts before they are written again
+  return before;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256)
+    sr_token_inverse(const i64* indices, i64 batch, i64 seq_len, i64 capacity, int* inverse,
+                     int* errors) {
+  const i64 entries = batch * capacity;
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+  for (i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; e < entries; e += stride) {
+    const i64 p = indices[e];
+    if (p == -1) {
+      continue;
+    }
+    if (p < -1 || p >= seq_len) {
+      atomicAdd(&errors[SR_ERR_TOKEN_INDEX], 1);
+      continue;
+    }
+    const i64 b = e / capacity;
+    const int c = static_cast<int>(e - b * capacity);
+    int* slot = inverse + b * seq_len + p;
+    if (atomicCAS(slot, -1, c) != -1) {
+      atomicExch(slot, -2);
+      atomicAdd(&errors[SR_ERR_TOKEN_INDEX], 1);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_gather_tokens(const elem_t* x, i64 batch, i64 seq_len, i64 row_len, const i64* indices,
+                     i64 capacity, const int* inverse, const acc_t* scale, elem_t* out) {
+  const i64 num_rows = batch * capacity;
+  for (i64 r = blockIdx.x; r < num_rows; r += gridDim.x) {
+    const i64 b = r / capacity;
+    const i64 c = r - b * capacity;
+    const i64 p = indices[r];
+    const bool kept = p >= 0 && p < seq_len && inverse[b * seq_len + p] == static_cast<int>(c);
+    elem_t* dst = out + r * row_len;
+    if (!kept) {
+      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+        dst[i] = from_acc(acc_t(0));
+      }
+      continue;
+    }
+    const i64 source = b * seq_len + p;
+    const elem_t* src = x + source * row_len;
+    if (scale == nullptr) {
+      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+        dst[i] = src[i];
+      }
+    } else {
+      const acc_t w = scale[source];
+      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+        dst[i] = from_acc(mul_rn(w, to_acc(src[i])));
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_scatter_tokens(const elem_t* base, const elem_t* rows, i64 batch, i64 seq_len,
+                      i64 row_len, i64 capacity, const int* inverse, const acc_t* gate,
+                      elem_t* out) {
+  const i64 num_rows = batch * seq_len;
+  for (i64 r = blockIdx.x; r < num_rows; r += gridDim.x) {
+    const int entry = inverse[r];
+    elem_t* dst = out + r * row_len;
+    const elem_t* src = base != nullptr ? base + r * row_len : nullptr;
+    if (entry < 0) {
+      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+        dst[i] = src != nullptr ? src[i] : from_acc(acc_t(0));
+      }
+      continue;
+    }
+    const i64 b = r / seq_len;
+    const elem_t* row = rows != nullptr ? rows + (b * capacity + entry) * row_len : nullptr;
+    if (row == nullptr) {
+      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+        dst[i] = from_acc(acc_t(0));
+      }
+    } else if (gate == nullptr) {
+      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+        dst[i] = row[i];
+      }
+    } else {
+      const acc_t g = gate[r];
+      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+        const acc_t product = mul_rn(g, to_acc(row[i]));
+        dst[i] = from_acc(src != nullptr ? add_rn(to_acc(src[i]), product) : product);
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    sr_token_dots(const elem_t* grad, const elem_t* rows, i64 batch, i64 seq_len, i64 row_len,
+                  i64 capacity, const int* inverse, acc_t* out) {
+  const i64 dot = static_cast<i64>(blockIdx.x) * 32 + (threadIdx.x >> 3);
+  const int lane = static_cast<int>(threadIdx.x & 7);
+  const bool active = dot < batch * seq_len;
+  const int entry = active ? inverse[dot] : -1;
+  acc_t partial = acc_t(0);
+  if (entry >= 0) {
+    const elem_t* a = grad + dot * row_len;
+    const elem_t* b = rows + ((dot / seq_len) * capacity + entry) * row_len;
+    for (i64 i = lane; i < row_len; i += 8) {
+      partial = add_rn(partial, mul_rn(to_acc(a[i]), to_acc(b[i])));
+    }
+  }
+  // Every thread of the warp takes part in the shuffles, active or not.
+  acc_t sum = acc_t(0);
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    sum = add_rn(sum, __shfl_sync(SR_FULL_MASK, partial, q, 8));
+  }
+  if (active && lane == 0) {
+    out[dot] = entry >= 0 ? sum : acc_t(0);
+  }
+}
+
+// rule: 0 top C, 1 a fraction (`value`) of each length (at most C), 2 threshold (`value`).
+extern "C" __global__ void __launch_bounds__(256)
+    sr_select_tokens(const elem_t* scores, i64 batch, i64 seq_len, i64 capacity,
+                     const i64* lengths, int rule, double value, i64* indices,
+                     unsigned char* mask, int* errors) {
+  __shared__ int invalid;
+  __shared__ int warp_counts[kSelectThreads / 32];
+  __shared__ int histogram[256];
+  __shared__ int chosen_bin;
+  __shared__ i64 chosen_remaining;
+  for (i64 b = blockIdx.x; b < batch; b += gridDim.x) {
+    const elem_t* row = scores + b * seq_len;
+    const i64 length = lengths != nullptr ? lengths[b] : seq_len;
+    const bool bad_length = length < 0 || length > seq_len;
+    if (threadIdx.x == 0) {
+      invalid = bad_length ? 1 : 0;
+    }
+    __syncthreads();
+    if (!bad_length) {
+      for (i64 p = threadIdx.x; p < length; p += blockDim.x) {
+        const acc_t s = to_acc(row[p]);
+        if (s != s) {
+          invalid = 1;
+        }
+      }
+    }
+    __syncthreads();
+    const bool skip = invalid != 0;
+    __syncthreads();  // every thread has read `invalid` before the next sequence resets it
+    i64* entries = indices + b * capacity;
+    unsigned char* kept_mask = mask + b * seq_len;
+    for (i64 c = threadIdx.x; c < capacity; c += blockDim.x) {
+      entries[c] = -1;
+    }
+    if (skip) {
+      if (threadIdx.x == 0) {
+        atomicAdd(&errors[SR_ERR_TOKEN_SCORES], 1);
+      }
+      for (i64 p = threadIdx.x; p < seq_len; p += blockDim.x) {
+        kept_mask[p] = 0;
+      }
+      continue;
+    }
+    i64 count = capacity;
+    if (rule == 0) {
+      count = capacity < length ? capacity : length;
+    } else if (rule == 1) {
+      const i64 wanted = fraction_count(value, length);
+      count = wanted < capacity ? wanted : capacity;
+    }
+    // Top C: the count-th largest key, found digit by digit from the top (radix select);
+    // keys above it are kept, and of the keys equal to it the `equal_kept` lowest positions.
+    const bool ranked = rule != 2 && count > 0 && count < length;
+    score_key threshold_key = 0;
+    i64 equal_kept = 0;
+    if (ranked) {
+      score_key prefix = 0;
+      score_key prefix_mask = 0;
+      i64 remaining = count;
+      for (int shift = static_cast<int>(sizeof(score_key)) * 8 - 8; shift >= 0; shift -= 8) {
+        for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x)) {
+          histogram[i] = 0;
+        }
+        __syncthreads();
+        for (i64 p = threadIdx.x; p < length; p += blockDim.x) {
+          const score_key key = order_key(to_acc(row[p]));
+          if ((key & prefix_mask) == prefix) {
+            atomicAdd(&histogram[static_cast<int>((key >> shift) & 255u)], 1);
+          }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          i64 above = 0;
+          int bin = 255;
+          while (bin > 0 && above + histogram[bin] < remaining) {
+            above += histogram[bin];
+            --bin;
+          }
+          chosen_bin = bin;
+          chosen_remaining = remaining - above;
+        }
+        __syncthreads();
+        prefix |= static_cast<score_key>(chosen_bin) << shift;
+        prefix_mask |= static_cast<score_key>(255u) << shift;
+        remaining = chosen_remaining;
+        __syncthreads();  // every thread has read the choice before the next digit
+      }
+      threshold_key = prefix;
+      equal_kept = remaining;
+    }
+    __syncthreads();  // the -1 fill lands before the kept entries overwrite it
+    i64 kept_before = 0;
+    i64 equal_before = 0;
+    for (i64 start = 0; start < seq_len; start += blockDim.x) {
+      const i64 p = start + threadIdx.x;
+      bool flag = false;
+      bool equal = false;
+      if (p < length) {
+        const acc_t s = to_acc(row[p]);
+        if (rule == 2) {
+          flag = static_cast<double>(s) > value;
+        } else if (ranked) {
+          const score_key key = order_key(s);
+          flag = key > threshold_key;
+          equal = key == threshold_key;
+        } else {
+          flag = count > 0;  // count == length: every valid position
+        }
+      }
+      int chunk_total = 0;
+      if (ranked) {
+        const int equal_rank = block_count_before(equal, warp_counts, chunk_total);
+        flag = flag || (equal && equal_before + equal_rank < equal_kept);
+        equal_before += chunk_total;
+      }
+      const i64 position = kept_before + block_count_before(flag, warp_counts, chunk_total);
+      const bool keep = flag && position < count;
+      if (p < seq_len) {
+        kept_mask[p] = keep ? 1 : 0;
+      }
+      if (keep) {
+        entries[position] = p;
+      }
+      kept_before += chunk_total;
+    }
+  }
+}
