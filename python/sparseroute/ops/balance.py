@@ -162,7 +162,9 @@ _z_loss_op.register_autograd(_z_loss_backward, setup_context=_z_loss_setup_conte
 # --- public API ----------------------------------------------------------------------------
 
 
-def _check_mask(attention_mask: object, num_tokens: int) -> tuple[Tensor | None, int | None]:
+def _check_mask(
+    attention_mask: object, num_tokens: int, device: torch.device
+) -> tuple[Tensor | None, int | None]:
     """The flattened uint8 mask and the sequence length it implies (``[B, S]`` or ``[T]``)."""
     if attention_mask is None:
         return None, None
@@ -175,8 +177,11 @@ def _check_mask(attention_mask: object, num_tokens: int) -> tuple[Tensor | None,
             f"attention_mask: expected [B, S] (or [T]) with B * S = T = {num_tokens} tokens (the rows of "
             f"logits), got shape {tuple(attention_mask.shape)}"
         )
-    if attention_mask.device.type != "cpu":
-        raise ValueError(f"attention_mask: expected a CPU tensor, got device {attention_mask.device}")
+    if attention_mask.device != device:
+        raise ValueError(
+            f"attention_mask: expected a tensor on the device of logits ({device}), "
+            f"got {attention_mask.device}"
+        )
     seq_len = attention_mask.shape[1] if attention_mask.dim() == 2 else None
     return (attention_mask.reshape(-1) != 0).to(torch.uint8), seq_len
 
@@ -229,7 +234,7 @@ def load_balancing_loss(
         raise ValueError(f"scope: expected one of {LOSS_SCOPES}, got {scope!r}")
     if scale not in LOSS_SCALES:
         raise ValueError(f"scale: expected one of {LOSS_SCALES}, got {scale!r}")
-    mask, mask_seq_len = _check_mask(attention_mask, num_tokens)
+    mask, mask_seq_len = _check_mask(attention_mask, num_tokens, logits.device)
     if scope == "sequence":
         if seq_len is None:
             seq_len = mask_seq_len
@@ -247,11 +252,11 @@ def load_balancing_loss(
     counts = torch.ops.sparseroute.expert_counts(experts.to(torch.int64), num_experts, group_size, mask)
     groups = sums.shape[0]
     if mask is None:
-        valid = torch.full((groups,), float(group_size), dtype=acc)
+        valid = torch.full((groups,), float(group_size), dtype=acc, device=logits.device)
         if groups:
             valid[-1] = float(num_tokens - group_size * (groups - 1))
     else:
-        padded = torch.zeros(groups * group_size, dtype=acc)
+        padded = torch.zeros(groups * group_size, dtype=acc, device=logits.device)
         padded[:num_tokens] = mask.to(acc)
         valid = padded.view(groups, group_size).sum(dim=1)
     present = valid > 0
@@ -271,7 +276,7 @@ def z_loss(logits: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     logits = check_tensor(logits, "logits", ndim=2, layout="[T, E]", dtypes=FLOAT_DTYPES)
     if logits.shape[1] < 1:
         raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
-    mask, _ = _check_mask(attention_mask, logits.shape[0])
+    mask, _ = _check_mask(attention_mask, logits.shape[0], logits.device)
     loss, _ = torch.ops.sparseroute.z_loss(logits, mask)
     result: Tensor = loss
     return result

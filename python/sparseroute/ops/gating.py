@@ -208,7 +208,7 @@ def topk_gating(
     if jitter_eps:
         logits = jitter(logits, jitter_eps, generator=generator)
     if gumbel_noise:
-        uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32)
+        uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32, device=logits.device)
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
         acc = accumulator_dtype(logits.dtype)
         noisy = logits.detach().to(acc) + gumbel.to(acc)

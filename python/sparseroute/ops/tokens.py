@@ -104,7 +104,9 @@ def _gather_tokens_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
             # Its kept rows were zeroed (the scatter overwrote them): the rows replace them.
             grad_x = torch.ops.sparseroute.scatter_tokens(residual, grad, indices, None, ctx.seq_len)
         else:
-            ones = torch.ones(indices.shape[0], ctx.seq_len, dtype=accumulator_dtype(grad.dtype))
+            ones = torch.ones(
+                indices.shape[0], ctx.seq_len, dtype=accumulator_dtype(grad.dtype), device=grad.device
+            )
             grad_x = torch.ops.sparseroute.scatter_tokens(residual, grad, indices, ones, ctx.seq_len)
     return grad_x, None, None
 
