@@ -91,6 +91,17 @@ def _i64(value: int) -> np.int64:
     return scalar
 
 
+def _token_teams(
+    num_tokens: int, num_experts: int, warp_kernel: str, block_kernel: str
+) -> tuple[str, int, int]:
+    """``(kernel, grid, block)`` of a per-token gating kernel: ``warp_kernel``, a warp per
+    token and four tokens per 128-thread block, up to ``WARP_TEAM_MAX_EXPERTS`` experts;
+    ``block_kernel``, a 256-thread block per token, above."""
+    if num_experts <= WARP_TEAM_MAX_EXPERTS:
+        return warp_kernel, -(-num_tokens // 4), 128
+    return block_kernel, num_tokens, 256
+
+
 # --- topk_gating -------------------------------------------------------------------------------
 
 
@@ -145,14 +156,11 @@ def topk_gating_cuda(
     if num_tokens == 0:
         return weights, experts
     group_scores = torch.empty(num_tokens, groups, dtype=acc, device=device) if groups else None
-    warp_team = num_experts <= WARP_TEAM_MAX_EXPERTS
     with _cuda.launcher(device) as launch:
         launch(
             "gating.cu",
             dtype,
-            "sr_topk_gating_warp" if warp_team else "sr_topk_gating_block",
-            -(-num_tokens // 4) if warp_team else num_tokens,
-            128 if warp_team else 256,
+            *_token_teams(num_tokens, num_experts, "sr_topk_gating_warp", "sr_topk_gating_block"),
             (
                 pointer(logits),
                 _i64(num_tokens),
@@ -194,14 +202,13 @@ def topk_gating_backward_cuda(
         return grad_logits
     experts = experts.to(torch.int64).contiguous()
     grad_weights = grad_weights.to(_accumulator(dtype)).contiguous()
-    warp_team = num_experts <= WARP_TEAM_MAX_EXPERTS
     with _cuda.launcher(device) as launch:
         launch(
             "gating.cu",
             dtype,
-            "sr_topk_gating_backward_warp" if warp_team else "sr_topk_gating_backward_block",
-            -(-num_tokens // 4) if warp_team else num_tokens,
-            128 if warp_team else 256,
+            *_token_teams(
+                num_tokens, num_experts, "sr_topk_gating_backward_warp", "sr_topk_gating_backward_block"
+            ),
             (
                 pointer(logits),
                 _i64(num_tokens),

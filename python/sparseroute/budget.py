@@ -269,7 +269,7 @@ class BudgetMeter:
         budget: float | None = None,
         schedule: SparsitySchedule | None = None,
     ) -> None:
-        costs = torch.as_tensor(layer_costs, dtype=torch.float64).detach().cpu()
+        costs = _float64(layer_costs, "layer_costs", "[L]")
         if costs.dim() != 1:
             raise ValueError(
                 f"layer_costs: expected [L] (the cost of each layer at full keep), got {tuple(costs.shape)}"
@@ -335,8 +335,6 @@ class BudgetMeter:
         offered = torch.tensor([float(v) for v in self._offered], dtype=torch.float64)
         ratios = torch.where(offered > 0, kept / offered.clamp_min(1e-300), torch.zeros_like(kept))
         costs = self.layer_costs * ratios
-        total = 0.0
-        for value in costs.tolist():
-            total += value
+        total = sum(costs.tolist())  # in layer order, as sparsity_schedule sums its costs
         planned = None if self.schedule is None else self.schedule.ratios.to(torch.float64)
-        return BudgetReport(kept, offered, ratios, planned, costs, total, self.budget)
+        return BudgetReport(kept, offered, ratios, planned, costs, float(total), self.budget)

@@ -160,55 +160,44 @@ impl Batcher {
     /// non-empty batch).
     pub fn next_batch(&mut self) -> Batch {
         let round = self.round;
+        let queue = &self.queue;
+        let mut taken = vec![false; queue.len()];
         let mut chosen: Vec<usize> = Vec::with_capacity(self.max_batch);
-        let mut taken = vec![false; self.queue.len()];
         let mut union = ExpertSet::empty(self.num_layers, self.num_experts);
-        let mut take = |i: usize, chosen: &mut Vec<usize>, union: &mut ExpertSet| {
+        // Overdue requests first, oldest first; without any, the oldest request, which seeds
+        // an expert-aware batch and is all a FIFO batch needs to start.
+        let mut seeds: Vec<usize> = (0..queue.len())
+            .filter(|&i| round - queue[i].arrival >= self.max_wait)
+            .take(self.max_batch)
+            .collect();
+        if seeds.is_empty() && !queue.is_empty() {
+            seeds.push(0);
+        }
+        let mut seeds = seeds.into_iter();
+        while chosen.len() < self.max_batch {
+            let next = seeds.next().or_else(|| {
+                let mut free = (0..queue.len()).filter(|&i| !taken[i]);
+                match self.policy {
+                    BatchPolicy::Fifo => free.next(),
+                    BatchPolicy::ExpertAware => free.min_by_key(|&i| (queue[i].experts.new_to(&union), i)),
+                }
+            });
+            let Some(i) = next else { break };
             taken[i] = true;
             chosen.push(i);
-            union.union_with(&self.queue[i].experts);
-        };
-        // Overdue requests first, oldest first; then the oldest request, which seeds an
-        // expert-aware batch and is all a FIFO batch needs to start.
-        for i in 0..self.queue.len() {
-            if chosen.len() < self.max_batch && round - self.queue[i].arrival >= self.max_wait {
-                take(i, &mut chosen, &mut union);
-            }
+            union.union_with(&queue[i].experts);
         }
-        if chosen.is_empty() && !self.queue.is_empty() {
-            take(0, &mut chosen, &mut union);
-        }
-        while chosen.len() < self.max_batch {
-            let next = match self.policy {
-                BatchPolicy::Fifo => (0..self.queue.len()).find(|&i| !taken_at(&chosen, i)),
-                BatchPolicy::ExpertAware => (0..self.queue.len())
-                    .filter(|&i| !taken_at(&chosen, i))
-                    .min_by_key(|&i| (self.queue[i].experts.new_to(&union), i)),
-            };
-            match next {
-                Some(i) => take(i, &mut chosen, &mut union),
-                None => break,
-            }
-        }
-        let requests = chosen.iter().map(|&i| self.queue[i].id).collect();
-        let mut keep = vec![true; self.queue.len()];
-        for &i in &chosen {
-            keep[i] = false;
-        }
+        let requests = chosen.iter().map(|&i| queue[i].id).collect();
         let mut index = 0;
         self.queue.retain(|_| {
             index += 1;
-            keep[index - 1]
+            !taken[index - 1]
         });
         if !chosen.is_empty() {
             self.round += 1;
         }
         Batch { requests, distinct_experts: union.len(), round }
     }
-}
-
-fn taken_at(chosen: &[usize], i: usize) -> bool {
-    chosen.contains(&i)
 }
 
 /// Replays a queue: request `r` (using `experts[r]`, `[L, k]` flattened) arrives at round
@@ -324,8 +313,8 @@ pub fn prefetch_plan(
     for (j, keys) in needs.iter().enumerate() {
         let first_pinned = j.saturating_sub(depth);
         let pinned = |key: &(i64, i64)| next_use(*key, first_pinned) <= j;
-        let pinned_count =
-            memory.iter().filter(|k| pinned(k)).count() + keys.iter().filter(|k| !memory.contains(k)).count();
+        let pinned_count = memory.iter().filter(|k| pinned(k)).count()
+            + keys.iter().filter(|k| memory.binary_search(k).is_err()).count();
         if pinned_count > capacity {
             return Err(CoreError::invalid(
                 "capacity",

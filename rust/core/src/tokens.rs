@@ -540,24 +540,16 @@ mod tests {
             })
             .unwrap()
         };
+        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let single = outputs(1);
         assert_eq!(single.1.iter().map(|&m| m as usize).sum::<usize>(), 8 * 64);
         for threads in [2, 3] {
             let multi = outputs(threads);
             assert_eq!(single.0, multi.0);
             assert_eq!(single.1, multi.1);
-            assert_eq!(
-                single.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                multi.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
-            assert_eq!(
-                single.3.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                multi.3.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
-            assert_eq!(
-                single.4.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                multi.4.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
+            assert_eq!(bits(&single.2), bits(&multi.2));
+            assert_eq!(bits(&single.3), bits(&multi.3));
+            assert_eq!(bits(&single.4), bits(&multi.4));
         }
     }
 }
