@@ -39,6 +39,7 @@ __all__ = [
     "score_sums_backward",
     "select_tokens",
     "set_buffer_cache_limit",
+    "simd_level",
     "simulate_cache",
     "sinkhorn",
     "slot_dots",
@@ -123,6 +124,9 @@ def slot_dots(
     out: npt.NDArray[np.floating],
     threads: int,
 ) -> None: ...
+def simd_level() -> str:
+    """The instruction set of the CPU gating kernels: "avx2" or "baseline"."""
+
 def pooled_empty(shape: list[int], dtype: str) -> object:
     """A DLPack capsule of an uninitialised C-contiguous CPU tensor backed by a cached buffer."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparseroute import _cuda, _cuda_ops
-from sparseroute._core import __version__
+from sparseroute._core import __version__, simd_level
 from sparseroute._threads import get_num_threads
 
 
@@ -28,7 +28,9 @@ def _nvrtc() -> str | None:
 
 
 def info() -> dict[str, object]:
-    """A description of this installation: sparseroute's version, its CPU thread count, torch
+    """A description of this installation: sparseroute's version, its CPU thread count and
+    the instruction set of its CPU gating kernels ("avx2" or "baseline", see
+    ``SPARSEROUTE_SIMD`` in docs/semantics.md), torch
     and its CUDA, CuPy and NVRTC (``None`` when missing), the current CUDA device, the ops with
     CUDA kernels and where their sources are.
 
@@ -43,6 +45,7 @@ def info() -> dict[str, object]:
     return {
         "version": __version__,
         "rust_threads": get_num_threads(),
+        "cpu_simd": simd_level(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": cuda_available,

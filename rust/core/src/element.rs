@@ -5,6 +5,7 @@
 //! checked against finite differences.
 
 use crate::lanes::BlockOps;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use num_traits::Float;
 
@@ -16,9 +17,18 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     /// higher key first, then lower index first.
     type Packed: Ord + Copy + Send + Sync;
     fn from_f64(v: f64) -> Self;
-    /// `exp` of every value, in place, for bulk elementwise work (losses over all experts).
-    /// f32 uses `fast_exp_f32` (branch-free, so the loop vectorises); f64 uses `f64::exp`.
-    fn exp_in_place(values: &mut [Self]);
+    /// `e^x` as the routing math computes it: [`fast_exp_f32`] for `f32` (so that scalar and
+    /// SIMD kernels round identically), `f64::exp` for `f64`.
+    fn fast_exp(self) -> Self;
+    /// The slice as `f32` when `Self` is `f32`, so that f32-only SIMD kernels can write
+    /// accumulator-typed outputs; `None` for `f64`.
+    fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
+    /// [`Accumulator::fast_exp`] of every value, in place, for bulk elementwise work.
+    fn exp_in_place(values: &mut [Self]) {
+        for v in values.iter_mut() {
+            *v = v.fast_exp();
+        }
+    }
     /// Packs a non-NaN key with its index; -0.0 and 0.0 pack equal keys.
     fn pack(self, index: usize) -> Self::Packed;
     fn unpack_key(packed: Self::Packed) -> Self;
@@ -78,11 +88,12 @@ impl Accumulator for f32 {
     fn from_f64(v: f64) -> f32 {
         v as f32
     }
-    #[inline]
-    fn exp_in_place(values: &mut [f32]) {
-        for v in values.iter_mut() {
-            *v = fast_exp_f32(*v);
-        }
+    #[inline(always)]
+    fn fast_exp(self) -> f32 {
+        fast_exp_f32(self)
+    }
+    fn as_f32_mut(values: &mut [f32]) -> Option<&mut [f32]> {
+        Some(values)
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u64 {
@@ -106,11 +117,12 @@ impl Accumulator for f64 {
     fn from_f64(v: f64) -> f64 {
         v
     }
-    #[inline]
-    fn exp_in_place(values: &mut [f64]) {
-        for v in values.iter_mut() {
-            *v = v.exp();
-        }
+    #[inline(always)]
+    fn fast_exp(self) -> f64 {
+        self.exp()
+    }
+    fn as_f32_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u128 {
@@ -127,6 +139,17 @@ impl Accumulator for f64 {
     }
 }
 
+/// The raw storage of a slice of 32- or 16-bit floats, for kernels that load and convert
+/// several values at once with SIMD instructions.
+#[derive(Clone, Copy, Debug)]
+pub enum Storage<'a> {
+    F32(&'a [f32]),
+    /// bfloat16 bit patterns.
+    Bf16(&'a [u16]),
+    /// IEEE half-precision bit patterns.
+    F16(&'a [u16]),
+}
+
 /// A floating-point storage type of tensors: `f64`, `f32`, `bf16` or `f16`.
 pub trait Element: Copy + Send + Sync + Default + 'static {
     type Acc: Accumulator;
@@ -135,6 +158,11 @@ pub trait Element: Copy + Send + Sync + Default + 'static {
     fn to_acc(self) -> Self::Acc;
     /// Rounds to nearest even (the conversion torch uses).
     fn from_acc(v: Self::Acc) -> Self;
+    /// The slice's storage, for types whose accumulator is `f32` (`None` for `f64`).
+    fn storage(values: &[Self]) -> Option<Storage<'_>> {
+        let _ = values;
+        None
+    }
 }
 
 impl Element for f64 {
@@ -161,6 +189,9 @@ impl Element for f32 {
     fn from_acc(v: f32) -> f32 {
         v
     }
+    fn storage(values: &[f32]) -> Option<Storage<'_>> {
+        Some(Storage::F32(values))
+    }
 }
 
 impl Element for bf16 {
@@ -182,6 +213,9 @@ impl Element for bf16 {
         let quiet_nan = ((bits >> 16) | 0x40) as u16;
         bf16::from_bits(if bits & 0x7fff_ffff > 0x7f80_0000 { quiet_nan } else { rounded })
     }
+    fn storage(values: &[bf16]) -> Option<Storage<'_>> {
+        Some(Storage::Bf16(values.reinterpret_cast()))
+    }
 }
 
 impl Element for f16 {
@@ -194,6 +228,9 @@ impl Element for f16 {
     #[inline(always)]
     fn from_acc(v: f32) -> f16 {
         f16::from_f32(v)
+    }
+    fn storage(values: &[f16]) -> Option<Storage<'_>> {
+        Some(Storage::F16(values.reinterpret_cast()))
     }
 }
 

@@ -17,9 +17,16 @@ mod schedule;
 
 use pyo3::prelude::*;
 
+/// The instruction set of the CPU gating kernels: "avx2" or "baseline".
+#[pyfunction]
+fn simd_level() -> &'static str {
+    sparseroute_core::gating::simd_level()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add("InvalidInputError", m.py().get_type::<errors::InvalidInputError>())?;
     m.add_function(wrap_pyfunction!(routing::topk_gating, m)?)?;
     m.add_function(wrap_pyfunction!(routing::topk_gating_backward, m)?)?;

@@ -15,7 +15,10 @@
 //!   the same value as `s_j / sum_i s_i`, one rounding fewer, and never 0/0); normalised
 //!   sigmoid weights are `s_j / (sum_i s_i + 1e-20)`. Then multiplied by `scale`.
 
-use crate::element::{Accumulator, Element};
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use crate::element::{Accumulator, Element, Storage};
 use crate::error::{check_len, CoreError, Result};
 use crate::lanes::{BlockOps, LANES};
 use crate::threads::{for_each_block, for_each_block2};
@@ -113,6 +116,10 @@ struct Scratch<A: Accumulator> {
     group_top: TopK<A>,
     group_keys: Vec<A>,
     group_allowed: Vec<bool>,
+    #[cfg(target_arch = "x86_64")]
+    candidates: avx2::Candidates,
+    /// 16-bit logits of eight tokens widened to f32 (the AVX2 token-parallel path).
+    column: Vec<f32>,
 }
 
 impl<A: Accumulator> Scratch<A> {
@@ -128,6 +135,9 @@ impl<A: Accumulator> Scratch<A> {
             group_top: TopK::new(topk_groups.max(2)),
             group_keys: Vec::with_capacity(groups),
             group_allowed: Vec::with_capacity(groups),
+            #[cfg(target_arch = "x86_64")]
+            candidates: avx2::Candidates::new(cfg.num_experts, cfg.k),
+            column: Vec::new(),
         }
     }
 }
@@ -197,7 +207,7 @@ impl<A: Accumulator> TopK<A> {
 
 #[inline]
 fn sigmoid<A: Accumulator>(x: A) -> A {
-    A::one() / (A::one() + (-x).exp())
+    A::one() / (A::one() + (-x).fast_exp())
 }
 
 /// The error for a row holding NaN or an infinity, naming the first such expert.
@@ -229,7 +239,7 @@ fn max_of<A: Accumulator>(values: impl Iterator<Item = A>) -> A {
 fn softmax_into<A: Accumulator>(logits: &[A], out: &mut Vec<A>) {
     let m = max_of(logits.iter().copied());
     out.clear();
-    out.extend(logits.iter().map(|&l| (l - m).exp()));
+    out.extend(logits.iter().map(|&l| (l - m).fast_exp()));
     let z: A = out.iter().copied().sum();
     for s in out.iter_mut() {
         *s = *s / z;
@@ -263,7 +273,7 @@ fn lane_weights<A: Accumulator, const N: usize>(
             let mut total = [A::zero(); N];
             for (o, c) in out.iter_mut().zip(chosen) {
                 for i in 0..N {
-                    o[i] = (c[i] - m[i]).exp();
+                    o[i] = (c[i] - m[i]).fast_exp();
                     total[i] = total[i] + o[i];
                 }
             }
@@ -282,12 +292,12 @@ fn lane_weights<A: Accumulator, const N: usize>(
             for e in 0..num_experts {
                 let l = column(e);
                 for i in 0..N {
-                    z[i] = z[i] + (l[i] - m[i]).exp();
+                    z[i] = z[i] + (l[i] - m[i]).fast_exp();
                 }
             }
             for (o, c) in out.iter_mut().zip(chosen) {
                 for i in 0..N {
-                    o[i] = (c[i] - m[i]).exp() / z[i] * scale;
+                    o[i] = (c[i] - m[i]).fast_exp() / z[i] * scale;
                 }
             }
         }
@@ -470,25 +480,68 @@ fn select_on_scores<L: Element>(
     Ok(())
 }
 
+/// The instruction set the gating kernels use on this machine: `"avx2"` where the CPU has
+/// it (x86_64) and `SPARSEROUTE_SIMD=baseline` is not set, else `"baseline"` (SSE2 on
+/// x86_64, portable code elsewhere). Results are the same bits either way.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::enabled() {
+        return "avx2";
+    }
+    "baseline"
+}
+
+/// The AVX2 kernels' view of the logits, when those kernels may run on them.
+fn simd_rows<L: Element>(logits: &[L]) -> Option<Storage<'_>> {
+    #[cfg(target_arch = "x86_64")]
+    return avx2::rows(L::storage(logits));
+    #[cfg(not(target_arch = "x86_64"))]
+    return None;
+}
+
+/// Routes one token: `row` is its logits, `simd` (when given) all tokens' logits as the
+/// AVX2 kernels read them.
+#[allow(clippy::too_many_arguments)]
 fn route_token<L: Element>(
     row: &[L],
     token: usize,
+    simd: Option<Storage<'_>>,
     bias: Option<&[L::Acc]>,
     cfg: &GatingConfig,
     scratch: &mut Scratch<L::Acc>,
     weights: &mut [L::Acc],
     experts: &mut [i64],
 ) -> Result<()> {
-    if bias.is_none() && cfg.groups.is_none() {
-        if !select_on_logits(row, cfg.k, &mut scratch.top) {
-            return Err(non_finite_error(row, token));
+    let on_logits = bias.is_none() && cfg.groups.is_none();
+    let e = row.len();
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        Some(rows) if on_logits && e >= 4 * LANES && cfg.k <= 2 * LANES => {
+            // SAFETY: the row lies inside `rows` (token * e .. token * e + e), e >= 32, k <= 16,
+            // and `avx2::rows` checked the CPU features; `candidates` was made for e experts.
+            let mut chosen = [0u32; 16];
+            let finite = unsafe {
+                avx2::select_on_logits(rows, token * e, e, cfg.k, &mut scratch.candidates, &mut chosen)
+            };
+            if !finite {
+                return Err(non_finite_error(row, token));
+            }
+            scratch.chosen.clear();
+            scratch.chosen.extend(chosen[..cfg.k].iter().map(|&i| i as usize));
         }
-    } else {
-        select_on_scores(row, token, bias, cfg, scratch)?;
+        _ => {
+            if on_logits {
+                if !select_on_logits(row, cfg.k, &mut scratch.top) {
+                    return Err(non_finite_error(row, token));
+                }
+            } else {
+                select_on_scores(row, token, bias, cfg, scratch)?;
+            }
+            scratch.chosen.clear();
+            scratch.chosen.extend(scratch.top.indices());
+        }
     }
-    let chosen = &mut scratch.chosen;
-    chosen.clear();
-    chosen.extend(scratch.top.indices());
+    let chosen = &scratch.chosen;
     for (slot, &e) in experts.iter_mut().zip(chosen.iter()) {
         *slot = e as i64;
     }
@@ -501,6 +554,20 @@ fn route_token<L: Element>(
 /// Writes `weights` `[T, k]` and `experts` `[T, k]`. `bias` `[E]` shifts selection only.
 pub fn topk_gating<L: Element>(
     logits: &[L],
+    num_tokens: usize,
+    bias: Option<&[L::Acc]>,
+    cfg: &GatingConfig,
+    weights: &mut [L::Acc],
+    experts: &mut [i64],
+) -> Result<()> {
+    topk_gating_on(logits, simd_rows(logits), num_tokens, bias, cfg, weights, experts)
+}
+
+/// [`topk_gating`] with the SIMD kernels' view of the logits given (`None`: portable
+/// kernels only), so that tests can run both paths in one process.
+fn topk_gating_on<L: Element>(
+    logits: &[L],
+    simd: Option<Storage<'_>>,
     num_tokens: usize,
     bias: Option<&[L::Acc]>,
     cfg: &GatingConfig,
@@ -526,25 +593,49 @@ pub fn topk_gating<L: Element>(
         return Ok(());
     }
     let block = tokens_per_task(e).next_multiple_of(TOKEN_LANES);
-    let token_parallel = bias.is_none() && cfg.groups.is_none() && e * k <= TOKEN_PARALLEL_MAX_WORK;
+    let lanes = lane_kernel(cfg, simd.is_some(), bias.is_none());
     for_each_block2((weights, k), (experts, k), block, |first, weights, experts| {
         let mut scratch = Scratch::new(cfg);
+        if simd.is_some() && lanes != LaneKernel::None {
+            scratch.column.resize(TOKEN_LANES * e, 0.0);
+        }
         let mut done = 0;
-        if token_parallel {
-            let mut lanes = LaneTopK::new(k);
+        if lanes != LaneKernel::None {
+            let mut lane_top = LaneTopK::new(k);
             let groups =
                 weights.chunks_exact_mut(TOKEN_LANES * k).zip(experts.chunks_exact_mut(TOKEN_LANES * k));
             for (g, (w, ids)) in groups.enumerate() {
                 let first_token = first + g * TOKEN_LANES;
                 let rows = &logits[first_token * e..(first_token + TOKEN_LANES) * e];
-                route_lanes(rows, first_token, cfg, &mut lanes, w, ids)?;
+                let bad = 'kernel: {
+                    #[cfg(target_arch = "x86_64")]
+                    if let (Some(storage), Some(w)) = (simd, L::Acc::as_f32_mut(&mut *w)) {
+                        // SAFETY: `avx2::rows` checked the CPU features; the group's eight
+                        // rows exist, and `lane_kernel` checked k and E for the kernel.
+                        break 'kernel unsafe {
+                            if lanes == LaneKernel::Insertion {
+                                avx2::route_lanes(storage, first_token, cfg, &mut scratch.column, w, ids)
+                            } else {
+                                let (candidates, column) = (&mut scratch.candidates, &mut scratch.column);
+                                avx2::route_rows(storage, first_token, cfg, candidates, column, w, ids)
+                            }
+                        };
+                    }
+                    route_lanes(rows, first_token, cfg, &mut lane_top, w, ids)?;
+                    0
+                };
+                if bad != 0 {
+                    let lane = bad.trailing_zeros() as usize;
+                    return Err(non_finite_error(&rows[lane * e..(lane + 1) * e], first_token + lane));
+                }
                 done += TOKEN_LANES;
             }
         }
         let rest = weights[done * k..].chunks_mut(k).zip(experts[done * k..].chunks_mut(k));
         for (i, (w, ids)) in rest.enumerate() {
             let token = first + done + i;
-            route_token(&logits[token * e..(token + 1) * e], token, bias, cfg, &mut scratch, w, ids)?;
+            let row = &logits[token * e..(token + 1) * e];
+            route_token(row, token, simd, bias, cfg, &mut scratch, w, ids)?;
         }
         Ok(())
     })
@@ -554,6 +645,42 @@ pub fn topk_gating<L: Element>(
 const TOKEN_LANES: usize = 8;
 /// Up to this E * k, few-expert routing runs token-parallel ([`route_lanes`]).
 const TOKEN_PARALLEL_MAX_WORK: usize = 32;
+/// The same limits for the AVX2 token-parallel kernel, whose insertion is cheaper.
+const SIMD_TOKEN_PARALLEL_MAX_WORK: usize = 256;
+/// The AVX2 kernels that route groups of eight tokens keep up to this many slots per lane.
+const SIMD_LANE_MAX_K: usize = 8;
+
+/// How whole groups of [`TOKEN_LANES`] tokens are routed (the rest go token by token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaneKernel {
+    /// Token by token ([`route_token`]).
+    None,
+    /// Every expert offered to every lane's slots ([`route_lanes`]): few experts.
+    Insertion,
+    /// The AVX2 per-token filter for each token, then the weights of all eight at once.
+    Filter,
+}
+
+fn lane_kernel(cfg: &GatingConfig, simd: bool, unbiased: bool) -> LaneKernel {
+    let (e, k) = (cfg.num_experts, cfg.k);
+    if !unbiased || cfg.groups.is_some() {
+        LaneKernel::None
+    } else if !simd {
+        if e * k <= TOKEN_PARALLEL_MAX_WORK {
+            LaneKernel::Insertion
+        } else {
+            LaneKernel::None
+        }
+    } else if k > SIMD_LANE_MAX_K {
+        LaneKernel::None
+    } else if e * k <= SIMD_TOKEN_PARALLEL_MAX_WORK {
+        LaneKernel::Insertion
+    } else if e >= 4 * LANES {
+        LaneKernel::Filter
+    } else {
+        LaneKernel::None
+    }
+}
 
 /// The k best (key, expert) pairs of each of [`TOKEN_LANES`] tokens: slot p of lane i is
 /// the p-th best of token i.
@@ -695,7 +822,7 @@ fn backward_token<L: Element>(
         load_logits(row, token, logits)?;
         let m = max_of(logits.iter().copied());
         grad.clear();
-        grad.extend(logits.iter().map(|&l| (l - m).exp()));
+        grad.extend(logits.iter().map(|&l| (l - m).fast_exp()));
         let z: A<L> = grad.iter().copied().sum();
         for s in grad.iter_mut() {
             *s = *s / z;
@@ -717,7 +844,7 @@ fn backward_token<L: Element>(
             // dL/dl_j = scale * p_j * (g_j - sum_i p_i g_i).
             let m = max_of(live.iter().map(|&(_, _, l)| l));
             for entry in live.iter_mut() {
-                entry.2 = (entry.2 - m).exp();
+                entry.2 = (entry.2 - m).fast_exp();
             }
             let total: A<L> = live.iter().map(|&(_, _, v)| v).sum();
             let mean_g = live.iter().fold(zero, |acc, &(_, g, v)| acc + v / total * g);
@@ -1118,5 +1245,76 @@ mod tests {
         expert_choice(&[0.0f64; 8], 4, 2, 1, &mut idx, &mut gates).unwrap();
         assert_eq!(idx, vec![0, 0]);
         assert!(expert_choice(&[0.0f64; 8], 4, 2, 5, &mut [0; 10], &mut [0.0; 10]).is_err());
+    }
+
+    /// Logits with ties, signed zeros and a wide range, from a small generator.
+    fn tricky_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let r = (state >> 40) as f32 / (1u64 << 24) as f32;
+                match state % 7 {
+                    0 => (r * 4.0).floor() - 2.0, // ties
+                    1 => -0.0,
+                    2 => r * 60.0 - 30.0,
+                    _ => r * 6.0 - 3.0,
+                }
+            })
+            .collect()
+    }
+
+    fn compare_paths<L: Element>(logits: &[L], tokens: usize, cfg: &GatingConfig) {
+        let Some(simd) = simd_rows(logits) else { return };
+        let k = cfg.k;
+        let run = |view: Option<Storage<'_>>| {
+            let mut w = vec![L::Acc::zero(); tokens * k];
+            let mut ids = vec![0i64; tokens * k];
+            let result = topk_gating_on(logits, view, tokens, None, cfg, &mut w, &mut ids);
+            (result.map_err(|e| e.to_string()), w, ids)
+        };
+        let (portable, simd) = (run(None), run(Some(simd)));
+        assert_eq!(portable.0, simd.0, "{cfg:?}");
+        if portable.0.is_err() {
+            return; // outputs are unspecified after an error
+        }
+        assert_eq!(portable.2, simd.2, "experts differ: {cfg:?}");
+        let bits = |w: &[L::Acc]| {
+            w.iter().map(|v| num_traits::ToPrimitive::to_f64(v).map(f64::to_bits)).collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&portable.1), bits(&simd.1), "weights differ: {cfg:?}");
+    }
+
+    #[test]
+    fn simd_kernels_match_the_portable_ones_bit_for_bit() {
+        let tokens = 37; // whole groups of eight and a remainder
+        let mut seed = 1;
+        for e in [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 60, 64, 65, 100, 160, 256] {
+            for k in (1..=e.min(16)).filter(|&k| k <= 9 || k % 4 == 0 || k == e) {
+                for (score, normalize, scale) in [
+                    (ScoreFunction::Softmax, true, 1.0),
+                    (ScoreFunction::Softmax, false, 2.5),
+                    (ScoreFunction::Sigmoid, true, 1.0),
+                    (ScoreFunction::Sigmoid, false, 2.5),
+                ] {
+                    let cfg = GatingConfig { num_experts: e, k, score, normalize, groups: None, scale };
+                    seed += 1;
+                    let logits = tricky_logits(tokens * e, seed);
+                    compare_paths(&logits, tokens, &cfg);
+                    let bf: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                    compare_paths(&bf, tokens, &cfg);
+                    let hf: Vec<half::f16> = logits.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    compare_paths(&hf, tokens, &cfg);
+                    // Every logit equal: all candidates tie at the bound.
+                    compare_paths(&vec![0.5f32; tokens * e], tokens, &cfg);
+                    // A non-finite logit in the middle of a group of eight.
+                    let mut bad = logits.clone();
+                    bad[(tokens / 2) * e + e / 2] = if seed % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+                    compare_paths(&bad, tokens, &cfg);
+                }
+            }
+        }
     }
 }

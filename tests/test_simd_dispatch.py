@@ -1,0 +1,67 @@
+"""The CPU gating kernels pick AVX2 versions at run time where the processor has them;
+``SPARSEROUTE_SIMD=baseline`` turns them off. Both must give the same bits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import sparseroute
+
+# (T, E, k, score, normalize, dtype): token-parallel shapes (E * k small), the per-token
+# filter (E >= 32), and the token-by-token path (k > 8), for every input dtype.
+CASES = [
+    (T, E, k, score, normalize, dtype)
+    for T, E, k in [
+        (37, 8, 2),
+        (40, 8, 8),
+        (29, 16, 4),
+        (37, 60, 4),
+        (45, 64, 8),
+        (21, 160, 6),
+        (19, 256, 8),
+        (9, 64, 12),
+    ]
+    for score, normalize in [("softmax", True), ("softmax", False), ("sigmoid", True)]
+    for dtype in ["float32", "bfloat16", "float16"]
+]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, sparseroute
+    from test_simd_dispatch import CASES, route_all
+    assert sparseroute.info()["cpu_simd"] == "baseline", sparseroute.info()["cpu_simd"]
+    torch.save(route_all(), sys.argv[1])
+    """
+)
+
+
+def route_all() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    results = []
+    for i, (T, E, k, score, normalize, dtype) in enumerate(CASES):
+        g = torch.Generator().manual_seed(i)
+        logits = torch.randn(T, E, generator=g) * 3
+        logits[:, ::5] = logits[:, ::5].round()  # ties
+        logits = logits.to(getattr(torch, dtype))
+        results.append(sparseroute.topk_gating(logits, k, score=score, normalize=normalize, scale=1.5))
+    return results
+
+
+def test_info_names_the_instruction_set():
+    assert sparseroute.info()["cpu_simd"] in ("avx2", "baseline")
+
+
+def test_baseline_and_simd_kernels_give_the_same_bits(tmp_path):
+    out = tmp_path / "baseline.pt"
+    env = dict(os.environ, SPARSEROUTE_SIMD="baseline", PYTHONPATH=os.path.dirname(__file__))
+    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, check=True, timeout=600)
+    baseline = torch.load(out)
+    for case, (weights, experts), (base_weights, base_experts) in zip(
+        CASES, route_all(), baseline, strict=True
+    ):
+        assert torch.equal(experts, base_experts), case
+        assert torch.equal(weights.view(torch.int32), base_weights.view(torch.int32)), case
