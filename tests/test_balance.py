@@ -113,6 +113,20 @@ def test_gradcheck_and_opcheck(score):
     torch.library.opcheck(ops.expert_counts, (experts, 5, 4, flat_mask))
     torch.library.opcheck(ops.z_loss, (logits, flat_mask))
     torch.library.opcheck(ops.z_loss, (logits, None))
+    direction = torch.randn(12, 5, dtype=torch.float64)
+    torch.library.opcheck(
+        ops.z_loss_backward, (direction, torch.tensor(0.5, dtype=torch.float64), torch.float64)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_z_loss_gradient_in_the_logits_dtype(dtype):
+    logits = (torch.randn(40, 7) * 3).to(dtype).requires_grad_()
+    (2.5 * sparseroute.z_loss(logits)).backward()
+    reference = logits.detach().float().requires_grad_()
+    (2.5 * torch.logsumexp(reference, dim=-1).square().mean()).backward()
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad, reference.grad.to(dtype), rtol=1e-2, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,5 +1,6 @@
-"""The CPU gating kernels pick AVX2 versions at run time where the processor has them;
-``SPARSEROUTE_SIMD=baseline`` turns them off. Both must give the same bits."""
+"""The CPU kernels pick AVX2 versions at run time where the processor has them (gating,
+z-loss, Sinkhorn); ``SPARSEROUTE_SIMD=baseline`` turns them off. Both must give the same
+bits."""
 
 from __future__ import annotations
 
@@ -33,21 +34,28 @@ CASES = [
 SCRIPT = textwrap.dedent(
     """
     import sys, torch, sparseroute
-    from test_simd_dispatch import CASES, route_all
+    from test_simd_dispatch import run_all
     assert sparseroute.info()["cpu_simd"] == "baseline", sparseroute.info()["cpu_simd"]
-    torch.save(route_all(), sys.argv[1])
+    torch.save(run_all(), sys.argv[1])
     """
 )
 
 
-def route_all() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    results = []
+def run_all() -> list[tuple[torch.Tensor, ...]]:
+    results: list[tuple[torch.Tensor, ...]] = []
     for i, (T, E, k, score, normalize, dtype) in enumerate(CASES):
         g = torch.Generator().manual_seed(i)
         logits = torch.randn(T, E, generator=g) * 3
         logits[:, ::5] = logits[:, ::5].round()  # ties
         logits = logits.to(getattr(torch, dtype))
         results.append(sparseroute.topk_gating(logits, k, score=score, normalize=normalize, scale=1.5))
+    for i, (T, E) in enumerate([(37, 8), (300, 61), (1030, 64)]):
+        g = torch.Generator().manual_seed(100 + i)
+        logits = (torch.randn(T, E, generator=g) * 4).requires_grad_()
+        loss = sparseroute.z_loss(logits)
+        loss.backward()
+        results.append((loss.detach(), logits.grad))
+        results.append((sparseroute.sinkhorn(logits.detach()),))
     return results
 
 
@@ -60,8 +68,7 @@ def test_baseline_and_simd_kernels_give_the_same_bits(tmp_path):
     env = dict(os.environ, SPARSEROUTE_SIMD="baseline", PYTHONPATH=os.path.dirname(__file__))
     subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, check=True, timeout=600)
     baseline = torch.load(out)
-    for case, (weights, experts), (base_weights, base_experts) in zip(
-        CASES, route_all(), baseline, strict=True
-    ):
-        assert torch.equal(experts, base_experts), case
-        assert torch.equal(weights.view(torch.int32), base_weights.view(torch.int32)), case
+    for i, (ours, base) in enumerate(zip(run_all(), baseline, strict=True)):
+        for a, b in zip(ours, base, strict=True):
+            bits = torch.int32 if a.dtype == torch.float32 else a.dtype
+            assert torch.equal(a.view(bits), b.view(bits)), CASES[i] if i < len(CASES) else i

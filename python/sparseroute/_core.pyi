@@ -34,6 +34,7 @@ __all__ = [
     "rebalance_placement",
     "replay_batching",
     "replica_map",
+    "scale_into",
     "scatter_tokens",
     "score_sums",
     "score_sums_backward",
@@ -169,7 +170,11 @@ def topp_gating(
     threads: int,
 ) -> None: ...
 def sinkhorn(
-    logits: npt.NDArray[np.float32], tol: float, max_iters: int | None, out: npt.NDArray[np.float32]
+    logits: npt.NDArray[np.float32],
+    tol: float,
+    max_iters: int | None,
+    out: npt.NDArray[np.float32],
+    threads: int,
 ) -> int: ...
 def expert_choice(
     logits: npt.NDArray[np.generic],
@@ -185,6 +190,12 @@ def z_loss(
     grad: npt.NDArray[np.floating],
     threads: int,
 ) -> float: ...
+def scale_into(
+    src: npt.NDArray[np.floating],
+    factor: float,
+    out: npt.NDArray[np.generic],
+    threads: int,
+) -> None: ...
 def select_tokens(
     scores: npt.NDArray[np.generic],
     lengths: npt.NDArray[np.int64] | None,

@@ -1,4 +1,4 @@
-// Load-balancing statistics, after rust/core/src/balance.rs: per-group sums of normalised
+// Load-balancing statistics, after rust/core/src/balance/mod.rs: per-group sums of normalised
 // router scores and their gradient, the router z-loss. (Expert counts are integer work:
 // sr_expert_counts in plan.cu.)
 //

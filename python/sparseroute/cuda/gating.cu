@@ -1,5 +1,5 @@
 // Top-k gating on the GPU: forward (logits -> weights, experts) and backward (grad of the
-// weights -> grad of the logits). The semantics are those of rust/core/src/gating.rs and
+// weights -> grad of the logits). The semantics are those of rust/core/src/gating/mod.rs and
 // docs/semantics.md; docs/cuda.md says where the GPU results may differ in the last bits.
 //
 // One team of threads routes one token: a warp (sr_topk_gating_warp, four tokens per

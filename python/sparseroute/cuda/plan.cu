@@ -167,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(128)
   }
 }
 
-// Per-group expert counts of load balancing (rust/core/src/balance.rs, expert_counts):
+// Per-group expert counts of load balancing (rust/core/src/balance/mod.rs, expert_counts):
 // counts[g, e] += 1 for every slot of an unmasked token of group g routed to e. One thread per
 // slot (grid-stride), 64-bit integer atomics: the counts do not depend on the order. Ids outside
 // [-1, E) are counted in the error buffer and skipped; counts must start zeroed.

@@ -1,7 +1,7 @@
 """Load balancing: auxiliary losses, routing statistics and the bias controller.
 
 The heavy parts (normalised scores summed per group, expert counts, the z-loss) run in the
-Rust core (rust/core/src/balance.rs) as custom ops with autograd; what remains is
+Rust core (rust/core/src/balance/mod.rs) as custom ops with autograd; what remains is
 arithmetic on ``[groups, E]`` tensors. docs/semantics.md states every formula and how it
 relates to Megatron-Core, DeepSeek-V3 and Hugging Face transformers.
 """
@@ -151,8 +151,24 @@ def _z_loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, 
     ctx.logits_dtype = inputs[0].dtype
 
 
+@torch.library.custom_op("sparseroute::z_loss_backward", mutates_args=(), device_types="cpu")
+def _z_loss_backward_op(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``direction * grad`` in ``dtype``, written by the Rust core into a reused buffer: a
+    fresh ``[T, E]`` output costs more in page faults than the multiplication itself."""
+    out = _memory.empty(tuple(direction.shape), dtype)
+    _core.scale_into(numpy_view(direction), float(grad), numpy_view(out), get_num_threads())
+    return out
+
+
+@_z_loss_backward_op.register_fake
+def _(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
+    return direction.new_empty(direction.shape, dtype=dtype)
+
+
 def _z_loss_backward(ctx: Any, grad: Tensor, _grad_direction: Tensor) -> tuple[Any, ...]:
     (direction,) = ctx.saved_tensors
+    if direction.device.type == "cpu":
+        return torch.ops.sparseroute.z_loss_backward(direction, grad, ctx.logits_dtype), None
     return (direction * grad).to(ctx.logits_dtype), None
 
 
@@ -356,8 +372,8 @@ def update_expert_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> 
 
 @torch.library.custom_op("sparseroute::sinkhorn", mutates_args=(), device_types="cpu")
 def _sinkhorn_op(logits: Tensor, iters: int | None, tol: float) -> Tensor:
-    out = torch.empty(logits.shape, dtype=torch.float32)
-    _core.sinkhorn(numpy_view(logits.float().contiguous()), tol, iters, numpy_view(out))
+    out = _memory.empty(tuple(logits.shape), torch.float32)
+    _core.sinkhorn(numpy_view(logits.float().contiguous()), tol, iters, numpy_view(out), get_num_threads())
     return out
 
 

@@ -1,7 +1,7 @@
 """Top-k gating: router logits -> (weights, experts), with autograd to the logits.
 
 The exact semantics are written down in docs/semantics.md and in the docstring of
-``topk_gating``; the Rust kernel (rust/core/src/gating.rs) implements them.
+``topk_gating``; the Rust kernel (rust/core/src/gating/mod.rs) implements them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from sparseroute import _core
+from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
 from sparseroute.ops._bridge import accumulator_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, check_int, check_tensor
@@ -32,8 +32,8 @@ def _topk_gating_op(
 ) -> tuple[Tensor, Tensor]:
     logits = logits.contiguous()
     num_tokens = logits.shape[0]
-    weights = torch.empty(num_tokens, k, dtype=accumulator_dtype(logits.dtype))
-    experts = torch.empty(num_tokens, k, dtype=torch.int64)
+    weights = _memory.empty((num_tokens, k), accumulator_dtype(logits.dtype))
+    experts = _memory.empty((num_tokens, k), torch.int64)
     _core.topk_gating(
         numpy_view(logits),
         numpy_view(weights),
@@ -72,7 +72,7 @@ def _topk_gating_backward_op(
     logits: Tensor, experts: Tensor, grad_weights: Tensor, score: str, normalize: bool, scale: float
 ) -> Tensor:
     logits = logits.contiguous()
-    grad_logits = torch.empty_like(logits)
+    grad_logits = _memory.empty(tuple(logits.shape), logits.dtype)
     _core.topk_gating_backward(
         numpy_view(logits),
         numpy_view(experts.contiguous()),
@@ -253,8 +253,8 @@ def _topp_gating_op(
 ) -> tuple[Tensor, Tensor]:
     logits = logits.contiguous()
     num_tokens = logits.shape[0]
-    weights = torch.empty(num_tokens, max_k, dtype=accumulator_dtype(logits.dtype))
-    experts = torch.empty(num_tokens, max_k, dtype=torch.int64)
+    weights = _memory.empty((num_tokens, max_k), accumulator_dtype(logits.dtype))
+    experts = _memory.empty((num_tokens, max_k), torch.int64)
     _core.topp_gating(
         numpy_view(logits),
         numpy_view(weights),

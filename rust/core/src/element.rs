@@ -33,6 +33,10 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     fn pack(self, index: usize) -> Self::Packed;
     fn unpack_key(packed: Self::Packed) -> Self;
     fn unpack_index(packed: Self::Packed) -> usize;
+    /// Bits of a non-negative value, ordered as the values (for radix steps over
+    /// probabilities): the IEEE bits themselves, `PROBABILITY_KEY_BITS` wide.
+    fn probability_key(self) -> u64;
+    const PROBABILITY_KEY_BITS: u32;
 }
 
 /// Maps float bits to unsigned integers of the same order (for non-NaN floats), without
@@ -108,6 +112,11 @@ impl Accumulator for f32 {
     fn unpack_index(packed: u64) -> usize {
         (u32::MAX - packed as u32) as usize
     }
+    const PROBABILITY_KEY_BITS: u32 = 32;
+    #[inline(always)]
+    fn probability_key(self) -> u64 {
+        u64::from(self.to_bits())
+    }
 }
 
 impl Accumulator for f64 {
@@ -136,6 +145,11 @@ impl Accumulator for f64 {
     #[inline(always)]
     fn unpack_index(packed: u128) -> usize {
         (u64::MAX - packed as u64) as usize
+    }
+    const PROBABILITY_KEY_BITS: u32 = 64;
+    #[inline(always)]
+    fn probability_key(self) -> u64 {
+        self.to_bits()
     }
 }
 

@@ -19,6 +19,7 @@ pub mod lanes;
 pub mod layers;
 pub mod placement;
 pub mod schedule;
+pub mod simd;
 pub mod threads;
 pub mod tokens;
 

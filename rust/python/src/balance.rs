@@ -131,21 +131,44 @@ pub fn z_loss(
     })
 }
 
+/// `out = src * factor` in `out`'s dtype, `src` in its accumulator type (the z-loss backward).
+#[pyfunction]
+pub fn scale_into(
+    py: Python<'_>,
+    src: &Bound<'_, PyAny>,
+    factor: f64,
+    out: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(out, "out", L => {
+        type A = <L as sparseroute_core::Element>::Acc;
+        type W = <L as crate::arrays::Carried>::Word;
+        let src = readonly::<A>(src, "src")?;
+        let src = slice::<A>(&src, "src")?;
+        let mut out = readwrite::<W>(out, "out")?;
+        let out = slice_mut::<L>(&mut out, "out")?;
+        run_kernel(py, threads, out.len(), || balance::scale_into(src, factor, out))
+    })
+}
+
 /// Megatron-Core's Sinkhorn balancing of float32 `logits` [T, E] into `out`; returns the
 /// number of iterations run.
 #[pyfunction]
-#[pyo3(signature = (logits, tol, max_iters, out))]
+#[pyo3(signature = (logits, tol, max_iters, out, threads))]
 pub fn sinkhorn(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
     tol: f32,
     max_iters: Option<usize>,
     out: &Bound<'_, PyAny>,
+    threads: usize,
 ) -> PyResult<usize> {
     let logits = readonly::<f32>(logits, "logits")?;
     let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
     let logits = slice::<f32>(&logits, "logits")?;
     let mut out = readwrite::<f32>(out, "out")?;
     let out = slice_mut::<f32>(&mut out, "out")?;
-    run_kernel(py, 1, 0, || balance::sinkhorn(logits, num_tokens, num_experts, tol, max_iters, out))
+    run_kernel(py, threads, logits.len(), || {
+        balance::sinkhorn(logits, num_tokens, num_experts, tol, max_iters, out)
+    })
 }

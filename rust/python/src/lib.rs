@@ -17,10 +17,10 @@ mod schedule;
 
 use pyo3::prelude::*;
 
-/// The instruction set of the CPU gating kernels: "avx2" or "baseline".
+/// The instruction set of the CPU kernels: "avx2" or "baseline".
 #[pyfunction]
 fn simd_level() -> &'static str {
-    sparseroute_core::gating::simd_level()
+    sparseroute_core::simd::level()
 }
 
 #[pymodule]
@@ -41,6 +41,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(balance::score_sums_backward, m)?)?;
     m.add_function(wrap_pyfunction!(balance::expert_counts, m)?)?;
     m.add_function(wrap_pyfunction!(balance::z_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::scale_into, m)?)?;
     m.add_function(wrap_pyfunction!(balance::sinkhorn, m)?)?;
     m.add_class::<batching::PyBatcher>()?;
     m.add_function(wrap_pyfunction!(batching::replay_batching, m)?)?;

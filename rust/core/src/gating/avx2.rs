@@ -1,190 +1,17 @@
-//! AVX2 versions of the gating hot loops, chosen at run time.
-//!
-//! The wheel is built for the x86_64 baseline (SSE2) so that it installs on any x86_64
-//! machine; these kernels are compiled with `#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]` and run
-//! only where the CPU reports AVX2 (and F16C for float16 logits). They are exact
-//! replacements: selection is exact by construction, and the weights go through the same
-//! IEEE operations in the same order as [`super::lane_weights`] (Rust never fuses a
-//! multiply and an add unless told to, and [`exp8`] is `fast_exp_f32` lane by lane), so
-//! results are bitwise identical whichever path runs. The tests compare both paths.
-//!
-//! Setting `SPARSEROUTE_SIMD=baseline` in the environment turns these kernels off.
+//! AVX2 versions of the gating hot loops, chosen at run time (see [`crate::simd`]). They
+//! are exact replacements: selection is exact by construction, and the weights go through
+//! the same IEEE operations in the same order as [`super::lane_weights`] ([`exp8`] is
+//! `fast_exp_f32` lane by lane), so results are bitwise identical whichever path runs. The
+//! tests compare both paths.
 
 use super::{GatingConfig, ScoreFunction, TopK};
-#[cfg(test)]
-use crate::element::fast_exp_f32;
 use crate::element::{Accumulator, Storage};
+use crate::simd::avx2::{exp8, finite_lanes, with_source, Source};
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
-
-/// Whether the AVX2 kernels may run: the CPU has AVX2 (with the FMA, F16C, POPCNT and BMI1
-/// that come with it on every such processor) and the environment does not ask for the
-/// baseline kernels. Decided once per process.
-pub fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        let baseline = std::env::var_os("SPARSEROUTE_SIMD").is_some_and(|v| v == "baseline");
-        !baseline
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-            && is_x86_feature_detected!("popcnt")
-            && is_x86_feature_detected!("bmi1")
-    })
-}
 
 /// Logits as these kernels read them, when the AVX2 kernels may run on them.
 pub(super) fn rows(storage: Option<Storage<'_>>) -> Option<Storage<'_>> {
-    storage.filter(|_| enabled())
-}
-
-/// Runs `$body` with `$src` bound to the [`Source`] of `$storage`, so that each storage
-/// type gets its own copy of the kernel, with the conversion inside the loops.
-macro_rules! with_source {
-    ($storage:expr, |$src:ident| $body:expr) => {
-        match $storage {
-            Storage::F32(v) => {
-                let $src = F32Rows(v);
-                $body
-            }
-            Storage::Bf16(v) => {
-                let $src = Bf16Rows(v);
-                $body
-            }
-            Storage::F16(v) => {
-                let $src = F16Rows(v);
-                $body
-            }
-        }
-    };
-}
-
-/// Logits of one storage type, read as f32 lanes.
-trait Source: Copy {
-    /// Eight values from `at`.
-    ///
-    /// # Safety
-    /// `at + 8 <= len`; the CPU features of [`enabled`] are available.
-    unsafe fn load8(self, at: usize) -> __m256;
-    /// One value (the scalar tails).
-    fn load1(self, at: usize) -> f32;
-    /// Asks for the cache lines of `len` values from `at` ahead of use (no effect on results).
-    fn prefetch(self, at: usize, len: usize);
-    /// The values themselves when they are f32 already.
-    fn as_f32(&self) -> Option<&[f32]> {
-        None
-    }
-}
-
-/// Prefetches the cache lines of `values` into L1.
-#[inline(always)]
-fn prefetch_lines<T>(values: &[T]) {
-    let bytes = std::mem::size_of_val(values);
-    let base = values.as_ptr().cast::<i8>();
-    for offset in (0..bytes).step_by(64) {
-        // SAFETY: prefetching is a hint that cannot fault; the address lies in `values`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(offset)) };
-    }
-}
-
-#[derive(Clone, Copy)]
-struct F32Rows<'a>(&'a [f32]);
-#[derive(Clone, Copy)]
-struct Bf16Rows<'a>(&'a [u16]);
-#[derive(Clone, Copy)]
-struct F16Rows<'a>(&'a [u16]);
-
-impl Source for F32Rows<'_> {
-    #[inline(always)]
-    fn prefetch(self, at: usize, len: usize) {
-        prefetch_lines(&self.0[at.min(self.0.len())..(at + len).min(self.0.len())]);
-    }
-    #[inline(always)]
-    unsafe fn load8(self, at: usize) -> __m256 {
-        debug_assert!(at + 8 <= self.0.len());
-        // SAFETY: eight in-bounds values (caller), AVX available (caller).
-        unsafe { _mm256_loadu_ps(self.0.as_ptr().add(at)) }
-    }
-    #[inline(always)]
-    fn load1(self, at: usize) -> f32 {
-        self.0[at]
-    }
-    fn as_f32(&self) -> Option<&[f32]> {
-        Some(self.0)
-    }
-}
-
-impl Source for Bf16Rows<'_> {
-    #[inline(always)]
-    fn prefetch(self, at: usize, len: usize) {
-        prefetch_lines(&self.0[at.min(self.0.len())..(at + len).min(self.0.len())]);
-    }
-    #[inline(always)]
-    unsafe fn load8(self, at: usize) -> __m256 {
-        debug_assert!(at + 8 <= self.0.len());
-        // SAFETY: eight in-bounds values (caller), AVX2 available (caller). bf16 is the
-        // high half of an f32: widen and shift, exact for every value.
-        unsafe {
-            let half = _mm_loadu_si128(self.0.as_ptr().add(at).cast());
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
-        }
-    }
-    #[inline(always)]
-    fn load1(self, at: usize) -> f32 {
-        f32::from_bits(u32::from(self.0[at]) << 16)
-    }
-}
-
-impl Source for F16Rows<'_> {
-    #[inline(always)]
-    fn prefetch(self, at: usize, len: usize) {
-        prefetch_lines(&self.0[at.min(self.0.len())..(at + len).min(self.0.len())]);
-    }
-    #[inline(always)]
-    unsafe fn load8(self, at: usize) -> __m256 {
-        debug_assert!(at + 8 <= self.0.len());
-        // SAFETY: eight in-bounds values (caller), F16C available (caller).
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(self.0.as_ptr().add(at).cast())) }
-    }
-    #[inline(always)]
-    fn load1(self, at: usize) -> f32 {
-        half::f16::from_bits(self.0[at]).to_f32()
-    }
-}
-
-/// All-ones lanes where `v` is finite (NaN and infinities give zero lanes).
-#[inline(always)]
-unsafe fn finite_lanes(v: __m256) -> __m256 {
-    // SAFETY: register-only AVX operations; the caller runs with AVX2 enabled.
-    unsafe {
-        let magnitude = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)));
-        _mm256_cmp_ps::<_CMP_LT_OQ>(magnitude, _mm256_set1_ps(f32::INFINITY))
-    }
-}
-
-/// `fast_exp_f32` of eight lanes: the same operations in the same order, so the same bits.
-#[inline(always)]
-unsafe fn exp8(x: __m256) -> __m256 {
-    const MAGIC: f32 = 12_582_912.0;
-    // SAFETY: register-only AVX2 operations.
-    unsafe {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.7));
-        let magic = _mm256_set1_ps(MAGIC);
-        let t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), magic);
-        let n = _mm256_sub_ps(t, magic);
-        let exponent = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
-        let r = _mm256_sub_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))),
-            _mm256_mul_ps(n, _mm256_set1_ps(-2.121_944_4e-4)),
-        );
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
-        }
-        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0));
-        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(exponent, _mm256_set1_epi32(127)));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
-    }
+    storage.filter(|_| crate::simd::avx2_enabled())
 }
 
 // ---- token-parallel routing: eight tokens, one per lane --------------------------------
@@ -225,7 +52,7 @@ pub(super) unsafe fn route_lanes(
 /// widened into `scratch` (at least `8 * e` values).
 ///
 /// # Safety
-/// The rows exist; the CPU features of [`enabled`] are available.
+/// The rows exist; the CPU features of [`crate::simd::avx2_enabled`] are available.
 #[inline(always)]
 unsafe fn eight_rows<'a, S: Source>(
     src: &'a S,
@@ -722,24 +549,6 @@ unsafe fn rank_candidates<const G: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp8_is_fast_exp_lane_by_lane() {
-        if !is_x86_feature_detected!("avx2") {
-            return;
-        }
-        let mut x = -100.0f32;
-        while x < 100.0 {
-            let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
-            let mut out = [0f32; 8];
-            // SAFETY: AVX2 is available (checked above).
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(lanes.as_ptr()))) };
-            for (o, l) in out.iter().zip(lanes) {
-                assert_eq!(o.to_bits(), fast_exp_f32(l).to_bits(), "exp({l})");
-            }
-            x += 0.117;
-        }
-    }
 
     #[test]
     fn kth_largest16_matches_sorting() {

@@ -14,6 +14,8 @@
 //!   `exp(l_j - m) / sum_i exp(l_i - m)` over the chosen experts (`m` their largest logit:
 //!   the same value as `s_j / sum_i s_i`, one rounding fewer, and never 0/0); normalised
 //!   sigmoid weights are `s_j / (sum_i s_i + 1e-20)`. Then multiplied by `scale`.
+//! - `exp` is [`Accumulator::fast_exp`] throughout, so that the portable kernels here and
+//!   the AVX2 ones in `avx2` (chosen at run time, see [`crate::simd`]) give the same bits.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -478,17 +480,6 @@ fn select_on_scores<L: Element>(
         }
     }
     Ok(())
-}
-
-/// The instruction set the gating kernels use on this machine: `"avx2"` where the CPU has
-/// it (x86_64) and `SPARSEROUTE_SIMD=baseline` is not set, else `"baseline"` (SSE2 on
-/// x86_64, portable code elsewhere). Results are the same bits either way.
-pub fn simd_level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::enabled() {
-        return "avx2";
-    }
-    "baseline"
 }
 
 /// The AVX2 kernels' view of the logits, when those kernels may run on them.
@@ -1059,23 +1050,81 @@ pub fn expert_choice<L: Element>(
         }
         Ok(())
     })?;
+    // Expert-major copy, so that each expert reads its column contiguously: each task
+    // copies a band of experts one row segment (a cache line or so) at a time.
+    const BAND: usize = 16;
+    let mut columns = vec![L::Acc::zero(); num_tokens * num_experts];
+    for_each_block(&mut columns, num_tokens, BAND, |first_expert, band| {
+        let experts = band.len() / num_tokens;
+        // Tiles of BAND tokens: each expert's row gets a whole cache line at a time (the
+        // rows lie num_tokens apart, often a multiple of 4 KiB, so writing one value per
+        // row at a time would keep evicting the lines being filled).
+        for t0 in (0..num_tokens).step_by(BAND) {
+            let tile = &probs[t0 * num_experts..(t0 + BAND).min(num_tokens) * num_experts];
+            for j in 0..experts {
+                let out = &mut band[j * num_tokens + t0..][..tile.len() / num_experts];
+                for (o, row) in out.iter_mut().zip(tile.chunks_exact(num_experts)) {
+                    *o = row[first_expert + j];
+                }
+            }
+        }
+        Ok(())
+    })?;
+    let columns = &columns;
     let experts: Vec<usize> = (0..num_experts).collect();
     let chosen = crate::threads::map_collect(&experts, |_, &e| {
-        // Packed keys order by probability, then by lower token: the largest `capacity` win.
-        let mut keys: Vec<_> = (0..num_tokens).map(|t| probs[t * num_experts + e].pack(t)).collect();
-        keys.select_nth_unstable_by(capacity - 1, |a, b| b.cmp(a));
-        keys.truncate(capacity);
-        let mut tokens: Vec<usize> = keys.iter().map(|&k| L::Acc::unpack_index(k)).collect();
-        tokens.sort_unstable();
+        let column = &columns[e * num_tokens..(e + 1) * num_tokens];
+        // The C-th best (probability, lower token first) pair; the tokens at or above it
+        // in that order are the expert's choice, found in token order.
+        let (key, last) = kth_best_probability(column, capacity);
+        let mut tokens = Vec::with_capacity(capacity);
+        tokens.extend((0..num_tokens).filter(|&t| {
+            let k = column[t].probability_key();
+            k > key || (k == key && t <= last)
+        }));
         Ok(tokens)
     })?;
     for (e, tokens) in chosen.iter().enumerate() {
         for (c, &t) in tokens.iter().enumerate() {
             indices[e * capacity + c] = t as i64;
-            gates[e * capacity + c] = probs[t * num_experts + e];
+            gates[e * capacity + c] = columns[e * num_tokens + t];
         }
     }
     Ok(())
+}
+
+/// The `c`-th best (1-based) of the pairs `(values[t], t)` in selection order (higher
+/// value first, then lower index), as `(probability_key, t)`, for non-negative finite
+/// values and `1 <= c <= values.len()`.
+///
+/// A radix step narrows the search first: a histogram of the top bits of the keys finds
+/// the bucket holding the answer, and only that bucket's pairs go to the exact selection;
+/// most values fall into other buckets and are never compared.
+fn kth_best_probability<A: Accumulator>(values: &[A], c: usize) -> (u64, usize) {
+    const BITS: u32 = 11;
+    let shift = A::PROBABILITY_KEY_BITS - BITS;
+    // Four interleaved histograms, so that runs of equal buckets do not wait on each other.
+    let mut histograms = vec![[0u32; 4]; 1 << BITS];
+    for (i, v) in values.iter().enumerate() {
+        histograms[(v.probability_key() >> shift) as usize][i % 4] += 1;
+    }
+    let (mut above, mut target) = (0, 0);
+    for (b, counts) in histograms.iter().enumerate().rev() {
+        let count = counts.iter().map(|&n| n as usize).sum::<usize>();
+        if above + count >= c {
+            target = b as u64;
+            break;
+        }
+        above += count;
+    }
+    let mut candidates: Vec<(u64, std::cmp::Reverse<usize>)> = values
+        .iter()
+        .enumerate()
+        .filter(|&(_, v)| v.probability_key() >> shift == target)
+        .map(|(t, v)| (v.probability_key(), std::cmp::Reverse(t)))
+        .collect();
+    let (key, std::cmp::Reverse(t)) = *candidates.select_nth_unstable_by(c - above - 1, |a, b| b.cmp(a)).1;
+    (key, t)
 }
 
 #[cfg(test)]
@@ -1313,6 +1362,36 @@ mod tests {
                     let mut bad = logits.clone();
                     bad[(tokens / 2) * e + e / 2] = if seed % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
                     compare_paths(&bad, tokens, &cfg);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kth_best_probability_matches_sorting() {
+        let mut state = 11u64;
+        for n in [1usize, 2, 7, 100, 2049] {
+            for round in 0..20 {
+                let values: Vec<f32> = (0..n)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let r = (state >> 40) as f32 / (1u64 << 24) as f32;
+                        // Probabilities: many ties in some rounds, a wide range in others.
+                        if round % 2 == 0 {
+                            (r * 5.0).floor() / 8.0
+                        } else {
+                            r * r * r
+                        }
+                    })
+                    .collect();
+                let mut sorted: Vec<u64> = values.iter().enumerate().map(|(t, v)| v.pack(t)).collect();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                for c in [1, n / 3 + 1, n / 2 + 1, n] {
+                    let (value, index) = (f32::unpack_key(sorted[c - 1]), f32::unpack_index(sorted[c - 1]));
+                    let expected = (value.probability_key(), index);
+                    assert_eq!(kth_best_probability(&values, c), expected, "n = {n}, c = {c}");
+                    let as_f64: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
+                    assert_eq!(kth_best_probability(&as_f64, c), (f64::from(value).probability_key(), index));
                 }
             }
         }

@@ -6,11 +6,15 @@
 //! (padding). Sums are accumulated in f64 over fixed blocks of tokens and the blocks are
 //! reduced in order, so results do not depend on the thread count.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 use crate::element::{Accumulator, Element};
 use crate::error::{check_len, CoreError, Result};
 use crate::gating::ScoreFunction;
 use crate::lanes::LANES;
-use crate::threads::{for_each_block, for_each_block2, map_collect};
+use crate::simd::multiversion;
+use crate::threads::{for_each_block, for_each_block2, for_each_pair, map_collect};
 use num_traits::{Float, One, ToPrimitive, Zero};
 
 /// Tokens per reduction block.
@@ -280,6 +284,16 @@ pub fn expert_counts(
     Ok(())
 }
 
+/// The error for a row whose log-sum-exp is not finite: names its first NaN or `+inf`.
+fn non_finite_row_error<L: Element>(row: &[L], token: usize) -> CoreError {
+    let e = row.iter().position(|v| v.to_acc().is_nan() || v.to_acc() == L::Acc::infinity()).unwrap_or(0);
+    CoreError::invalid(
+        "logits",
+        "finite values",
+        format!("{:?} at token {token}, expert {e}", row[e].to_acc()),
+    )
+}
+
 /// The z-loss in one pass over the logits: returns the sum over valid tokens of
 /// `z_t^2`, `z_t = logsumexp(logits[t])` (accumulated in f64, in token order), and writes
 /// its gradient direction `scale * 2 z_t softmax(logits[t])` into `grad` (zeros for masked
@@ -292,15 +306,53 @@ pub fn z_loss<L: Element>(
     scale: L::Acc,
     grad: &mut [L::Acc],
 ) -> Result<f64> {
+    z_loss_on(logits, crate::simd::avx2_enabled(), num_experts, groups, scale, grad)
+}
+
+/// [`z_loss`] with the choice of kernels given (`avx2`: where the storage allows), so that
+/// tests can run both in one process.
+fn z_loss_on<L: Element>(
+    logits: &[L],
+    avx2: bool,
+    num_experts: usize,
+    groups: Groups<'_>,
+    scale: L::Acc,
+    grad: &mut [L::Acc],
+) -> Result<f64> {
     groups.validate()?;
     check_logits(logits, num_experts, groups.num_tokens)?;
     check_len("grad", grad, logits.len())?;
     let mut squares = vec![0.0f64; groups.num_tokens];
+    #[cfg(target_arch = "x86_64")]
+    let simd = L::storage(logits).filter(|_| avx2);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx2;
     for_each_block2(
         (grad, num_experts),
         (&mut squares, 1),
         TOKENS_PER_BLOCK,
         |first, block, block_squares| {
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(rows), Some(block)) = (simd, L::Acc::as_f32_mut(&mut *block)) {
+                let scale = scale.to_f32().unwrap_or(f32::NAN);
+                for (i, (out, square)) in
+                    block.chunks_exact_mut(num_experts).zip(block_squares.iter_mut()).enumerate()
+                {
+                    let t = first + i;
+                    if !groups.valid(t) {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    // SAFETY: `avx2_enabled` checked the CPU features; the row t * E .. (t + 1) * E
+                    // lies inside the logits (checked above) and `out` holds E values.
+                    let z = unsafe { avx2::z_loss_row(rows, t * num_experts, scale, out) };
+                    if !z.is_finite() {
+                        return Err(non_finite_row_error(&logits[t * num_experts..(t + 1) * num_experts], t));
+                    }
+                    *square = f64::from(z) * f64::from(z);
+                }
+                return Ok(());
+            }
             for (i, (out, square)) in
                 block.chunks_exact_mut(num_experts).zip(block_squares.iter_mut()).enumerate()
             {
@@ -318,13 +370,7 @@ pub fn z_loss<L: Element>(
                 let sum = lane_sum(out);
                 let z = m + sum.ln();
                 if !z.is_finite() {
-                    let row = &logits[t * num_experts..(t + 1) * num_experts];
-                    let e = row.iter().position(|v| v.to_acc().is_nan() || v.to_acc() == L::Acc::infinity());
-                    return Err(CoreError::invalid(
-                        "logits",
-                        "finite values",
-                        format!("{:?} at token {t}, expert {}", row[e.unwrap_or(0)].to_acc(), e.unwrap_or(0)),
-                    ));
+                    return Err(non_finite_row_error(&logits[t * num_experts..(t + 1) * num_experts], t));
                 }
                 let factor = (L::Acc::one() + L::Acc::one()) * scale * z / sum;
                 out.iter_mut().for_each(|v| *v = *v * factor);
@@ -337,12 +383,77 @@ pub fn z_loss<L: Element>(
     Ok(squares.iter().sum())
 }
 
+/// `out = src * factor`, rounded to the output type: the z-loss gradient from its direction
+/// and the upstream gradient, written into a buffer the caller chose.
+pub fn scale_into<L: Element>(src: &[L::Acc], factor: f64, out: &mut [L]) -> Result<()> {
+    check_len("out", out, src.len())?;
+    let factor = L::Acc::from_f64(factor);
+    for_each_block(out, 1, 1 << 16, |first, block| {
+        for (o, &v) in block.iter_mut().zip(&src[first..]) {
+            *o = L::from_acc(v * factor);
+        }
+        Ok(())
+    })
+}
+
+/// Tokens per block of the Sinkhorn iteration (its column sums add blocks in order).
+pub const SINKHORN_BLOCK: usize = 512;
+const SINKHORN_EPS: f32 = 1e-8;
+
+/// `out = exp(values)` (the accumulator's `fast_exp`), eight lanes at a time.
+#[inline(always)]
+fn exp_into(values: &[f32], out: &mut [f32]) {
+    let mut pairs = out.chunks_exact_mut(LANES).zip(values.chunks_exact(LANES));
+    for (o, v) in &mut pairs {
+        for l in 0..LANES {
+            o[l] = v[l].fast_exp();
+        }
+    }
+    let whole = values.len() / LANES * LANES;
+    for (o, v) in out[whole..].iter_mut().zip(&values[whole..]) {
+        *o = v.fast_exp();
+    }
+}
+
+/// One block of a Sinkhorn iteration: for each row, `d0 = t_inv / (sum_e d1[e] row[e] +
+/// eps)` (the sum in eight lanes, as [`lane_sum`]), and `columns += d0 * row` in row order.
+#[inline(always)]
+fn sinkhorn_rows(rows: &[f32], d1: &[f32], t_inv: f32, d0: &mut [f32], columns: &mut [f32]) {
+    let e = d1.len();
+    let whole = e / LANES * LANES;
+    columns.fill(0.0);
+    for (row, d) in rows.chunks_exact(e).zip(d0.iter_mut()) {
+        let mut lanes = [0.0f32; LANES];
+        for (r, w) in row.chunks_exact(LANES).zip(d1.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                lanes[l] += w[l] * r[l];
+            }
+        }
+        for (lane, (r, w)) in lanes.iter_mut().zip(row[whole..].iter().zip(&d1[whole..])) {
+            *lane += w * r;
+        }
+        let sum = lanes.iter().fold(0.0f32, |a, &b| a + b);
+        *d = t_inv / (sum + SINKHORN_EPS);
+        let d = *d;
+        for (c, r) in columns.chunks_exact_mut(LANES).zip(row.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                c[l] += d * r[l];
+            }
+        }
+        for (c, r) in columns[whole..].iter_mut().zip(&row[whole..]) {
+            *c += d * r;
+        }
+    }
+}
+
 /// Sinkhorn balancing as Megatron-Core's `sinkhorn` computes it: `cost = exp(logits)`, then
 /// alternately `d0[t] = (1/T) / (sum_e d1[e] cost[t, e] + eps)` and
 /// `d1[e] = (1/E) / (sum_t d0[t] cost[t, e] + eps)` (eps = 1e-8, d0 = d1 = 1 at the start)
 /// until the mean absolute change of `d1` is at most `tol` (or after `max_iters`
-/// iterations); `out[t, e] = d1[e] * cost[t, e] * d0[t]`. Sums run in f32 over eight lanes
-/// in index order. Returns the number of iterations.
+/// iterations); `out[t, e] = d1[e] * cost[t, e] * d0[t]`. Sums run in f32: over experts in
+/// eight lanes in index order; over tokens per block of [`SINKHORN_BLOCK`] tokens in order,
+/// then the blocks in order (so the result does not depend on the thread count). Returns
+/// the number of iterations.
 pub fn sinkhorn(
     logits: &[f32],
     num_tokens: usize,
@@ -356,47 +467,50 @@ pub fn sinkhorn(
     if tol.is_nan() || tol < 0.0 {
         return Err(CoreError::invalid("tol", "a value >= 0", format!("{tol}")));
     }
-    if let Some(i) = logits.iter().position(|l| !l.is_finite() || *l > 88.0) {
-        return Err(CoreError::invalid(
-            "logits",
-            "finite values <= 88 (exp(logits) must not overflow float32)",
-            format!("{} at token {}, expert {}", logits[i], i / num_experts, i % num_experts),
-        ));
-    }
     if num_tokens == 0 {
         return Ok(0);
     }
-    const EPS: f32 = 1e-8;
-    out.copy_from_slice(logits);
-    f32::exp_in_place(out);
+    let avx2 = crate::simd::avx2_enabled();
+    // cost = exp(logits), in place in `out`, once every logit is known to keep it finite.
+    for_each_block(out, num_experts, SINKHORN_BLOCK, |first, block| {
+        let start = first * num_experts;
+        let logits = &logits[start..start + block.len()];
+        // NaN fails `<=` too.
+        if !logits.iter().fold(true, |ok, &l| ok & (l <= 88.0) & (l > f32::NEG_INFINITY)) {
+            let i = start + logits.iter().position(|l| !(*l <= 88.0 && *l > f32::NEG_INFINITY)).unwrap_or(0);
+            return Err(CoreError::invalid(
+                "logits",
+                "finite values <= 88 (exp(logits) must not overflow float32)",
+                format!("{} at token {}, expert {}", logits[i - start], i / num_experts, i % num_experts),
+            ));
+        }
+        multiversion!(avx2, exp_into(logits, block));
+        Ok(())
+    })?;
     let cost: &[f32] = out;
     let (t_inv, e_inv) = (1.0 / num_tokens as f32, 1.0 / num_experts as f32);
     let mut d0 = vec![1.0f32; num_tokens];
     let mut d1 = vec![1.0f32; num_experts];
-    let mut column = vec![0.0f32; num_experts];
-    let mut products = vec![0.0f32; num_experts];
+    let mut partials = vec![0.0f32; num_tokens.div_ceil(SINKHORN_BLOCK) * num_experts];
     let mut iterations = 0;
     loop {
         if max_iters.is_some_and(|limit| iterations >= limit) {
             break;
         }
         iterations += 1;
-        for (t, d) in d0.iter_mut().enumerate() {
-            let row = &cost[t * num_experts..(t + 1) * num_experts];
-            for ((p, &c), &w) in products.iter_mut().zip(row).zip(&d1) {
-                *p = w * c;
-            }
-            *d = t_inv / (lane_sum(&products) + EPS);
-        }
-        column.fill(0.0);
-        for (t, &d) in d0.iter().enumerate() {
-            for (acc, &c) in column.iter_mut().zip(&cost[t * num_experts..(t + 1) * num_experts]) {
-                *acc += d * c;
-            }
-        }
+        // One pass per iteration: each block of tokens sets its d0 from d1 and adds its
+        // d0-weighted rows into its own partial column sums.
+        let mut d0_blocks: Vec<&mut [f32]> = d0.chunks_mut(SINKHORN_BLOCK).collect();
+        let mut column_blocks: Vec<&mut [f32]> = partials.chunks_mut(num_experts).collect();
+        for_each_pair(&mut d0_blocks, &mut column_blocks, |b, d0_block, columns| {
+            let rows = &cost[b * SINKHORN_BLOCK * num_experts..][..d0_block.len() * num_experts];
+            multiversion!(avx2, sinkhorn_rows(rows, &d1, t_inv, d0_block, columns));
+            Ok(())
+        })?;
         let mut change = 0.0f32;
-        for (w, &sum) in d1.iter_mut().zip(&column) {
-            let next = e_inv / (sum + EPS);
+        for (e, w) in d1.iter_mut().enumerate() {
+            let sum = partials.chunks_exact(num_experts).fold(0.0f32, |acc, block| acc + block[e]);
+            let next = e_inv / (sum + SINKHORN_EPS);
             change += (next - *w).abs();
             *w = next;
         }
@@ -404,11 +518,15 @@ pub fn sinkhorn(
             break;
         }
     }
-    for (t, row) in out.chunks_exact_mut(num_experts).enumerate() {
-        for (v, &w) in row.iter_mut().zip(&d1) {
-            *v = w * *v * d0[t];
+    for_each_block(out, num_experts, SINKHORN_BLOCK, |first, block| {
+        for (i, row) in block.chunks_exact_mut(num_experts).enumerate() {
+            let d = d0[first + i];
+            for (v, &w) in row.iter_mut().zip(&d1) {
+                *v = w * *v * d;
+            }
         }
-    }
+        Ok(())
+    })?;
     Ok(iterations)
 }
 
@@ -471,5 +589,41 @@ mod tests {
         }
         assert_eq!(sinkhorn(&logits, 16, 4, 0.0, Some(3), &mut out).unwrap(), 3);
         assert!(sinkhorn(&[100.0], 1, 1, 1e-4, None, &mut out[..1]).is_err());
+    }
+
+    #[test]
+    fn z_loss_kernels_agree_bit_for_bit() {
+        if !crate::simd::avx2_enabled() {
+            return;
+        }
+        let mut state = 5u64;
+        for (tokens, experts) in [(3, 1), (5, 7), (9, 8), (17, 64), (4, 61), (6, 160)] {
+            let logits: Vec<f32> = (0..tokens * experts)
+                .map(|i| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let r = (state >> 40) as f32 / (1u64 << 24) as f32;
+                    match i % 5 {
+                        0 => -0.0,
+                        1 => (r * 8.0).floor(),
+                        _ => r * 40.0 - 20.0,
+                    }
+                })
+                .collect();
+            let mask: Vec<u8> = (0..tokens).map(|t| u8::from(t % 3 != 1)).collect();
+            let groups = Groups { num_tokens: tokens, group_size: tokens, mask: Some(&mask) };
+            let run = |avx2: bool| {
+                let mut grad = vec![0f32; logits.len()];
+                let total = z_loss_on(&logits, avx2, experts, groups, 0.37, &mut grad).unwrap();
+                (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+            };
+            assert_eq!(run(false), run(true), "T = {tokens}, E = {experts}");
+            let half: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let run16 = |avx2: bool| {
+                let mut grad = vec![0f32; logits.len()];
+                let total = z_loss_on(&half, avx2, experts, groups, 0.37, &mut grad).unwrap();
+                (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+            };
+            assert_eq!(run16(false), run16(true), "bf16, T = {tokens}, E = {experts}");
+        }
     }
 }

@@ -1,0 +1,181 @@
+//! Building blocks of the AVX2 kernels: logits of each storage type read as eight f32
+//! lanes, and the lane-wise versions of the scalar helpers they must match bit for bit.
+//!
+//! Every function here requires the CPU features of [`super::avx2_enabled`]; callers run
+//! inside `#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]` functions.
+
+use std::arch::x86_64::*;
+
+/// Runs `$body` with `$src` bound to the [`Source`] of `$storage`, so that each storage
+/// type gets its own copy of the kernel, with the conversion inside the loops.
+macro_rules! with_source {
+    ($storage:expr, |$src:ident| $body:expr) => {
+        match $storage {
+            $crate::element::Storage::F32(v) => {
+                let $src = $crate::simd::avx2::F32Rows(v);
+                $body
+            }
+            $crate::element::Storage::Bf16(v) => {
+                let $src = $crate::simd::avx2::Bf16Rows(v);
+                $body
+            }
+            $crate::element::Storage::F16(v) => {
+                let $src = $crate::simd::avx2::F16Rows(v);
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_source;
+
+/// Logits of one storage type, read as f32 lanes.
+pub(crate) trait Source: Copy {
+    /// Eight values from `at`.
+    ///
+    /// # Safety
+    /// `at + 8 <= len`; the CPU features of [`super::avx2_enabled`] are available.
+    unsafe fn load8(self, at: usize) -> __m256;
+    /// One value (the scalar tails).
+    fn load1(self, at: usize) -> f32;
+    /// Asks for the cache lines of `len` values from `at` ahead of use (no effect on results).
+    fn prefetch(self, at: usize, len: usize);
+    /// The values themselves when they are f32 already.
+    fn as_f32(&self) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// Prefetches the cache lines of `values` into L1.
+#[inline(always)]
+pub(crate) fn prefetch_lines<T>(values: &[T]) {
+    let bytes = std::mem::size_of_val(values);
+    let base = values.as_ptr().cast::<i8>();
+    for offset in (0..bytes).step_by(64) {
+        // SAFETY: prefetching is a hint that cannot fault; the address lies in `values`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(offset)) };
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct F32Rows<'a>(pub(crate) &'a [f32]);
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Rows<'a>(pub(crate) &'a [u16]);
+#[derive(Clone, Copy)]
+pub(crate) struct F16Rows<'a>(pub(crate) &'a [u16]);
+
+impl Source for F32Rows<'_> {
+    #[inline(always)]
+    fn prefetch(self, at: usize, len: usize) {
+        prefetch_lines(&self.0[at.min(self.0.len())..(at + len).min(self.0.len())]);
+    }
+    #[inline(always)]
+    unsafe fn load8(self, at: usize) -> __m256 {
+        debug_assert!(at + 8 <= self.0.len());
+        // SAFETY: eight in-bounds values (caller), AVX available (caller).
+        unsafe { _mm256_loadu_ps(self.0.as_ptr().add(at)) }
+    }
+    #[inline(always)]
+    fn load1(self, at: usize) -> f32 {
+        self.0[at]
+    }
+    fn as_f32(&self) -> Option<&[f32]> {
+        Some(self.0)
+    }
+}
+
+impl Source for Bf16Rows<'_> {
+    #[inline(always)]
+    fn prefetch(self, at: usize, len: usize) {
+        prefetch_lines(&self.0[at.min(self.0.len())..(at + len).min(self.0.len())]);
+    }
+    #[inline(always)]
+    unsafe fn load8(self, at: usize) -> __m256 {
+        debug_assert!(at + 8 <= self.0.len());
+        // SAFETY: eight in-bounds values (caller), AVX2 available (caller). bf16 is the
+        // high half of an f32: widen and shift, exact for every value.
+        unsafe {
+            let half = _mm_loadu_si128(self.0.as_ptr().add(at).cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
+        }
+    }
+    #[inline(always)]
+    fn load1(self, at: usize) -> f32 {
+        f32::from_bits(u32::from(self.0[at]) << 16)
+    }
+}
+
+impl Source for F16Rows<'_> {
+    #[inline(always)]
+    fn prefetch(self, at: usize, len: usize) {
+        prefetch_lines(&self.0[at.min(self.0.len())..(at + len).min(self.0.len())]);
+    }
+    #[inline(always)]
+    unsafe fn load8(self, at: usize) -> __m256 {
+        debug_assert!(at + 8 <= self.0.len());
+        // SAFETY: eight in-bounds values (caller), F16C available (caller).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(self.0.as_ptr().add(at).cast())) }
+    }
+    #[inline(always)]
+    fn load1(self, at: usize) -> f32 {
+        half::f16::from_bits(self.0[at]).to_f32()
+    }
+}
+
+/// All-ones lanes where `v` is finite (NaN and infinities give zero lanes).
+#[inline(always)]
+pub(crate) unsafe fn finite_lanes(v: __m256) -> __m256 {
+    // SAFETY: register-only AVX operations; the caller runs with AVX2 enabled.
+    unsafe {
+        let magnitude = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)));
+        _mm256_cmp_ps::<_CMP_LT_OQ>(magnitude, _mm256_set1_ps(f32::INFINITY))
+    }
+}
+
+/// `fast_exp_f32` of eight lanes: the same operations in the same order, so the same bits.
+#[inline(always)]
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
+    const MAGIC: f32 = 12_582_912.0;
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.7));
+        let magic = _mm256_set1_ps(MAGIC);
+        let t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), magic);
+        let n = _mm256_sub_ps(t, magic);
+        let exponent = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))),
+            _mm256_mul_ps(n, _mm256_set1_ps(-2.121_944_4e-4)),
+        );
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(exponent, _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::element::fast_exp_f32;
+
+    #[test]
+    fn exp8_is_fast_exp_lane_by_lane() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
+            let mut out = [0f32; 8];
+            // SAFETY: AVX2 is available (checked above).
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(lanes.as_ptr()))) };
+            for (o, l) in out.iter().zip(lanes) {
+                assert_eq!(o.to_bits(), fast_exp_f32(l).to_bits(), "exp({l})");
+            }
+            x += 0.117;
+        }
+    }
+}
