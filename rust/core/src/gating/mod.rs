@@ -237,15 +237,70 @@ fn max_of<A: Accumulator>(values: impl Iterator<Item = A>) -> A {
     values.fold(A::neg_infinity(), |m, v| if v > m { v } else { m })
 }
 
-/// Softmax over all experts, in index order: `exp(l - max) / sum`.
-fn softmax_into<A: Accumulator>(logits: &[A], out: &mut Vec<A>) {
-    let m = max_of(logits.iter().copied());
-    out.clear();
-    out.extend(logits.iter().map(|&l| (l - m).fast_exp()));
-    let z: A = out.iter().copied().sum();
-    for s in out.iter_mut() {
-        *s = *s / z;
+/// `out = softmax(row)`: the max, `fast_exp(l - max)`, their sum in eight lanes (element i
+/// into lane i % 8, then the lanes in order) and one division per element. Written in
+/// blocks of eight so that it vectorises; returns false if the row holds NaN or an
+/// infinity (`out` is then meaningless).
+#[inline(always)]
+fn softmax_row<L: Element>(row: &[L], out: &mut [L::Acc]) -> bool {
+    type A<L> = <L as Element>::Acc;
+    let whole = row.len() / LANES * LANES;
+    let (blocks, tail) = row.split_at(whole);
+    let mut maxima = [A::<L>::neg_infinity(); LANES];
+    let mut finite = [true; LANES];
+    for block in blocks.chunks_exact(LANES) {
+        for l in 0..LANES {
+            let v = block[l].to_acc();
+            finite[l] &= v.is_finite();
+            maxima[l] = if v > maxima[l] { v } else { maxima[l] };
+        }
     }
+    for (l, v) in tail.iter().enumerate() {
+        let v = v.to_acc();
+        finite[l] &= v.is_finite();
+        maxima[l] = if v > maxima[l] { v } else { maxima[l] };
+    }
+    if !finite.iter().all(|&f| f) {
+        return false;
+    }
+    let m = maxima.iter().copied().fold(A::<L>::neg_infinity(), |m, v| if v > m { v } else { m });
+    let mut sums = [A::<L>::zero(); LANES];
+    for (o, block) in out.chunks_exact_mut(LANES).zip(blocks.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            o[l] = (block[l].to_acc() - m).fast_exp();
+            sums[l] = sums[l] + o[l];
+        }
+    }
+    for (l, (o, v)) in out[whole..].iter_mut().zip(tail).enumerate() {
+        *o = (v.to_acc() - m).fast_exp();
+        sums[l] = sums[l] + *o;
+    }
+    let z = sums.iter().copied().fold(A::<L>::zero(), |a, b| a + b);
+    for o in out.iter_mut() {
+        *o = *o / z;
+    }
+    true
+}
+
+/// [`softmax_row`] with the AVX2 kernel when `avx2` (the caller checked
+/// [`crate::simd::avx2_enabled`]) and the types allow: the same bits either way.
+fn softmax_row_on<L: Element>(row: &[L], out: &mut [L::Acc], avx2: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        if let (Some(rows), Some(out)) = (L::storage(row), L::Acc::as_f32_mut(&mut *out)) {
+            // SAFETY: AVX2 and the rest are available (caller); the row is all of `rows`.
+            return unsafe { crate::simd::avx2::softmax_row(rows, 0, out) };
+        }
+    }
+    let _ = avx2;
+    softmax_row(row, out)
+}
+
+/// [`softmax_row`] of each row of `width` values; returns the first row that is not finite.
+fn softmax_rows<L: Element>(rows: &[L], width: usize, out: &mut [L::Acc], avx2: bool) -> Option<usize> {
+    rows.chunks_exact(width)
+        .zip(out.chunks_exact_mut(width))
+        .position(|(row, out)| !softmax_row_on(row, out, avx2))
 }
 
 /// The weights of the chosen experts (see module docs) of `N` tokens at once, lane `i`
@@ -450,7 +505,11 @@ fn select_on_scores<L: Element>(
     let Scratch { keys, logits, top, group_top, group_keys, group_allowed, .. } = scratch;
     load_logits(row, token, logits)?;
     match cfg.score {
-        ScoreFunction::Softmax => softmax_into(logits, keys),
+        ScoreFunction::Softmax => {
+            keys.clear();
+            keys.resize(row.len(), L::Acc::zero());
+            softmax_row_on(row, keys, crate::simd::avx2_enabled());
+        }
         ScoreFunction::Sigmoid => {
             keys.clear();
             keys.extend(logits.iter().map(|&l| sigmoid(l)));
@@ -903,6 +962,9 @@ pub fn topk_gating_backward<L: Element>(
     })
 }
 
+/// Experts ranked per round of the top-p prefix search.
+const TOP_P_RANKS_PER_ROUND: usize = 8;
+
 /// Dynamic-k (top-p) gating: each token keeps the most probable experts until their
 /// cumulative softmax probability reaches `p`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -962,34 +1024,46 @@ pub fn topp_gating<L: Element>(
     check_len("logits", logits, num_tokens * e)?;
     check_len("weights", weights, num_tokens * k)?;
     check_len("experts", experts, num_tokens * k)?;
+    let avx2 = crate::simd::avx2_enabled();
     let p = L::Acc::from_f64(cfg.p);
     for_each_block2((weights, k), (experts, k), tokens_per_task(e), |first, weight_block, expert_block| {
         let (mut row, mut probs, mut order) =
             (Vec::with_capacity(e), Vec::with_capacity(e), Vec::with_capacity(e));
         for (i, (w_row, e_row)) in weight_block.chunks_mut(k).zip(expert_block.chunks_mut(k)).enumerate() {
             let t = first + i;
-            load_logits(&logits[t * e..(t + 1) * e], t, &mut row)?;
-            softmax_into(&row, &mut probs);
+            let logits_row = &logits[t * e..(t + 1) * e];
+            probs.resize(e, L::Acc::zero());
+            if !softmax_row_on(logits_row, &mut probs, avx2) {
+                return Err(non_finite_error(logits_row, t));
+            }
+            row.clear();
+            row.extend(logits_row.iter().map(|v| v.to_acc()));
             // Descending logit, then ascending index: the packed keys sort in that order.
+            // Only the kept prefix needs sorting: rank the next eight at a time (a partial
+            // selection, then a sort of those eight) until the prefix stops.
             order.clear();
             order.extend(row.iter().enumerate().map(|(j, &l)| l.pack(j)));
-            if k < e {
-                order.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-                order.truncate(k);
-            }
-            order.sort_unstable_by(|a, b| b.cmp(a));
             let mut cumulative = L::Acc::zero();
             let mut kept = 0;
-            for (rank, &packed) in order.iter().enumerate() {
-                let expert = L::Acc::unpack_index(packed);
-                let prob = probs[expert];
-                let keep =
-                    rank < cfg.min_k || if cfg.inclusive { cumulative < p } else { cumulative + prob <= p };
-                if !keep {
-                    break;
+            let mut sorted = 0;
+            'ranks: while sorted < k {
+                let end = (sorted + TOP_P_RANKS_PER_ROUND).min(k);
+                let rest = &mut order[sorted..];
+                if end - sorted < rest.len() {
+                    rest.select_nth_unstable_by(end - sorted - 1, |a, b| b.cmp(a));
                 }
-                cumulative = cumulative + prob;
-                kept = rank + 1;
+                rest[..end - sorted].sort_unstable_by(|a, b| b.cmp(a));
+                for rank in sorted..end {
+                    let prob = probs[L::Acc::unpack_index(order[rank])];
+                    let keep = rank < cfg.min_k
+                        || if cfg.inclusive { cumulative < p } else { cumulative + prob <= p };
+                    if !keep {
+                        break 'ranks;
+                    }
+                    cumulative = cumulative + prob;
+                    kept = rank + 1;
+                }
+                sorted = end;
             }
             let total = if cfg.normalize { cumulative } else { L::Acc::one() };
             for (r, (w, id)) in w_row.iter_mut().zip(e_row.iter_mut()).enumerate() {
@@ -1037,18 +1111,13 @@ pub fn expert_choice<L: Element>(
     }
     // Softmax per token, in parallel blocks of tokens.
     let mut probs = vec![L::Acc::zero(); num_tokens * num_experts];
+    let avx2 = crate::simd::avx2_enabled();
     for_each_block(&mut probs, num_experts, tokens_per_task(num_experts), |first, block| {
-        let (mut row, mut token_probs) = (Vec::with_capacity(num_experts), Vec::with_capacity(num_experts));
-        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
-            load_logits(
-                &logits[(first + i) * num_experts..(first + i + 1) * num_experts],
-                first + i,
-                &mut row,
-            )?;
-            softmax_into(&row, &mut token_probs);
-            out.copy_from_slice(&token_probs);
+        let rows = &logits[first * num_experts..first * num_experts + block.len()];
+        match softmax_rows(rows, num_experts, block, avx2) {
+            None => Ok(()),
+            Some(i) => Err(non_finite_error(&rows[i * num_experts..(i + 1) * num_experts], first + i)),
         }
-        Ok(())
     })?;
     // Expert-major copy, so that each expert reads its column contiguously: each task
     // copies a band of experts one row segment (a cache line or so) at a time.
@@ -1394,6 +1463,28 @@ mod tests {
                     assert_eq!(kth_best_probability(&as_f64, c), (f64::from(value).probability_key(), index));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn softmax_kernels_agree_bit_for_bit() {
+        if !crate::simd::avx2_enabled() {
+            return;
+        }
+        for (e, seed) in [(1, 1), (7, 2), (8, 3), (60, 4), (64, 5), (161, 6)] {
+            let row = tricky_logits(e, seed);
+            let (mut portable, mut simd) = (vec![0f32; e], vec![0f32; e]);
+            assert_eq!(softmax_row(&row, &mut portable), softmax_row_on(&row, &mut simd, true));
+            assert_eq!(
+                portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                simd.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let half: Vec<half::f16> = row.iter().map(|&v| half::f16::from_f32(v)).collect();
+            assert!(softmax_row(&half, &mut portable) && softmax_row_on(&half, &mut simd, true));
+            assert_eq!(portable, simd);
+            let mut bad = row.clone();
+            bad[e / 2] = f32::NEG_INFINITY;
+            assert!(!softmax_row(&bad, &mut portable) && !softmax_row_on(&bad, &mut simd, true));
         }
     }
 }

@@ -156,6 +156,89 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     }
 }
 
+/// `out = fast_exp(row - max(row))` for the row `src[start .. start + out.len()]`, with the
+/// sum of `out` in eight lanes (element i into lane i % 8, then the lanes in order). Returns
+/// `(max, sum)`, or, with `CHECK_FINITE`, `None` when the row holds NaN or an infinity
+/// (without it, NaN and `+inf` come out as a NaN sum and `-inf` as an `exp` of about 1e-38).
+///
+/// # Safety
+/// The CPU features of [`super::avx2_enabled`] are available; the row lies inside `src`.
+#[inline(always)]
+pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
+    src: S,
+    start: usize,
+    out: &mut [f32],
+) -> Option<(f32, f32)> {
+    const LANES: usize = 8;
+    let len = out.len();
+    let whole = len / LANES * LANES;
+    // SAFETY: loads of eight values at start + b with b + 8 <= whole <= len (inside the
+    // row); stores of eight at b + 8 <= whole (inside `out`).
+    unsafe {
+        // `zeros` stays +0 while every value is finite (v * 0 + 0 = +0) and turns NaN at
+        // the first NaN or infinity.
+        let (zero, mut zeros) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut maxima = _mm256_set1_ps(f32::NEG_INFINITY);
+        for b in (0..whole).step_by(LANES) {
+            let v = src.load8(start + b);
+            if CHECK_FINITE {
+                zeros = _mm256_fmadd_ps(v, zero, zeros);
+            }
+            maxima = _mm256_max_ps(maxima, v);
+        }
+        let mut lanes = [0f32; LANES];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), maxima);
+        let mut finite = _mm256_testz_si256(_mm256_castps_si256(zeros), _mm256_castps_si256(zeros)) == 1;
+        for (lane, i) in lanes.iter_mut().zip(whole..len) {
+            let v = src.load1(start + i);
+            finite &= v.is_finite();
+            *lane = if v > *lane { v } else { *lane };
+        }
+        if CHECK_FINITE && !finite {
+            return None;
+        }
+        let m = lanes.iter().copied().fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+        let shift = _mm256_set1_ps(m);
+        let mut sums = _mm256_setzero_ps();
+        for b in (0..whole).step_by(LANES) {
+            let e = exp8(_mm256_sub_ps(src.load8(start + b), shift));
+            sums = _mm256_add_ps(sums, e);
+            _mm256_storeu_ps(out.as_mut_ptr().add(b), e);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+        for (lane, i) in lanes.iter_mut().zip(whole..len) {
+            out[i] = crate::element::fast_exp_f32(src.load1(start + i) - m);
+            *lane += out[i];
+        }
+        Some((m, lanes.iter().copied().fold(0.0, |a, b| a + b)))
+    }
+}
+
+/// `out = softmax(row)` as [`exp_shifted`] then one division per element; false when the
+/// row holds NaN or an infinity.
+///
+/// # Safety
+/// As [`exp_shifted`].
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]
+pub(crate) unsafe fn softmax_row(rows: crate::element::Storage<'_>, start: usize, out: &mut [f32]) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        with_source!(rows, |src| {
+            let Some((_, z)) = exp_shifted::<_, true>(src, start, out) else { return false };
+            let whole = out.len() / 8 * 8;
+            let divisor = _mm256_set1_ps(z);
+            for b in (0..whole).step_by(8) {
+                let p = out.as_mut_ptr().add(b);
+                _mm256_storeu_ps(p, _mm256_div_ps(_mm256_loadu_ps(p), divisor));
+            }
+            for v in &mut out[whole..] {
+                *v /= z;
+            }
+            true
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ macro_rules! multiversion {
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2_version(f: impl FnOnce()) {
+            unsafe fn avx2_version<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
             if $avx2 {
