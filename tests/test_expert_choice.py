@@ -74,6 +74,13 @@ def test_dispatch_and_combine_through_permute():
 def test_opcheck_compile_and_dtypes():
     logits = torch.randn(16, 4, requires_grad=True)
     torch.library.opcheck(torch.ops.sparseroute.expert_choice, (logits, 6))
+    gates, indices = torch.ops.sparseroute.expert_choice(logits.detach(), 6)
+    torch.library.opcheck(torch.ops.sparseroute.expert_choice_slots, (indices, gates.requires_grad_(), 16))
+    torch.library.opcheck(
+        torch.ops.sparseroute.expert_choice_backward, (logits.detach(), indices, torch.randn(4, 6))
+    )
+    with pytest.raises(ValueError, match="indices"):
+        torch.ops.sparseroute.expert_choice_slots(indices, gates.detach(), 3)
     torch._dynamo.reset()
     compiled = torch.compile(
         lambda z: sparseroute.expert_choice(z, 6).weights, fullgraph=True, backend="aot_eager"

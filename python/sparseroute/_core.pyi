@@ -22,6 +22,8 @@ __all__ = [
     "build_plan",
     "combine_rows",
     "expert_choice",
+    "expert_choice_backward",
+    "expert_choice_slots",
     "expert_counts",
     "gather_rows",
     "gather_tokens",
@@ -167,6 +169,20 @@ def topp_gating(
     max_k: int,
     inclusive: bool,
     normalize: bool,
+    threads: int,
+) -> None: ...
+def expert_choice_slots(
+    indices: npt.NDArray[np.int64],
+    gates: npt.NDArray[np.floating],
+    experts: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.floating],
+    threads: int,
+) -> None: ...
+def expert_choice_backward(
+    logits: npt.NDArray[np.generic],
+    indices: npt.NDArray[np.int64],
+    grad_gates: npt.NDArray[np.floating],
+    grad_logits: npt.NDArray[np.generic],
     threads: int,
 ) -> None: ...
 def sinkhorn(

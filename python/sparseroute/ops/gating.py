@@ -378,31 +378,75 @@ def _expert_choice_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tupl
     ctx.save_for_backward(inputs[0], output[1])
 
 
+@torch.library.custom_op("sparseroute::expert_choice_backward", mutates_args=(), device_types="cpu")
+def _expert_choice_backward_op(logits: Tensor, indices: Tensor, grad_gates: Tensor) -> Tensor:
+    """``gates[e, c] = p[indices[e, c], e]`` with ``p`` the softmax over experts: with ``G``
+    the gates' gradient placed at ``[indices[e, c], e]``, ``dL/dl_t = p_t * (G_t - <p_t, G_t>)``."""
+    logits = logits.contiguous()
+    grad_logits = _memory.empty(tuple(logits.shape), logits.dtype)
+    _core.expert_choice_backward(
+        numpy_view(logits),
+        numpy_view(indices.contiguous()),
+        numpy_view(grad_gates.contiguous().to(accumulator_dtype(logits.dtype))),
+        numpy_view(grad_logits),
+        get_num_threads(),
+    )
+    return grad_logits
+
+
+@_expert_choice_backward_op.register_fake
+def _(logits: Tensor, indices: Tensor, grad_gates: Tensor) -> Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 def _expert_choice_backward(ctx: Any, grad_gates: Tensor, _grad_indices: Tensor) -> tuple[Any, ...]:
     logits, indices = ctx.saved_tensors
-    # gates[e, c] = p[indices[e, c], e] with p the softmax over experts: scatter the
-    # gradient into a dense [T, E] matrix G, then dL/dl_t = p_t * (G_t - <p_t, G_t>).
-    acc = accumulator_dtype(logits.dtype)
-    probs = torch.softmax(logits.to(acc), dim=-1)
-    dense = torch.zeros_like(probs)
-    dense.T.scatter_(1, indices, grad_gates.to(acc))
-    grad_logits = probs * (dense - (probs * dense).sum(dim=-1, keepdim=True))
-    return grad_logits.to(logits.dtype), None
+    return torch.ops.sparseroute.expert_choice_backward(logits, indices, grad_gates), None
 
 
 _expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expert_choice_setup_context)
 
 
-def _token_slots(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-    """``[E, C]`` choices as the ``[T, E]`` slot layout of ``permute``: slot ``(t, e)`` holds
-    ``e`` (weight ``gates[e, c]``) when expert ``e`` chose token ``t``, else -1 (weight 0)."""
-    num_experts, capacity = indices.shape
-    expert_ids = torch.arange(num_experts, device=indices.device).unsqueeze(1).expand(num_experts, capacity)
-    flat = (indices * num_experts + expert_ids).reshape(-1)
-    experts = torch.full((num_tokens * num_experts,), -1, dtype=torch.int64, device=indices.device)
-    experts = experts.scatter(0, flat, expert_ids.reshape(-1))
-    weights = gates.new_zeros(num_tokens * num_experts).scatter(0, flat, gates.reshape(-1))
-    return experts.view(num_tokens, num_experts), weights.view(num_tokens, num_experts)
+@torch.library.custom_op("sparseroute::expert_choice_slots", mutates_args=(), device_types="cpu")
+def _expert_choice_slots_op(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """``[E, C]`` choices as the ``[T, E]`` slot layout of ``permute``: ``(weights,
+    experts)``, slot ``(t, e)`` holding ``e`` (weight ``gates[e, c]``) when expert ``e``
+    chose token ``t``, else -1 (weight 0)."""
+    num_experts = indices.shape[0]
+    experts = _memory.empty((num_tokens, num_experts), torch.int64)
+    weights = _memory.empty((num_tokens, num_experts), gates.dtype)
+    _core.expert_choice_slots(
+        numpy_view(indices.contiguous()),
+        numpy_view(gates.contiguous()),
+        numpy_view(experts),
+        numpy_view(weights),
+        get_num_threads(),
+    )
+    return weights, experts
+
+
+@_expert_choice_slots_op.register_fake
+def _(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    num_experts = indices.shape[0]
+    return (
+        gates.new_empty(num_tokens, num_experts),
+        indices.new_empty(num_tokens, num_experts),
+    )
+
+
+def _expert_choice_slots_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _expert_choice_slots_backward(ctx: Any, grad_weights: Tensor, _grad_experts: Tensor) -> tuple[Any, ...]:
+    (indices,) = ctx.saved_tensors
+    # weights[indices[e, c], e] = gates[e, c]: gather the gradient back.
+    return None, grad_weights.t().gather(1, indices), None
+
+
+_expert_choice_slots_op.register_autograd(
+    _expert_choice_slots_backward, setup_context=_expert_choice_slots_setup_context
+)
 
 
 class ExpertChoice(NamedTuple):
@@ -445,5 +489,5 @@ def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
         capacity, "capacity", minimum=0, maximum=num_tokens, what=f" (tokens T = {num_tokens})"
     )
     gates, indices = torch.ops.sparseroute.expert_choice(logits, capacity)
-    experts, weights = _token_slots(indices, gates, num_tokens)
+    weights, experts = torch.ops.sparseroute.expert_choice_slots(indices, gates, num_tokens)
     return ExpertChoice(indices, gates, experts, weights)

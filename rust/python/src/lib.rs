@@ -32,6 +32,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(routing::topk_gating_backward, m)?)?;
     m.add_function(wrap_pyfunction!(routing::topp_gating, m)?)?;
     m.add_function(wrap_pyfunction!(routing::expert_choice, m)?)?;
+    m.add_function(wrap_pyfunction!(routing::expert_choice_slots, m)?)?;
+    m.add_function(wrap_pyfunction!(routing::expert_choice_backward, m)?)?;
     m.add_function(wrap_pyfunction!(routing::build_plan, m)?)?;
     m.add_function(wrap_pyfunction!(routing::build_capacity_plan, m)?)?;
     m.add_function(wrap_pyfunction!(routing::gather_rows, m)?)?;

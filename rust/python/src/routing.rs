@@ -168,6 +168,75 @@ pub fn expert_choice(
     })
 }
 
+/// The [T, E] slot layout (`experts`, `weights`) of an expert-choice decision
+/// (`indices`, `gates` [E, C]).
+#[pyfunction]
+#[pyo3(signature = (indices, gates, experts, weights, threads))]
+pub fn expert_choice_slots(
+    py: Python<'_>,
+    indices: &Bound<'_, PyAny>,
+    gates: &Bound<'_, PyAny>,
+    experts: &Bound<'_, PyAny>,
+    weights: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    fn run<A: sparseroute_core::Accumulator + numpy::Element + crate::arrays::Carried<Word = A>>(
+        py: Python<'_>,
+        indices: &Bound<'_, PyAny>,
+        gates: &Bound<'_, PyAny>,
+        experts: &Bound<'_, PyAny>,
+        weights: &Bound<'_, PyAny>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let indices = readonly::<i64>(indices, "indices")?;
+        let [num_experts, _] = shape::<_, 2>(&indices, "indices")?;
+        let gates = readonly::<A>(gates, "gates")?;
+        let mut experts = readwrite::<i64>(experts, "experts")?;
+        let [num_tokens, _] = shape::<_, 2>(&experts, "experts")?;
+        let mut weights = readwrite::<A>(weights, "weights")?;
+        let (indices, gates) = (slice::<i64>(&indices, "indices")?, slice::<A>(&gates, "gates")?);
+        let experts = slice_mut::<i64>(&mut experts, "experts")?;
+        let weights = slice_mut::<A>(&mut weights, "weights")?;
+        run_kernel(py, threads, experts.len(), || {
+            gating::expert_choice_slots(indices, gates, num_tokens, num_experts, experts, weights)
+        })
+    }
+    match crate::arrays::float_kind(gates, "gates")? {
+        crate::arrays::FloatKind::F64 => run::<f64>(py, indices, gates, experts, weights, threads),
+        crate::arrays::FloatKind::F32 => run::<f32>(py, indices, gates, experts, weights, threads),
+        _ => Err(pyo3::exceptions::PyTypeError::new_err("gates: expected float32 or float64")),
+    }
+}
+
+/// Gradient of expert choice's gates (`grad_gates` [E, C]) into `grad_logits` [T, E].
+#[pyfunction]
+#[pyo3(signature = (logits, indices, grad_gates, grad_logits, threads))]
+pub fn expert_choice_backward(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    indices: &Bound<'_, PyAny>,
+    grad_gates: &Bound<'_, PyAny>,
+    grad_logits: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(logits, "logits", L => {
+        type A = <L as sparseroute_core::Element>::Acc;
+        type W = <L as crate::arrays::Carried>::Word;
+        let logits = readonly::<W>(logits, "logits")?;
+        let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
+        let indices = readonly::<i64>(indices, "indices")?;
+        let grad_gates = readonly::<A>(grad_gates, "grad_gates")?;
+        let mut grad_logits = readwrite::<W>(grad_logits, "grad_logits")?;
+        let logits = slice::<L>(&logits, "logits")?;
+        let indices = slice::<i64>(&indices, "indices")?;
+        let grad_gates = slice::<A>(&grad_gates, "grad_gates")?;
+        let grad_logits = slice_mut::<L>(&mut grad_logits, "grad_logits")?;
+        run_kernel(py, threads, logits.len(), || {
+            gating::expert_choice_backward(logits, num_tokens, num_experts, indices, grad_gates, grad_logits)
+        })
+    })
+}
+
 /// Builds the dropless permutation plan of `experts` [T, k]; returns the routed row count.
 #[pyfunction]
 #[pyo3(signature = (experts, num_experts, tokens_per_expert, offsets, row_to_slot, slot_to_row, threads))]

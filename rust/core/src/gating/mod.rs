@@ -1162,6 +1162,103 @@ pub fn expert_choice<L: Element>(
     Ok(())
 }
 
+/// Checks the `[E, C]` token lists of an expert-choice decision against `num_tokens`.
+fn check_choice_indices(indices: &[i64], num_tokens: usize) -> Result<()> {
+    match indices.iter().position(|&t| t < 0 || t as u64 >= num_tokens as u64) {
+        None => Ok(()),
+        Some(i) => Err(CoreError::invalid(
+            "indices",
+            format!("token indices in [0, {num_tokens})"),
+            format!("{} at position {i}", indices[i]),
+        )),
+    }
+}
+
+/// The `[T, E]` slot layout of an expert-choice decision: `experts[t, e] = e` and
+/// `weights[t, e] = gates[e, c]` where expert `e` chose token `t` (as its `c`-th), else -1
+/// and 0. `indices` and `gates` are `[E, C]`.
+pub fn expert_choice_slots<A: Accumulator>(
+    indices: &[i64],
+    gates: &[A],
+    num_tokens: usize,
+    num_experts: usize,
+    experts: &mut [i64],
+    weights: &mut [A],
+) -> Result<()> {
+    if num_experts == 0 {
+        return Err(CoreError::invalid("indices", "at least one expert (E >= 1)", "E = 0"));
+    }
+    check_len("gates", gates, indices.len())?;
+    check_len("experts", experts, num_tokens * num_experts)?;
+    check_len("weights", weights, num_tokens * num_experts)?;
+    check_choice_indices(indices, num_tokens)?;
+    for_each_block2((experts, num_experts), (weights, num_experts), 4096, |_, experts, weights| {
+        experts.fill(-1);
+        weights.fill(A::zero());
+        Ok(())
+    })?;
+    let capacity = indices.len() / num_experts;
+    for (e, (tokens, gates)) in
+        indices.chunks_exact(capacity.max(1)).zip(gates.chunks_exact(capacity.max(1))).enumerate()
+    {
+        for (&t, &g) in tokens.iter().zip(gates) {
+            experts[t as usize * num_experts + e] = e as i64;
+            weights[t as usize * num_experts + e] = g;
+        }
+    }
+    Ok(())
+}
+
+/// Gradient of [`expert_choice`]'s gates with respect to the logits. With `p_t` the softmax
+/// of token t and `G` the gates' gradient placed at `[indices[e, c], e]` (0 elsewhere):
+/// `grad[t] = p_t * (G_t - <p_t, G_t>)`, the dot product in eight lanes.
+pub fn expert_choice_backward<L: Element>(
+    logits: &[L],
+    num_tokens: usize,
+    num_experts: usize,
+    indices: &[i64],
+    grad_gates: &[L::Acc],
+    grad_logits: &mut [L],
+) -> Result<()> {
+    if num_experts == 0 {
+        return Err(CoreError::invalid("logits", "at least one expert (E >= 1)", "E = 0"));
+    }
+    check_len("logits", logits, num_tokens * num_experts)?;
+    check_len("grad_gates", grad_gates, indices.len())?;
+    check_len("grad_logits", grad_logits, logits.len())?;
+    check_choice_indices(indices, num_tokens)?;
+    let mut dense = vec![L::Acc::zero(); logits.len()];
+    let capacity = indices.len() / num_experts;
+    for (e, (tokens, grads)) in
+        indices.chunks_exact(capacity.max(1)).zip(grad_gates.chunks_exact(capacity.max(1))).enumerate()
+    {
+        for (&t, &g) in tokens.iter().zip(grads) {
+            dense[t as usize * num_experts + e] = g;
+        }
+    }
+    let (dense, avx2) = (&dense, crate::simd::avx2_enabled());
+    for_each_block(grad_logits, num_experts, tokens_per_task(num_experts), |first, block| {
+        let mut probs = vec![L::Acc::zero(); num_experts];
+        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
+            let t = first + i;
+            let row = &logits[t * num_experts..(t + 1) * num_experts];
+            if !softmax_row_on(row, &mut probs, avx2) {
+                return Err(non_finite_error(row, t));
+            }
+            let g = &dense[t * num_experts..(t + 1) * num_experts];
+            let mut lanes = [L::Acc::zero(); LANES];
+            for (j, (&p, &g)) in probs.iter().zip(g).enumerate() {
+                lanes[j % LANES] = lanes[j % LANES] + p * g;
+            }
+            let dot = lanes.iter().fold(L::Acc::zero(), |a, &b| a + b);
+            for ((o, &p), &g) in out.iter_mut().zip(&probs).zip(g) {
+                *o = L::from_acc(p * (g - dot));
+            }
+        }
+        Ok(())
+    })
+}
+
 /// The `c`-th best (1-based) of the pairs `(values[t], t)` in selection order (higher
 /// value first, then lower index), as `(probability_key, t)`, for non-negative finite
 /// values and `1 <= c <= values.len()`.
