@@ -24,6 +24,8 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     /// accumulator-typed outputs; `None` for `f64`.
     fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
     /// [`Accumulator::fast_exp`] of every value, in place, for bulk elementwise work.
+    /// Inlined, so that callers compiled for AVX2 (see [`crate::simd`]) vectorise it.
+    #[inline(always)]
     fn exp_in_place(values: &mut [Self]) {
         for v in values.iter_mut() {
             *v = v.fast_exp();

@@ -400,21 +400,6 @@ pub fn scale_into<L: Element>(src: &[L::Acc], factor: f64, out: &mut [L]) -> Res
 pub const SINKHORN_BLOCK: usize = 512;
 const SINKHORN_EPS: f32 = 1e-8;
 
-/// `out = exp(values)` (the accumulator's `fast_exp`), eight lanes at a time.
-#[inline(always)]
-fn exp_into(values: &[f32], out: &mut [f32]) {
-    let mut pairs = out.chunks_exact_mut(LANES).zip(values.chunks_exact(LANES));
-    for (o, v) in &mut pairs {
-        for l in 0..LANES {
-            o[l] = v[l].fast_exp();
-        }
-    }
-    let whole = values.len() / LANES * LANES;
-    for (o, v) in out[whole..].iter_mut().zip(&values[whole..]) {
-        *o = v.fast_exp();
-    }
-}
-
 /// One block of a Sinkhorn iteration: for each row, `d0 = t_inv / (sum_e d1[e] row[e] +
 /// eps)` (the sum in eight lanes, as [`lane_sum`]), and `columns += d0 * row` in row order.
 #[inline(always)]
@@ -484,7 +469,8 @@ pub fn sinkhorn(
                 format!("{} at token {}, expert {}", logits[i - start], i / num_experts, i % num_experts),
             ));
         }
-        multiversion!(avx2, exp_into(logits, block));
+        block.copy_from_slice(logits);
+        multiversion!(avx2, f32::exp_in_place(block));
         Ok(())
     })?;
     let cost: &[f32] = out;

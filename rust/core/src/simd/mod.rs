@@ -15,7 +15,7 @@ pub(crate) mod avx2;
 /// as is: the same generic code twice, so the same bits. `$f` should be `#[inline(always)]`
 /// so that its loops are compiled inside the AVX2 version.
 macro_rules! multiversion {
-    ($avx2:expr, $f:ident($($arg:expr),*)) => {{
+    ($avx2:expr, $($f:ident)::+($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx2,fma")]
@@ -24,15 +24,15 @@ macro_rules! multiversion {
             }
             if $avx2 {
                 // SAFETY: the caller checked `crate::simd::avx2_enabled`.
-                unsafe { avx2_version(#[inline(always)] || $f($($arg),*)) }
+                unsafe { avx2_version(#[inline(always)] || $($f)::+($($arg),*)) }
             } else {
-                $f($($arg),*)
+                $($f)::+($($arg),*)
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = $avx2;
-            $f($($arg),*)
+            $($f)::+($($arg),*)
         }
     }};
 }
