@@ -32,6 +32,7 @@ _CTYPES = {
     np.int64: ctypes.c_int64,
     np.int32: ctypes.c_int32,
     np.float64: ctypes.c_double,
+    np.float32: ctypes.c_float,
 }
 _lock = threading.Lock()
 _libraries: dict[tuple[str, torch.dtype | None], ctypes.CDLL] = {}

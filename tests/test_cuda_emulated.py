@@ -111,7 +111,7 @@ def test_non_finite_rows_are_counted_not_routed(gpu):
     cpu_weights, cpu_experts = ops.topk_gating(*gating_args(logits[good], 2))
     assert torch.equal(experts[good], cpu_experts)
     torch.testing.assert_close(weights[good], cpu_weights)
-    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -204,22 +204,71 @@ def test_invalid_expert_ids_and_short_num_rows_are_counted(gpu):
     experts = torch.tensor([[0, 9], [1, -3], [0, 1]])
     x = torch.randn(3, 4)
     _, tpe, offsets, _, slot_to_row, _ = _cuda_ops.permute_cuda(x, experts, 2, None, None, None, False)
-    assert gpu.errors.tolist() == [0, 1, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
     assert slot_to_row.tolist() == [[0, -1], [2, -1], [1, 3]]
     assert tpe.tolist() == [2, 2] and offsets.tolist() == [0, 2, 4]
     gpu.errors.zero_()
     _, _, _, row_to_slot, slot_to_row, _ = _cuda_ops.permute_cuda(
         x, experts.clamp(0, 1), 2, 4, None, None, False
     )
-    assert gpu.errors.tolist() == [0, 0, 0, 1, 0, 0]
+    assert gpu.errors.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
     assert row_to_slot.shape == (4,) and (slot_to_row == -1).sum() == 2
 
 
-def test_capacity_has_no_cuda_kernel_yet(gpu):
-    with pytest.raises(NotImplementedError, match="capacity"):
-        _cuda_ops.permute_cuda(
-            torch.zeros(2, 2), torch.zeros(2, 1, dtype=torch.int64), 2, None, 1, None, False
-        )
+def permute_capacity_args(num_tokens, k, num_experts, capacity, policy, pad, num_rows=None, seed=0):
+    experts = random_experts(num_tokens, k, num_experts, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(num_tokens, 6, generator=g)
+    # Weights on a coarse grid: many exact ties, which the tie rule (lower slot) must break.
+    weights = (torch.randint(0, 4, (num_tokens, k), generator=g).float() / 4) if policy == "probs" else None
+    return (x, experts, num_experts, num_rows, capacity, weights, pad)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "k", "num_experts", "capacity"),
+    [(0, 2, 4, 3), (1, 1, 1, 0), (37, 2, 3, 5), (64, 4, 8, 40), (300, 4, 64, 3), (50, 2, 5, 1000)],
+)
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_capacity_plan_is_the_cpu_plan(gpu, num_tokens, k, num_experts, capacity, policy, pad):
+    args = permute_capacity_args(
+        num_tokens, k, num_experts, capacity, policy, pad, seed=num_tokens + capacity
+    )
+    ours = _cuda_ops.permute_cuda(*args)
+    cpu = ops.permute(*args)
+    names = ["x_sorted", "tokens_per_expert", "offsets", "row_to_slot", "slot_to_row", "dropped"]
+    for name, a, b in zip(names, ours, cpu, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    assert not gpu.errors.any()
+
+
+def test_capacity_plan_with_static_rows_and_signed_zero_weights(gpu):
+    # Every slot to expert 0; weights -0.0 and 0.0 alternate: total order puts 0.0 first.
+    experts = torch.zeros(8, 1, dtype=torch.int64)
+    weights = torch.tensor([[-0.0], [0.0]] * 4)
+    x = torch.randn(8, 3)
+    args = (x, experts, 2, 6, 3, weights, False)
+    ours = _cuda_ops.permute_cuda(*args)
+    cpu = ops.permute(*args)
+    assert all(torch.equal(a, b) for a, b in zip(ours, cpu, strict=True))
+    assert ours[3][:3].tolist() == [1, 3, 5] and ours[3][3:].tolist() == [-1, -1, -1]
+
+
+def test_nan_drop_weights_are_counted(gpu):
+    experts = torch.zeros(4, 1, dtype=torch.int64)
+    weights = torch.tensor([[0.5], [float("nan")], [0.25], [1.0]])
+    _cuda_ops.permute_cuda(torch.zeros(4, 2), experts, 1, None, 2, weights, False)
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 0, 0, 1, 0]
+
+
+def test_capacity_rows_past_num_rows_are_counted(gpu):
+    experts = torch.tensor([[0], [1], [0], [1]])
+    _, _, _, row_to_slot, slot_to_row, _ = _cuda_ops.permute_cuda(
+        torch.zeros(4, 2), experts, 2, 3, 2, None, False
+    )
+    assert gpu.errors.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert row_to_slot.tolist() == [0, 2, 1] and slot_to_row.flatten().tolist() == [0, 2, 1, -1]
 
 
 # --- rows: gather, combine, dot products ---------------------------------------------------------
@@ -266,7 +315,7 @@ def test_corrupt_plans_are_counted_and_never_read_out_of_bounds(gpu):
     assert torch.equal(combined[0], x[1]) and torch.equal(combined[1], torch.zeros(4))
     dots = _cuda_ops.slot_dots_cuda(x, x, torch.tensor([[0], [9]]))
     assert dots[1, 0] == 0
-    assert gpu.errors.tolist() == [0, 0, 3, 0, 0, 0]
+    assert gpu.errors.tolist() == [0, 0, 3, 0, 0, 0, 0, 0]
 
 
 def test_subnormal_values_survive_the_combine(gpu):
@@ -331,7 +380,7 @@ def test_invalid_and_repeated_token_indices_are_counted_and_empty(gpu):
     rows = _cuda_ops.gather_tokens_cuda(x, indices, None)
     assert torch.equal(rows[0, 0], x[0, 4]) and torch.equal(rows[0, 2], x[0, 1])
     assert not rows[0, 1].any() and not rows[1].any()
-    assert gpu.errors.tolist() == [0, 0, 0, 0, 3, 0]
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 3, 0, 0, 0]
     gpu.errors.zero_()
     y = torch.randn(2, 3, 3)
     out = _cuda_ops.scatter_tokens_cuda(x, y, indices, None, 5)
@@ -339,7 +388,7 @@ def test_invalid_and_repeated_token_indices_are_counted_and_empty(gpu):
     assert torch.equal(out[1], x[1])  # position 2 is kept twice: kept by neither entry
     dots = _cuda_ops.token_dots_cuda(x, y, indices)
     assert dots[1].tolist() == [0.0] * 5
-    assert gpu.errors.tolist() == [0, 0, 0, 0, 6, 0]
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 6, 0, 0, 0]
 
 
 SELECT_CASES = [
@@ -399,7 +448,7 @@ def test_select_tokens_counts_nan_scores_and_bad_lengths(gpu):
     good = [0, 3]
     cpu_indices, cpu_mask = ops.select_tokens(scores[good], 2, "top", 0.0, lengths[good])
     assert torch.equal(indices[good], cpu_indices) and torch.equal(mask[good], cpu_mask)
-    assert gpu.errors.tolist() == [0, 0, 0, 0, 0, 2]
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 0, 2, 0, 0]
 
 
 # --- load balancing -----------------------------------------------------------------------------
@@ -457,7 +506,7 @@ def test_expert_counts_are_the_cpu_counts(gpu, num_tokens, k, num_experts, group
 def test_expert_counts_count_invalid_ids(gpu):
     counts = _cuda_ops.expert_counts_cuda(torch.tensor([[0, 5], [-2, 1]]), 3, 2, None)
     assert counts.tolist() == [[1, 1, 0]]
-    assert gpu.errors.tolist() == [0, 2, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [0, 2, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -482,11 +531,11 @@ def test_non_finite_logits_are_counted_by_the_balance_kernels(gpu):
     logits[2, 0] = float("inf")
     _, direction = _cuda_ops.z_loss_cuda(logits, None)
     assert not direction[1].any() and not direction[2].any()
-    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
     gpu.errors.zero_()
     sums = _cuda_ops.score_sums_cuda(logits, "softmax", 4, None)
     torch.testing.assert_close(sums, ops.score_sums(logits[[0, 3]], "softmax", 4, None))
-    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
 
 
 def test_empty_masks_give_a_zero_z_loss(gpu):
@@ -513,7 +562,7 @@ def test_layer_plan_counts_nan_rows(gpu):
     logits[1, 0, 2] = float("nan")
     plans = _cuda_ops.layer_plan_cuda(logits)
     assert plans.tolist() == [[1, 1], [-1, 1]]
-    assert gpu.errors.tolist() == [1, 0, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -531,3 +580,116 @@ def test_select_tokens_ranks_every_kind_of_value(gpu, dtype):
         cpu_indices, cpu_mask = ops.select_tokens(*args)
         assert torch.equal(indices, cpu_indices) and torch.equal(mask, cpu_mask), capacity
     assert not gpu.errors.any()
+
+
+# --- routing variants: top-p, expert choice, Sinkhorn --------------------------------------------
+
+
+def random_logits(num_tokens, num_experts, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_tokens, num_experts, generator=g) * 2).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_experts", "p"), [(1, 0.5), (8, 0.6), (60, 0.9), (64, 0.3), (160, 0.75)])
+@pytest.mark.parametrize(
+    ("min_k", "inclusive", "normalize"), [(1, True, False), (0, False, True), (2, True, True)]
+)
+def test_topp_gating_is_the_cpu_routing(gpu, dtype, num_experts, p, min_k, inclusive, normalize):
+    """float32 / bfloat16 / float16: the CPU's bits (same exp, same sum order); float64:
+    the same experts and weights within an ulp."""
+    logits = random_logits(23, num_experts, dtype, seed=num_experts)
+    max_k = min(num_experts, 6)
+    min_k = min(min_k, max_k)
+    args = (logits, p, min_k, max_k, inclusive, normalize)
+    weights, experts = _cuda_ops.topp_gating_cuda(*args)
+    cpu_weights, cpu_experts = ops.topp_gating(*args)
+    assert torch.equal(experts, cpu_experts)
+    if dtype == torch.float64:
+        torch.testing.assert_close(weights, cpu_weights, rtol=1e-14, atol=1e-15)
+    else:
+        assert torch.equal(weights, cpu_weights)
+    assert not gpu.errors.any()
+
+
+def test_topp_gating_ties_and_non_finite_rows(gpu):
+    logits = tie_heavy(12, 16, torch.float32, seed=3)
+    logits[4, 2] = float("nan")
+    logits[7, 0] = float("inf")
+    weights, experts = _cuda_ops.topp_gating_cuda(logits, 0.5, 1, 16, True, False)
+    good = [t for t in range(12) if t not in (4, 7)]
+    cpu_weights, cpu_experts = ops.topp_gating(logits[good], 0.5, 1, 16, True, False)
+    assert torch.equal(experts[good], cpu_experts) and torch.equal(weights[good], cpu_weights)
+    assert (experts[[4, 7]] == -1).all() and (weights[[4, 7]] == 0).all()
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "capacity"), [(0, 3, 0), (1, 1, 1), (40, 8, 10), (33, 60, 33)]
+)
+def test_expert_choice_is_the_cpu_choice(gpu, dtype, num_tokens, num_experts, capacity):
+    logits = random_logits(num_tokens, num_experts, dtype, seed=capacity)
+    gates, indices = _cuda_ops.expert_choice_cuda(logits, capacity)
+    cpu_gates, cpu_indices = ops.expert_choice(logits, capacity)
+    assert torch.equal(indices, cpu_indices)
+    if dtype == torch.float64:
+        torch.testing.assert_close(gates, cpu_gates, rtol=1e-14, atol=1e-15)
+    else:
+        assert torch.equal(gates, cpu_gates)
+    weights, experts = _cuda_ops.expert_choice_slots_cuda(indices, gates, num_tokens)
+    cpu_weights, cpu_experts = ops.expert_choice_slots(cpu_indices, cpu_gates, num_tokens)
+    assert torch.equal(experts, cpu_experts) and torch.equal(weights, cpu_weights.to(weights.dtype))
+    assert not gpu.errors.any()
+
+
+def test_expert_choice_ties_go_to_the_lower_token(gpu):
+    # Identical rows have identical probabilities: each expert takes the first tokens.
+    logits = torch.tensor([[1.0, 0.0, 2.0]] * 6)
+    gates, indices = _cuda_ops.expert_choice_cuda(logits, 4)
+    assert indices.tolist() == [[0, 1, 2, 3]] * 3
+    assert torch.equal(gates, ops.expert_choice(logits, 4)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_choice_backward_matches_the_cpu_kernel(gpu, dtype):
+    logits = random_logits(30, 12, dtype, seed=4)
+    gates, indices = ops.expert_choice(logits, 7)
+    grad_gates = torch.randn(gates.shape, generator=torch.Generator().manual_seed(5)).to(gates.dtype)
+    ours = _cuda_ops.expert_choice_backward_cuda(logits, indices, grad_gates)
+    cpu = ops.expert_choice_backward(logits, indices, grad_gates)
+    assert ours.dtype == cpu.dtype == dtype
+    tolerance = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 1e-5}
+    if dtype == torch.float32:
+        tolerance = {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(ours, cpu, **tolerance)
+
+
+def test_expert_choice_slots_count_bad_token_indices(gpu):
+    indices = torch.tensor([[0, 5], [1, 2]])
+    gates = torch.tensor([[0.5, 0.25], [0.75, 1.0]])
+    weights, experts = _cuda_ops.expert_choice_slots_cuda(indices, gates, 3)
+    assert experts.tolist() == [[0, -1], [-1, 1], [-1, 1]]
+    assert weights.tolist() == [[0.5, 0.0], [0.0, 0.75], [0.0, 1.0]]
+    assert gpu.errors.tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "iters"),
+    [(1, 1, None), (37, 8, None), (1100, 12, None), (600, 64, 3), (50, 5, 1)],
+)
+def test_sinkhorn_is_the_cpu_sinkhorn_bit_for_bit(gpu, num_tokens, num_experts, iters):
+    logits = random_logits(num_tokens, num_experts, torch.float32, seed=num_tokens)
+    ours = _cuda_ops.sinkhorn_cuda(logits, iters, 1e-4)
+    cpu = ops.sinkhorn(logits, iters, 1e-4)
+    assert torch.equal(ours, cpu)
+    assert not gpu.errors.any()
+
+
+def test_sinkhorn_counts_logits_that_overflow(gpu):
+    logits = torch.zeros(4, 3)
+    logits[1, 2] = 90.0
+    logits[2, 0] = float("nan")
+    out = _cuda_ops.sinkhorn_cuda(logits, 5, 1e-4)
+    assert torch.isfinite(out).all()
+    assert gpu.errors[7] >= 1 and gpu.errors.sum() == gpu.errors[7]

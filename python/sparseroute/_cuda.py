@@ -67,11 +67,14 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 #: module does not depend on one).
 MODULES: dict[str, tuple[torch.dtype | None, ...]] = {
     "balance.cu": tuple(DTYPE_CODES),
+    "expert_choice.cu": tuple(DTYPE_CODES),
     "gating.cu": tuple(DTYPE_CODES),
     "layers.cu": tuple(DTYPE_CODES),
     "plan.cu": (None,),
     "rows.cu": tuple(DTYPE_CODES),
+    "sinkhorn.cu": (None,),
     "tokens.cu": tuple(DTYPE_CODES),
+    "topp.cu": tuple(DTYPE_CODES),
 }
 
 #: Headers the sources include.
@@ -88,6 +91,8 @@ ERROR_KINDS = (
     "token_dots treated them as -1)",
     "sequences with a NaN score at a valid position or a length outside [0, S] (select_tokens kept "
     "nothing: indices -1, mask False)",
+    "NaN drop weights of capacity dispatch with drop_policy='probs' (ranked above every number)",
+    "sinkhorn logits that are NaN, -inf or above 88 (their cost exp(logit) was taken as 0)",
 )
 
 _EXTERN_KERNEL = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(')

@@ -33,6 +33,15 @@ from sparseroute import _cuda
 from sparseroute._core import InvalidInputError
 from sparseroute._cuda import pointer
 
+#: Ops whose one implementation serves both devices: torch code (per-expert cuBLAS matmuls,
+#: elementwise ops), registered for "cpu" and "cuda" by the op itself (sparseroute.ops.experts).
+TORCH_CODE_OPS: tuple[str, ...] = (
+    "grouped_linear",
+    "grouped_linear_backward",
+    "silu_gate",
+    "silu_gate_backward",
+)
+
 #: Ops with CUDA kernels (the names of the ``sparseroute::`` custom ops).
 CUDA_OPS: tuple[str, ...] = (
     "topk_gating",
@@ -49,7 +58,14 @@ CUDA_OPS: tuple[str, ...] = (
     "score_sums_backward",
     "expert_counts",
     "z_loss",
+    "z_loss_backward",
     "layer_plan",
+    "topp_gating",
+    "expert_choice",
+    "expert_choice_backward",
+    "expert_choice_slots",
+    "sinkhorn",
+    *TORCH_CODE_OPS,
 )
 
 #: Up to this many experts a warp routes a token; above, a block of 256 threads does.
@@ -60,6 +76,8 @@ PLAN_CHUNK_SLOTS = 1024
 PLAN_WORKSPACE_ENTRIES = 1 << 22
 #: Blocks of the row kernels at most (they loop over the rest).
 MAX_ROW_BLOCKS = 1 << 18
+#: Slots of the error buffer that the Python glue adds to (see _cuda.ERROR_KINDS).
+ERROR_DROP_WEIGHTS = 6
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -380,6 +398,164 @@ def plan_chunks(num_slots: int, num_experts: int) -> tuple[int, int]:
     return -(-num_slots // chunk), chunk
 
 
+def _dropless_plan(
+    launch: _cuda.Launcher, experts: Tensor, num_experts: int, rows: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(tokens_per_expert, offsets, row_to_slot [rows], slot_to_row)`` of the dropless plan of
+    ``experts`` (int64, contiguous), -1 in the rows past ``offsets[E]``."""
+    device = experts.device
+    num_tokens, k = experts.shape
+    num_slots = num_tokens * k
+    tokens_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
+    row_to_slot = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    slot_to_row = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
+    chunks, chunk = plan_chunks(num_slots, num_experts)
+    counts = torch.zeros(max(chunks, 1) * num_experts, dtype=torch.int64, device=device)
+    expert_blocks = -(-num_experts // 256)
+    plan: list[tuple[str, int, int, tuple[Any, ...]]] = [
+        (
+            "sr_plan_count",
+            -(-chunks // 4),
+            128,
+            (
+                pointer(experts),
+                _i64(num_slots),
+                _i32(num_experts),
+                _i64(chunk),
+                _i64(chunks),
+                pointer(counts),
+                pointer(launch.errors),
+            ),
+        ),
+        (
+            "sr_plan_totals",
+            expert_blocks,
+            256,
+            (pointer(counts), _i64(chunks), _i32(num_experts), pointer(tokens_per_expert)),
+        ),
+        ("sr_plan_scan", 1, 1024, (pointer(tokens_per_expert), _i32(num_experts), pointer(offsets))),
+        (
+            "sr_plan_cursors",
+            expert_blocks,
+            256,
+            (pointer(counts), _i64(chunks), _i32(num_experts), pointer(offsets)),
+        ),
+        (
+            "sr_plan_scatter",
+            -(-chunks // 4),
+            128,
+            (
+                pointer(experts),
+                _i64(num_slots),
+                _i32(num_experts),
+                _i64(chunk),
+                _i64(chunks),
+                pointer(counts),
+                _i64(rows),
+                pointer(row_to_slot),
+                pointer(slot_to_row),
+                pointer(launch.errors),
+            ),
+        ),
+    ]
+    for kernel, grid, block, args in plan:
+        launch("plan.cu", None, kernel, grid, block, args)
+    return tokens_per_expert, offsets, row_to_slot, slot_to_row
+
+
+#: The most signed 64-bit integer: flipping these bits of a negative float's pattern orders
+#: negative floats below positive ones as integers (the order of Rust's f64::total_cmp).
+_LOW_63_BITS = (1 << 63) - 1
+
+
+def _kept_by_weight(
+    launch: _cuda.Launcher,
+    experts: Tensor,
+    drop_weights: Tensor,
+    dropless_rows: Tensor,
+    routed_offsets: Tensor,
+    capacity: int,
+) -> tuple[Tensor, Tensor]:
+    """drop_policy "probs": ``(kept, kept_before)`` over the dropless rows. Row i is kept when
+    its slot is among its expert's ``capacity`` highest weights (equal weights: the lower
+    slot first, -0.0 below 0.0, as the CPU's ``total_cmp``); ``kept_before[i]`` counts the
+    kept rows before it. Two stable sorts (weight descending, then expert) rank every slot
+    within its expert; NaN weights are counted in the error buffer (they rank first)."""
+    num_experts = routed_offsets.shape[0] - 1
+    num_rows = dropless_rows.shape[0]
+    flat_weights = drop_weights.reshape(-1)
+    launch.errors[ERROR_DROP_WEIGHTS].add_(torch.isnan(flat_weights).sum().to(torch.int32))
+    valid = dropless_rows >= 0
+    slots = dropless_rows.clamp(min=0)
+    bits = flat_weights.to(torch.float64)[slots].view(torch.int64)
+    keys = bits ^ ((bits >> 63) & _LOW_63_BITS)
+    expert_of_row = torch.where(valid, experts.reshape(-1)[slots], num_experts)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    order = order[torch.sort(expert_of_row[order], stable=True).indices]
+    ranks = torch.arange(num_rows, device=order.device) - routed_offsets[expert_of_row[order]]
+    kept = torch.empty(num_rows, dtype=torch.uint8, device=order.device)
+    kept[order] = (ranks < capacity).to(torch.uint8)
+    kept_before = torch.cumsum(kept, 0, dtype=torch.int64) - kept
+    return kept, kept_before
+
+
+def _capacity_plan(
+    launch: _cuda.Launcher,
+    experts: Tensor,
+    num_experts: int,
+    capacity: int,
+    drop_weights: Tensor | None,
+    pad_to_capacity: bool,
+    rows: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(tokens_per_expert, offsets, row_to_slot [rows], slot_to_row, dropped)`` of the
+    capacity-constrained plan: the dropless plan, then each dropless row kept or dropped
+    (``sr_capacity_rows``). An expert keeps min(demand, capacity) slots under both drop
+    policies, so the counts and offsets follow from the dropless counts alone."""
+    device = experts.device
+    num_slots = experts.numel()
+    demand, routed_offsets, dropless_rows, slot_to_row = _dropless_plan(
+        launch, experts, num_experts, num_slots
+    )
+    tokens_per_expert = demand.clamp(max=capacity)
+    dropped = demand - tokens_per_expert
+    if pad_to_capacity:
+        offsets = torch.arange(num_experts + 1, dtype=torch.int64, device=device) * capacity
+    else:
+        offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+        torch.cumsum(tokens_per_expert, 0, out=offsets[1:])
+    kept = kept_before = None
+    if drop_weights is not None:
+        kept, kept_before = _kept_by_weight(
+            launch, experts, drop_weights, dropless_rows, routed_offsets, capacity
+        )
+    row_to_slot = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    launch(
+        "plan.cu",
+        None,
+        "sr_capacity_rows",
+        min(-(-num_slots // 256), MAX_ROW_BLOCKS),
+        256,
+        (
+            pointer(experts),
+            pointer(dropless_rows),
+            _i64(num_slots),
+            _i32(num_experts),
+            pointer(routed_offsets),
+            pointer(kept),
+            pointer(kept_before),
+            _i64(capacity),
+            pointer(offsets),
+            _i64(rows),
+            pointer(row_to_slot),
+            pointer(slot_to_row),
+            pointer(launch.errors),
+        ),
+    )
+    return tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped
+
+
 def permute_cuda(
     x: Tensor,
     experts: Tensor,
@@ -389,12 +565,6 @@ def permute_cuda(
     drop_weights: Tensor | None,
     pad_to_capacity: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if capacity is not None or pad_to_capacity:
-        raise NotImplementedError(
-            "permute: capacity-constrained dispatch (capacity=...) has no CUDA kernel in this version "
-            "of sparseroute; dropless permute (capacity=None) has one. Move x and experts to the CPU "
-            "for capacity dispatch."
-        )
     _element_dtype(x, "x")
     device = x.device
     _on_device(experts, "experts", device, "x")
@@ -402,68 +572,28 @@ def permute_cuda(
         raise ValueError(f"experts: expected a 2-D tensor [T, k], got shape {tuple(experts.shape)}")
     if num_experts < 1:
         raise _invalid("num_experts", "at least 1", num_experts)
+    if capacity is not None and capacity < 0:
+        raise _invalid("capacity", "a value >= 0", capacity)
     num_tokens, k = experts.shape
-    num_slots = num_tokens * k
-    rows = num_slots if num_rows is None else num_rows
+    if drop_weights is not None:
+        _on_device(drop_weights, "drop_weights", device, "x")
+        if drop_weights.numel() != num_tokens * k:
+            raise _invalid("drop_weights", f"{num_tokens * k} weights (T * k)", drop_weights.numel())
+    padded = pad_to_capacity and capacity is not None
+    static_rows = num_experts * capacity if padded else num_rows
+    rows = num_tokens * k if static_rows is None else static_rows
     experts = experts.to(torch.int64).contiguous()
-    tokens_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)
-    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-    row_to_slot = torch.full((rows,), -1, dtype=torch.int64, device=device)
-    slot_to_row = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
-    dropped = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    chunks, chunk = plan_chunks(num_slots, num_experts)
-    counts = torch.zeros(max(chunks, 1) * num_experts, dtype=torch.int64, device=device)
-    expert_blocks = -(-num_experts // 256)
     with _cuda.launcher(device) as launch:
-        plan: list[tuple[str, int, int, tuple[Any, ...]]] = [
-            (
-                "sr_plan_count",
-                -(-chunks // 4),
-                128,
-                (
-                    pointer(experts),
-                    _i64(num_slots),
-                    _i32(num_experts),
-                    _i64(chunk),
-                    _i64(chunks),
-                    pointer(counts),
-                    pointer(launch.errors),
-                ),
-            ),
-            (
-                "sr_plan_totals",
-                expert_blocks,
-                256,
-                (pointer(counts), _i64(chunks), _i32(num_experts), pointer(tokens_per_expert)),
-            ),
-            ("sr_plan_scan", 1, 1024, (pointer(tokens_per_expert), _i32(num_experts), pointer(offsets))),
-            (
-                "sr_plan_cursors",
-                expert_blocks,
-                256,
-                (pointer(counts), _i64(chunks), _i32(num_experts), pointer(offsets)),
-            ),
-            (
-                "sr_plan_scatter",
-                -(-chunks // 4),
-                128,
-                (
-                    pointer(experts),
-                    _i64(num_slots),
-                    _i32(num_experts),
-                    _i64(chunk),
-                    _i64(chunks),
-                    pointer(counts),
-                    _i64(rows),
-                    pointer(row_to_slot),
-                    pointer(slot_to_row),
-                    pointer(launch.errors),
-                ),
-            ),
-        ]
-        for kernel, grid, block, args in plan:
-            launch("plan.cu", None, kernel, grid, block, args)
-    if num_rows is None:
+        if capacity is None:
+            tokens_per_expert, offsets, row_to_slot, slot_to_row = _dropless_plan(
+                launch, experts, num_experts, rows
+            )
+            dropped = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        else:
+            tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = _capacity_plan(
+                launch, experts, num_experts, capacity, drop_weights, pad_to_capacity, rows
+            )
+    if static_rows is None:
         # The row count is data-dependent: read it back (the one host synchronisation of the
         # CUDA ops; pass num_rows for a sync-free, graph-capturable permute).
         routed = int(offsets[num_experts].item())
@@ -924,6 +1054,238 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     return loss, direction
 
 
+# --- routing variants: top-p, expert choice -------------------------------------------------------
+
+
+def topp_gating_cuda(
+    logits: Tensor, p: float, min_k: int, max_k: int, inclusive: bool, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    dtype = _element_dtype(logits, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    num_tokens, num_experts = logits.shape
+    if num_experts < 1:
+        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
+    if not 0.0 < p <= 1.0:
+        raise _invalid("p", "a probability in (0, 1]", p)
+    if not 1 <= max_k <= num_experts:
+        raise _invalid("max_k", f"1 <= max_k <= E = {num_experts}", max_k)
+    if not 0 <= min_k <= max_k:
+        raise _invalid("min_k", f"0 <= min_k <= max_k = {max_k}", min_k)
+    device = logits.device
+    logits = logits.contiguous()
+    weights = torch.empty(num_tokens, max_k, dtype=_accumulator(dtype), device=device)
+    experts = torch.empty(num_tokens, max_k, dtype=torch.int64, device=device)
+    with _cuda.launcher(device) as launch:
+        launch(
+            "topp.cu",
+            dtype,
+            "sr_topp_gating",
+            -(-num_tokens // 4),
+            128,
+            (
+                pointer(logits),
+                _i64(num_tokens),
+                _i32(num_experts),
+                np.float64(p),
+                _i32(min_k),
+                _i32(max_k),
+                _i32(inclusive),
+                _i32(normalize),
+                pointer(weights),
+                pointer(experts),
+                pointer(launch.errors),
+            ),
+        )
+    return weights, experts
+
+
+def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor) -> Tensor:
+    """``[E, T]``: the softmax over experts of each token, expert-major (the CPU's bits)."""
+    dtype = logits.dtype
+    num_tokens, num_experts = logits.shape
+    probs = torch.empty(num_experts, num_tokens, dtype=_accumulator(dtype), device=logits.device)
+    launch(
+        "expert_choice.cu",
+        dtype,
+        "sr_expert_probs",
+        -(-num_tokens // 4),
+        128,
+        (pointer(logits), _i64(num_tokens), _i32(num_experts), pointer(probs), pointer(launch.errors)),
+    )
+    return probs
+
+
+def _check_expert_logits(logits: Tensor) -> torch.dtype:
+    dtype = _element_dtype(logits, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
+    return dtype
+
+
+def expert_choice_cuda(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    _check_expert_logits(logits)
+    num_tokens = logits.shape[0]
+    if not 0 <= capacity <= num_tokens:
+        raise _invalid("capacity", f"0 <= capacity <= T = {num_tokens}", capacity)
+    with _cuda.launcher(logits.device) as launch:
+        probs = _expert_probabilities(launch, logits.contiguous())
+    # Each expert's `capacity` best tokens: a stable descending sort keeps equal
+    # probabilities in token order (the lower token first), then the choice is listed in
+    # ascending token order. Deterministic: torch's stable sort on CUDA is.
+    best = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :capacity]
+    indices = torch.sort(best, dim=1).values
+    gates = probs.gather(1, indices)
+    return gates, indices
+
+
+def expert_choice_backward_cuda(logits: Tensor, indices: Tensor, grad_gates: Tensor) -> Tensor:
+    dtype = _check_expert_logits(logits)
+    device = logits.device
+    _on_device(indices, "indices", device, "logits")
+    _on_device(grad_gates, "grad_gates", device, "logits")
+    num_tokens, num_experts = logits.shape
+    if indices.shape != grad_gates.shape or indices.dim() != 2 or indices.shape[0] != num_experts:
+        raise _invalid("indices", f"shape [E = {num_experts}, C] like grad_gates", tuple(indices.shape))
+    with _cuda.launcher(device) as launch:
+        probs = _expert_probabilities(launch, logits.contiguous())
+    # gates[e, c] = p[indices[e, c], e]: with G the gates' gradient at those places,
+    # dL/dl_t = p_t * (G_t - <p_t, G_t>), here expert-major.
+    placed = torch.zeros_like(probs)
+    placed.scatter_(1, indices.clamp(0, max(num_tokens - 1, 0)), grad_gates.to(probs.dtype))
+    dots = (probs * placed).sum(dim=0)
+    grad = probs * (placed - dots)
+    return grad.t().to(dtype).contiguous()
+
+
+def expert_choice_slots_cuda(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    device = indices.device
+    _on_device(gates, "gates", device, "indices")
+    if indices.dim() != 2 or gates.shape != indices.shape:
+        raise _invalid("indices", "an [E, C] tensor shaped like gates", tuple(indices.shape))
+    if gates.dtype not in (torch.float32, torch.float64):
+        raise _invalid("gates", "float32 or float64 (the gates of expert_choice)", gates.dtype)
+    num_experts, capacity = indices.shape
+    experts = torch.full((num_tokens, num_experts), -1, dtype=torch.int64, device=device)
+    weights = torch.zeros(num_tokens, num_experts, dtype=gates.dtype, device=device)
+    with _cuda.launcher(device) as launch:
+        launch(
+            "expert_choice.cu",
+            gates.dtype,
+            "sr_expert_choice_slots",
+            min(-(-(num_experts * capacity) // 256), MAX_ROW_BLOCKS),
+            256,
+            (
+                pointer(indices.to(torch.int64).contiguous()),
+                pointer(gates.contiguous()),
+                _i32(num_experts),
+                _i64(capacity),
+                _i64(num_tokens),
+                pointer(experts),
+                pointer(weights),
+                pointer(launch.errors),
+            ),
+        )
+    return weights, experts
+
+
+# --- Sinkhorn ---------------------------------------------------------------------------------
+
+#: Tokens per block of the Sinkhorn iteration (rust/core/src/balance/mod.rs, SINKHORN_BLOCK).
+SINKHORN_BLOCK = 512
+#: Without an iteration limit, iterations queued between two reads of the convergence flag.
+SINKHORN_ITERATIONS_PER_CHECK = 8
+
+
+def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
+    _element_dtype(logits, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    num_tokens, num_experts = logits.shape
+    if num_experts < 1:
+        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
+    if not tol >= 0:
+        raise _invalid("tol", "a value >= 0", tol)
+    if iters is not None and iters < 1:
+        raise _invalid("iters", "at least 1", iters)
+    device = logits.device
+    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=device)
+    if num_tokens == 0:
+        return out
+    logits = logits.to(torch.float32).contiguous()
+    num_blocks = -(-num_tokens // SINKHORN_BLOCK)
+    d0 = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    d1 = torch.ones(num_experts, dtype=torch.float32, device=device)
+    partials = torch.empty(num_blocks * num_experts, dtype=torch.float32, device=device)
+    changes = torch.empty(num_experts, dtype=torch.float32, device=device)
+    state = torch.zeros(2, dtype=torch.int32, device=device)  # done, iterations
+    # The CPU's float32 constants: 1/T and 1/E divided in float32, tol rounded to float32.
+    t_inv = np.float32(1.0) / np.float32(num_tokens)
+    e_inv = np.float32(1.0) / np.float32(num_experts)
+    count = num_tokens * num_experts
+    with _cuda.launcher(device) as launch:
+        grid = min(-(-count // 256), MAX_ROW_BLOCKS)
+        launch(
+            "sinkhorn.cu",
+            None,
+            "sr_sinkhorn_cost",
+            grid,
+            256,
+            (pointer(logits), _i64(count), pointer(out), pointer(launch.errors)),
+        )
+
+        def iterate(times: int) -> None:
+            for _ in range(times):
+                block_args = (
+                    pointer(out),
+                    _i64(num_tokens),
+                    _i32(num_experts),
+                    t_inv,
+                    pointer(d1),
+                    pointer(d0),
+                    pointer(partials),
+                    pointer(state),
+                )
+                launch("sinkhorn.cu", None, "sr_sinkhorn_block", num_blocks, 256, block_args)
+                update_args = (
+                    pointer(partials),
+                    _i64(num_blocks),
+                    _i32(num_experts),
+                    e_inv,
+                    np.float32(tol),
+                    pointer(d1),
+                    pointer(changes),
+                    pointer(state),
+                )
+                launch("sinkhorn.cu", None, "sr_sinkhorn_update", 1, 256, update_args)
+
+        if iters is not None:
+            iterate(iters)
+        else:
+            # Until converged: the flag is read (a host synchronisation) every few iterations;
+            # the iterations queued after convergence return at once.
+            while True:
+                iterate(SINKHORN_ITERATIONS_PER_CHECK)
+                if int(state[0].item()):
+                    break
+        launch(
+            "sinkhorn.cu",
+            None,
+            "sr_sinkhorn_scores",
+            grid,
+            256,
+            (pointer(out), _i64(num_tokens), _i32(num_experts), pointer(d0), pointer(d1)),
+        )
+    return out
+
+
+def z_loss_backward_cuda(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``direction * grad`` in ``dtype``: one elementwise product, left to torch."""
+    return (direction * grad).to(dtype)
+
+
 # --- layer routing --------------------------------------------------------------------------------
 
 
@@ -966,9 +1328,15 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     "score_sums_backward": score_sums_backward_cuda,
     "expert_counts": expert_counts_cuda,
     "z_loss": z_loss_cuda,
+    "z_loss_backward": z_loss_backward_cuda,
     "layer_plan": layer_plan_cuda,
+    "topp_gating": topp_gating_cuda,
+    "expert_choice": expert_choice_cuda,
+    "expert_choice_backward": expert_choice_backward_cuda,
+    "expert_choice_slots": expert_choice_slots_cuda,
+    "sinkhorn": sinkhorn_cuda,
 }
-assert tuple(_KERNELS) == CUDA_OPS
+assert (*_KERNELS, *TORCH_CODE_OPS) == CUDA_OPS
 
 
 def _has_cuda_kernel(qualified_name: str) -> bool:

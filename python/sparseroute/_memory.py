@@ -29,8 +29,11 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPE_NAMES}
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor, from the buffer cache when it is large."""
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """An uninitialised contiguous tensor: on the CPU (``device`` None or a CPU device) from
+    the buffer cache when it is large; on other devices from torch's own allocator."""
+    if device is not None and device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     name = _DTYPE_NAMES.get(dtype)
     if name is None or math.prod(shape) * _ITEMSIZE[dtype] < POOLED_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)

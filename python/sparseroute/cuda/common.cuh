@@ -94,6 +94,33 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
+// The CPU's float32 exp (rust/core/src/element.rs, fast_exp_f32): a degree-6 polynomial on
+// x - n ln 2 scaled by 2^n, within 2 ulp of exp. Each step rounded once, as on the CPU, so
+// kernels that use it (top-p, expert choice, Sinkhorn) compute the CPU's bits. float64
+// uses exp on both sides (within 1 ulp of each other, not always equal).
+__device__ __forceinline__ float sr_fast_exp(float x) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float log2e = 1.44269504088896340735992468100189214f;
+  const float ln2_hi = 0.6933594f;
+  const float ln2_lo = -2.1219444e-4f;
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float t = __fadd_rn(__fmul_rn(x, log2e), magic);
+  const float n = __fsub_rn(t, magic);
+  const int exponent = static_cast<int>(__float_as_uint(t) - __float_as_uint(magic));
+  const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, ln2_hi)), __fmul_rn(n, ln2_lo));
+  float p = 1.9875691e-4f;
+  p = __fadd_rn(__fmul_rn(p, r), 1.3982e-3f);
+  p = __fadd_rn(__fmul_rn(p, r), 8.333452e-3f);
+  p = __fadd_rn(__fmul_rn(p, r), 4.1665796e-2f);
+  p = __fadd_rn(__fmul_rn(p, r), 0.16666665f);
+  p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+  const float y = __fadd_rn(__fadd_rn(__fmul_rn(__fmul_rn(p, r), r), r), 1.0f);
+  return __fmul_rn(y, __uint_as_float(static_cast<unsigned int>(exponent + 127) << 23));
+}
+__device__ __forceinline__ float fast_exp_acc(float x) { return sr_fast_exp(x); }
+__device__ __forceinline__ double fast_exp_acc(double x) { return exp(x); }
+
 __device__ __forceinline__ bool is_finite(float x) {
   return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
 }
@@ -124,6 +151,8 @@ __device__ __forceinline__ double neg_infinity<double>() {
 #define SR_ERR_NUM_ROWS 3
 #define SR_ERR_TOKEN_INDEX 4
 #define SR_ERR_TOKEN_SCORES 5
+#define SR_ERR_DROP_WEIGHTS 6
+#define SR_ERR_SINKHORN_LOGITS 7
 
 // ---- a team of NT threads working on one item: a warp (NT = 32) or a whole block -----------
 // Reductions give every thread of the team the same bits: the xor butterfly combines the
@@ -209,3 +238,26 @@ __device__ __forceinline__ void team_best_pair(K& key, int& index, K* key_scratc
     }
   }
 }
+
+// ---- the CPU's softmax statistics of one row, for a warp ------------------------------------
+// rust/core/src/gating/mod.rs (softmax_row) sums exp(l - max) in eight lanes, lane j adding
+// experts j, j + 8, j + 16, ... in order, then adds the lanes 0 to 7 in order. Lanes 0-7 of
+// the warp do exactly that, so that probabilities computed as fast_exp_acc(l - max) / sum
+// are the CPU's bits. Returns the sum to every lane; `row_max` must be the row's maximum.
+#if defined(SR_DTYPE)
+__device__ __forceinline__ acc_t warp_lane_softmax_sum(const elem_t* row, int num_experts, acc_t row_max,
+                                                       int lane) {
+  acc_t lane_sum = acc_t(0);
+  if (lane < 8) {
+    for (int e = lane; e < num_experts; e += 8) {
+      lane_sum = add_rn(lane_sum, fast_exp_acc(sub_rn(to_acc(row[e]), row_max)));
+    }
+  }
+  acc_t total = acc_t(0);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    total = add_rn(total, __shfl_sync(SR_FULL_MASK, lane_sum, j));
+  }
+  return total;
+}
+#endif

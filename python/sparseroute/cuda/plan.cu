@@ -192,3 +192,52 @@ extern "C" __global__ void __launch_bounds__(256)
     atomicAdd(reinterpret_cast<u64*>(counts + (t / group_size) * num_experts + id), 1ull);
   }
 }
+
+// Capacity-constrained plans (rust/core/src/dispatch.rs, build_capacity_plan) from the
+// dropless plan: dropless row i holds slot s = dropless_rows[i] of expert e, the
+// (i - routed_offsets[e])-th slot of e in slot order. It is kept when
+//   drop_policy "position" (kept == null): that rank is below `capacity`;
+//   drop_policy "probs":    kept[i] (the slot is among e's `capacity` highest weights, decided
+//                           by a stable sort in sparseroute._cuda_ops);
+// and goes to row offsets[e] + (its rank among e's kept slots, in slot order), where
+// kept_before[i] counts the kept rows before i ("probs"; "position": the rank itself).
+// `offsets` are the final ones (e * capacity for the padded layout). Rows past
+// routed_offsets[E] are unused. slot_to_row must hold the dropless plan's -1 for empty
+// slots; row_to_slot must be -1-filled. Kept slots past num_rows are counted (SR_ERR_NUM_ROWS)
+// and left unrouted.
+extern "C" __global__ void __launch_bounds__(256)
+    sr_capacity_rows(const i64* experts, const i64* dropless_rows, i64 num_slots, int num_experts,
+                     const i64* routed_offsets, const unsigned char* kept, const i64* kept_before,
+                     i64 capacity, const i64* offsets, i64 num_rows, i64* row_to_slot, i64* slot_to_row,
+                     int* errors) {
+  const i64 routed = routed_offsets[num_experts];
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+  int overflow = 0;
+  for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < routed && i < num_slots;
+       i += stride) {
+    const i64 s = dropless_rows[i];
+    const i64 e = experts[s];
+    const i64 first = routed_offsets[e];
+    bool keep;
+    i64 rank;
+    if (kept == nullptr) {
+      rank = i - first;
+      keep = rank < capacity;
+    } else {
+      keep = kept[i] != 0;
+      rank = kept_before[i] - kept_before[first];
+    }
+    i64 row = keep ? offsets[e] + rank : -1;
+    if (row >= num_rows) {
+      overflow = 1;
+      row = -1;
+    }
+    slot_to_row[s] = row;
+    if (row >= 0) {
+      row_to_slot[row] = s;
+    }
+  }
+  if (overflow) {
+    atomicAdd(&errors[SR_ERR_NUM_ROWS], 1);
+  }
+}

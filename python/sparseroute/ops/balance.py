@@ -167,9 +167,7 @@ def _(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _z_loss_backward(ctx: Any, grad: Tensor, _grad_direction: Tensor) -> tuple[Any, ...]:
     (direction,) = ctx.saved_tensors
-    if direction.device.type == "cpu":
-        return torch.ops.sparseroute.z_loss_backward(direction, grad, ctx.logits_dtype), None
-    return (direction * grad).to(ctx.logits_dtype), None
+    return torch.ops.sparseroute.z_loss_backward(direction, grad, ctx.logits_dtype), None
 
 
 _z_loss_op.register_autograd(_z_loss_backward, setup_context=_z_loss_setup_context)

@@ -41,6 +41,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 GATE_LAYOUTS = ("concatenated", "interleaved")
 
+#: The ops of this module run the same torch code on CPU and CUDA tensors (on CUDA: cuBLAS
+#: matmuls; reading the offsets for the per-expert slices is one host synchronisation).
+BOTH_DEVICES = ("cpu", "cuda")
+
 
 def _expert_bounds(offsets: Tensor, num_rows: int) -> list[tuple[int, int, int]]:
     """``(expert, start, end)`` of every non-empty expert slice.
@@ -66,13 +70,13 @@ def _expert_matrix(weight: Tensor, expert: int, transposed: bool) -> Tensor:
 # --- sparseroute::grouped_linear -----------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::grouped_linear", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("sparseroute::grouped_linear", mutates_args=(), device_types=BOTH_DEVICES)
 def _grouped_linear_op(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transposed: bool
 ) -> Tensor:
     x = x.contiguous()
     out_features = weight.shape[2] if transposed else weight.shape[1]
-    y = _memory.empty((x.shape[0], out_features), x.dtype)
+    y = _memory.empty((x.shape[0], out_features), x.dtype, x.device)
     bounds = _expert_bounds(offsets, x.shape[0])
     y[bounds[-1][2] if bounds else 0 :].zero_()
     for e, start, end in bounds:
@@ -89,7 +93,7 @@ def _(x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transpose
     return x.new_empty(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
 
 
-@torch.library.custom_op("sparseroute::grouped_linear_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("sparseroute::grouped_linear_backward", mutates_args=(), device_types=BOTH_DEVICES)
 def _grouped_linear_backward_op(
     grad_y: Tensor,
     x: Tensor,
@@ -105,10 +109,12 @@ def _grouped_linear_backward_op(
     x = x.contiguous()
     num_experts = weight.shape[0]
     out_features = grad_y.shape[1]
-    grad_x = _memory.empty(tuple(x.shape), x.dtype) if needs_x else x.new_empty(0)
+    grad_x = _memory.empty(tuple(x.shape), x.dtype, x.device) if needs_x else x.new_empty(0)
     # Every expert with rows writes its whole gradient block; only empty experts need zeros
     # (zero-filling the full tensor first costs as much as a tenth of the backward).
-    grad_weight = _memory.empty(tuple(weight.shape), weight.dtype) if needs_weight else weight.new_empty(0)
+    grad_weight = weight.new_empty(0)
+    if needs_weight:
+        grad_weight = _memory.empty(tuple(weight.shape), weight.dtype, weight.device)
     grad_bias = grad_y.new_zeros(num_experts, out_features) if needs_bias else grad_y.new_empty(0)
     bounds = _expert_bounds(offsets, x.shape[0])
     if needs_x:
@@ -248,12 +254,12 @@ def _split(h: Tensor, gate_layout: str) -> tuple[Tensor, Tensor]:
 # concatenate them (a full extra copy of the largest activation).
 
 
-@torch.library.custom_op("sparseroute::silu_gate", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("sparseroute::silu_gate", mutates_args=(), device_types=BOTH_DEVICES)
 def _silu_gate_op(h: Tensor, interleaved: bool) -> Tensor:
     gate, up = _split(h, "interleaved" if interleaved else "concatenated")
     # Outputs come from the buffer cache and are written with out= variants: on CPU, the
     # page faults of writing freshly allocated memory cost more than these ops themselves.
-    out = _memory.empty((h.shape[0], h.shape[1] // 2), h.dtype)
+    out = _memory.empty((h.shape[0], h.shape[1] // 2), h.dtype, h.device)
     torch.ops.aten.silu.out(gate, out=out)
     out.mul_(up)
     return out
@@ -264,11 +270,11 @@ def _(h: Tensor, interleaved: bool) -> Tensor:
     return h.new_empty(h.shape[0], h.shape[1] // 2)
 
 
-@torch.library.custom_op("sparseroute::silu_gate_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("sparseroute::silu_gate_backward", mutates_args=(), device_types=BOTH_DEVICES)
 def _silu_gate_backward_op(grad_out: Tensor, h: Tensor, interleaved: bool) -> Tensor:
     layout = "interleaved" if interleaved else "concatenated"
     gate, up = _split(h, layout)
-    grad_h = _memory.empty(tuple(h.shape), h.dtype)
+    grad_h = _memory.empty(tuple(h.shape), h.dtype, h.device)
     grad_gate, grad_up = _split(grad_h, layout)
     torch.ops.aten.silu.out(gate, out=grad_up)
     grad_up.mul_(grad_out)

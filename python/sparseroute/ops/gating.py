@@ -440,8 +440,11 @@ def _expert_choice_slots_setup_context(ctx: Any, inputs: tuple[Any, ...], output
 
 def _expert_choice_slots_backward(ctx: Any, grad_weights: Tensor, _grad_experts: Tensor) -> tuple[Any, ...]:
     (indices,) = ctx.saved_tensors
-    # weights[indices[e, c], e] = gates[e, c]: gather the gradient back.
-    return None, grad_weights.t().gather(1, indices), None
+    # weights[indices[e, c], e] = gates[e, c]: gather the gradient back. (Indices outside
+    # [0, T) were refused on the CPU and counted on the GPU; clamped here so that the
+    # gather stays in bounds.)
+    safe = indices.clamp(0, max(grad_weights.shape[0] - 1, 0))
+    return None, grad_weights.t().gather(1, safe), None
 
 
 _expert_choice_slots_op.register_autograd(

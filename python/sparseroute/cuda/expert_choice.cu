@@ -1,0 +1,70 @@
+// Expert-choice routing on the GPU: the softmax-over-experts probabilities that every expert
+// ranks its tokens by, written expert-major. The selection itself (each expert's `capacity`
+// best tokens, equal probabilities to the lower token) is a stable sort of each expert's row
+// in sparseroute._cuda_ops.expert_choice_cuda.
+//
+// The probabilities are the CPU's bits for float32, bfloat16 and float16 logits (the CPU's
+// exp and eight-lane softmax sum, see common.cuh), so the GPU chooses the CPU's tokens, ties
+// included. One warp per token, four tokens per 128-thread block.
+//
+// Rows holding NaN or an infinity get probability 0 for every expert (they are chosen only
+// where an expert has nothing better) and are counted in the error buffer.
+
+#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_expert_probs(const elem_t* logits, i64 num_tokens, int num_experts, acc_t* probs, int* errors) {
+  const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (t >= num_tokens) {
+    return;  // the whole warp
+  }
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const elem_t* row = logits + t * static_cast<i64>(num_experts);
+  int finite = 1;
+  acc_t row_max = neg_infinity<acc_t>();
+  for (int e = lane; e < num_experts; e += 32) {
+    const acc_t v = to_acc(row[e]);
+    finite &= is_finite(v) ? 1 : 0;
+    row_max = v > row_max ? v : row_max;
+  }
+  finite = team_reduce<32>(finite, MinIntOp(), static_cast<int*>(nullptr));
+  if (!finite) {
+    for (int e = lane; e < num_experts; e += 32) {
+      probs[e * num_tokens + t] = acc_t(0);
+    }
+    if (lane == 0) {
+      atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    }
+    return;
+  }
+  row_max = team_reduce<32>(row_max, MaxOp(), static_cast<acc_t*>(nullptr));
+  const acc_t row_sum = warp_lane_softmax_sum(row, num_experts, row_max, lane);
+  for (int e = lane; e < num_experts; e += 32) {
+    probs[e * num_tokens + t] = div_rn(fast_exp_acc(sub_rn(to_acc(row[e]), row_max)), row_sum);
+  }
+}
+
+// expert_choice's [E, C] choices in permute's [T, E] slot layout: slot (t, e) gets expert e
+// and weight gates[e, c] where indices[e, c] = t. Slots that no expert chose stay as the
+// caller filled them (-1, weight 0). Token indices outside [0, T) are counted
+// (SR_ERR_TOKEN_INDEX) and skipped. Here elem_t is the gates' type (float32 or float64).
+extern "C" __global__ void __launch_bounds__(256)
+    sr_expert_choice_slots(const i64* indices, const elem_t* gates, int num_experts, i64 capacity,
+                           i64 num_tokens, i64* experts, elem_t* weights, int* errors) {
+  const i64 count = static_cast<i64>(num_experts) * capacity;
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+  int invalid = 0;
+  for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    const i64 e = i / capacity;
+    const i64 t = indices[i];
+    if (t < 0 || t >= num_tokens) {
+      invalid = 1;
+      continue;
+    }
+    experts[t * num_experts + e] = e;
+    weights[t * num_experts + e] = gates[i];
+  }
+  if (invalid) {
+    atomicAdd(&errors[SR_ERR_TOKEN_INDEX], 1);
+  }
+}
