@@ -7,7 +7,10 @@ milliseconds) on the current device, and prints a table; ``--out`` writes the ro
 The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ group mask),
 a stable argsort + index_select for permute, and a gather + weighted sum for unpermute; for
 the token ops topk + sort, gather and a gathered x + gate * y scattered back; for the balance
-ops softmax + sum, bincount, logsumexp; argmax for layer_plan.
+ops softmax + sum, bincount, logsumexp; argmax for layer_plan; Megatron-style forms of
+capacity dispatch, top-p, expert choice (topk per expert) and Sinkhorn. For sync-free ops it
+also times a CUDA graph replay of the op (``sparseroute_graph_ms``): the GPU time alone,
+without the host work of each call.
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ def time_ms(fn: Callable[[], object], repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], repeats: int) -> float | None:
+    """time_ms of a CUDA graph replay of ``fn`` (captured after two warm-up calls); None,
+    with the reason printed, when the capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # report and go on: the eager timings stand without it
+        print(f"graph capture failed: {type(err).__name__}: {err}")
+        return None
+    return round(time_ms(graph.replay, repeats), 4)
 
 
 def torch_topk(logits, k, score="softmax", bias=None, num_groups=None, topk_groups=None):
@@ -69,7 +91,13 @@ def cases(repeats: int) -> list[dict[str, object]]:
     g = torch.Generator(device="cuda").manual_seed(0)
     rows: list[dict[str, object]] = []
 
-    def add(name: str, shape: str, ours: Callable[[], object], theirs: Callable[[], object]) -> None:
+    def add(
+        name: str,
+        shape: str,
+        ours: Callable[[], object],
+        theirs: Callable[[], object],
+        capturable: bool = False,
+    ) -> None:
         ours_ms, theirs_ms = time_ms(ours, repeats), time_ms(theirs, repeats)
         rows.append(
             {
@@ -78,6 +106,9 @@ def cases(repeats: int) -> list[dict[str, object]]:
                 "sparseroute_ms": round(ours_ms, 4),
                 "torch_ms": round(theirs_ms, 4),
                 "speedup": round(theirs_ms / ours_ms, 2),
+                # The GPU time alone (a CUDA graph replay of the op) for sync-free ops: the
+                # difference to sparseroute_ms is host work per call.
+                "sparseroute_graph_ms": graph_ms(ours, repeats) if capturable else None,
             }
         )
 
@@ -88,6 +119,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
             f"T={tokens} E={experts} k={k} bf16",
             lambda logits=logits, k=k: sparseroute.topk_gating(logits, k),
             lambda logits=logits, k=k: torch_topk(logits, k),
+            capturable=True,
         )
     logits = torch.randn(16384, 256, device="cuda", generator=g)
     bias = torch.randn(256, device="cuda", generator=g) * 0.01
@@ -109,6 +141,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
             shape,
             lambda x=x, ids=ids, e=experts: sparseroute.permute(x, ids, e, num_rows=ids.numel()),
             lambda x=x, ids=ids: torch_permute(x, ids),
+            capturable=True,
         )
         x_sorted, plan = sparseroute.permute(x, ids, experts, num_rows=ids.numel())
         _, order = torch_permute(x, ids)
@@ -117,6 +150,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
             shape,
             lambda x_sorted=x_sorted, plan=plan, w=weights: sparseroute.unpermute(x_sorted, plan, w),
             lambda x_sorted=x_sorted, order=order, w=weights: torch_unpermute(x_sorted, order, w),
+            capturable=True,
         )
     # Mixture-of-Depths: top-C selection, gather, gated scatter (torch: topk + sort + gather /
     # scatter of x + gate * y).
@@ -170,6 +204,42 @@ def cases(repeats: int) -> list[dict[str, object]]:
             lambda logits=logits: sparseroute.z_loss(logits),
             lambda logits=logits: torch.logsumexp(logits.float(), -1).square().mean(),
         )
+    # Routing variants at the shape of the CPU targets (T=16384, E=64, k=8).
+    logits = torch.randn(16384, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    weights, ids = sparseroute.topk_gating(logits, 8)
+    x = torch.randn(16384, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+    capacity = sparseroute.expert_capacity(16384, 64, 8, 1.0)
+    shape = "T=16384 E=64 k=8 d=2048 bf16"
+    add(
+        "permute capacity (probs, padded)",
+        shape,
+        lambda: sparseroute.permute(
+            x, ids, 64, capacity=capacity, weights=weights, drop_policy="probs", pad_to_capacity=True
+        ),
+        lambda: torch_capacity_permute(x, ids, weights, 64, capacity),
+        capturable=True,
+    )
+    add(
+        "topp_gating (p=0.9, max_k=8)",
+        "T=16384 E=64 bf16",
+        lambda: sparseroute.topp_gating(logits, 0.9, max_k=8),
+        lambda: torch_topp(logits, 0.9, 8),
+        capturable=True,
+    )
+    add(
+        "expert_choice (C=2048)",
+        "T=16384 E=64 bf16",
+        lambda: sparseroute.expert_choice(logits, 2048),
+        lambda: torch_expert_choice(logits, 2048),
+        capturable=True,
+    )
+    float_logits = logits.float()
+    add(
+        "sinkhorn (tol=1e-4)",
+        "T=16384 E=64 fp32",
+        lambda: sparseroute.sinkhorn(float_logits),
+        lambda: torch_sinkhorn(float_logits, 1e-4),
+    )
     plan_logits = torch.randn(4096, 32, 3, device="cuda", generator=g)
     add(
         "layer_plan",
@@ -178,6 +248,46 @@ def cases(repeats: int) -> list[dict[str, object]]:
         lambda: plan_logits.argmax(-1),
     )
     return rows
+
+
+def torch_capacity_permute(x, ids, weights, num_experts, capacity):
+    """Megatron-style capacity dispatch with drop_policy="probs", padded: each expert's
+    top-`capacity` routing probabilities (topk over the dense [E, T] map), rows gathered into
+    an [E * C, d] buffer, dropped rows zeroed."""
+    routed = torch.zeros(x.shape[0], num_experts, device=x.device).scatter_(1, ids, weights)
+    mask = torch.zeros_like(routed, dtype=torch.bool).scatter_(1, ids, True)
+    scores = routed.masked_fill(~mask, -1.0).t()
+    top = scores.topk(capacity, dim=1)
+    keep = (top.values >= 0).reshape(-1, 1)
+    return x.index_select(0, top.indices.reshape(-1)) * keep
+
+
+def torch_topp(logits, p, max_k):
+    probs = torch.softmax(logits.float(), -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    sorted_probs, order = sorted_probs[:, :max_k], order[:, :max_k]
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < p
+    return sorted_probs * keep, order.masked_fill(~keep, -1)
+
+
+def torch_expert_choice(logits, capacity):
+    probs = torch.softmax(logits.float(), -1).t()
+    indices = probs.topk(capacity, dim=1).indices.sort(dim=1).values
+    return probs.gather(1, indices), indices
+
+
+def torch_sinkhorn(logits, tol):
+    """Megatron-Core's loop: the convergence test reads the error back every iteration."""
+    cost = torch.exp(logits)
+    d0 = torch.ones(cost.shape[0], device=cost.device)
+    d1 = torch.ones(cost.shape[1], device=cost.device)
+    error, d1_old = 1e9, d1
+    while error > tol:
+        d0 = (1 / d0.shape[0]) / (torch.sum(d1 * cost, 1) + 1e-8)
+        d1 = (1 / d1.shape[0]) / (torch.sum(d0.unsqueeze(1) * cost, 0) + 1e-8)
+        error = torch.mean(torch.abs(d1_old - d1))
+        d1_old = d1
+    return d1 * cost * d0.unsqueeze(1)
 
 
 def torch_select(scores, capacity):
@@ -205,9 +315,11 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     print(f"device: {device}")
     for row in rows:
+        graph = row["sparseroute_graph_ms"]
         print(
             f"{row['case']:<58} {row['shape']:<30} sparseroute {row['sparseroute_ms']:>8.4f} ms"
             f"   torch {row['torch_ms']:>8.4f} ms   x{row['speedup']}"
+            + ("" if graph is None else f"   (GPU time alone {graph:.4f} ms)")
         )
     if args.out:
         with open(args.out, "w") as out:

@@ -11,7 +11,7 @@
 # (benches/gpu_bench.py), and writes into $OUT (default ./gpu-check-out):
 #     record.json     device, versions, commit, pass/fail of every test, timings
 #     info.txt        python -m sparseroute info
-#     pytest.log, gpu-tests.xml, bench.log, timings.json
+#     pytest.log, gpu-tests.xml, bench.log, timings.json, overhead.json
 # Exit status: pytest's (0 when every GPU test passed).
 set -uo pipefail
 
@@ -45,6 +45,9 @@ tests_status=${PIPESTATUS[0]}
 
 timeout 150 "$PYTHON" benches/gpu_bench.py --out "$OUT/timings.json" 2>&1 | tee "$OUT/bench.log"
 bench_status=${PIPESTATUS[0]}
+# Where the host time of a small op goes (appended to bench.log).
+timeout 60 "$PYTHON" benches/gpu_overhead.py --out "$OUT/overhead.json" 2>&1 | tee -a "$OUT/bench.log"
+rm -f "$OUT/pip.log"  # installed fine; keep the files that come back few
 
 "$PYTHON" - "$OUT" "$commit" "$wheel" "$tests_status" "$bench_status" <<'PY'
 import json, pathlib, sys, xml.etree.ElementTree as ET
@@ -81,6 +84,8 @@ record["summary"] = {s: sum(v == s for v in tests.values()) for s in ("passed", 
 record["tests"] = tests
 timings = out / "timings.json"
 record["timings"] = json.loads(timings.read_text()) if timings.exists() else None
+overhead = out / "overhead.json"
+record["host_overhead"] = json.loads(overhead.read_text()) if overhead.exists() else None
 (out / "record.json").write_text(json.dumps(record, indent=2))
 print("gpu-check:", record["device"] if "device" in record else "?", record["summary"])
 PY

@@ -1,0 +1,121 @@
+"""Host time per call of one CUDA op, taken apart: where the microseconds of a small op go.
+
+    python benches/gpu_overhead.py [--out overhead.json] [--calls 2000]
+
+For top-k gating (T=16384, E=64, k=8, bf16) it times, in host microseconds per call (many
+calls queued back to back, one synchronisation at the end): the public function, the torch
+custom op without the Python wrapper, the CUDA glue function alone, the launcher context
+alone, one bare kernel launch, the two output allocations, and for scale one torch op
+(softmax) and the kernel itself on the GPU (a CUDA graph replay of the op). Whatever the
+public call costs beyond the kernel is host work that a fused or cached path could remove.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import sparseroute
+from sparseroute import _cuda, _cuda_ops
+
+
+def host_us(fn: Callable[[], object], calls: int) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def graph_us(fn: Callable[[], object], calls: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return host_us(graph.replay, calls)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("CUDA is not available: nothing to time")
+        return 1
+    sparseroute.warm_up_cuda()
+    device = torch.device("cuda", torch.cuda.current_device())
+    logits = torch.randn(16384, 64, device=device, dtype=torch.bfloat16)
+    op_args = (logits, 8, "softmax", True, None, None, None, 1.0)
+    kernel = _cuda.load_module(device.index, "gating.cu", torch.bfloat16).kernels["sr_topk_gating_warp"]
+    errors = _cuda.error_counters(device.index)
+    # sr_topk_gating_warp's arguments for T = 0: a launch that does no work.
+    empty_args = (
+        _cuda.pointer(logits),
+        np.int64(0),
+        np.int32(64),
+        np.int32(8),
+        np.int32(0),
+        np.int32(1),
+        np.uint64(0),
+        np.int32(0),
+        np.int32(0),
+        np.uint64(0),
+        np.float64(1.0),
+        np.uint64(0),
+        np.uint64(0),
+        _cuda.pointer(errors),
+    )
+
+    def launcher_only() -> None:
+        with _cuda.launcher(device):
+            pass
+
+    def bare_launch() -> None:
+        kernel((1,), (128,), empty_args)
+
+    def allocations() -> None:
+        torch.empty(16384, 8, dtype=torch.float32, device=device)
+        torch.empty(16384, 8, dtype=torch.int64, device=device)
+
+    calls = args.calls
+    rows = {
+        "public sparseroute.topk_gating": host_us(lambda: sparseroute.topk_gating(logits, 8), calls),
+        "torch.ops.sparseroute.topk_gating": host_us(
+            lambda: torch.ops.sparseroute.topk_gating(*op_args), calls
+        ),
+        "_cuda_ops.topk_gating_cuda (glue + launch)": host_us(
+            lambda: _cuda_ops.topk_gating_cuda(*op_args), calls
+        ),
+        "_cuda.launcher context alone": host_us(launcher_only, calls),
+        "one bare CuPy launch (14 arguments)": host_us(bare_launch, calls),
+        "two torch.empty outputs": host_us(allocations, calls),
+        "torch.softmax (one torch op, for scale)": host_us(lambda: torch.softmax(logits, -1), calls),
+        "kernel on the GPU (graph replay)": graph_us(
+            lambda: torch.ops.sparseroute.topk_gating(*op_args), calls
+        ),
+    }
+    print(f"device: {torch.cuda.get_device_name()}")
+    for name, us in rows.items():
+        print(f"{name:<48} {us:8.1f} us/call")
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump({"device": torch.cuda.get_device_name(), "host_us_per_call": rows}, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
