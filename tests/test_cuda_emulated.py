@@ -49,10 +49,13 @@ def assert_weights_close(actual, expected, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("num_experts", "k"), [(1, 1), (5, 5), (8, 2), (64, 6), (600, 4)], ids=lambda v: str(v)
+    ("num_experts", "k"), [(1, 1), (5, 5), (8, 2), (24, 12), (64, 6), (600, 4)], ids=lambda v: str(v)
 )
 @pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
-def test_gating_matches_the_cpu_kernel(gpu, dtype, num_experts, k, score, normalize):
+@pytest.mark.parametrize("team", ["thread", "warp"])
+def test_gating_matches_the_cpu_kernel(gpu, monkeypatch, dtype, num_experts, k, score, normalize, team):
+    if team == "warp":
+        monkeypatch.setattr(_cuda_ops, "THREAD_TEAM_MAX_K", 0)
     logits = tie_heavy(9, num_experts, dtype, seed=num_experts + k)
     args = gating_args(logits, k, score, normalize, scale=2.5)
     weights, experts = _cuda_ops.topk_gating_cuda(*args)
@@ -64,9 +67,12 @@ def test_gating_matches_the_cpu_kernel(gpu, dtype, num_experts, k, score, normal
     assert torch.equal(experts, ref_experts)
     assert_weights_close(weights, ref_weights, dtype)
     assert not gpu.errors.any()
-    expected_kernel = (
-        "sr_topk_gating_warp" if num_experts <= _cuda_ops.WARP_TEAM_MAX_EXPERTS else "sr_topk_gating_block"
-    )
+    if num_experts > _cuda_ops.WARP_TEAM_MAX_EXPERTS:
+        expected_kernel = "sr_topk_gating_block"
+    elif team == "warp":
+        expected_kernel = "sr_topk_gating_warp"
+    else:
+        expected_kernel = f"sr_topk_gating_thread{next(m for m in (2, 4, 8, 16) if m >= k)}"
     assert gpu.launches[-1][0] == expected_kernel
 
 

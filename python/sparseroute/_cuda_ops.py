@@ -70,6 +70,9 @@ CUDA_OPS: tuple[str, ...] = (
 
 #: Up to this many experts a warp routes a token; above, a block of 256 threads does.
 WARP_TEAM_MAX_EXPERTS = 512
+#: Top-k gating without a bias or group limit, up to this k (and WARP_TEAM_MAX_EXPERTS
+#: experts), routes one token per thread.
+THREAD_TEAM_MAX_K = 16
 #: Slots per warp in the plan kernels, at least (fewer chunks when E is large: see _plan_chunks).
 PLAN_CHUNK_SLOTS = 1024
 #: The most entries of the plan's per-chunk count workspace (int64: 32 MiB).
@@ -172,6 +175,31 @@ def topk_gating_cuda(
     weights = torch.empty(num_tokens, k, dtype=acc, device=device)
     experts = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
     if num_tokens == 0:
+        return weights, experts
+    if bias is None and not groups and k <= THREAD_TEAM_MAX_K and num_experts <= WARP_TEAM_MAX_EXPERTS:
+        # Selection compares logits: one thread per token (see gating.cu).
+        width = next(m for m in (2, 4, 8, 16) if m >= k)
+        with _cuda.launcher(device) as launch:
+            launch(
+                "gating.cu",
+                dtype,
+                f"sr_topk_gating_thread{width}",
+                -(-num_tokens // 128),
+                128,
+                (
+                    pointer(logits),
+                    _i64(num_tokens),
+                    _i32(num_experts),
+                    _i32(k),
+                    _i32(score == "sigmoid"),
+                    _i32(normalize),
+                    np.float64(scale),
+                    _i32(_vectorized(num_experts, logits)),
+                    pointer(weights),
+                    pointer(experts),
+                    pointer(launch.errors),
+                ),
+            )
         return weights, experts
     group_scores = torch.empty(num_tokens, groups, dtype=acc, device=device) if groups else None
     with _cuda.launcher(device) as launch:
@@ -1100,18 +1128,29 @@ def topp_gating_cuda(
     return weights, experts
 
 
-def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor) -> Tensor:
-    """``[E, T]``: the softmax over experts of each token, expert-major (the CPU's bits)."""
+def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor, as_keys: bool = False) -> Tensor:
+    """``[E, T]``: the softmax over experts of each token, expert-major (the CPU's bits); with
+    ``as_keys`` (float32 probabilities only), int64 keys ``bits(p) << 32 | (2^32 - 1 - t)``
+    instead: unique, ordered as (probability descending, token ascending) is."""
     dtype = logits.dtype
     num_tokens, num_experts = logits.shape
-    probs = torch.empty(num_experts, num_tokens, dtype=_accumulator(dtype), device=logits.device)
+    probs = torch.empty(
+        num_experts, num_tokens, dtype=torch.int64 if as_keys else _accumulator(dtype), device=logits.device
+    )
     launch(
         "expert_choice.cu",
         dtype,
         "sr_expert_probs",
         -(-num_tokens // 4),
         128,
-        (pointer(logits), _i64(num_tokens), _i32(num_experts), pointer(probs), pointer(launch.errors)),
+        (
+            pointer(logits),
+            _i64(num_tokens),
+            _i32(num_experts),
+            pointer(None if as_keys else probs),
+            pointer(probs if as_keys else None),
+            pointer(launch.errors),
+        ),
     )
     return probs
 
@@ -1130,11 +1169,18 @@ def expert_choice_cuda(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     num_tokens = logits.shape[0]
     if not 0 <= capacity <= num_tokens:
         raise _invalid("capacity", f"0 <= capacity <= T = {num_tokens}", capacity)
+    as_keys = _accumulator(logits.dtype) == torch.float32 and num_tokens < 1 << 32
     with _cuda.launcher(logits.device) as launch:
-        probs = _expert_probabilities(launch, logits.contiguous())
-    # Each expert's `capacity` best tokens: a stable descending sort keeps equal
-    # probabilities in token order (the lower token first), then the choice is listed in
-    # ascending token order. Deterministic: torch's stable sort on CUDA is.
+        probs = _expert_probabilities(launch, logits.contiguous(), as_keys)
+    if as_keys:
+        # Unique keys: a plain top-k is each expert's choice, ties to the lower token; the
+        # probability is the key's upper half.
+        keys = probs.topk(capacity, dim=1, sorted=False).values
+        indices, order = torch.sort(0xFFFFFFFF - (keys & 0xFFFFFFFF), dim=1)
+        gates = (keys >> 32).to(torch.int32).view(torch.float32).gather(1, order)
+        return gates, indices
+    # float64: a stable descending sort keeps equal probabilities in token order (the lower
+    # token first); the choice is then listed in ascending token order.
     best = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :capacity]
     indices = torch.sort(best, dim=1).values
     gates = probs.gather(1, indices)

@@ -163,13 +163,12 @@ def test_short_num_rows_and_bad_ids_are_reported():
         sparseroute.check_cuda_errors()
 
 
-def test_capacity_and_other_ops_without_cuda_kernels_say_so():
-    x = torch.randn(4, 8, device="cuda")
+def test_ops_without_cuda_kernels_say_so():
     experts = torch.zeros(4, 1, dtype=torch.int64, device="cuda")
-    with pytest.raises(NotImplementedError, match="capacity"):
-        sparseroute.permute(x, experts, 2, capacity=2)
-    with pytest.raises(NotImplementedError, match="topp_gating has no CUDA kernel"):
-        sparseroute.topp_gating(torch.randn(4, 8, device="cuda"), 0.5)
+    table = torch.zeros(2, 1, dtype=torch.int64, device="cuda")
+    counts = torch.ones(2, dtype=torch.int64, device="cuda")
+    with pytest.raises(NotImplementedError, match="replica_map has no CUDA kernel"):
+        torch.ops.sparseroute.replica_map(experts, table, counts, 2, 1, "round_robin")
 
 
 def test_mixed_devices_are_refused():

@@ -6,6 +6,7 @@ import torch
 from gpu_helpers import DTYPES, WEIGHT_TOLERANCE, group_bias, tie_heavy_logits
 
 import sparseroute
+from sparseroute import _cuda_ops
 
 from reference import topk_gating_reference
 
@@ -42,6 +43,21 @@ def test_matches_the_cpu_kernel_and_the_reference(dtype, num_experts, k, score, 
     ref_weights, ref_experts = topk_gating_reference(logits, k, **options)
     assert torch.equal(gpu[1].cpu(), ref_experts)
     torch.testing.assert_close(gpu[0].cpu(), ref_weights, **WEIGHT_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_experts", "k"), [(8, 2), (60, 4), (64, 8), (160, 16)])
+@pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
+def test_warp_kernel_matches_the_thread_kernel(monkeypatch, dtype, num_experts, k, score, normalize):
+    """The plain-selection cases run one thread per token; the warp kernel (which the bias and
+    group-limit cases use) must route them identically."""
+    logits = tie_heavy_logits(53, num_experts, dtype, seed=num_experts + k).cuda()
+    options = {"score": score, "normalize": normalize, "scale": 1.5}
+    thread = sparseroute.topk_gating(logits, k, **options)
+    monkeypatch.setattr(_cuda_ops, "THREAD_TEAM_MAX_K", 0)
+    warp = sparseroute.topk_gating(logits, k, **options)
+    assert torch.equal(thread[1], warp[1])
+    torch.testing.assert_close(thread[0], warp[0], **WEIGHT_TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

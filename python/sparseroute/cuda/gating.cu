@@ -2,7 +2,10 @@
 // weights -> grad of the logits). The semantics are those of rust/core/src/gating/mod.rs and
 // docs/semantics.md; docs/cuda.md says where the GPU results may differ in the last bits.
 //
-// One team of threads routes one token: a warp (sr_topk_gating_warp, four tokens per
+// Without expert_bias or a group limit, and for k <= 16 and up to 512 experts, one thread
+// routes one token (sr_topk_gating_thread*, below): selection compares the logits, which the
+// thread keeps sorted in registers as it reads its row. Otherwise,
+// one team of threads routes one token: a warp (sr_topk_gating_warp, four tokens per
 // 128-thread block) for up to a few hundred experts, a 256-thread block
 // (sr_topk_gating_block) above. Any E and any k: each of the k selection rounds finds the best
 // (key, expert) pair that comes after the previous round's pair in selection order (higher key
@@ -374,6 +377,116 @@ __device__ void backward_token(const BackwardArgs& a, i64 t, int lane, Scratch<N
   }
 }
 
+// ---- one thread per token: selection by logit (no expert_bias, no group limit) -------------
+// The M best (logit, expert) pairs are kept sorted in selection order (higher logit, then lower
+// expert) in registers while the thread reads its row once, in expert order: a new pair enters
+// only with a strictly higher logit than the last kept one, and sinks into place. M >= k is a compile-time size
+// (2, 4, 8 or 16), so the arrays never leave registers; slots past k are ignored. Without
+// shuffles or shared memory this does E compares per token instead of k warp-wide rounds,
+// which made the warp kernel shuffle-bound for small E.
+template <int M>
+__device__ __forceinline__ void route_token_alone(const elem_t* row, int num_experts, int k, int sigmoid,
+                                                  int normalize, acc_t scale, int vectorized, acc_t* weights,
+                                                  i64* experts, int* errors) {
+  acc_t key[M];
+  int index[M];
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    key[j] = neg_infinity<acc_t>();
+    index[j] = -1;
+  }
+  int finite = 1;
+  auto offer = [&](acc_t v, int e) {
+    finite &= is_finite(v) ? 1 : 0;
+    if (!(v > key[M - 1])) {
+      return;
+    }
+    // The pair moving down displaces each pair it comes before in selection order: a
+    // displaced pair comes before every later pair of an equal key too (it has the lower
+    // expert), so the comparison needs the index.
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const bool take = pair_before(v, e, key[j], index[j]);
+      const acc_t kept_key = key[j];
+      const int kept_index = index[j];
+      key[j] = take ? v : kept_key;
+      index[j] = take ? e : kept_index;
+      v = take ? kept_key : v;
+      e = take ? kept_index : e;
+    }
+  };
+  constexpr int per_word = 16 / static_cast<int>(sizeof(elem_t));
+  if (vectorized) {
+    const uint4* words = reinterpret_cast<const uint4*>(row);
+    for (int w = 0; w < num_experts / per_word; ++w) {
+      union {
+        uint4 bits;
+        elem_t values[per_word];
+      } word;
+      word.bits = words[w];
+#pragma unroll
+      for (int i = 0; i < per_word; ++i) {
+        offer(to_acc(word.values[i]), w * per_word + i);
+      }
+    }
+  } else {
+    for (int e = 0; e < num_experts; ++e) {
+      offer(to_acc(row[e]), e);
+    }
+  }
+  if (!finite) {
+    for (int r = 0; r < k; ++r) {
+      experts[r] = -1;
+      weights[r] = acc_t(0);
+    }
+    atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    return;
+  }
+  acc_t value[M];
+  if (!sigmoid && normalize) {
+    // Softmax over the chosen logits; key[0] is their largest.
+    acc_t total = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = exp_acc(sub_rn(key[j], key[0]));
+      total = j < k ? add_rn(total, value[j]) : total;
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(div_rn(value[j], total), scale);
+    }
+  } else if (!sigmoid) {
+    // Softmax over all experts: key[0] is the row's largest logit; a second pass sums.
+    acc_t row_sum = acc_t(0);
+    for (int e = 0; e < num_experts; ++e) {
+      row_sum = add_rn(row_sum, exp_acc(sub_rn(to_acc(row[e]), key[0])));
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(div_rn(exp_acc(sub_rn(key[j], key[0])), row_sum), scale);
+    }
+  } else {
+    acc_t total = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-key[j])));
+      total = j < k ? add_rn(total, value[j]) : total;
+    }
+    total = add_rn(total, acc_t(1e-20));
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(normalize ? div_rn(value[j], total) : value[j], scale);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    if (j < k) {
+      experts[j] = index[j];
+      weights[j] = value[j];
+    }
+  }
+}
+
 }  // namespace
 
 // ---- entry points: grids are (ceil(T / 4)) blocks of 128 threads (warp teams) or (T) blocks
@@ -432,3 +545,22 @@ extern "C" __global__ void __launch_bounds__(256) sr_topk_gating_backward_block(
   }
   backward_token<256>(SR_BACKWARD_ARGS, t, static_cast<int>(threadIdx.x), scratch);
 }
+
+// ---- entry points of the thread-per-token kernel: one token per thread, 128-thread blocks;
+// ---- the suffix is M (the smallest of 2, 4, 8, 16 that is at least k).
+
+#define SR_ALONE_PARAMS                                                                      \
+  const elem_t *logits, i64 num_tokens, int num_experts, int k, int sigmoid, int normalize,  \
+      double scale, int vectorized, acc_t *weights, i64 *experts, int *errors
+#define SR_ALONE_BODY(M)                                                                     \
+  const i64 t = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;                    \
+  if (t >= num_tokens) {                                                                     \
+    return;                                                                                  \
+  }                                                                                          \
+  route_token_alone<M>(logits + t * num_experts, num_experts, k, sigmoid, normalize,         \
+                       static_cast<acc_t>(scale), vectorized, weights + t * k, experts + t * k, errors);
+
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread2(SR_ALONE_PARAMS) { SR_ALONE_BODY(2) }
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread4(SR_ALONE_PARAMS) { SR_ALONE_BODY(4) }
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread8(SR_ALONE_PARAMS) { SR_ALONE_BODY(8) }
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread16(SR_ALONE_PARAMS) { SR_ALONE_BODY(16) }
