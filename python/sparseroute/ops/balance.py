@@ -149,6 +149,9 @@ def _(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 def _z_loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     ctx.save_for_backward(output[1])
     ctx.logits_dtype = inputs[0].dtype
+    # The direction output is internal: without this, autograd would materialise a [T, E]
+    # tensor of zeros as its gradient on every backward (as long as the gradient itself).
+    ctx.set_materialize_grads(False)
 
 
 @torch.library.custom_op("sparseroute::z_loss_backward", mutates_args=(), device_types="cpu")
@@ -165,7 +168,9 @@ def _(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
     return direction.new_empty(direction.shape, dtype=dtype)
 
 
-def _z_loss_backward(ctx: Any, grad: Tensor, _grad_direction: Tensor) -> tuple[Any, ...]:
+def _z_loss_backward(ctx: Any, grad: Tensor | None, _grad_direction: Tensor | None) -> tuple[Any, ...]:
+    if grad is None:  # only the (internal) direction output reached the loss
+        return None, None
     (direction,) = ctx.saved_tensors
     return torch.ops.sparseroute.z_loss_backward(direction, grad, ctx.logits_dtype), None
 
