@@ -607,8 +607,7 @@ def permute_cuda(
         _on_device(drop_weights, "drop_weights", device, "x")
         if drop_weights.numel() != num_tokens * k:
             raise _invalid("drop_weights", f"{num_tokens * k} weights (T * k)", drop_weights.numel())
-    padded = pad_to_capacity and capacity is not None
-    static_rows = num_experts * capacity if padded else num_rows
+    static_rows = num_experts * capacity if pad_to_capacity and capacity is not None else num_rows
     rows = num_tokens * k if static_rows is None else static_rows
     experts = experts.to(torch.int64).contiguous()
     with _cuda.launcher(device) as launch:
