@@ -8,9 +8,10 @@ The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ 
 a stable argsort + index_select for permute, and a gather + weighted sum for unpermute; for
 the token ops topk + sort, gather and a gathered x + gate * y scattered back; for the balance
 ops softmax + sum, bincount, logsumexp; argmax for layer_plan; Megatron-style forms of
-capacity dispatch, top-p, expert choice (topk per expert) and Sinkhorn. For sync-free ops it
-also times a CUDA graph replay of the op (``sparseroute_graph_ms``): the GPU time alone,
-without the host work of each call.
+capacity dispatch, top-p, expert choice (topk per expert) and Sinkhorn; and one transformers
+MoE block (Mixtral, OLMoE shapes) with its own experts against sparseroute.patch. For
+sync-free ops it also times a CUDA graph replay of the op (``sparseroute_graph_ms``): the GPU
+time alone, without the host work of each call.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
         lambda: sparseroute.sinkhorn(float_logits),
         lambda: torch_sinkhorn(float_logits, 1e-4),
     )
+    rows.extend(moe_block_rows(repeats))
     plan_logits = torch.randn(4096, 32, 3, device="cuda", generator=g)
     add(
         "layer_plan",
@@ -247,6 +249,49 @@ def cases(repeats: int) -> list[dict[str, object]]:
         lambda: sparseroute.layer_plan(plan_logits),
         lambda: plan_logits.argmax(-1),
     )
+    return rows
+
+
+def moe_block_rows(repeats: int) -> list[dict[str, object]]:
+    """One transformers MoE block (Mixtral and OLMoE shapes, bf16, T = 2048), forward +
+    backward: transformers' "eager" and "grouped_mm" experts against the block after
+    sparseroute.patch. No rows without transformers."""
+    try:
+        from benchmarks.moe_block import SHAPES, build_block
+    except ImportError as err:
+        print(f"MoE blocks skipped: {err}")
+        return []
+    rows: list[dict[str, object]] = []
+    for shape in ("mixtral", "olmoe"):
+        spec = SHAPES[shape]
+        x = torch.randn(1, 2048, spec["hidden"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        times = {}
+        for impl in ("eager", "grouped_mm", "sparseroute"):
+            try:
+                block = build_block(shape, torch.bfloat16, impl).cuda()
+            except Exception as err:  # an experts implementation this transformers lacks
+                print(f"{shape} {impl} skipped: {type(err).__name__}: {err}")
+                continue
+
+            def step(block=block, x=x) -> None:
+                out = block(x)
+                (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+
+            times[impl] = time_ms(step, repeats)
+        if "sparseroute" not in times:
+            continue
+        for baseline in ("eager", "grouped_mm"):
+            if baseline in times:
+                rows.append(
+                    {
+                        "case": f"MoE block fwd+bwd vs transformers {baseline}",
+                        "shape": f"{shape} E={spec['experts']} k={spec['k']} T=2048 bf16",
+                        "sparseroute_ms": round(times["sparseroute"], 4),
+                        "torch_ms": round(times[baseline], 4),
+                        "speedup": round(times[baseline] / times["sparseroute"], 2),
+                        "sparseroute_graph_ms": None,
+                    }
+                )
     return rows
 
 
