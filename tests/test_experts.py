@@ -264,3 +264,53 @@ def test_silu_gate_matches_autograd_through_chunk(interleaved):
     assert torch.autograd.gradcheck(lambda h: ops.silu_gate(h, interleaved), (h,))
     torch.library.opcheck(ops.silu_gate, (h, interleaved))
     torch.library.opcheck(ops.silu_gate_backward, (grad, h.detach(), interleaved))
+
+
+def _grouped_mm_runs_on_cpu() -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a = torch.randn(16, 8, dtype=torch.bfloat16)
+        F.grouped_mm(
+            a, torch.randn(2, 8, 8, dtype=torch.bfloat16), offs=torch.tensor([8, 16], dtype=torch.int32)
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="torch's grouped_mm has no CPU kernel here")
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_mm_path_matches_the_loop(monkeypatch, transposed, bias):
+    """The CUDA path for bfloat16 (torch's grouped GEMM, sync-free), run on the CPU: the same
+    outputs and gradients as the per-expert loop, with empty experts and padding rows."""
+    from sparseroute.ops import experts as experts_module
+
+    g = torch.Generator().manual_seed(5)
+    counts = [5, 0, 9, 3, 0, 7]  # empty experts in the middle and at the end
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    rows, k_in, n_out = int(offsets[-1]) + 4, 16, 24  # four padding rows
+    x = torch.randn(rows, k_in, generator=g).bfloat16()
+    shape = (6, k_in, n_out) if transposed else (6, n_out, k_in)
+    weight = (torch.randn(shape, generator=g) * 0.3).bfloat16()
+    b = (torch.randn(6, n_out, generator=g) * 0.3).bfloat16() if bias else None
+    probe = torch.randn(rows, n_out, generator=g).bfloat16()
+
+    def run():
+        inputs = [t.detach().clone().requires_grad_() for t in (x, weight)] + (
+            [b.detach().clone().requires_grad_()] if bias else []
+        )
+        y = sparseroute.grouped_linear(
+            inputs[0], offsets, inputs[1], inputs[2] if bias else None, transposed=transposed
+        )
+        (y.float() * probe.float()).sum().backward()
+        return y.detach(), [t.grad for t in inputs]
+
+    loop_y, loop_grads = run()
+    monkeypatch.setattr(experts_module, "uses_grouped_mm", lambda x, weight: x.dtype == torch.bfloat16)
+    mm_y, mm_grads = run()
+    assert torch.equal(mm_y[int(offsets[-1]) :], torch.zeros_like(mm_y[int(offsets[-1]) :]))
+    torch.testing.assert_close(mm_y.float(), loop_y.float(), rtol=2e-2, atol=2e-2)
+    for mm, loop in zip(mm_grads, loop_grads, strict=True):
+        torch.testing.assert_close(mm.float(), loop.float(), rtol=2e-2, atol=5e-2)

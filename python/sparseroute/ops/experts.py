@@ -18,6 +18,7 @@ Weight layouts are those of transformers 5's experts classes:
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,98 @@ def _expert_matrix(weight: Tensor, expert: int, transposed: bool) -> Tensor:
     return weight[expert] if transposed else weight[expert].T
 
 
+# --- grouped GEMM on CUDA ---------------------------------------------------------------------
+# On CUDA, bfloat16 layers run torch's grouped GEMM (torch.nn.functional.grouped_mm): one kernel
+# for every expert, and no host synchronisation (the loop must read the offsets back). Its
+# results agree with the loop's cuBLAS matmuls within bfloat16 rounding (both accumulate in
+# float32). SPARSEROUTE_GROUPED_MM=0 turns it off.
+
+
+def uses_grouped_mm(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``grouped_linear`` on these tensors runs torch's grouped GEMM: CUDA (compute
+    capability 8.0+), bfloat16, every matrix dimension a multiple of 8 (16-byte rows)."""
+    return (
+        x.device.type == "cuda"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and hasattr(F, "grouped_mm")
+        and os.environ.get("SPARSEROUTE_GROUPED_MM", "1") != "0"
+        and x.shape[0] > 0
+        and x.shape[1] % 8 == 0
+        and weight.shape[1] % 8 == 0
+        and weight.shape[2] % 8 == 0
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def _group_ends(offsets: Tensor, num_rows: int, errors: Tensor | None) -> Tensor:
+    """``offsets[1:]`` as grouped_mm's int32 group ends, made non-decreasing and within the
+    rows, so that malformed offsets can never make a group read outside ``x``. Malformed
+    offsets (not starting at 0, decreasing, or past the rows) are counted in ``errors`` (the
+    CUDA error buffer: read without a host synchronisation, by check_cuda_errors)."""
+    ends = torch.cummax(offsets[1:].clamp(0, num_rows), dim=0).values
+    if errors is not None:
+        malformed = (offsets[0] != 0) | (offsets[1:] != ends).any()
+        errors[_PLAN_INDEX_ERRORS].add_(malformed.to(torch.int32))
+    return ends.to(torch.int32)
+
+
+#: The error-buffer slot of plan indices outside the tensors (sparseroute._cuda.ERROR_KINDS).
+_PLAN_INDEX_ERRORS = 2
+
+
+def _group_sizes(ends: Tensor) -> Tensor:
+    return torch.diff(ends, prepend=ends.new_zeros(1))
+
+
+def _grouped_linear_grouped_mm(
+    x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transposed: bool
+) -> Tensor:
+    from sparseroute import _cuda
+
+    rows = x.shape[0]
+    errors = _cuda.error_counters(x.device.index if x.device.index is not None else 0) if x.is_cuda else None
+    ends = _group_ends(offsets, rows, errors)
+    y = F.grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs=ends)
+    row_ids = torch.arange(rows, device=x.device, dtype=torch.int32)
+    if bias is not None:
+        row_experts = torch.searchsorted(ends, row_ids, right=True).clamp(max=weight.shape[0] - 1)
+        y.add_(bias.index_select(0, row_experts))
+    # Rows past the last expert (padding) are zeros, as in the loop.
+    return y.masked_fill_((row_ids >= ends[-1]).unsqueeze(1), 0)
+
+
+def _grouped_linear_backward_grouped_mm(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    transposed: bool,
+    needs_x: bool,
+    needs_weight: bool,
+    needs_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    rows = x.shape[0]
+    ends = _group_ends(offsets, rows, None)
+    padding = (torch.arange(rows, device=x.device, dtype=torch.int32) >= ends[-1]).unsqueeze(1)
+    routed = (_group_sizes(ends) > 0).view(-1, 1, 1)
+    grad_x, grad_weight, grad_bias = x.new_empty(0), weight.new_empty(0), grad_y.new_empty(0)
+    if needs_x:
+        # y = x @ M_e gives dx = dy @ M_e.T; M_e.T is weight[e].T (transposed) or weight[e].
+        matrix_t = weight.transpose(-2, -1) if transposed else weight
+        grad_x = F.grouped_mm(grad_y, matrix_t, offs=ends).masked_fill_(padding, 0)
+    if needs_weight:
+        # dM_e = x_e.T @ dy_e (a grouped product over the rows), [E, K, N]; experts without
+        # rows get zeros, whatever the kernel leaves there.
+        grad_matrix = F.grouped_mm(x.t(), grad_y, offs=ends)
+        grad_matrix = torch.where(routed, grad_matrix, 0)
+        grad_weight = grad_matrix if transposed else grad_matrix.transpose(-2, -1).contiguous()
+    if needs_bias:
+        # Per-expert column sums of dy, as the same grouped product with rows of ones.
+        ones = grad_y.new_ones(rows, 8)
+        grad_bias = torch.where(routed, F.grouped_mm(ones.t(), grad_y, offs=ends), 0)[:, 0]
+    return grad_x, grad_weight, grad_bias
+
+
 # --- sparseroute::grouped_linear -----------------------------------------------------------
 
 
@@ -75,6 +168,8 @@ def _grouped_linear_op(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transposed: bool
 ) -> Tensor:
     x = x.contiguous()
+    if uses_grouped_mm(x, weight):
+        return _grouped_linear_grouped_mm(x, weight.contiguous(), offsets, bias, transposed)
     out_features = weight.shape[2] if transposed else weight.shape[1]
     y = _memory.empty((x.shape[0], out_features), x.dtype, x.device)
     bounds = _expert_bounds(offsets, x.shape[0])
@@ -107,6 +202,10 @@ def _grouped_linear_backward_op(
     """Gradients of grouped_linear; an input whose ``needs_*`` is False gets an empty tensor."""
     grad_y = grad_y.contiguous()
     x = x.contiguous()
+    if uses_grouped_mm(x, weight):
+        return _grouped_linear_backward_grouped_mm(
+            grad_y, x, weight.contiguous(), offsets, transposed, needs_x, needs_weight, needs_bias
+        )
     num_experts = weight.shape[0]
     out_features = grad_y.shape[1]
     grad_x = _memory.empty(tuple(x.shape), x.dtype, x.device) if needs_x else x.new_empty(0)
