@@ -286,9 +286,8 @@ def test_bf16_grouped_linear_runs_the_grouped_gemm_without_a_sync(transposed, bi
     probe = torch.randn(rows, 24, generator=g)
     results = []
     for device in ("cpu", "cuda"):
-        inputs = [t.to(device).requires_grad_() for t in (x, weight)] + (
-            [b.to(device).requires_grad_()] if bias else []
-        )
+        leaves = (x, weight, b) if bias else (x, weight)
+        inputs = [t.detach().clone().to(device).requires_grad_() for t in leaves]
         y = sparseroute.grouped_linear(
             inputs[0], offsets.to(device), inputs[1], inputs[2] if bias else None, transposed=transposed
         )
