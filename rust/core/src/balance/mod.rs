@@ -400,6 +400,28 @@ pub fn scale_into<L: Element>(src: &[L::Acc], factor: f64, out: &mut [L]) -> Res
 pub const SINKHORN_BLOCK: usize = 512;
 const SINKHORN_EPS: f32 = 1e-8;
 
+/// `cost = fast_exp(logits)`; false when a logit is NaN, `-inf` or above 88 (then `cost` is
+/// partly written). One pass: the check is folded into the same loop.
+#[inline(always)]
+fn sinkhorn_cost(logits: &[f32], cost: &mut [f32]) -> bool {
+    let mut ok = true;
+    for (c, &l) in cost.iter_mut().zip(logits) {
+        ok &= (l <= 88.0) & (l > f32::NEG_INFINITY);
+        *c = l.fast_exp();
+    }
+    ok
+}
+
+/// The scores of a block of rows: `cost[t, e] = d1[e] * cost[t, e] * d0[t]`, in that order.
+#[inline(always)]
+fn sinkhorn_scores(block: &mut [f32], d0: &[f32], d1: &[f32]) {
+    for (row, &d) in block.chunks_exact_mut(d1.len()).zip(d0) {
+        for (v, &w) in row.iter_mut().zip(d1) {
+            *v = w * *v * d;
+        }
+    }
+}
+
 /// One block of a Sinkhorn iteration: for each row, `d0 = t_inv / (sum_e d1[e] row[e] +
 /// eps)` (the sum in eight lanes, as [`lane_sum`]), and `columns += d0 * row` in row order.
 #[inline(always)]
@@ -456,29 +478,41 @@ pub fn sinkhorn(
         return Ok(0);
     }
     let avx2 = crate::simd::avx2_enabled();
-    // cost = exp(logits), in place in `out`, once every logit is known to keep it finite.
-    for_each_block(out, num_experts, SINKHORN_BLOCK, |first, block| {
-        let start = first * num_experts;
-        let logits = &logits[start..start + block.len()];
-        // NaN fails `<=` too.
-        if !logits.iter().fold(true, |ok, &l| ok & (l <= 88.0) & (l > f32::NEG_INFINITY)) {
-            let i = start + logits.iter().position(|l| !(*l <= 88.0 && *l > f32::NEG_INFINITY)).unwrap_or(0);
-            return Err(CoreError::invalid(
-                "logits",
-                "finite values <= 88 (exp(logits) must not overflow float32)",
-                format!("{} at token {}, expert {}", logits[i - start], i / num_experts, i % num_experts),
-            ));
-        }
-        block.copy_from_slice(logits);
-        multiversion!(avx2, f32::exp_in_place(block));
-        Ok(())
-    })?;
-    let cost: &[f32] = out;
     let (t_inv, e_inv) = (1.0 / num_tokens as f32, 1.0 / num_experts as f32);
     let mut d0 = vec![1.0f32; num_tokens];
     let mut d1 = vec![1.0f32; num_experts];
     let mut partials = vec![0.0f32; num_tokens.div_ceil(SINKHORN_BLOCK) * num_experts];
+    // cost = exp(logits), into `out`, in one pass that also checks every logit keeps it
+    // finite; each block then runs the first iteration's pass (d1 = 1) while its rows are
+    // still in cache: the same function as every later iteration, so the same bits.
+    let first_pass_done = max_iters != Some(0);
+    {
+        let mut cost_blocks: Vec<(&mut [f32], &mut [f32])> =
+            out.chunks_mut(SINKHORN_BLOCK * num_experts).zip(d0.chunks_mut(SINKHORN_BLOCK)).collect();
+        let mut column_blocks: Vec<&mut [f32]> = partials.chunks_mut(num_experts).collect();
+        let d1 = &d1;
+        for_each_pair(&mut cost_blocks, &mut column_blocks, |b, (block, d0_block), columns| {
+            let start = b * SINKHORN_BLOCK * num_experts;
+            let logits = &logits[start..start + block.len()];
+            if !multiversion!(avx2, sinkhorn_cost(logits, block)) {
+                // NaN fails `<=` too.
+                let i =
+                    start + logits.iter().position(|l| !(*l <= 88.0 && *l > f32::NEG_INFINITY)).unwrap_or(0);
+                return Err(CoreError::invalid(
+                    "logits",
+                    "finite values <= 88 (exp(logits) must not overflow float32)",
+                    format!("{} at token {}, expert {}", logits[i - start], i / num_experts, i % num_experts),
+                ));
+            }
+            if first_pass_done {
+                multiversion!(avx2, sinkhorn_rows(block, d1, t_inv, d0_block, columns));
+            }
+            Ok(())
+        })?;
+    }
+    let cost: &[f32] = out;
     let mut iterations = 0;
+    let mut pass_done = first_pass_done;
     loop {
         if max_iters.is_some_and(|limit| iterations >= limit) {
             break;
@@ -486,13 +520,16 @@ pub fn sinkhorn(
         iterations += 1;
         // One pass per iteration: each block of tokens sets its d0 from d1 and adds its
         // d0-weighted rows into its own partial column sums.
-        let mut d0_blocks: Vec<&mut [f32]> = d0.chunks_mut(SINKHORN_BLOCK).collect();
-        let mut column_blocks: Vec<&mut [f32]> = partials.chunks_mut(num_experts).collect();
-        for_each_pair(&mut d0_blocks, &mut column_blocks, |b, d0_block, columns| {
-            let rows = &cost[b * SINKHORN_BLOCK * num_experts..][..d0_block.len() * num_experts];
-            multiversion!(avx2, sinkhorn_rows(rows, &d1, t_inv, d0_block, columns));
-            Ok(())
-        })?;
+        if !pass_done {
+            let mut d0_blocks: Vec<&mut [f32]> = d0.chunks_mut(SINKHORN_BLOCK).collect();
+            let mut column_blocks: Vec<&mut [f32]> = partials.chunks_mut(num_experts).collect();
+            for_each_pair(&mut d0_blocks, &mut column_blocks, |b, d0_block, columns| {
+                let rows = &cost[b * SINKHORN_BLOCK * num_experts..][..d0_block.len() * num_experts];
+                multiversion!(avx2, sinkhorn_rows(rows, &d1, t_inv, d0_block, columns));
+                Ok(())
+            })?;
+        }
+        pass_done = false;
         let mut change = 0.0f32;
         for (e, w) in d1.iter_mut().enumerate() {
             let sum = partials.chunks_exact(num_experts).fold(0.0f32, |acc, block| acc + block[e]);
@@ -505,12 +542,7 @@ pub fn sinkhorn(
         }
     }
     for_each_block(out, num_experts, SINKHORN_BLOCK, |first, block| {
-        for (i, row) in block.chunks_exact_mut(num_experts).enumerate() {
-            let d = d0[first + i];
-            for (v, &w) in row.iter_mut().zip(&d1) {
-                *v = w * *v * d;
-            }
-        }
+        multiversion!(avx2, sinkhorn_scores(block, &d0[first..], &d1));
         Ok(())
     })?;
     Ok(iterations)
