@@ -1109,31 +1109,32 @@ pub fn expert_choice<L: Element>(
     if capacity == 0 {
         return Ok(());
     }
-    // Softmax per token, in parallel blocks of tokens.
-    let mut probs = vec![L::Acc::zero(); num_tokens * num_experts];
-    let avx2 = crate::simd::avx2_enabled();
-    for_each_block(&mut probs, num_experts, tokens_per_task(num_experts), |first, block| {
-        let rows = &logits[first * num_experts..first * num_experts + block.len()];
-        match softmax_rows(rows, num_experts, block, avx2) {
-            None => Ok(()),
-            Some(i) => Err(non_finite_error(&rows[i * num_experts..(i + 1) * num_experts], first + i)),
-        }
-    })?;
-    // Expert-major copy, so that each expert reads its column contiguously: each task
-    // copies a band of experts one row segment (a cache line or so) at a time.
+    // The softmax of every token, written expert-major so that each expert then reads its
+    // column contiguously. A task takes a range of tokens, BAND tokens at a time: their
+    // softmax rows go to a small tile (in L1), then each expert gets its BAND values as one
+    // contiguous run (about a cache line) of its column.
     const BAND: usize = 16;
     let mut columns = vec![L::Acc::zero(); num_tokens * num_experts];
-    for_each_block(&mut columns, num_tokens, BAND, |first_expert, band| {
-        let experts = band.len() / num_tokens;
-        // Tiles of BAND tokens: each expert's row gets a whole cache line at a time (the
-        // rows lie num_tokens apart, often a multiple of 4 KiB, so writing one value per
-        // row at a time would keep evicting the lines being filled).
-        for t0 in (0..num_tokens).step_by(BAND) {
-            let tile = &probs[t0 * num_experts..(t0 + BAND).min(num_tokens) * num_experts];
-            for j in 0..experts {
-                let out = &mut band[j * num_tokens + t0..][..tile.len() / num_experts];
+    let avx2 = crate::simd::avx2_enabled();
+    let per_task = tokens_per_task(num_experts).div_ceil(BAND) * BAND;
+    let firsts: Vec<usize> = (0..num_tokens).step_by(per_task).collect();
+    let shared = SharedColumns(columns.as_mut_ptr());
+    crate::threads::map_collect(&firsts, |_, &first| {
+        let shared = &shared;
+        let last = (first + per_task).min(num_tokens);
+        let mut tile = vec![L::Acc::zero(); BAND * num_experts];
+        for t0 in (first..last).step_by(BAND) {
+            let n = BAND.min(last - t0);
+            let rows = &logits[t0 * num_experts..(t0 + n) * num_experts];
+            if let Some(i) = softmax_rows(rows, num_experts, &mut tile[..n * num_experts], avx2) {
+                return Err(non_finite_error(&rows[i * num_experts..(i + 1) * num_experts], t0 + i));
+            }
+            for e in 0..num_experts {
+                // SAFETY: tokens t0 .. t0 + n of expert e's column lie inside `columns` and
+                // belong to this task alone (tasks cover disjoint token ranges).
+                let out = unsafe { std::slice::from_raw_parts_mut(shared.0.add(e * num_tokens + t0), n) };
                 for (o, row) in out.iter_mut().zip(tile.chunks_exact(num_experts)) {
-                    *o = row[first_expert + j];
+                    *o = row[e];
                 }
             }
         }
@@ -1161,6 +1162,14 @@ pub fn expert_choice<L: Element>(
     }
     Ok(())
 }
+
+/// `expert_choice`'s expert-major probabilities, written by several tasks at once, each to
+/// its own token range of every column.
+struct SharedColumns<A>(*mut A);
+// SAFETY: the tasks that share it write disjoint elements (see its use).
+unsafe impl<A: Send> Send for SharedColumns<A> {}
+// SAFETY: as above.
+unsafe impl<A: Send> Sync for SharedColumns<A> {}
 
 /// Checks the `[E, C]` token lists of an expert-choice decision against `num_tokens`.
 fn check_choice_indices(indices: &[i64], num_tokens: usize) -> Result<()> {
