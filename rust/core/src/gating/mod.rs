@@ -23,6 +23,7 @@ mod avx2;
 use crate::element::{Accumulator, Element, Storage};
 use crate::error::{check_len, CoreError, Result};
 use crate::lanes::{BlockOps, LANES};
+use crate::simd::multiversion;
 use crate::threads::{for_each_block, for_each_block2};
 use num_traits::{Float, One, Zero};
 use std::str::FromStr;
@@ -1255,17 +1256,30 @@ pub fn expert_choice_backward<L: Element>(
                 return Err(non_finite_error(row, t));
             }
             let g = &dense[t * num_experts..(t + 1) * num_experts];
-            let mut lanes = [L::Acc::zero(); LANES];
-            for (j, (&p, &g)) in probs.iter().zip(g).enumerate() {
-                lanes[j % LANES] = lanes[j % LANES] + p * g;
-            }
-            let dot = lanes.iter().fold(L::Acc::zero(), |a, &b| a + b);
-            for ((o, &p), &g) in out.iter_mut().zip(&probs).zip(g) {
-                *o = L::from_acc(p * (g - dot));
-            }
+            multiversion!(avx2, choice_gradient_row(&probs, g, out));
         }
         Ok(())
     })
+}
+
+/// One token of the expert-choice gradient: `out = p * (g - <p, g>)`, the dot product in
+/// eight lanes (element j into lane j % 8, then the lanes in order).
+#[inline(always)]
+fn choice_gradient_row<L: Element>(probs: &[L::Acc], g: &[L::Acc], out: &mut [L]) {
+    let mut lanes = [L::Acc::zero(); LANES];
+    let whole = probs.len() / LANES * LANES;
+    for (p8, g8) in probs[..whole].chunks_exact(LANES).zip(g[..whole].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] = lanes[l] + p8[l] * g8[l];
+        }
+    }
+    for (l, (&p, &g)) in probs[whole..].iter().zip(&g[whole..]).enumerate() {
+        lanes[l] = lanes[l] + p * g;
+    }
+    let dot = lanes.iter().fold(L::Acc::zero(), |a, &b| a + b);
+    for ((o, &p), &g) in out.iter_mut().zip(probs).zip(g) {
+        *o = L::from_acc(p * (g - dot));
+    }
 }
 
 /// The `c`-th best (1-based) of the pairs `(values[t], t)` in selection order (higher
