@@ -838,11 +838,19 @@ fn check_expert_id(id: i64, num_experts: usize, token: usize) -> Result<Option<u
 
 /// Working memory of the gating backward for one block of tokens.
 struct BackwardScratch<A> {
-    logits: Vec<A>,
     grad: Vec<A>,
     live: Vec<(usize, A, A)>,
 }
 
+/// `out = L::from_acc(s * factor)` over a row.
+#[inline(always)]
+fn scaled_row<L: Element>(s: &[L::Acc], factor: L::Acc, out: &mut [L]) {
+    for (o, &v) in out.iter_mut().zip(s) {
+        *o = L::from_acc(v * factor);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn backward_token<L: Element>(
     row: &[L],
     token: usize,
@@ -851,6 +859,7 @@ fn backward_token<L: Element>(
     cfg: &GatingConfig,
     scratch: &mut BackwardScratch<L::Acc>,
     grad_row: &mut [L],
+    avx2: bool,
 ) -> Result<()> {
     type A<L> = <L as Element>::Acc;
     let scale = A::<L>::from_f64(cfg.scale);
@@ -869,19 +878,14 @@ fn backward_token<L: Element>(
     if let (ScoreFunction::Softmax, false) = (cfg.score, cfg.normalize) {
         // w_j = scale * s_j with s the softmax over all experts:
         // dL/dl_n = s_n * (a_n - sum_j a_j s_j), a_n = scale * g_j where n is chosen slot j.
-        let BackwardScratch { logits, grad, .. } = scratch;
-        load_logits(row, token, logits)?;
-        let m = max_of(logits.iter().copied());
-        grad.clear();
-        grad.extend(logits.iter().map(|&l| (l - m).fast_exp()));
-        let z: A<L> = grad.iter().copied().sum();
-        for s in grad.iter_mut() {
-            *s = *s / z;
+        // s: the softmax row kernel of the forward paths (AVX2 where enabled, same bits).
+        let grad = &mut scratch.grad;
+        grad.resize(row.len(), zero);
+        if !softmax_row_on(row, grad, avx2) {
+            return Err(non_finite_error(row, token));
         }
         let c = scratch.live.iter().fold(zero, |c, &(e, g, _)| c + scale * g * grad[e]);
-        for (out, &s) in grad_row.iter_mut().zip(grad.iter()) {
-            *out = L::from_acc(s * (zero - c));
-        }
+        multiversion!(avx2, scaled_row(grad, zero - c, grad_row));
         for &(e, g, _) in scratch.live.iter() {
             grad_row[e] = L::from_acc(grad[e] * (scale * g - c));
         }
@@ -944,12 +948,9 @@ pub fn topk_gating_backward<L: Element>(
     if num_tokens == 0 {
         return Ok(());
     }
+    let avx2 = crate::simd::avx2_enabled();
     for_each_block(grad_logits, e, tokens_per_task(e), |first, block| {
-        let mut scratch = BackwardScratch {
-            logits: Vec::with_capacity(e),
-            grad: Vec::with_capacity(e),
-            live: Vec::with_capacity(k),
-        };
+        let mut scratch = BackwardScratch { grad: Vec::with_capacity(e), live: Vec::with_capacity(k) };
         for (i, out) in block.chunks_mut(e).enumerate() {
             let t = first + i;
             let (row, ids, g) = (
@@ -957,7 +958,7 @@ pub fn topk_gating_backward<L: Element>(
                 &experts[t * k..(t + 1) * k],
                 &grad_weights[t * k..(t + 1) * k],
             );
-            backward_token(row, t, ids, g, cfg, &mut scratch, out)?;
+            backward_token(row, t, ids, g, cfg, &mut scratch, out, avx2)?;
         }
         Ok(())
     })
