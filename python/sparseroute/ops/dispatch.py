@@ -138,9 +138,14 @@ def _(
 def _permute_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     _x_sorted, _tpe, _offsets, row_to_slot, slot_to_row, _dropped = output
     ctx.save_for_backward(row_to_slot, slot_to_row)
+    # Integer outputs (expert ids, plans) take no gradient: without this, autograd would
+    # fill a zero tensor as large as each of them on every backward.
+    ctx.set_materialize_grads(False)
 
 
-def _permute_backward(ctx: Any, grad_x_sorted: Tensor, *_grads: Tensor) -> tuple[Any, ...]:
+def _permute_backward(ctx: Any, grad_x_sorted: Tensor | None, *_grads: Tensor | None) -> tuple[Any, ...]:
+    if grad_x_sorted is None:
+        return (None,) * 7
     row_to_slot, slot_to_row = ctx.saved_tensors
     # The gradient of a gather is the sum of each token's rows: an unweighted unpermute.
     grad_x = torch.ops.sparseroute.unpermute(grad_x_sorted, slot_to_row, row_to_slot, None)

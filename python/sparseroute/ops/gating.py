@@ -98,9 +98,14 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
     _weights, experts = output
     ctx.save_for_backward(logits, experts)
     ctx.score, ctx.normalize, ctx.scale = score, normalize, scale
+    # Integer outputs (expert ids, plans) take no gradient: without this, autograd would
+    # fill a zero tensor as large as each of them on every backward.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: Any, grad_weights: Tensor, _grad_experts: Tensor) -> tuple[Any, ...]:
+def _backward(ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor | None) -> tuple[Any, ...]:
+    if grad_weights is None:
+        return (None,) * 8
     logits, experts = ctx.saved_tensors
     grad_logits = torch.ops.sparseroute.topk_gating_backward(
         logits,
@@ -284,9 +289,14 @@ def _topp_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ..
     logits, _p, _min_k, _max_k, _inclusive, normalize = inputs
     ctx.save_for_backward(logits, output[1])
     ctx.normalize = normalize
+    # Integer outputs (expert ids, plans) take no gradient: without this, autograd would
+    # fill a zero tensor as large as each of them on every backward.
+    ctx.set_materialize_grads(False)
 
 
-def _topp_backward(ctx: Any, grad_weights: Tensor, _grad_experts: Tensor) -> tuple[Any, ...]:
+def _topp_backward(ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor | None) -> tuple[Any, ...]:
+    if grad_weights is None:
+        return (None,) * 6
     logits, experts = ctx.saved_tensors
     # The weights are softmax probabilities of the kept experts (renormalised or not): the
     # top-k gradient, whose -1 slots drop out, is exactly theirs.
@@ -376,6 +386,9 @@ def _(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
 
 def _expert_choice_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     ctx.save_for_backward(inputs[0], output[1])
+    # Integer outputs (expert ids, plans) take no gradient: without this, autograd would
+    # fill a zero tensor as large as each of them on every backward.
+    ctx.set_materialize_grads(False)
 
 
 @torch.library.custom_op("sparseroute::expert_choice_backward", mutates_args=(), device_types="cpu")
@@ -399,7 +412,11 @@ def _(logits: Tensor, indices: Tensor, grad_gates: Tensor) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _expert_choice_backward(ctx: Any, grad_gates: Tensor, _grad_indices: Tensor) -> tuple[Any, ...]:
+def _expert_choice_backward(
+    ctx: Any, grad_gates: Tensor | None, _grad_indices: Tensor | None
+) -> tuple[Any, ...]:
+    if grad_gates is None:
+        return None, None
     logits, indices = ctx.saved_tensors
     return torch.ops.sparseroute.expert_choice_backward(logits, indices, grad_gates), None
 
@@ -436,9 +453,16 @@ def _(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
 
 def _expert_choice_slots_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     ctx.save_for_backward(inputs[0])
+    # Integer outputs (expert ids, plans) take no gradient: without this, autograd would
+    # fill a zero tensor as large as each of them on every backward.
+    ctx.set_materialize_grads(False)
 
 
-def _expert_choice_slots_backward(ctx: Any, grad_weights: Tensor, _grad_experts: Tensor) -> tuple[Any, ...]:
+def _expert_choice_slots_backward(
+    ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor | None
+) -> tuple[Any, ...]:
+    if grad_weights is None:
+        return None, None, None
     (indices,) = ctx.saved_tensors
     # weights[indices[e, c], e] = gates[e, c]: gather the gradient back. (Indices outside
     # [0, T) were refused on the CPU and counted on the GPU; clamped here so that the
