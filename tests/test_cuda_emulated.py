@@ -163,6 +163,18 @@ def random_experts(num_tokens, k, num_experts, seed, empty=0.1):
     return experts.masked_fill(holes, -1)
 
 
+def permute_on_both(args):
+    """permute's CUDA glue (emulated) and CPU op on the same arguments: every output, the
+    plan included, must be the same, dtype, shape and bits; returns the CUDA outputs."""
+    ours = _cuda_ops.permute_cuda(*args)
+    cpu = ops.permute(*args)
+    names = ["x_sorted", "tokens_per_expert", "offsets", "row_to_slot", "slot_to_row", "dropped"]
+    for name, a, b in zip(names, ours, cpu, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    return ours
+
+
 @pytest.mark.parametrize(
     ("num_tokens", "k", "num_experts"), [(0, 2, 4), (1, 1, 1), (37, 2, 3), (300, 4, 64), (200, 3, 1000)]
 )
@@ -172,12 +184,7 @@ def test_permute_plan_is_the_cpu_plan(gpu, num_tokens, k, num_experts, static_ro
     x = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(1))
     num_rows = num_tokens * k + 3 if static_rows else None
     args = (x, experts, num_experts, num_rows, None, None, False)
-    ours = _cuda_ops.permute_cuda(*args)
-    cpu = ops.permute(*args)
-    names = ["x_sorted", "tokens_per_expert", "offsets", "row_to_slot", "slot_to_row", "dropped"]
-    for name, a, b in zip(names, ours, cpu, strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.equal(a, b), name
+    ours = permute_on_both(args)
     if not static_rows:
         ref_sorted, plan = permute_reference(x, experts, num_experts)
         assert torch.equal(ours[0], ref_sorted)
@@ -240,12 +247,7 @@ def test_capacity_plan_is_the_cpu_plan(gpu, num_tokens, k, num_experts, capacity
     args = permute_capacity_args(
         num_tokens, k, num_experts, capacity, policy, pad, seed=num_tokens + capacity
     )
-    ours = _cuda_ops.permute_cuda(*args)
-    cpu = ops.permute(*args)
-    names = ["x_sorted", "tokens_per_expert", "offsets", "row_to_slot", "slot_to_row", "dropped"]
-    for name, a, b in zip(names, ours, cpu, strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.equal(a, b), name
+    permute_on_both(args)
     assert not gpu.errors.any()
 
 

@@ -102,6 +102,17 @@ def _element_dtype(tensor: Tensor, name: str) -> torch.dtype:
     return tensor.dtype
 
 
+def _check_logits(logits: Tensor) -> torch.dtype:
+    """The element type of router logits ``[T, E]``, after checking the dtype, the rank and
+    that there is at least one expert."""
+    dtype = _element_dtype(logits, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
+    return dtype
+
+
 def _i32(value: int) -> np.int32:
     scalar: np.int32 = np.int32(value)
     return scalar
@@ -136,12 +147,8 @@ def topk_gating_cuda(
     topk_groups: int | None,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    dtype = _element_dtype(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    dtype = _check_logits(logits)
     num_tokens, num_experts = logits.shape
-    if num_experts < 1:
-        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
     if not 1 <= k <= num_experts:
         raise _invalid("k", f"1 <= k <= E = {num_experts}", f"k = {k}")
     if score not in ("softmax", "sigmoid"):
@@ -1087,12 +1094,8 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 def topp_gating_cuda(
     logits: Tensor, p: float, min_k: int, max_k: int, inclusive: bool, normalize: bool
 ) -> tuple[Tensor, Tensor]:
-    dtype = _element_dtype(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    dtype = _check_logits(logits)
     num_tokens, num_experts = logits.shape
-    if num_experts < 1:
-        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
     if not 0.0 < p <= 1.0:
         raise _invalid("p", "a probability in (0, 1]", p)
     if not 1 <= max_k <= num_experts:
@@ -1154,17 +1157,8 @@ def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor, as_keys: bool 
     return probs
 
 
-def _check_expert_logits(logits: Tensor) -> torch.dtype:
-    dtype = _element_dtype(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
-    if logits.shape[1] < 1:
-        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
-    return dtype
-
-
 def expert_choice_cuda(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-    _check_expert_logits(logits)
+    _check_logits(logits)
     num_tokens = logits.shape[0]
     if not 0 <= capacity <= num_tokens:
         raise _invalid("capacity", f"0 <= capacity <= T = {num_tokens}", capacity)
@@ -1187,7 +1181,7 @@ def expert_choice_cuda(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
 
 
 def expert_choice_backward_cuda(logits: Tensor, indices: Tensor, grad_gates: Tensor) -> Tensor:
-    dtype = _check_expert_logits(logits)
+    dtype = _check_logits(logits)
     device = logits.device
     _on_device(indices, "indices", device, "logits")
     _on_device(grad_gates, "grad_gates", device, "logits")
@@ -1245,12 +1239,8 @@ SINKHORN_ITERATIONS_PER_CHECK = 8
 
 
 def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
-    _element_dtype(logits, "logits")
-    if logits.dim() != 2:
-        raise ValueError(f"logits: expected a 2-D tensor [T, E], got shape {tuple(logits.shape)}")
+    _check_logits(logits)
     num_tokens, num_experts = logits.shape
-    if num_experts < 1:
-        raise _invalid("logits", "at least one expert (E >= 1)", "E = 0")
     if not tol >= 0:
         raise _invalid("tol", "a value >= 0", tol)
     if iters is not None and iters < 1:
@@ -1281,29 +1271,31 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
             (pointer(logits), _i64(count), pointer(out), pointer(launch.errors)),
         )
 
+        # The arguments of one iteration do not change between iterations.
+        block_args = (
+            pointer(out),
+            _i64(num_tokens),
+            _i32(num_experts),
+            t_inv,
+            pointer(d1),
+            pointer(d0),
+            pointer(partials),
+            pointer(state),
+        )
+        update_args = (
+            pointer(partials),
+            _i64(num_blocks),
+            _i32(num_experts),
+            e_inv,
+            np.float32(tol),
+            pointer(d1),
+            pointer(changes),
+            pointer(state),
+        )
+
         def iterate(times: int) -> None:
             for _ in range(times):
-                block_args = (
-                    pointer(out),
-                    _i64(num_tokens),
-                    _i32(num_experts),
-                    t_inv,
-                    pointer(d1),
-                    pointer(d0),
-                    pointer(partials),
-                    pointer(state),
-                )
                 launch("sinkhorn.cu", None, "sr_sinkhorn_block", num_blocks, 256, block_args)
-                update_args = (
-                    pointer(partials),
-                    _i64(num_blocks),
-                    _i32(num_experts),
-                    e_inv,
-                    np.float32(tol),
-                    pointer(d1),
-                    pointer(changes),
-                    pointer(state),
-                )
                 launch("sinkhorn.cu", None, "sr_sinkhorn_update", 1, 256, update_args)
 
         if iters is not None:

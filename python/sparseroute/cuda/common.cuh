@@ -245,6 +245,21 @@ __device__ __forceinline__ void team_best_pair(K& key, int& index, K* key_scratc
 // the warp do exactly that, so that probabilities computed as fast_exp_acc(l - max) / sum
 // are the CPU's bits. Returns the sum to every lane; `row_max` must be the row's maximum.
 #if defined(SR_DTYPE)
+// Whether every logit of the row is finite, and the row's maximum in `row_max`; every lane
+// of the warp gets both (the maximum means nothing when the row is not finite).
+__device__ __forceinline__ bool warp_finite_row_max(const elem_t* row, int num_experts, int lane,
+                                                    acc_t& row_max) {
+  int finite = 1;
+  acc_t lane_max = neg_infinity<acc_t>();
+  for (int e = lane; e < num_experts; e += 32) {
+    const acc_t v = to_acc(row[e]);
+    finite &= is_finite(v) ? 1 : 0;
+    lane_max = v > lane_max ? v : lane_max;
+  }
+  row_max = team_reduce<32>(lane_max, MaxOp(), static_cast<acc_t*>(nullptr));
+  return team_reduce<32>(finite, MinIntOp(), static_cast<int*>(nullptr)) != 0;
+}
+
 __device__ __forceinline__ acc_t warp_lane_softmax_sum(const elem_t* row, int num_experts, acc_t row_max,
                                                        int lane) {
   acc_t lane_sum = acc_t(0);

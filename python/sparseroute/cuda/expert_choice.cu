@@ -26,14 +26,8 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   const int lane = static_cast<int>(threadIdx.x & 31);
   const elem_t* row = logits + t * static_cast<i64>(num_experts);
-  int finite = 1;
-  acc_t row_max = neg_infinity<acc_t>();
-  for (int e = lane; e < num_experts; e += 32) {
-    const acc_t v = to_acc(row[e]);
-    finite &= is_finite(v) ? 1 : 0;
-    row_max = v > row_max ? v : row_max;
-  }
-  finite = team_reduce<32>(finite, MinIntOp(), static_cast<int*>(nullptr));
+  acc_t row_max;
+  const bool finite = warp_finite_row_max(row, num_experts, lane, row_max);
   auto store = [&](int e, acc_t p) {
     if constexpr (sizeof(acc_t) == 4) {
       if (keys != nullptr) {
@@ -53,7 +47,6 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     return;
   }
-  row_max = team_reduce<32>(row_max, MaxOp(), static_cast<acc_t*>(nullptr));
   const acc_t row_sum = warp_lane_softmax_sum(row, num_experts, row_max, lane);
   for (int e = lane; e < num_experts; e += 32) {
     store(e, div_rn(fast_exp_acc(sub_rn(to_acc(row[e]), row_max)), row_sum));

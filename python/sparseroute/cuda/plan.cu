@@ -17,6 +17,20 @@
 
 #include "common.cuh"
 
+// Slot s goes to `row` (-1: nowhere): both maps record it. A row past num_rows leaves the
+// slot unrouted and sets `overflow` (the caller counts it as SR_ERR_NUM_ROWS).
+__device__ __forceinline__ void place_slot(i64 s, i64 row, i64 num_rows, i64* row_to_slot, i64* slot_to_row,
+                                           int& overflow) {
+  if (row >= num_rows) {
+    overflow = 1;
+    row = -1;
+  }
+  slot_to_row[s] = row;
+  if (row >= 0) {
+    row_to_slot[row] = s;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     sr_plan_count(const i64* experts, i64 num_slots, int num_experts, i64 chunk, i64 num_chunks,
                   i64* counts, int* errors) {
@@ -151,14 +165,7 @@ extern "C" __global__ void __launch_bounds__(128)
       mine[e] += __popc(peers);
     }
     if (s < end) {
-      if (row >= num_rows) {
-        overflow = 1;
-        row = -1;
-      }
-      slot_to_row[s] = row;
-      if (row >= 0) {
-        row_to_slot[row] = s;
-      }
+      place_slot(s, row, num_rows, row_to_slot, slot_to_row, overflow);
     }
     __syncwarp();  // the cursor update is visible to the next step
   }
@@ -227,15 +234,7 @@ extern "C" __global__ void __launch_bounds__(256)
       keep = kept[i] != 0;
       rank = kept_before[i] - kept_before[first];
     }
-    i64 row = keep ? offsets[e] + rank : -1;
-    if (row >= num_rows) {
-      overflow = 1;
-      row = -1;
-    }
-    slot_to_row[s] = row;
-    if (row >= 0) {
-      row_to_slot[row] = s;
-    }
+    place_slot(s, keep ? offsets[e] + rank : -1, num_rows, row_to_slot, slot_to_row, overflow);
   }
   if (overflow) {
     atomicAdd(&errors[SR_ERR_NUM_ROWS], 1);

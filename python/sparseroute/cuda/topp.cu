@@ -27,15 +27,8 @@ extern "C" __global__ void __launch_bounds__(128)
   acc_t* out_weights = weights + t * static_cast<i64>(max_k);
   i64* out_experts = experts + t * static_cast<i64>(max_k);
 
-  int finite = 1;
-  acc_t row_max = neg_infinity<acc_t>();
-  for (int e = lane; e < num_experts; e += 32) {
-    const acc_t v = to_acc(row[e]);
-    finite &= is_finite(v) ? 1 : 0;
-    row_max = v > row_max ? v : row_max;
-  }
-  finite = team_reduce<32>(finite, MinIntOp(), static_cast<int*>(nullptr));
-  if (!finite) {
+  acc_t row_max;
+  if (!warp_finite_row_max(row, num_experts, lane, row_max)) {
     for (int r = lane; r < max_k; r += 32) {
       out_experts[r] = -1;
       out_weights[r] = acc_t(0);
@@ -45,7 +38,6 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     return;
   }
-  row_max = team_reduce<32>(row_max, MaxOp(), static_cast<acc_t*>(nullptr));
   const acc_t row_sum = warp_lane_softmax_sum(row, num_experts, row_max, lane);
   // The CPU converts p to the accumulator type the same way (round to nearest).
   const acc_t threshold = static_cast<acc_t>(p);
