@@ -118,7 +118,7 @@ def _grouped_linear_grouped_mm(
     from sparseroute import _cuda
 
     rows = x.shape[0]
-    errors = _cuda.error_counters(x.device.index if x.device.index is not None else 0) if x.is_cuda else None
+    errors = _cuda.error_counters(_cuda._device_index(x.device)) if x.is_cuda else None
     ends = _group_ends(offsets, rows, errors)
     y = F.grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs=ends)
     row_ids = torch.arange(rows, device=x.device, dtype=torch.int32)
