@@ -41,19 +41,26 @@ def time_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one call of ``fn``, captured after two warm-up calls on a side stream
+    (as torch recommends before a capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_ms(fn: Callable[[], object], repeats: int) -> float | None:
-    """time_ms of a CUDA graph replay of ``fn`` (captured after two warm-up calls); None,
-    with the reason printed, when the capture fails."""
+    """time_ms of a CUDA graph replay of ``fn``; None, with the reason printed, when the
+    capture fails."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture_graph(fn)
     except Exception as err:  # report and go on: the eager timings stand without it
         print(f"graph capture failed: {type(err).__name__}: {err}")
         return None

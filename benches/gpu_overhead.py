@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import sparseroute
+from gpu_bench import capture_graph
 from sparseroute import _cuda, _cuda_ops
 
 
@@ -36,16 +37,7 @@ def host_us(fn: Callable[[], object], calls: int) -> float:
 
 
 def graph_us(fn: Callable[[], object], calls: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return host_us(graph.replay, calls)
+    return host_us(capture_graph(fn).replay, calls)
 
 
 def main() -> int:
