@@ -512,15 +512,14 @@ pub fn sinkhorn(
     }
     let cost: &[f32] = out;
     let mut iterations = 0;
-    let mut pass_done = first_pass_done;
     loop {
         if max_iters.is_some_and(|limit| iterations >= limit) {
             break;
         }
         iterations += 1;
-        // One pass per iteration: each block of tokens sets its d0 from d1 and adds its
-        // d0-weighted rows into its own partial column sums.
-        if !pass_done {
+        // One pass per iteration (the first one ran with the cost pass): each block of tokens
+        // sets its d0 from d1 and adds its d0-weighted rows into its own partial column sums.
+        if iterations > 1 || !first_pass_done {
             let mut d0_blocks: Vec<&mut [f32]> = d0.chunks_mut(SINKHORN_BLOCK).collect();
             let mut column_blocks: Vec<&mut [f32]> = partials.chunks_mut(num_experts).collect();
             for_each_pair(&mut d0_blocks, &mut column_blocks, |b, d0_block, columns| {
@@ -529,7 +528,6 @@ pub fn sinkhorn(
                 Ok(())
             })?;
         }
-        pass_done = false;
         let mut change = 0.0f32;
         for (e, w) in d1.iter_mut().enumerate() {
             let sum = partials.chunks_exact(num_experts).fold(0.0f32, |acc, block| acc + block[e]);
