@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sparseroute import _core
 from sparseroute._threads import get_num_threads
+from sparseroute.ops import _eager
 from sparseroute.ops._bridge import numpy_view
 from sparseroute.ops._checks import INDEX_DTYPES, check_int, check_tensor
 
@@ -383,7 +384,7 @@ def rebalance(
 # --- sparseroute::replica_map ----------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::replica_map", mutates_args=(), device_types="cpu")
+@_eager.custom_op("replica_map", device_types="cpu")
 def _replica_map_op(
     experts: Tensor,
     logical_to_physical: Tensor,
@@ -447,7 +448,8 @@ def replica_map(experts: Tensor, plan: PlacementPlan, layer: int, *, policy: str
     layer = check_int(layer, "layer", minimum=0, maximum=plan.num_layers - 1)
     if policy not in REPLICA_POLICIES:
         raise ValueError(f"policy: expected one of {REPLICA_POLICIES}, got {policy!r}")
-    slots: Tensor = torch.ops.sparseroute.replica_map(
+    slots: Tensor = _eager.call(
+        "replica_map",
         experts.to(torch.int64),
         plan.logical_to_physical[layer],
         plan.replica_counts[layer],

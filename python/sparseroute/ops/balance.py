@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
+from sparseroute.ops import _eager
 from sparseroute.ops._bridge import accumulator_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
 from sparseroute.ops.dispatch import PermutePlan
@@ -32,7 +33,7 @@ def _mask_view(mask: Tensor | None) -> Any:
 # --- sparseroute::score_sums ---------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::score_sums", mutates_args=(), device_types="cpu")
+@_eager.custom_op("score_sums", device_types="cpu")
 def _score_sums_op(logits: Tensor, score: str, group_size: int, mask: Tensor | None) -> Tensor:
     """``[G, E]``: per group of ``group_size`` tokens, the sum of the normalised scores of its
     unmasked tokens (softmax, or sigmoid over its sum), accumulated in float64."""
@@ -56,7 +57,7 @@ def _(logits: Tensor, score: str, group_size: int, mask: Tensor | None) -> Tenso
     return logits.new_empty(groups, logits.shape[1], dtype=accumulator_dtype(logits.dtype))
 
 
-@torch.library.custom_op("sparseroute::score_sums_backward", mutates_args=(), device_types="cpu")
+@_eager.custom_op("score_sums_backward", device_types="cpu")
 def _score_sums_backward_op(
     logits: Tensor, score: str, group_size: int, mask: Tensor | None, grad_sums: Tensor
 ) -> Tensor:
@@ -86,17 +87,17 @@ def _score_sums_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor)
 
 def _score_sums_backward(ctx: Any, grad_sums: Tensor) -> tuple[Any, ...]:
     logits, mask = ctx.saved_tensors
-    grad = torch.ops.sparseroute.score_sums_backward(logits, ctx.score, ctx.group_size, mask, grad_sums)
+    grad = _eager.call("score_sums_backward", logits, ctx.score, ctx.group_size, mask, grad_sums)
     return grad, None, None, None
 
 
-_score_sums_op.register_autograd(_score_sums_backward, setup_context=_score_sums_setup_context)
+_eager.register_autograd(_score_sums_op, _score_sums_backward, setup_context=_score_sums_setup_context)
 
 
 # --- sparseroute::expert_counts ------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::expert_counts", mutates_args=(), device_types="cpu")
+@_eager.custom_op("expert_counts", device_types="cpu")
 def _expert_counts_op(experts: Tensor, num_experts: int, group_size: int, mask: Tensor | None) -> Tensor:
     """``[G, E]`` int64: slots of the unmasked tokens of each group routed to each expert."""
     groups = -(-experts.shape[0] // group_size)
@@ -120,7 +121,7 @@ def _(experts: Tensor, num_experts: int, group_size: int, mask: Tensor | None) -
 # --- sparseroute::z_loss -------------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::z_loss", mutates_args=(), device_types="cpu")
+@_eager.custom_op("z_loss", device_types="cpu")
 def _z_loss_op(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(loss, grad_direction)``: the mean over unmasked tokens of ``logsumexp(l_t)^2`` (0
     without such tokens) and its gradient ``2 z_t softmax(l_t) / n``, both from one pass
@@ -154,7 +155,7 @@ def _z_loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, 
     ctx.set_materialize_grads(False)
 
 
-@torch.library.custom_op("sparseroute::z_loss_backward", mutates_args=(), device_types="cpu")
+@_eager.custom_op("z_loss_backward", device_types="cpu")
 def _z_loss_backward_op(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
     """``direction * grad`` in ``dtype``, written by the Rust core into a reused buffer: a
     fresh ``[T, E]`` output costs more in page faults than the multiplication itself."""
@@ -172,10 +173,10 @@ def _z_loss_backward(ctx: Any, grad: Tensor | None, _grad_direction: Tensor | No
     if grad is None:  # only the (internal) direction output reached the loss
         return None, None
     (direction,) = ctx.saved_tensors
-    return torch.ops.sparseroute.z_loss_backward(direction, grad, ctx.logits_dtype), None
+    return _eager.call("z_loss_backward", direction, grad, ctx.logits_dtype), None
 
 
-_z_loss_op.register_autograd(_z_loss_backward, setup_context=_z_loss_setup_context)
+_eager.register_autograd(_z_loss_op, _z_loss_backward, setup_context=_z_loss_setup_context)
 
 
 # --- public API ----------------------------------------------------------------------------
@@ -267,8 +268,8 @@ def load_balancing_loss(
         group_size = max(num_tokens, 1)
     k = experts.shape[1]
     acc = accumulator_dtype(logits.dtype)
-    sums = torch.ops.sparseroute.score_sums(logits, score, group_size, mask)
-    counts = torch.ops.sparseroute.expert_counts(experts.to(torch.int64), num_experts, group_size, mask)
+    sums = _eager.call("score_sums", logits, score, group_size, mask)
+    counts = _eager.call("expert_counts", experts.to(torch.int64), num_experts, group_size, mask)
     groups = sums.shape[0]
     if mask is None:
         valid = torch.full((groups,), float(group_size), dtype=acc, device=logits.device)
@@ -296,7 +297,7 @@ def z_loss(logits: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     if logits.shape[1] < 1:
         raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
     mask, _ = _check_mask(attention_mask, logits.shape[0], logits.device)
-    loss, _ = torch.ops.sparseroute.z_loss(logits, mask)
+    loss, _ = _eager.call("z_loss", logits, mask)
     result: Tensor = loss
     return result
 
@@ -326,8 +327,8 @@ def routing_stats(experts: Tensor, num_experts: int, plan: PermutePlan | None = 
     """
     experts = check_tensor(experts, "experts", ndim=2, layout="[T, k]", dtypes=INDEX_DTYPES)
     num_experts = check_int(num_experts, "num_experts", minimum=1)
-    counts = torch.ops.sparseroute.expert_counts(
-        experts.to(torch.int64), num_experts, max(experts.shape[0], 1), None
+    counts = _eager.call(
+        "expert_counts", experts.to(torch.int64), num_experts, max(experts.shape[0], 1), None
     ).sum(dim=0)
     load = counts.to(torch.float64)
     total = float(load.sum())
@@ -373,7 +374,7 @@ def update_expert_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> 
 # --- sparseroute::sinkhorn -----------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::sinkhorn", mutates_args=(), device_types="cpu")
+@_eager.custom_op("sinkhorn", device_types="cpu")
 def _sinkhorn_op(logits: Tensor, iters: int | None, tol: float) -> Tensor:
     out = _memory.empty(tuple(logits.shape), torch.float32)
     _core.sinkhorn(numpy_view(logits.float().contiguous()), tol, iters, numpy_view(out), get_num_threads())
@@ -406,5 +407,5 @@ def sinkhorn(logits: Tensor, *, iters: int | None = None, tol: float = 1e-4) -> 
         iters = check_int(iters, "iters", minimum=1)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol: expected a float >= 0, got {tol!r}")
-    scores: Tensor = torch.ops.sparseroute.sinkhorn(logits.detach(), iters, float(tol))
+    scores: Tensor = _eager.call("sinkhorn", logits.detach(), iters, float(tol))
     return scores

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
+from sparseroute.ops import _eager
 from sparseroute.ops._bridge import accumulator_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_same, check_tensor
 
@@ -70,7 +71,7 @@ def _static_rows(num_experts: int, num_rows: int | None, capacity: int | None, p
     return num_rows
 
 
-@torch.library.custom_op("sparseroute::permute", mutates_args=(), device_types="cpu")
+@_eager.custom_op("permute", device_types="cpu")
 def _permute_op(
     x: Tensor,
     experts: Tensor,
@@ -148,17 +149,17 @@ def _permute_backward(ctx: Any, grad_x_sorted: Tensor | None, *_grads: Tensor | 
         return (None,) * 7
     row_to_slot, slot_to_row = ctx.saved_tensors
     # The gradient of a gather is the sum of each token's rows: an unweighted unpermute.
-    grad_x = torch.ops.sparseroute.unpermute(grad_x_sorted, slot_to_row, row_to_slot, None)
+    grad_x = _eager.call("unpermute", grad_x_sorted, slot_to_row, row_to_slot, None)
     return grad_x, None, None, None, None, None, None
 
 
-_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
+_eager.register_autograd(_permute_op, _permute_backward, setup_context=_permute_setup_context)
 
 
 # --- sparseroute::unpermute and its gradient pieces ----------------------------------------
 
 
-@torch.library.custom_op("sparseroute::unpermute", mutates_args=(), device_types="cpu")
+@_eager.custom_op("unpermute", device_types="cpu")
 def _unpermute_op(
     y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tensor | None
 ) -> Tensor:
@@ -179,7 +180,7 @@ def _(y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tenso
     return y_sorted.new_empty(slot_to_row.shape[0], y_sorted.shape[1])
 
 
-@torch.library.custom_op("sparseroute::gather_rows", mutates_args=(), device_types="cpu")
+@_eager.custom_op("gather_rows", device_types="cpu")
 def _gather_rows_op(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> Tensor:
     """``out[r] = weights[s] * x[s // k]`` for ``s = row_to_slot[r]``; zero rows where s = -1."""
     return _gather(x, row_to_slot, k, weights, get_num_threads())
@@ -190,7 +191,7 @@ def _(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> Tensor:
     return x.new_empty(row_to_slot.shape[0], x.shape[1])
 
 
-@torch.library.custom_op("sparseroute::slot_dots", mutates_args=(), device_types="cpu")
+@_eager.custom_op("slot_dots", device_types="cpu")
 def _slot_dots_op(grad_y: Tensor, y_sorted: Tensor, slot_to_row: Tensor) -> Tensor:
     """``out[t, j] = dot(grad_y[t], y_sorted[slot_to_row[t, j]])``, 0 for empty slots."""
     out = torch.empty(slot_to_row.shape, dtype=accumulator_dtype(y_sorted.dtype))
@@ -218,12 +219,12 @@ def _unpermute_backward(ctx: Any, grad_y: Tensor) -> tuple[Any, ...]:
     y_sorted, slot_to_row, row_to_slot, weights = ctx.saved_tensors
     needs_rows, _, _, needs_weights = ctx.needs_input_grad
     k = slot_to_row.shape[1]
-    grad_rows = torch.ops.sparseroute.gather_rows(grad_y, row_to_slot, k, weights) if needs_rows else None
-    grad_weights = torch.ops.sparseroute.slot_dots(grad_y, y_sorted, slot_to_row) if needs_weights else None
+    grad_rows = _eager.call("gather_rows", grad_y, row_to_slot, k, weights) if needs_rows else None
+    grad_weights = _eager.call("slot_dots", grad_y, y_sorted, slot_to_row) if needs_weights else None
     return grad_rows, None, None, grad_weights
 
 
-_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup_context)
+_eager.register_autograd(_unpermute_op, _unpermute_backward, setup_context=_unpermute_setup_context)
 
 
 # --- public API ----------------------------------------------------------------------------
@@ -342,8 +343,8 @@ def permute(
                     f"got {list(weights.shape)}"
                 )
             drop_weights = weights.detach().to(torch.float32)
-    x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = torch.ops.sparseroute.permute(
-        x, experts, num_experts, num_rows, capacity, drop_weights, pad_to_capacity
+    x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = _eager.call(
+        "permute", x, experts, num_experts, num_rows, capacity, drop_weights, pad_to_capacity
     )
     return x_sorted, PermutePlan(tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped)
 
@@ -411,5 +412,5 @@ def unpermute(
             weights = renormalize_kept(weights, plan)
     elif renormalize_after_drop:
         raise ValueError("renormalize_after_drop: expected weights to renormalise, got weights=None")
-    y: Tensor = torch.ops.sparseroute.unpermute(y_sorted, slot_to_row, row_to_slot, weights)
+    y: Tensor = _eager.call("unpermute", y_sorted, slot_to_row, row_to_slot, weights)
     return y

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sparseroute import _memory
 from sparseroute._core import InvalidInputError
+from sparseroute.ops import _eager
 from sparseroute.ops._checks import FLOAT_DTYPES, check_tensor
 
 #: Activations ``grouped_mlp`` accepts by name (the names transformers' configs use).
@@ -164,7 +165,7 @@ def _grouped_linear_backward_grouped_mm(
 # --- sparseroute::grouped_linear -----------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::grouped_linear", mutates_args=(), device_types=BOTH_DEVICES)
+@_eager.custom_op("grouped_linear", device_types=BOTH_DEVICES)
 def _grouped_linear_op(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transposed: bool
 ) -> Tensor:
@@ -189,7 +190,7 @@ def _(x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transpose
     return x.new_empty(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
 
 
-@torch.library.custom_op("sparseroute::grouped_linear_backward", mutates_args=(), device_types=BOTH_DEVICES)
+@_eager.custom_op("grouped_linear_backward", device_types=BOTH_DEVICES)
 def _grouped_linear_backward_op(
     grad_y: Tensor,
     x: Tensor,
@@ -269,8 +270,16 @@ def _grouped_linear_backward(ctx: Any, grad_y: Tensor) -> tuple[Any, ...]:
     x, weight, offsets = ctx.saved_tensors
     needs_x, needs_weight, _, needs_bias, _ = ctx.needs_input_grad
     needs_bias = needs_bias and ctx.has_bias
-    grad_x, grad_weight, grad_bias = torch.ops.sparseroute.grouped_linear_backward(
-        grad_y, x, weight, offsets, ctx.transposed, needs_x, needs_weight, needs_bias
+    grad_x, grad_weight, grad_bias = _eager.call(
+        "grouped_linear_backward",
+        grad_y,
+        x,
+        weight,
+        offsets,
+        ctx.transposed,
+        needs_x,
+        needs_weight,
+        needs_bias,
     )
     return (
         grad_x if needs_x else None,
@@ -281,7 +290,9 @@ def _grouped_linear_backward(ctx: Any, grad_y: Tensor) -> tuple[Any, ...]:
     )
 
 
-_grouped_linear_op.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
+_eager.register_autograd(
+    _grouped_linear_op, _grouped_linear_backward, setup_context=_grouped_linear_setup_context
+)
 
 
 # --- public API ----------------------------------------------------------------------------
@@ -336,7 +347,7 @@ def grouped_linear(
             raise ValueError(
                 f"bias: expected shape [E, N] = {[weight.shape[0], out_features]}, got {list(bias.shape)}"
             )
-    y: Tensor = torch.ops.sparseroute.grouped_linear(x_sorted, weight, offsets, bias, transposed)
+    y: Tensor = _eager.call("grouped_linear", x_sorted, weight, offsets, bias, transposed)
     return y
 
 
@@ -354,7 +365,7 @@ def _split(h: Tensor, gate_layout: str) -> tuple[Tensor, Tensor]:
 # concatenate them (a full extra copy of the largest activation).
 
 
-@torch.library.custom_op("sparseroute::silu_gate", mutates_args=(), device_types=BOTH_DEVICES)
+@_eager.custom_op("silu_gate", device_types=BOTH_DEVICES)
 def _silu_gate_op(h: Tensor, interleaved: bool) -> Tensor:
     gate, up = _split(h, "interleaved" if interleaved else "concatenated")
     # Outputs come from the buffer cache and are written with out= variants: on CPU, the
@@ -370,7 +381,7 @@ def _(h: Tensor, interleaved: bool) -> Tensor:
     return h.new_empty(h.shape[0], h.shape[1] // 2)
 
 
-@torch.library.custom_op("sparseroute::silu_gate_backward", mutates_args=(), device_types=BOTH_DEVICES)
+@_eager.custom_op("silu_gate_backward", device_types=BOTH_DEVICES)
 def _silu_gate_backward_op(grad_out: Tensor, h: Tensor, interleaved: bool) -> Tensor:
     layout = "interleaved" if interleaved else "concatenated"
     gate, up = _split(h, layout)
@@ -396,17 +407,17 @@ def _silu_gate_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) 
 
 def _silu_gate_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
     (h,) = ctx.saved_tensors
-    grad_h: Tensor = torch.ops.sparseroute.silu_gate_backward(grad_out, h, ctx.interleaved)
+    grad_h: Tensor = _eager.call("silu_gate_backward", grad_out, h, ctx.interleaved)
     return grad_h, None
 
 
-_silu_gate_op.register_autograd(_silu_gate_backward, setup_context=_silu_gate_setup_context)
+_eager.register_autograd(_silu_gate_op, _silu_gate_backward, setup_context=_silu_gate_setup_context)
 
 
 def gated_activation(h: Tensor, activation: Callable[[Tensor], Tensor], gate_layout: str) -> Tensor:
     """``activation(gate) * up`` for ``h = [gate | up]`` (or interleaved), fused for SiLU."""
     if activation is F.silu:
-        out: Tensor = torch.ops.sparseroute.silu_gate(h, gate_layout == "interleaved")
+        out: Tensor = _eager.call("silu_gate", h, gate_layout == "interleaved")
         return out
     gate, up = _split(h, gate_layout)
     return activation(gate) * up

@@ -13,13 +13,14 @@ from torch import Tensor
 
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
+from sparseroute.ops import _eager
 from sparseroute.ops._bridge import accumulator_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, check_int, check_tensor
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
-@torch.library.custom_op("sparseroute::topk_gating", mutates_args=(), device_types="cpu")
+@_eager.custom_op("topk_gating", device_types="cpu")
 def _topk_gating_op(
     logits: Tensor,
     k: int,
@@ -67,7 +68,7 @@ def _(
     return weights, experts
 
 
-@torch.library.custom_op("sparseroute::topk_gating_backward", mutates_args=(), device_types="cpu")
+@_eager.custom_op("topk_gating_backward", device_types="cpu")
 def _topk_gating_backward_op(
     logits: Tensor, experts: Tensor, grad_weights: Tensor, score: str, normalize: bool, scale: float
 ) -> Tensor:
@@ -107,7 +108,8 @@ def _backward(ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor | Non
     if grad_weights is None:
         return (None,) * 8
     logits, experts = ctx.saved_tensors
-    grad_logits = torch.ops.sparseroute.topk_gating_backward(
+    grad_logits = _eager.call(
+        "topk_gating_backward",
         logits,
         experts,
         grad_weights,
@@ -118,7 +120,7 @@ def _backward(ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor | Non
     return grad_logits, None, None, None, None, None, None, None
 
 
-_topk_gating_op.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(_topk_gating_op, _backward, setup_context=_setup_context)
 
 
 def topk_gating(
@@ -217,12 +219,12 @@ def topk_gating(
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
         acc = accumulator_dtype(logits.dtype)
         noisy = logits.detach().to(acc) + gumbel.to(acc)
-        _, experts = torch.ops.sparseroute.topk_gating(
-            noisy, k, score, normalize, expert_bias, num_groups, topk_groups, 1.0
+        _, experts = _eager.call(
+            "topk_gating", noisy, k, score, normalize, expert_bias, num_groups, topk_groups, 1.0
         )
         return _weights_of(logits, experts, score, normalize, float(scale)), experts
-    weights, experts = torch.ops.sparseroute.topk_gating(
-        logits, k, score, normalize, expert_bias, num_groups, topk_groups, float(scale)
+    weights, experts = _eager.call(
+        "topk_gating", logits, k, score, normalize, expert_bias, num_groups, topk_groups, float(scale)
     )
     return weights, experts
 
@@ -252,7 +254,7 @@ def _weights_of(logits: Tensor, experts: Tensor, score: str, normalize: bool, sc
 # --- sparseroute::topp_gating ----------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::topp_gating", mutates_args=(), device_types="cpu")
+@_eager.custom_op("topp_gating", device_types="cpu")
 def _topp_gating_op(
     logits: Tensor, p: float, min_k: int, max_k: int, inclusive: bool, normalize: bool
 ) -> tuple[Tensor, Tensor]:
@@ -300,13 +302,13 @@ def _topp_backward(ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor 
     logits, experts = ctx.saved_tensors
     # The weights are softmax probabilities of the kept experts (renormalised or not): the
     # top-k gradient, whose -1 slots drop out, is exactly theirs.
-    grad_logits = torch.ops.sparseroute.topk_gating_backward(
-        logits, experts, grad_weights, "softmax", ctx.normalize, 1.0
+    grad_logits = _eager.call(
+        "topk_gating_backward", logits, experts, grad_weights, "softmax", ctx.normalize, 1.0
     )
     return grad_logits, None, None, None, None, None
 
 
-_topp_gating_op.register_autograd(_topp_backward, setup_context=_topp_setup_context)
+_eager.register_autograd(_topp_gating_op, _topp_backward, setup_context=_topp_setup_context)
 
 
 def topp_gating(
@@ -356,14 +358,14 @@ def topp_gating(
     min_k = check_int(min_k, "min_k", minimum=0, maximum=max_k, what=f" (max_k = {max_k})")
     if not isinstance(inclusive, bool) or not isinstance(normalize, bool):
         raise TypeError("inclusive, normalize: expected bools")
-    weights, experts = torch.ops.sparseroute.topp_gating(logits, float(p), min_k, max_k, inclusive, normalize)
+    weights, experts = _eager.call("topp_gating", logits, float(p), min_k, max_k, inclusive, normalize)
     return weights, experts
 
 
 # --- sparseroute::expert_choice --------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::expert_choice", mutates_args=(), device_types="cpu")
+@_eager.custom_op("expert_choice", device_types="cpu")
 def _expert_choice_op(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     """``(gates [E, C], indices [E, C])`` (gates first: a float output leads)."""
     num_experts = logits.shape[1]
@@ -391,7 +393,7 @@ def _expert_choice_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tupl
     ctx.set_materialize_grads(False)
 
 
-@torch.library.custom_op("sparseroute::expert_choice_backward", mutates_args=(), device_types="cpu")
+@_eager.custom_op("expert_choice_backward", device_types="cpu")
 def _expert_choice_backward_op(logits: Tensor, indices: Tensor, grad_gates: Tensor) -> Tensor:
     """``gates[e, c] = p[indices[e, c], e]`` with ``p`` the softmax over experts: with ``G``
     the gates' gradient placed at ``[indices[e, c], e]``, ``dL/dl_t = p_t * (G_t - <p_t, G_t>)``."""
@@ -418,13 +420,15 @@ def _expert_choice_backward(
     if grad_gates is None:
         return None, None
     logits, indices = ctx.saved_tensors
-    return torch.ops.sparseroute.expert_choice_backward(logits, indices, grad_gates), None
+    return _eager.call("expert_choice_backward", logits, indices, grad_gates), None
 
 
-_expert_choice_op.register_autograd(_expert_choice_backward, setup_context=_expert_choice_setup_context)
+_eager.register_autograd(
+    _expert_choice_op, _expert_choice_backward, setup_context=_expert_choice_setup_context
+)
 
 
-@torch.library.custom_op("sparseroute::expert_choice_slots", mutates_args=(), device_types="cpu")
+@_eager.custom_op("expert_choice_slots", device_types="cpu")
 def _expert_choice_slots_op(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
     """``[E, C]`` choices as the ``[T, E]`` slot layout of ``permute``: ``(weights,
     experts)``, slot ``(t, e)`` holding ``e`` (weight ``gates[e, c]``) when expert ``e``
@@ -471,8 +475,8 @@ def _expert_choice_slots_backward(
     return None, grad_weights.t().gather(1, safe), None
 
 
-_expert_choice_slots_op.register_autograd(
-    _expert_choice_slots_backward, setup_context=_expert_choice_slots_setup_context
+_eager.register_autograd(
+    _expert_choice_slots_op, _expert_choice_slots_backward, setup_context=_expert_choice_slots_setup_context
 )
 
 
@@ -515,6 +519,6 @@ def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
     capacity = check_int(
         capacity, "capacity", minimum=0, maximum=num_tokens, what=f" (tokens T = {num_tokens})"
     )
-    gates, indices = torch.ops.sparseroute.expert_choice(logits, capacity)
-    weights, experts = torch.ops.sparseroute.expert_choice_slots(indices, gates, num_tokens)
+    gates, indices = _eager.call("expert_choice", logits, capacity)
+    weights, experts = _eager.call("expert_choice_slots", indices, gates, num_tokens)
     return ExpertChoice(indices, gates, experts, weights)

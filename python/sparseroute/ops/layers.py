@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from sparseroute import _core
+from sparseroute.ops import _eager
 from sparseroute.ops._bridge import numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
 
@@ -20,7 +21,7 @@ SKIP, EXECUTE, REPEAT = 0, 1, 2
 """The decisions of a plan: the values of ``layer_plan``'s output."""
 
 
-@torch.library.custom_op("sparseroute::layer_plan", mutates_args=(), device_types="cpu")
+@_eager.custom_op("layer_plan", device_types="cpu")
 def _layer_plan_op(logits: Tensor) -> Tensor:
     plans = torch.empty(logits.shape[:-1], dtype=torch.int64)
     _core.layer_plan(numpy_view(logits.contiguous()), numpy_view(plans))
@@ -55,7 +56,7 @@ def layer_plan(logits: Tensor) -> Tensor:
             f"logits: expected [B, L, 3] (skip, execute, repeat scores in the last dimension), "
             f"got shape {tuple(logits.shape)}"
         )
-    plans: Tensor = torch.ops.sparseroute.layer_plan(logits.detach())
+    plans: Tensor = _eager.call("layer_plan", logits.detach())
     return plans
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
+from sparseroute.ops import _eager
 from sparseroute.ops._bridge import accumulator_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
@@ -31,7 +32,7 @@ FRACTION_ROUNDING_SLACK = 1e-9
 # --- sparseroute::select_tokens ------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::select_tokens", mutates_args=(), device_types="cpu")
+@_eager.custom_op("select_tokens", device_types="cpu")
 def _select_tokens_op(
     scores: Tensor, capacity: int, rule: str, value: float, lengths: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -64,7 +65,7 @@ def _(
 # --- sparseroute::gather_tokens ------------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::gather_tokens", mutates_args=(), device_types="cpu")
+@_eager.custom_op("gather_tokens", device_types="cpu")
 def _gather_tokens_op(x: Tensor, indices: Tensor, scale: Tensor | None) -> Tensor:
     """``[B, C, d]``: the rows of ``x`` at ``indices`` (times ``scale[b, p]`` when given,
     computed in the accumulator dtype), zeros for -1 entries."""
@@ -96,28 +97,30 @@ def _gather_tokens_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     handed = _take_handed_gradient(ctx)
     if handed is None:
         # The gradient of a gather of distinct rows is a scatter into zeros.
-        grad_x = torch.ops.sparseroute.scatter_tokens(None, grad, indices, scale, ctx.seq_len)
+        grad_x = _eager.call("scatter_tokens", None, grad, indices, scale, ctx.seq_len)
     else:
         # The scatter's gradient for x, completed with this gather's rows in one pass.
         residual, replaced = handed
         if replaced:
             # Its kept rows were zeroed (the scatter overwrote them): the rows replace them.
-            grad_x = torch.ops.sparseroute.scatter_tokens(residual, grad, indices, None, ctx.seq_len)
+            grad_x = _eager.call("scatter_tokens", residual, grad, indices, None, ctx.seq_len)
         else:
             ones = torch.ones(
                 indices.shape[0], ctx.seq_len, dtype=accumulator_dtype(grad.dtype), device=grad.device
             )
-            grad_x = torch.ops.sparseroute.scatter_tokens(residual, grad, indices, ones, ctx.seq_len)
+            grad_x = _eager.call("scatter_tokens", residual, grad, indices, ones, ctx.seq_len)
     return grad_x, None, None
 
 
-_gather_tokens_op.register_autograd(_gather_tokens_backward, setup_context=_gather_tokens_setup_context)
+_eager.register_autograd(
+    _gather_tokens_op, _gather_tokens_backward, setup_context=_gather_tokens_setup_context
+)
 
 
 # --- sparseroute::scatter_tokens -----------------------------------------------------------
 
 
-@torch.library.custom_op("sparseroute::scatter_tokens", mutates_args=(), device_types="cpu")
+@_eager.custom_op("scatter_tokens", device_types="cpu")
 def _scatter_tokens_op(
     x: Tensor | None, y: Tensor | None, indices: Tensor, gate: Tensor | None, seq_len: int
 ) -> Tensor:
@@ -160,18 +163,20 @@ def _scatter_tokens_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
         if gate is not None:
             grad_x = grad
         else:
-            grad_x = torch.ops.sparseroute.scatter_tokens(grad, None, indices, None, ctx.seq_len)
+            grad_x = _eager.call("scatter_tokens", grad, None, indices, None, ctx.seq_len)
     if ctx.has_y and ctx.needs_input_grad[1]:
-        grad_y = torch.ops.sparseroute.gather_tokens(grad, indices, gate)
+        grad_y = _eager.call("gather_tokens", grad, indices, gate)
     if gate is not None and ctx.needs_input_grad[3]:
-        grad_gate = torch.ops.sparseroute.token_dots(grad, y, indices).to(ctx.gate_dtype)
+        grad_gate = _eager.call("token_dots", grad, y, indices).to(ctx.gate_dtype)
     return grad_x, grad_y, None, grad_gate, None
 
 
-_scatter_tokens_op.register_autograd(_scatter_tokens_backward, setup_context=_scatter_tokens_setup_context)
+_eager.register_autograd(
+    _scatter_tokens_op, _scatter_tokens_backward, setup_context=_scatter_tokens_setup_context
+)
 
 
-@torch.library.custom_op("sparseroute::token_dots", mutates_args=(), device_types="cpu")
+@_eager.custom_op("token_dots", device_types="cpu")
 def _token_dots_op(grad: Tensor, y: Tensor, indices: Tensor) -> Tensor:
     """``[B, S]`` (accumulator dtype): ``dot(grad[b, p], y[b, c])`` at the kept positions
     ``p = indices[b, c]``, 0 elsewhere: the gate's gradient of a gated scatter."""
@@ -378,7 +383,7 @@ def select_tokens(
         rule, value = "top", 0.0
     else:
         rule, value = "fraction", float(capacity)
-    indices, mask = torch.ops.sparseroute.select_tokens(scores, width, rule, value, lengths)
+    indices, mask = _eager.call("select_tokens", scores, width, rule, value, lengths)
     return TokenSelection(indices, mask)
 
 
@@ -414,7 +419,7 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
     x = check_tensor(x, "x", ndim=3, layout="[B, S, d]", dtypes=FLOAT_DTYPES)
     original_indices = indices
     indices = _check_indices(indices, x.shape[0], x.shape[1])
-    rows: Tensor = torch.ops.sparseroute.gather_tokens(x, indices, None)
+    rows: Tensor = _eager.call("gather_tokens", x, indices, None)
     _remember_gather(x, original_indices, rows)
     return rows
 
@@ -464,6 +469,6 @@ def scatter_tokens(x: Tensor, y: Tensor, indices: Tensor, gate: Tensor | None = 
                 f"gate: expected shape [B, S] = {[batch, seq_len]} (the positions of x), "
                 f"got {list(gate.shape)}"
             )
-    out: Tensor = torch.ops.sparseroute.scatter_tokens(x, y, checked_indices, gate, seq_len)
+    out: Tensor = _eager.call("scatter_tokens", x, y, checked_indices, gate, seq_len)
     _link_scatter_to_gather(x, y, indices, out)
     return out
