@@ -15,9 +15,8 @@ flushing subnormal floats to zero would break the bit-for-bit agreement of the c
 the dot products with the CPU kernels. The options are ``compile_options``; the tests compile
 every module with them for sm_80 and sm_90.
 
-Launches go on torch's current stream of the tensor's device (wrapped with
-``cupy.cuda.Stream.from_external``, or ``ExternalStream`` before CuPy 14), with that device
-current. Tensors cross as raw pointers (``tensor.data_ptr()`` as a
+Launches go on torch's current stream of the tensor's device (its raw pointer, passed with
+each launch), with that device current. Tensors cross as raw pointers (``tensor.data_ptr()`` as a
 ``numpy.uint64``), scalars as ``numpy.int32`` / ``numpy.int64`` / ``numpy.float64``; torch
 allocates every output and workspace. CuPy allocates nothing.
 
@@ -37,8 +36,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -512,12 +510,47 @@ def pointer(tensor: torch.Tensor | None) -> np.uint64:
     return address
 
 
+class _StreamPointer:
+    """A raw stream as CuPy's kernel call takes it (any object with a ``ptr``)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, pointer: int) -> None:
+        self.ptr = pointer
+
+
+# torch's current stream of a device as a raw pointer. The public route builds a
+# torch.cuda.Stream object on every call, a few microseconds of a small op's host time.
+_current_raw_stream: Callable[[int], int] = getattr(
+    torch._C, "_cuda_getCurrentRawStream", lambda index: torch.cuda.current_stream(index).cuda_stream
+)
+
+
 class Launcher:
-    """Launches kernels on one device, on torch's current stream there (see ``launcher``)."""
+    """Launches kernels on one device, on torch's current stream there. Use it as a context
+    (``with launcher(device) as launch: launch(...)``): entering reads the current stream and
+    makes the device current if it is not."""
+
+    __slots__ = ("_device", "_stream", "errors", "index")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.errors = error_counters(index)
+        self._stream = _StreamPointer(0)
+        self._device: Any = None
+
+    def __enter__(self) -> Launcher:
+        self._stream = _StreamPointer(_current_raw_stream(self.index))
+        # A module's functions belong to the CUDA context of its device.
+        if torch.cuda.current_device() != self.index:
+            self._device = cupy_module().cuda.Device(self.index)
+            self._device.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._device is not None:
+            device, self._device = self._device, None
+            device.__exit__(*exc)
 
     def __call__(
         self,
@@ -532,35 +565,11 @@ class Launcher:
         if grid <= 0:
             return
         function = load_module(self.index, file, dtype).kernels[kernel]
-        function((grid,), (block,), tuple(args), shared_mem=shared_mem)
+        # The stream goes with the launch itself: cheaper than making it CuPy's current
+        # stream around each op, and it cannot leak into other CuPy code.
+        function((grid,), (block,), tuple(args), shared_mem=shared_mem, stream=self._stream)
 
 
-class _StreamHandle:
-    """A raw stream pointer behind the CUDA stream protocol (``__cuda_stream__``)."""
-
-    def __init__(self, pointer: int) -> None:
-        self._pointer = pointer
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self._pointer)
-
-
-def _cupy_stream(cupy: Any, pointer: int, index: int) -> Any:
-    """A CuPy view of an existing stream (``Stream.from_external`` from CuPy 14 on, where
-    ``ExternalStream`` is deprecated); CuPy never destroys it."""
-    from_external = getattr(cupy.cuda.Stream, "from_external", None)
-    if from_external is not None:
-        return from_external(_StreamHandle(pointer))
-    return cupy.cuda.ExternalStream(pointer, index)
-
-
-@contextmanager
-def launcher(device: torch.device) -> Iterator[Launcher]:
-    """A ``Launcher`` for ``device``, with that device current and CuPy's current stream set
-    to torch's current stream of the device."""
-    cupy = cupy_module()
-    index = _device_index(device)
-    stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index):
-        with _cupy_stream(cupy, stream.cuda_stream, index):
-            yield Launcher(index)
+def launcher(device: torch.device) -> Launcher:
+    """A ``Launcher`` for ``device`` (a context manager; see ``Launcher``)."""
+    return Launcher(_device_index(device))

@@ -32,6 +32,7 @@ from torch import Tensor
 from sparseroute import _cuda
 from sparseroute._core import InvalidInputError
 from sparseroute._cuda import pointer
+from sparseroute.ops import _eager
 
 #: Ops whose one implementation serves both devices: torch code (per-expert cuBLAS matmuls,
 #: elementwise ops), registered for "cpu" and "cuda" by the op itself (sparseroute.ops.experts).
@@ -1406,8 +1407,10 @@ def _missing_kernel(qualified_name: str) -> Any:
 def register() -> None:
     """Registers the CUDA kernels, and the stand-ins for ops without one. Idempotent."""
     for name, kernel in _KERNELS.items():
-        torch.library.register_kernel(f"sparseroute::{name}", "cuda", kernel)
+        _eager.register_kernel(name, "cuda", kernel)
     for qualified_name in _sparseroute_ops():
         if qualified_name.removeprefix("sparseroute::") in _KERNELS or _has_cuda_kernel(qualified_name):
             continue
-        torch.library.register_kernel(qualified_name, "cuda", _missing_kernel(qualified_name))
+        _eager.register_kernel(
+            qualified_name.removeprefix("sparseroute::"), "cuda", _missing_kernel(qualified_name)
+        )
