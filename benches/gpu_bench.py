@@ -11,7 +11,9 @@ ops softmax + sum, bincount, logsumexp; argmax for layer_plan; Megatron-style fo
 capacity dispatch, top-p, expert choice (topk per expert) and Sinkhorn; and one transformers
 MoE block (Mixtral, OLMoE shapes) with its own experts against sparseroute.patch. For
 sync-free ops it also times a CUDA graph replay of the op (``sparseroute_graph_ms``): the GPU
-time alone, without the host work of each call.
+time alone, without the host work of each call; for those it also times both sides queued
+(many calls back to back, as in a model, ``*_queued_ms``), and for permute and unpermute a
+torch copy of as many bytes (``copy_graph_ms``, ``of_copy_bandwidth``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ def time_ms(fn: Callable[[], object], repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def queued_ms(fn: Callable[[], object], calls: int) -> float:
+    """Milliseconds per call of ``calls`` calls queued back to back (one pair of events around
+    them all): the host prepares the next call while the GPU runs the last, as in a model."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
@@ -105,20 +122,35 @@ def cases(repeats: int) -> list[dict[str, object]]:
         ours: Callable[[], object],
         theirs: Callable[[], object],
         capturable: bool = False,
+        moved_bytes: int = 0,
     ) -> None:
         ours_ms, theirs_ms = time_ms(ours, repeats), time_ms(theirs, repeats)
-        rows.append(
-            {
-                "case": name,
-                "shape": shape,
-                "sparseroute_ms": round(ours_ms, 4),
-                "torch_ms": round(theirs_ms, 4),
-                "speedup": round(theirs_ms / ours_ms, 2),
-                # The GPU time alone (a CUDA graph replay of the op) for sync-free ops: the
-                # difference to sparseroute_ms is host work per call.
-                "sparseroute_graph_ms": graph_ms(ours, repeats) if capturable else None,
-            }
-        )
+        row = {
+            "case": name,
+            "shape": shape,
+            "sparseroute_ms": round(ours_ms, 4),
+            "torch_ms": round(theirs_ms, 4),
+            "speedup": round(theirs_ms / ours_ms, 2),
+            # The GPU time alone (a CUDA graph replay of the op) for sync-free ops: the
+            # difference to sparseroute_ms is host work per call.
+            "sparseroute_graph_ms": graph_ms(ours, repeats) if capturable else None,
+        }
+        if capturable:
+            # Small ops run among many others: time them queued too.
+            ours_queued, theirs_queued = queued_ms(ours, repeats), queued_ms(theirs, repeats)
+            row["sparseroute_queued_ms"] = round(ours_queued, 4)
+            row["torch_queued_ms"] = round(theirs_queued, 4)
+            row["queued_speedup"] = round(theirs_queued / ours_queued, 2)
+        if moved_bytes and row["sparseroute_graph_ms"]:
+            # The device's copy bandwidth in this run: a torch copy that reads and writes
+            # as many bytes as the op does, timed the same way (GPU time alone).
+            source = torch.empty(moved_bytes // 2, dtype=torch.uint8, device="cuda")
+            target = torch.empty_like(source)
+            copy_ms = graph_ms(lambda: target.copy_(source), repeats)
+            if copy_ms:
+                row["copy_graph_ms"] = copy_ms
+                row["of_copy_bandwidth"] = round(copy_ms / row["sparseroute_graph_ms"], 3)
+        rows.append(row)
 
     for tokens, experts, k in [(4096, 8, 2), (16384, 64, 8), (16384, 256, 8)]:
         logits = torch.randn(tokens, experts, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -150,6 +182,8 @@ def cases(repeats: int) -> list[dict[str, object]]:
             lambda x=x, ids=ids, e=experts: sparseroute.permute(x, ids, e, num_rows=ids.numel()),
             lambda x=x, ids=ids: torch_permute(x, ids),
             capturable=True,
+            # Reads the T * k gathered rows (and the ids), writes as many.
+            moved_bytes=2 * ids.numel() * hidden * x.element_size(),
         )
         x_sorted, plan = sparseroute.permute(x, ids, experts, num_rows=ids.numel())
         _, order = torch_permute(x, ids)
@@ -159,6 +193,8 @@ def cases(repeats: int) -> list[dict[str, object]]:
             lambda x_sorted=x_sorted, plan=plan, w=weights: sparseroute.unpermute(x_sorted, plan, w),
             lambda x_sorted=x_sorted, order=order, w=weights: torch_unpermute(x_sorted, order, w),
             capturable=True,
+            # Reads the T * k rows, writes T.
+            moved_bytes=(ids.numel() + tokens) * hidden * x.element_size(),
         )
     # Mixture-of-Depths: top-C selection, gather, gated scatter (torch: topk + sort + gather /
     # scatter of x + gate * y).
@@ -372,6 +408,8 @@ def main() -> int:
             f"{row['case']:<58} {row['shape']:<30} sparseroute {row['sparseroute_ms']:>8.4f} ms"
             f"   torch {row['torch_ms']:>8.4f} ms   x{row['speedup']}"
             + ("" if graph is None else f"   (GPU time alone {graph:.4f} ms)")
+            + (f"   queued x{row['queued_speedup']}" if "queued_speedup" in row else "")
+            + (f"   {row['of_copy_bandwidth']:.0%} of copy bandwidth" if "of_copy_bandwidth" in row else "")
         )
     if args.out:
         with open(args.out, "w") as out:

@@ -3,11 +3,13 @@
     python benches/gpu_overhead.py [--out overhead.json] [--calls 2000]
 
 For top-k gating (T=16384, E=64, k=8, bf16) it times, in host microseconds per call (many
-calls queued back to back, one synchronisation at the end): the public function, the torch
-custom op without the Python wrapper, the CUDA glue function alone, the launcher context
-alone, one bare kernel launch, the two output allocations, and for scale one torch op
-(softmax) and the kernel itself on the GPU (a CUDA graph replay of the op). Whatever the
-public call costs beyond the kernel is host work that a fused or cached path could remove.
+calls queued back to back, one synchronisation at the end): the public function (which calls
+the kernel without torch's dispatcher in plain eager code, see sparseroute.ops._eager), with
+and without autograd, the torch custom op through the dispatcher, the CUDA glue function
+alone, the launcher context alone, one bare kernel launch, the two output allocations, and
+for scale one torch op (softmax) and the kernel itself on the GPU (a CUDA graph replay of the
+op). Whatever the public call costs beyond the kernel is host work that a fused or cached
+path could remove.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> int:
     sparseroute.warm_up_cuda()
     device = torch.device("cuda", torch.cuda.current_device())
     logits = torch.randn(16384, 64, device=device, dtype=torch.bfloat16)
+    trained = logits.detach().clone().requires_grad_()
     op_args = (logits, 8, "softmax", True, None, None, None, 1.0)
     kernel = _cuda.load_module(device.index, "gating.cu", torch.bfloat16).kernels["sr_topk_gating_warp"]
     errors = _cuda.error_counters(device.index)
@@ -86,6 +89,7 @@ def main() -> int:
     calls = args.calls
     rows = {
         "public sparseroute.topk_gating": host_us(lambda: sparseroute.topk_gating(logits, 8), calls),
+        "public, logits requiring a gradient": host_us(lambda: sparseroute.topk_gating(trained, 8), calls),
         "torch.ops.sparseroute.topk_gating": host_us(
             lambda: torch.ops.sparseroute.topk_gating(*op_args), calls
         ),
