@@ -197,14 +197,20 @@ class SparseMoE(nn.Module):
             scale=self.scale,
         )
         capacity = None
+        # A static row count (T * k slots, or at most E * C kept ones) rather than the exact
+        # one: reading that back from a GPU would stall its queue of kernels. The extra rows
+        # are zero padding past plan.offsets[E], which the expert matmuls skip.
+        num_rows: int | None = experts.numel()
         if self.capacity_factor is not None:
             capacity = expert_capacity(
                 flat.shape[0], self.num_experts, self.k, self.capacity_factor, min_capacity=self.min_capacity
             )
+            num_rows = None if self.pad_to_capacity else min(experts.numel(), self.num_experts * capacity)
         x_sorted, plan = permute(
             flat,
             experts,
             self.num_experts,
+            num_rows=num_rows,
             capacity=capacity,
             weights=weights,
             drop_policy=self.drop_policy,

@@ -48,12 +48,18 @@ def experts_forward(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k
         bias_up = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias
         bias_down = self.down_proj_bias
     experts = top_k_index
+    # Every slot holds one of the experts, so the rows are exactly T * k: a static count
+    # spares permute reading its row count back from the device (a host synchronisation on
+    # CUDA, which would stall the queue of kernels) and keeps shapes static under compile.
+    num_rows: int | None = experts.numel()
     if getattr(self, "_is_expert_parallel", False):
         # Expert parallelism marks slots of experts held by other ranks with ids >= num_experts;
-        # they become empty slots, which get no row and contribute nothing.
+        # they become empty slots, which get no row and contribute nothing. The local rows are
+        # then counted (T * k would pad the buffers with every other rank's share).
         experts = torch.where(top_k_index < self.num_experts, top_k_index, -1)
+        num_rows = None
     x = hidden_states.to(weight_up.dtype)
-    x_sorted, plan = permute(x, experts, self.num_experts)
+    x_sorted, plan = permute(x, experts, self.num_experts, num_rows=num_rows)
     h = grouped_linear(x_sorted, plan.offsets, weight_up, bias_up, transposed=self.is_transposed)
     if not self.has_gate:
         h = self.act_fn(h)
