@@ -314,3 +314,30 @@ def test_grouped_mm_path_matches_the_loop(monkeypatch, transposed, bias):
     torch.testing.assert_close(mm_y.float(), loop_y.float(), rtol=2e-2, atol=2e-2)
     for mm, loop in zip(mm_grads, loop_grads, strict=True):
         torch.testing.assert_close(mm.float(), loop.float(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="torch's grouped_mm has no CPU kernel here")
+def test_grouped_mm_layout_follows_its_offsets(monkeypatch):
+    """The grouped GEMM path keeps each offsets tensor's group layout while that tensor lives:
+    an in-place change of the offsets must rebuild it, and freeing them must drop it."""
+    import gc
+
+    from sparseroute.ops import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "uses_grouped_mm", lambda x, weight: x.dtype == torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 16, generator=g).bfloat16()
+    weight = (torch.randn(3, 8, 16, generator=g) * 0.3).bfloat16()
+    offsets = torch.tensor([0, 4, 4, 12])
+    before = len(experts_module._LAYOUTS)
+    first = sparseroute.grouped_linear(x, offsets, weight)
+    assert len(experts_module._LAYOUTS) == before + 1
+    offsets.copy_(torch.tensor([0, 2, 9, 10]))  # two padding rows now, and no empty expert
+    second = sparseroute.grouped_linear(x, offsets, weight)
+    expected = torch.cat([x[:2] @ weight[0].T, x[2:9] @ weight[1].T, x[9:10] @ weight[2].T])
+    torch.testing.assert_close(second[:10].float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(second[10:], torch.zeros_like(second[10:]))
+    assert not torch.equal(first, second)
+    del offsets
+    gc.collect()
+    assert len(experts_module._LAYOUTS) == before

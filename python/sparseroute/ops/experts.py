@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,41 +94,72 @@ def uses_grouped_mm(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def _group_ends(offsets: Tensor, num_rows: int, errors: Tensor | None) -> Tensor:
-    """``offsets[1:]`` as grouped_mm's int32 group ends, made non-decreasing and within the
-    rows, so that malformed offsets can never make a group read outside ``x``. Malformed
-    offsets (not starting at 0, decreasing, or past the rows) are counted in ``errors`` (the
-    CUDA error buffer: read without a host synchronisation, by check_cuda_errors)."""
+class _GroupLayout(NamedTuple):
+    """What grouped_mm needs of one plan's offsets, for ``num_rows`` rows."""
+
+    #: ``offsets[1:]`` as int32 group ends, non-decreasing and within the rows.
+    ends: Tensor
+    #: ``[rows, 1]``: the rows past the last group (padding), whose outputs must be zeros.
+    padding: Tensor
+    #: ``[E, 1, 1]``: the experts with no rows, whose weight gradients must be zeros.
+    empty: Tensor
+
+
+# The layouts of live offsets tensors, by id: an MoE layer's offsets serve two or three
+# grouped_linear calls forward and as many backward, and each layout is a handful of small
+# torch ops (a few microseconds of host time each on a GPU). An entry goes when its offsets
+# tensor is freed, and is rebuilt when the tensor was modified in place (its version moved).
+_LAYOUTS: dict[int, tuple[int, int, _GroupLayout]] = {}
+
+
+def _forget_layout(key: int) -> None:
+    _LAYOUTS.pop(key, None)
+
+
+def _group_layout(offsets: Tensor, num_rows: int) -> _GroupLayout:
+    key = id(offsets)
+    cached = _LAYOUTS.get(key)
+    if cached is not None and cached[0] == offsets._version and cached[1] == num_rows:
+        return cached[2]
+    from sparseroute import _cuda
+
+    # Malformed offsets (not starting at 0, decreasing, or past the rows) could make a group
+    # read outside x: the ends are clamped and made non-decreasing, and the malformation is
+    # counted in the CUDA error buffer (read without a host synchronisation by
+    # check_cuda_errors).
     ends = torch.cummax(offsets[1:].clamp(0, num_rows), dim=0).values
-    if errors is not None:
+    if offsets.is_cuda:
         malformed = (offsets[0] != 0) | (offsets[1:] != ends).any()
+        errors = _cuda.error_counters(_cuda._device_index(offsets.device))
         errors[_PLAN_INDEX_ERRORS].add_(malformed.to(torch.int32))
-    return ends.to(torch.int32)
+    ends = ends.to(torch.int32)
+    row_ids = torch.arange(num_rows, device=offsets.device, dtype=torch.int32)
+    layout = _GroupLayout(
+        ends=ends,
+        padding=(row_ids >= ends[-1]).unsqueeze(1),
+        empty=(torch.diff(ends, prepend=ends.new_zeros(1)) == 0).view(-1, 1, 1),
+    )
+    if cached is None:
+        weakref.finalize(offsets, _forget_layout, key)
+    _LAYOUTS[key] = (offsets._version, num_rows, layout)
+    return layout
 
 
 #: The error-buffer slot of plan indices outside the tensors (sparseroute._cuda.ERROR_KINDS).
 _PLAN_INDEX_ERRORS = 2
 
 
-def _group_sizes(ends: Tensor) -> Tensor:
-    return torch.diff(ends, prepend=ends.new_zeros(1))
-
-
 def _grouped_linear_grouped_mm(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None, transposed: bool
 ) -> Tensor:
-    from sparseroute import _cuda
-
-    rows = x.shape[0]
-    errors = _cuda.error_counters(_cuda._device_index(x.device)) if x.is_cuda else None
-    ends = _group_ends(offsets, rows, errors)
-    y = F.grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs=ends)
-    row_ids = torch.arange(rows, device=x.device, dtype=torch.int32)
+    layout = _group_layout(offsets, x.shape[0])
+    y = F.grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs=layout.ends)
     if bias is not None:
-        row_experts = torch.searchsorted(ends, row_ids, right=True).clamp(max=weight.shape[0] - 1)
+        row_ids = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+        row_experts = torch.searchsorted(layout.ends, row_ids, right=True).clamp(max=weight.shape[0] - 1)
         y.add_(bias.index_select(0, row_experts))
     # Rows past the last expert (padding) are zeros, as in the loop.
-    return y.masked_fill_((row_ids >= ends[-1]).unsqueeze(1), 0)
+    return y.masked_fill_(layout.padding, 0)
 
 
 def _grouped_linear_backward_grouped_mm(
@@ -140,25 +172,26 @@ def _grouped_linear_backward_grouped_mm(
     needs_weight: bool,
     needs_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    rows = x.shape[0]
-    ends = _group_ends(offsets, rows, None)
-    padding = (torch.arange(rows, device=x.device, dtype=torch.int32) >= ends[-1]).unsqueeze(1)
-    routed = (_group_sizes(ends) > 0).view(-1, 1, 1)
+    layout = _group_layout(offsets, x.shape[0])
+    ends = layout.ends
     grad_x, grad_weight, grad_bias = x.new_empty(0), weight.new_empty(0), grad_y.new_empty(0)
     if needs_x:
         # y = x @ M_e gives dx = dy @ M_e.T; M_e.T is weight[e].T (transposed) or weight[e].
         matrix_t = weight.transpose(-2, -1) if transposed else weight
-        grad_x = F.grouped_mm(grad_y, matrix_t, offs=ends).masked_fill_(padding, 0)
+        grad_x = F.grouped_mm(grad_y, matrix_t, offs=ends).masked_fill_(layout.padding, 0)
     if needs_weight:
-        # dM_e = x_e.T @ dy_e (a grouped product over the rows), [E, K, N]; experts without
-        # rows get zeros, whatever the kernel leaves there.
-        grad_matrix = F.grouped_mm(x.t(), grad_y, offs=ends)
-        grad_matrix = torch.where(routed, grad_matrix, 0)
-        grad_weight = grad_matrix if transposed else grad_matrix.transpose(-2, -1).contiguous()
+        # A grouped product over the rows, written straight in the weight's layout:
+        # transposed (y = x @ W_e) gives dW_e = x_e.T @ dy_e, [E, K, N]; else (y = x @ W_e.T)
+        # dW_e = dy_e.T @ x_e, [E, N, K]. Experts without rows get zeros, whatever the kernel
+        # leaves there.
+        grad_weight = (
+            F.grouped_mm(x.t(), grad_y, offs=ends) if transposed else F.grouped_mm(grad_y.t(), x, offs=ends)
+        )
+        grad_weight.masked_fill_(layout.empty, 0)
     if needs_bias:
         # Per-expert column sums of dy, as the same grouped product with rows of ones.
-        ones = grad_y.new_ones(rows, 8)
-        grad_bias = torch.where(routed, F.grouped_mm(ones.t(), grad_y, offs=ends), 0)[:, 0]
+        ones = grad_y.new_ones(x.shape[0], 8)
+        grad_bias = F.grouped_mm(ones.t(), grad_y, offs=ends).masked_fill_(layout.empty, 0)[:, 0]
     return grad_x, grad_weight, grad_bias
 
 
