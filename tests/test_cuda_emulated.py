@@ -213,6 +213,14 @@ def test_permute_plan_chunking_respects_the_workspace_bound():
     assert (chunks - 1) * chunk < 5000 <= chunks * chunk
 
 
+def test_permute_plan_chunks_shrink_for_small_plans():
+    """Few slots: smaller chunks, so that more warps share the walk; many: full chunks."""
+    assert _cuda_ops.plan_chunks(4096, 8) == (32, 128)  # T = 2048, k = 2
+    assert _cuda_ops.plan_chunks(100, 8) == (1, 100)
+    assert _cuda_ops.plan_chunks(16384, 64) == (64, 256)
+    assert _cuda_ops.plan_chunks(131072, 64) == (128, 1024)  # T = 16384, k = 8
+
+
 def test_invalid_expert_ids_and_short_num_rows_are_counted(gpu):
     experts = torch.tensor([[0, 9], [1, -3], [0, 1]])
     x = torch.randn(3, 4)

@@ -74,8 +74,13 @@ WARP_TEAM_MAX_EXPERTS = 512
 #: Top-k gating without a bias or group limit, up to this k (and WARP_TEAM_MAX_EXPERTS
 #: experts), routes one token per thread.
 THREAD_TEAM_MAX_K = 16
-#: Slots per warp in the plan kernels, at least (fewer chunks when E is large: see _plan_chunks).
+#: Slots per warp in the plan kernels, at most (more when E is large: see plan_chunks). Each
+#: warp walks its chunk 32 slots at a time through cursors in global memory, so its time grows
+#: with the chunk: plans of few slots get chunks down to PLAN_MIN_CHUNK_SLOTS, so that at least
+#: PLAN_MIN_CHUNKS warps share them.
 PLAN_CHUNK_SLOTS = 1024
+PLAN_MIN_CHUNK_SLOTS = 128
+PLAN_MIN_CHUNKS = 64
 #: The most entries of the plan's per-chunk count workspace (int64: 32 MiB).
 PLAN_WORKSPACE_ENTRIES = 1 << 22
 #: Blocks of the row kernels at most (they loop over the rest).
@@ -424,12 +429,14 @@ def slot_dots_cuda(grad_y: Tensor, y_sorted: Tensor, slot_to_row: Tensor) -> Ten
 
 
 def plan_chunks(num_slots: int, num_experts: int) -> tuple[int, int]:
-    """(number of chunks, slots per chunk) of the plan kernels: chunks of at least
-    PLAN_CHUNK_SLOTS slots, few enough that the [chunks, E] workspace stays within
-    PLAN_WORKSPACE_ENTRIES. The plan itself does not depend on the chunking."""
+    """(number of chunks, slots per chunk) of the plan kernels: chunks of PLAN_CHUNK_SLOTS
+    slots, or smaller ones (PLAN_MIN_CHUNK_SLOTS at least) for PLAN_MIN_CHUNKS chunks; and
+    few enough that the [chunks, E] workspace stays within PLAN_WORKSPACE_ENTRIES. The plan
+    itself does not depend on the chunking."""
     if num_slots == 0:
         return 0, 1
-    chunks = min(-(-num_slots // PLAN_CHUNK_SLOTS), max(1, PLAN_WORKSPACE_ENTRIES // num_experts))
+    target = min(max(-(-num_slots // PLAN_MIN_CHUNKS), PLAN_MIN_CHUNK_SLOTS), PLAN_CHUNK_SLOTS)
+    chunks = min(-(-num_slots // target), max(1, PLAN_WORKSPACE_ENTRIES // num_experts))
     chunk = -(-num_slots // chunks)
     return -(-num_slots // chunk), chunk
 
