@@ -131,8 +131,7 @@ def register_kernel(name: str, device_type: str, kernel: Callable[..., Any]) -> 
 def _plain_eager() -> bool:
     """Whether nothing in torch needs to see a call go through the dispatcher."""
     return not (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()
+        torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()
         or torch._C._autograd._profiler_enabled()
@@ -143,6 +142,9 @@ def call(name: str, *args: Any) -> Any:
     """Calls op ``sparseroute::<name>`` with positional ``args`` (every schema argument, in
     order): directly where that is safe (see the module docstring), else through
     ``torch.ops.sparseroute``."""
+    if torch.compiler.is_compiling():
+        # Dynamo traces this function: hand it the op itself, nothing of the registry.
+        return getattr(getattr(torch.ops, NAMESPACE), name)(*args)
     entry = _OPS[name]
     if _DIRECT and _plain_eager():
         found = _device_and_grad(args)
