@@ -1,16 +1,21 @@
 """Where the time of one MoE block goes on a GPU: torch.profiler tables of a forward + backward.
 
     python benches/gpu_profile.py [--shape mixtral|olmoe] [--impl sparseroute|grouped_mm|eager]
-                                  [--steps 5] [--rows 20]
+                                  [--steps 5] [--rows 20] [--python]
 
-Builds the block of benches/benchmarks/moe_block.py (bf16, T = 2048), warms it up, profiles
-``--steps`` forward + backward steps, and prints the ``--rows`` most expensive operators by
-GPU time and by host time (self time, per step), then the host and GPU time of a step.
+Builds the block of benches/benchmarks/moe_block.py (bf16, T = 2048), warms it up, times a
+step, profiles ``--steps`` forward + backward steps with torch.profiler, and prints the
+``--rows`` most expensive operators by GPU time and by host time. torch.profiler sends
+sparseroute's calls through torch's dispatcher (see sparseroute.ops._eager), so for the host
+time of the calls as they run unprofiled, ``--python`` profiles the Python functions with
+cProfile instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -25,6 +30,7 @@ def main() -> int:
     parser.add_argument("--impl", default="sparseroute", choices=["sparseroute", "grouped_mm", "eager"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--python", action="store_true", help="cProfile the Python functions")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("CUDA is not available: nothing to profile")
@@ -46,6 +52,17 @@ def main() -> int:
     host_ms = (time.perf_counter() - start) / args.steps * 1e3
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / args.steps * 1e3
+    if args.python:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        print(f"{args.shape} {args.impl}: {wall_ms:.3f} ms per step; Python over {args.steps} steps")
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(profiler).sort_stats(key).print_stats(args.rows)
+        return 0
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
