@@ -709,3 +709,44 @@ def test_sinkhorn_counts_logits_that_overflow(gpu):
     out = _cuda_ops.sinkhorn_cuda(logits, 5, 1e-4)
     assert torch.isfinite(out).all()
     assert gpu.errors[7] >= 1 and gpu.errors.sum() == gpu.errors[7]
+
+
+@pytest.mark.parametrize(
+    ("offsets", "num_rows", "malformed"),
+    [
+        ([0, 5, 5, 14, 17, 17, 24], 28, False),  # empty experts, four padding rows
+        ([0, 3, 8], 8, False),  # no padding, no empty expert
+        ([0, 0], 3, False),  # E = 1 without rows
+        ([0, 6, 4, 9], 12, True),  # decreasing
+        ([0, 4, 30], 10, True),  # past the rows
+        ([2, 4, 6], 6, True),  # not starting at 0
+        ([0, -3, 5], 8, True),  # negative
+    ],
+)
+def test_group_layout_kernels_match_the_torch_layout(gpu, offsets, num_rows, malformed):
+    from sparseroute.ops import experts
+
+    offsets = torch.tensor(offsets)
+    ends, padding, empty = _cuda_ops.group_layout_cuda(offsets, num_rows)
+    expected = experts._group_layout_torch(offsets, num_rows)
+    assert torch.equal(ends, expected.ends)
+    assert torch.equal(padding, expected.padding)
+    assert torch.equal(empty, expected.empty)
+    assert gpu.errors.tolist()[2] == int(malformed)  # one count per layout, at most
+
+
+def test_group_layout_kernel_scans_across_tiles(gpu):
+    """More experts than the block's 1024 threads: the running maximum carries across tiles."""
+    from sparseroute.ops import experts
+
+    g = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 3, (2500,), generator=g)
+    counts[1024:1100] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    num_rows = int(offsets[-1]) + 7
+    ends, padding, empty = _cuda_ops.group_layout_cuda(offsets, num_rows)
+    expected = experts._group_layout_torch(offsets, num_rows)
+    assert torch.equal(ends, expected.ends)
+    assert torch.equal(padding, expected.padding)
+    assert torch.equal(empty, expected.empty)
+    assert not gpu.errors.any()

@@ -507,6 +507,46 @@ def _dropless_plan(
     return tokens_per_expert, offsets, row_to_slot, slot_to_row
 
 
+def group_layout_cuda(offsets: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ends [E] int32, padding [rows, 1] bool, empty [E, 1, 1] bool)`` of a plan's offsets ``[E + 1]``
+    for torch's grouped GEMM (see ``sparseroute.ops.experts._group_layout``, whose torch code
+    computes the same on other devices): the clamped, non-decreasing group ends, the rows past
+    the last group, the experts without rows. Malformed offsets are counted in the error
+    buffer."""
+    device = offsets.device
+    num_experts = offsets.shape[0] - 1
+    if offsets.dim() != 1 or num_experts < 1:
+        raise _invalid("offsets", "a 1-D tensor of E + 1 >= 2 entries", tuple(offsets.shape))
+    ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    empty = torch.empty(num_experts, dtype=torch.bool, device=device)
+    padding = torch.empty(num_rows, dtype=torch.bool, device=device)
+    with _cuda.launcher(device) as launch:
+        launch(
+            "plan.cu",
+            None,
+            "sr_group_ends",
+            1,
+            1024,
+            (
+                pointer(offsets.to(torch.int64).contiguous()),
+                _i32(num_experts),
+                _i64(num_rows),
+                pointer(ends),
+                pointer(empty),
+                pointer(launch.errors),
+            ),
+        )
+        launch(
+            "plan.cu",
+            None,
+            "sr_padding_rows",
+            min(-(-num_rows // 256), MAX_ROW_BLOCKS),
+            256,
+            (pointer(ends), _i32(num_experts), _i64(num_rows), pointer(padding)),
+        )
+    return ends, padding.unsqueeze(1), empty.view(-1, 1, 1)
+
+
 #: The most signed 64-bit integer: flipping these bits of a negative float's pattern orders
 #: negative floats below positive ones as integers (the order of Rust's f64::total_cmp).
 _LOW_63_BITS = (1 << 63) - 1

@@ -305,3 +305,11 @@ def test_bf16_grouped_linear_runs_the_grouped_gemm_without_a_sync(transposed, bi
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+    # The graph computes the group layout itself: refilled offsets are followed on replay.
+    static_offsets.copy_(torch.tensor([0, 2, 9, 9, 20, 24, 27], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    refilled = sparseroute.grouped_linear(
+        static_x, static_offsets.clone(), static_w, static_b, transposed=transposed
+    )
+    assert torch.equal(out, refilled)

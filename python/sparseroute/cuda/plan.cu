@@ -240,3 +240,95 @@ extern "C" __global__ void __launch_bounds__(256)
     atomicAdd(&errors[SR_ERR_NUM_ROWS], 1);
   }
 }
+
+// The group layout that torch's grouped GEMM needs of a plan's offsets [E + 1] over num_rows
+// rows (sparseroute.ops.experts, _group_layout), in two launches instead of a dozen small torch
+// ops:
+//   sr_group_ends     (one block of 1024 threads) ends[e] = the running maximum of
+//                     clamp(offsets[e + 1], 0, num_rows), as int32 (non-decreasing, within the
+//                     rows, so that no group can reach outside them); empty[e] = 1 when expert
+//                     e has no rows (ends[e] == ends[e - 1], ends[-1] = 0); malformed offsets
+//                     (offsets[0] != 0, or an end that differs from its offset) are counted as
+//                     SR_ERR_PLAN_INDEX.
+//   sr_padding_rows   padding[r] = 1 for the rows past the last group (r >= ends[E - 1]).
+extern "C" __global__ void __launch_bounds__(1024)
+    sr_group_ends(const i64* offsets, int num_experts, i64 num_rows, int* ends, unsigned char* empty,
+                  int* errors) {
+  __shared__ i64 warp_maxima[32];
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  int malformed = threadIdx.x == 0 && offsets[0] != 0;
+  i64 carry = 0;  // the running maximum of the tiles before
+  for (int base = 0; base < num_experts; base += 1024) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    i64 value = 0;
+    if (e < num_experts) {
+      value = offsets[e + 1];
+      value = value < 0 ? 0 : (value > num_rows ? num_rows : value);
+    }
+    i64 inclusive = value;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const i64 other = __shfl_up_sync(SR_FULL_MASK, inclusive, offset);
+      inclusive = lane >= offset && other > inclusive ? other : inclusive;
+    }
+    if (lane == 31) {
+      warp_maxima[warp] = inclusive;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      i64 total = warp_maxima[lane];
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const i64 other = __shfl_up_sync(SR_FULL_MASK, total, offset);
+        total = lane >= offset && other > total ? other : total;
+      }
+      warp_maxima[lane] = total;
+    }
+    __syncthreads();
+    i64 end = carry;
+    if (warp > 0 && warp_maxima[warp - 1] > end) {
+      end = warp_maxima[warp - 1];
+    }
+    if (inclusive > end) {
+      end = inclusive;
+    }
+    if (e < num_experts) {
+      ends[e] = static_cast<int>(end);
+      malformed |= offsets[e + 1] != end;
+    }
+    if (warp_maxima[31] > carry) {
+      carry = warp_maxima[31];
+    }
+    __syncthreads();  // warp_maxima is rewritten by the next tile
+  }
+  // Every end is written (and visible to the block after the barrier): compare neighbours.
+  for (int e = static_cast<int>(threadIdx.x); e < num_experts; e += 1024) {
+    empty[e] = ends[e] == (e > 0 ? ends[e - 1] : 0);
+  }
+  // One count per layout, however many offsets are off.
+  __shared__ int warp_malformed[32];
+  const int warp_any = __any_sync(SR_FULL_MASK, malformed);
+  if (lane == 0) {
+    warp_malformed[warp] = warp_any;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int any = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) {
+      any |= warp_malformed[w];
+    }
+    if (any) {
+      atomicAdd(&errors[SR_ERR_PLAN_INDEX], 1);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    sr_padding_rows(const int* ends, int num_experts, i64 num_rows, unsigned char* padding) {
+  const i64 last = ends[num_experts - 1];
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+  for (i64 r = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; r < num_rows; r += stride) {
+    padding[r] = r >= last;
+  }
+}

@@ -117,36 +117,38 @@ def _forget_layout(key: int) -> None:
 
 
 def _group_layout(offsets: Tensor, num_rows: int) -> _GroupLayout:
+    if offsets.is_cuda:
+        from sparseroute import _cuda_ops
+
+        if torch.cuda.is_current_stream_capturing():
+            # A CUDA graph must compute the layout itself: replays may see other offsets
+            # (a static input refilled between replays) without any Python running.
+            return _GroupLayout(*_cuda_ops.group_layout_cuda(offsets, num_rows))
     key = id(offsets)
     cached = _LAYOUTS.get(key)
     if cached is not None and cached[0] == offsets._version and cached[1] == num_rows:
         return cached[2]
-    from sparseroute import _cuda
-
-    # Malformed offsets (not starting at 0, decreasing, or past the rows) could make a group
-    # read outside x: the ends are clamped and made non-decreasing, and the malformation is
-    # counted in the CUDA error buffer (read without a host synchronisation by
-    # check_cuda_errors).
-    ends = torch.cummax(offsets[1:].clamp(0, num_rows), dim=0).values
     if offsets.is_cuda:
-        malformed = (offsets[0] != 0) | (offsets[1:] != ends).any()
-        errors = _cuda.error_counters(_cuda._device_index(offsets.device))
-        errors[_PLAN_INDEX_ERRORS].add_(malformed.to(torch.int32))
-    ends = ends.to(torch.int32)
-    row_ids = torch.arange(num_rows, device=offsets.device, dtype=torch.int32)
-    layout = _GroupLayout(
-        ends=ends,
-        padding=(row_ids >= ends[-1]).unsqueeze(1),
-        empty=(torch.diff(ends, prepend=ends.new_zeros(1)) == 0).view(-1, 1, 1),
-    )
+        layout = _GroupLayout(*_cuda_ops.group_layout_cuda(offsets, num_rows))
+    else:
+        layout = _group_layout_torch(offsets, num_rows)
     if cached is None:
         weakref.finalize(offsets, _forget_layout, key)
     _LAYOUTS[key] = (offsets._version, num_rows, layout)
     return layout
 
 
-#: The error-buffer slot of plan indices outside the tensors (sparseroute._cuda.ERROR_KINDS).
-_PLAN_INDEX_ERRORS = 2
+def _group_layout_torch(offsets: Tensor, num_rows: int) -> _GroupLayout:
+    """The layout in torch code (for CPU tensors; on CUDA, _cuda_ops.group_layout_cuda computes
+    the same in two launches). Malformed offsets (not starting at 0, decreasing, or past the
+    rows) could make a group read outside x: the ends are clamped and made non-decreasing."""
+    ends = torch.cummax(offsets[1:].clamp(0, num_rows), dim=0).values.to(torch.int32)
+    row_ids = torch.arange(num_rows, device=offsets.device, dtype=torch.int32)
+    return _GroupLayout(
+        ends=ends,
+        padding=(row_ids >= ends[-1]).unsqueeze(1),
+        empty=(torch.diff(ends, prepend=ends.new_zeros(1)) == 0).view(-1, 1, 1),
+    )
 
 
 def _grouped_linear_grouped_mm(
