@@ -750,3 +750,46 @@ def test_group_layout_kernel_scans_across_tiles(gpu):
     assert torch.equal(padding, expected.padding)
     assert torch.equal(empty, expected.empty)
     assert not gpu.errors.any()
+
+
+def _replica_table(num_experts, replicas, num_slots, seed):
+    """A replica table [E, R] (ascending distinct slots, -1 past each expert's count) and the
+    counts [E]."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, replicas + 1, (num_experts,), generator=g)
+    table = torch.full((num_experts, replicas), -1, dtype=torch.int64)
+    for e in range(num_experts):
+        slots = torch.randperm(num_slots, generator=g)[: int(counts[e])]
+        table[e, : int(counts[e])] = slots.sort().values
+    return table, counts
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "load"])
+@pytest.mark.parametrize(
+    ("num_slots", "slots_per_gpu"),
+    [(12, 4), (10_000, 100)],  # counters in shared memory; too many for it (the workspace)
+)
+def test_replica_map_matches_the_cpu(gpu, policy, num_slots, slots_per_gpu):
+    table, counts = _replica_table(9, 4, num_slots, seed=num_slots)
+    experts = random_experts(150, 3, 9, seed=4, empty=0.15)
+    args = (experts, table, counts, num_slots, slots_per_gpu, policy)
+    ours = _cuda_ops.replica_map_cuda(*args)
+    assert torch.equal(ours, ops.replica_map(*args))
+    assert not gpu.errors.any()
+
+
+def test_replica_map_counts_invalid_ids_and_tables(gpu):
+    table, counts = _replica_table(4, 2, 8, seed=1)
+    experts = torch.tensor([[0, 7], [-1, 2]])  # 7 is no expert
+    for policy in ("round_robin", "load"):
+        out = _cuda_ops.replica_map_cuda(experts, table, counts, 8, 2, policy)
+        assert out[0, 1] == -1 and out[1, 0] == -1 and out[0, 0] >= 0
+        assert gpu.errors.tolist()[1] >= 1
+        gpu.errors.zero_()
+    broken = table.clone()
+    broken[2, 0] = 99  # a slot outside the 8 slots
+    for policy in ("round_robin", "load"):
+        out = _cuda_ops.replica_map_cuda(torch.tensor([[2, 0]]), broken, counts, 8, 2, policy)
+        assert out[0, 0] == -1 and out[0, 1] >= 0
+        assert gpu.errors.tolist()[2] == 1
+        gpu.errors.zero_()

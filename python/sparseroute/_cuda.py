@@ -68,6 +68,7 @@ MODULES: dict[str, tuple[torch.dtype | None, ...]] = {
     "expert_choice.cu": tuple(DTYPE_CODES),
     "gating.cu": tuple(DTYPE_CODES),
     "layers.cu": tuple(DTYPE_CODES),
+    "placement.cu": (None,),
     "plan.cu": (None,),
     "rows.cu": tuple(DTYPE_CODES),
     "sinkhorn.cu": (None,),

@@ -66,6 +66,7 @@ CUDA_OPS: tuple[str, ...] = (
     "expert_choice_backward",
     "expert_choice_slots",
     "sinkhorn",
+    "replica_map",
     *TORCH_CODE_OPS,
 )
 
@@ -1398,6 +1399,102 @@ def layer_plan_cuda(logits: Tensor) -> Tensor:
 
 # --- registration -------------------------------------------------------------------------------
 
+# --- replica_map -------------------------------------------------------------------------------
+
+#: Replica policies of sparseroute.placement.replica_map.
+REPLICA_POLICIES = ("round_robin", "load")
+
+
+def replica_map_cuda(
+    experts: Tensor,
+    logical_to_physical: Tensor,
+    replica_counts: Tensor,
+    num_slots: int,
+    slots_per_gpu: int,
+    policy: str,
+) -> Tensor:
+    """``experts`` [T, k] mapped to physical slots (see placement.cu). The layer's table may
+    live on the CPU (plans are made there): it is copied to the device, a few hundred bytes."""
+    device = experts.device
+    if experts.dim() != 2:
+        raise _invalid("experts", "a 2-D tensor [T, k]", tuple(experts.shape))
+    if logical_to_physical.dim() != 2 or replica_counts.shape != logical_to_physical.shape[:1]:
+        raise _invalid(
+            "logical_to_physical",
+            f"[E, R] with E = {replica_counts.shape[0] if replica_counts.dim() == 1 else '?'} "
+            "(the length of replica_counts)",
+            tuple(logical_to_physical.shape),
+        )
+    num_experts, replicas = logical_to_physical.shape
+    if num_experts < 1 or replicas < 1:
+        raise _invalid("logical_to_physical", "[E, R] with E >= 1 and R >= 1", (num_experts, replicas))
+    if slots_per_gpu < 1 or num_slots % slots_per_gpu != 0:
+        raise _invalid("slots_per_gpu", f"a divisor of num_slots = {num_slots} (>= 1)", slots_per_gpu)
+    if policy not in REPLICA_POLICIES:
+        raise _invalid("policy", f"one of {REPLICA_POLICIES}", repr(policy))
+    experts = experts.to(torch.int64).contiguous()
+    table = logical_to_physical.to(device=device, dtype=torch.int64).contiguous()
+    counts = replica_counts.to(device=device, dtype=torch.int64).contiguous()
+    out = torch.empty_like(experts)
+    num_entries = experts.numel()
+    if num_entries == 0:
+        return out
+    with _cuda.launcher(device) as launch:
+        if policy == "round_robin":
+            # An occurrence's number among its expert's is its rank in the dropless plan.
+            _, offsets, _, slot_to_row = _dropless_plan(launch, experts, num_experts, num_entries)
+            launch(
+                "placement.cu",
+                None,
+                "sr_replica_round_robin",
+                min(-(-num_entries // 256), MAX_ROW_BLOCKS),
+                256,
+                (
+                    pointer(experts),
+                    _i64(num_entries),
+                    pointer(slot_to_row),
+                    pointer(offsets),
+                    pointer(table),
+                    pointer(counts),
+                    _i32(num_experts),
+                    _i32(replicas),
+                    _i64(num_slots),
+                    pointer(out),
+                    pointer(launch.errors),
+                ),
+            )
+        else:
+            num_gpus = num_slots // slots_per_gpu
+            in_shared = num_gpus + num_slots <= REPLICA_SHARED_COUNTERS
+            size = 0 if in_shared else num_gpus + num_slots
+            workspace = torch.zeros(size, dtype=torch.int64, device=device)
+            launch(
+                "placement.cu",
+                None,
+                "sr_replica_load",
+                1,
+                32,
+                (
+                    pointer(experts),
+                    _i64(num_entries),
+                    pointer(table),
+                    pointer(counts),
+                    _i32(num_experts),
+                    _i32(replicas),
+                    _i64(num_slots),
+                    _i64(slots_per_gpu),
+                    pointer(workspace),
+                    pointer(out),
+                    pointer(launch.errors),
+                ),
+            )
+    return out
+
+
+#: GPU and slot counters of sr_replica_load that fit in shared memory (placement.cu).
+REPLICA_SHARED_COUNTERS = 8192
+
+
 _KERNELS: dict[str, Callable[..., Any]] = {
     "topk_gating": topk_gating_cuda,
     "topk_gating_backward": topk_gating_backward_cuda,
@@ -1420,6 +1517,7 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     "expert_choice_backward": expert_choice_backward_cuda,
     "expert_choice_slots": expert_choice_slots_cuda,
     "sinkhorn": sinkhorn_cuda,
+    "replica_map": replica_map_cuda,
 }
 assert (*_KERNELS, *TORCH_CODE_OPS) == CUDA_OPS
 

@@ -163,12 +163,24 @@ def test_short_num_rows_and_bad_ids_are_reported():
         sparseroute.check_cuda_errors()
 
 
-def test_ops_without_cuda_kernels_say_so():
-    experts = torch.zeros(4, 1, dtype=torch.int64, device="cuda")
-    table = torch.zeros(2, 1, dtype=torch.int64, device="cuda")
-    counts = torch.ones(2, dtype=torch.int64, device="cuda")
-    with pytest.raises(NotImplementedError, match="replica_map has no CUDA kernel"):
-        torch.ops.sparseroute.replica_map(experts, table, counts, 2, 1, "round_robin")
+@pytest.mark.parametrize("policy", ["round_robin", "load"])
+def test_replica_map_on_cuda_matches_the_cpu(policy):
+    """The plan's tables stay on the CPU (plans are made there); the experts are on the GPU."""
+    from sparseroute import placement
+
+    g = torch.Generator().manual_seed(3)
+    load = torch.rand(2, 16, generator=g).mul(4).exp()
+    plan = placement.plan_placement(load, 32, 2, 4, num_groups=4)
+    experts = torch.randint(-1, 16, (300, 4), generator=g)
+    for layer in range(2):
+        cpu = placement.replica_map(experts, plan, layer, policy=policy)
+        gpu = placement.replica_map(experts.cuda(), plan, layer, policy=policy)
+        assert gpu.device.type == "cuda"
+        assert torch.equal(gpu.cpu(), cpu)
+    bad = torch.tensor([[0, 99]], device="cuda")
+    assert placement.replica_map(bad, plan, 0, policy=policy)[0, 1].item() == -1
+    with pytest.raises(sparseroute.InvalidInputError, match="expert ids outside"):
+        sparseroute.check_cuda_errors()
 
 
 def test_mixed_devices_are_refused():
