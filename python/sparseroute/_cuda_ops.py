@@ -33,6 +33,7 @@ from sparseroute import _cuda
 from sparseroute._core import InvalidInputError
 from sparseroute._cuda import pointer
 from sparseroute.ops import _eager
+from sparseroute.placement import REPLICA_POLICIES
 
 #: Ops whose one implementation serves both devices: torch code (per-expert cuBLAS matmuls,
 #: elementwise ops), registered for "cpu" and "cuda" by the op itself (sparseroute.ops.experts).
@@ -1400,9 +1401,6 @@ def layer_plan_cuda(logits: Tensor) -> Tensor:
 # --- registration -------------------------------------------------------------------------------
 
 # --- replica_map -------------------------------------------------------------------------------
-
-#: Replica policies of sparseroute.placement.replica_map.
-REPLICA_POLICIES = ("round_robin", "load")
 
 
 def replica_map_cuda(

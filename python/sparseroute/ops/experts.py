@@ -117,25 +117,26 @@ def _forget_layout(key: int) -> None:
 
 
 def _group_layout(offsets: Tensor, num_rows: int) -> _GroupLayout:
-    if offsets.is_cuda:
-        from sparseroute import _cuda_ops
-
-        if torch.cuda.is_current_stream_capturing():
-            # A CUDA graph must compute the layout itself: replays may see other offsets
-            # (a static input refilled between replays) without any Python running.
-            return _GroupLayout(*_cuda_ops.group_layout_cuda(offsets, num_rows))
+    build = _group_layout_cuda if offsets.is_cuda else _group_layout_torch
+    if offsets.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph must compute the layout itself: replays may see other offsets (a
+        # static input refilled between replays) without any Python running.
+        return build(offsets, num_rows)
     key = id(offsets)
     cached = _LAYOUTS.get(key)
     if cached is not None and cached[0] == offsets._version and cached[1] == num_rows:
         return cached[2]
-    if offsets.is_cuda:
-        layout = _GroupLayout(*_cuda_ops.group_layout_cuda(offsets, num_rows))
-    else:
-        layout = _group_layout_torch(offsets, num_rows)
+    layout = build(offsets, num_rows)
     if cached is None:
         weakref.finalize(offsets, _forget_layout, key)
     _LAYOUTS[key] = (offsets._version, num_rows, layout)
     return layout
+
+
+def _group_layout_cuda(offsets: Tensor, num_rows: int) -> _GroupLayout:
+    from sparseroute import _cuda_ops
+
+    return _GroupLayout(*_cuda_ops.group_layout_cuda(offsets, num_rows))
 
 
 def _group_layout_torch(offsets: Tensor, num_rows: int) -> _GroupLayout:
