@@ -1,6 +1,7 @@
 """The CPU kernels pick AVX2 versions at run time where the processor has them (gating,
-z-loss, Sinkhorn); ``SPARSEROUTE_SIMD=baseline`` turns them off. Both must give the same
-bits."""
+z-loss, Sinkhorn), and AVX-512 top-k selection for many experts where it has that;
+``SPARSEROUTE_SIMD=avx2`` stops at AVX2 and ``SPARSEROUTE_SIMD=baseline`` turns both off.
+Every level must give the same bits."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import sparseroute
 
 # (T, E, k, score, normalize, dtype): token-parallel shapes (E * k small), the per-token
-# filter (E >= 32), and the token-by-token path (k > 8), for every input dtype.
+# filter (E >= 32; AVX-512 collection from E = 128), and the token-by-token path (k > 8),
+# for every input dtype.
 CASES = [
     (T, E, k, score, normalize, dtype)
     for T, E, k in [
@@ -24,7 +27,10 @@ CASES = [
         (37, 60, 4),
         (45, 64, 8),
         (21, 160, 6),
+        (33, 128, 2),
+        (70, 256, 2),
         (19, 256, 8),
+        (17, 300, 1),
         (9, 64, 12),
     ]
     for score, normalize in [("softmax", True), ("softmax", False), ("sigmoid", True)]
@@ -35,7 +41,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys, torch, sparseroute
     from test_simd_dispatch import run_all
-    assert sparseroute.info()["cpu_simd"] == "baseline", sparseroute.info()["cpu_simd"]
+    assert sparseroute.info()["cpu_simd"] == sys.argv[2], sparseroute.info()["cpu_simd"]
     torch.save(run_all(), sys.argv[1])
     """
 )
@@ -60,15 +66,22 @@ def run_all() -> list[tuple[torch.Tensor, ...]]:
 
 
 def test_info_names_the_instruction_set():
-    assert sparseroute.info()["cpu_simd"] in ("avx2", "baseline")
+    assert sparseroute.info()["cpu_simd"] in ("avx512", "avx2", "baseline")
 
 
-def test_baseline_and_simd_kernels_give_the_same_bits(tmp_path):
-    out = tmp_path / "baseline.pt"
-    env = dict(os.environ, SPARSEROUTE_SIMD="baseline", PYTHONPATH=os.path.dirname(__file__))
-    subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, check=True, timeout=600)
-    baseline = torch.load(out)
-    for i, (ours, base) in enumerate(zip(run_all(), baseline, strict=True)):
+LEVELS = ["baseline", "avx2", "avx512"]
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2"])
+def test_lower_levels_give_the_same_bits(tmp_path, level):
+    best = sparseroute.info()["cpu_simd"]
+    if LEVELS.index(level) >= LEVELS.index(best):
+        pytest.skip(f"this CPU runs {best}: {level} is not a lower level")
+    out = tmp_path / f"{level}.pt"
+    env = dict(os.environ, SPARSEROUTE_SIMD=level, PYTHONPATH=os.path.dirname(__file__))
+    subprocess.run([sys.executable, "-c", SCRIPT, str(out), level], env=env, check=True, timeout=600)
+    lower = torch.load(out)
+    for i, (ours, base) in enumerate(zip(run_all(), lower, strict=True)):
         for a, b in zip(ours, base, strict=True):
             bits = torch.int32 if a.dtype == torch.float32 else a.dtype
             assert torch.equal(a.view(bits), b.view(bits)), CASES[i] if i < len(CASES) else i

@@ -128,7 +128,7 @@ def slot_dots(
     threads: int,
 ) -> None: ...
 def simd_level() -> str:
-    """The instruction set of the CPU gating kernels: "avx2" or "baseline"."""
+    """The instruction set of the CPU kernels: "avx512", "avx2" or "baseline"."""
 
 def pooled_empty(shape: list[int], dtype: str) -> object:
     """A DLPack capsule of an uninitialised C-contiguous CPU tensor backed by a cached buffer."""

@@ -29,7 +29,7 @@ def _nvrtc() -> str | None:
 
 def info() -> dict[str, object]:
     """A description of this installation: sparseroute's version, its CPU thread count and
-    the instruction set of its CPU gating kernels ("avx2" or "baseline", see
+    the instruction set of its CPU kernels ("avx512", "avx2" or "baseline", see
     ``SPARSEROUTE_SIMD`` in docs/semantics.md), torch
     and its CUDA, CuPy and NVRTC (``None`` when missing), the current CUDA device, the ops with
     CUDA kernels and where their sources are.

@@ -122,7 +122,7 @@ impl Batcher {
     /// layer `l` (`-1` entries are empty).
     pub fn push(&mut self, id: i64, experts: &[i64]) -> Result<()> {
         let layers = self.num_layers;
-        if layers == 0 && !experts.is_empty() || layers > 0 && experts.len() % layers != 0 {
+        if layers == 0 && !experts.is_empty() || layers > 0 && !experts.len().is_multiple_of(layers) {
             return Err(CoreError::invalid(
                 "experts",
                 format!("[L, k] with L = {layers} layers"),

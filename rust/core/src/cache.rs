@@ -977,7 +977,7 @@ impl Trace {
     pub fn new(layout: &Layout, experts: &[i64], offsets: &[i64]) -> Result<Self> {
         let num_layers = layout.num_layers();
         let num_visits = offsets.len().saturating_sub(1);
-        if num_visits == 0 || num_visits % num_layers != 0 {
+        if num_visits == 0 || !num_visits.is_multiple_of(num_layers) {
             return Err(CoreError::invalid(
                 "offsets",
                 format!(

@@ -161,7 +161,7 @@ impl Topology {
                 ));
             }
         }
-        if method == Method::Hierarchical && self.groups() % self.num_nodes != 0 {
+        if method == Method::Hierarchical && !self.groups().is_multiple_of(self.num_nodes) {
             // The hierarchical method puts equally many groups on every node.
             return Err(match self.num_groups {
                 Some(groups) => CoreError::invalid(
@@ -289,7 +289,7 @@ fn layer_loads(row: &[f64]) -> Vec<f64> {
 }
 
 fn check_loads(load: &[f64], num_experts: usize) -> Result<usize> {
-    if load.len() % num_experts != 0 {
+    if !load.len().is_multiple_of(num_experts) {
         return Err(CoreError::invalid(
             "load",
             format!("[L, E] with E = {num_experts}"),
@@ -1032,7 +1032,7 @@ pub fn logical_to_physical(
     max_replicas: usize,
     out: &mut [i64],
 ) -> Result<()> {
-    if num_slots == 0 || physical_to_logical.len() % num_slots != 0 {
+    if num_slots == 0 || !physical_to_logical.len().is_multiple_of(num_slots) {
         return Err(CoreError::invalid(
             "physical_to_logical",
             format!("[L, P] with P = {num_slots} >= 1"),
@@ -1090,7 +1090,7 @@ pub fn replica_map(
 ) -> Result<()> {
     let e_count = table.replica_counts.len();
     check_len("out", out, experts.len())?;
-    if e_count == 0 || table.logical_to_physical.len() % e_count != 0 {
+    if e_count == 0 || !table.logical_to_physical.len().is_multiple_of(e_count) {
         return Err(CoreError::invalid(
             "logical_to_physical",
             format!("[E, R] with E = {e_count} (the length of replica_counts) >= 1"),
@@ -1098,7 +1098,7 @@ pub fn replica_map(
         ));
     }
     let r = table.logical_to_physical.len() / e_count;
-    if table.slots_per_gpu == 0 || table.num_slots % table.slots_per_gpu != 0 {
+    if table.slots_per_gpu == 0 || !table.num_slots.is_multiple_of(table.slots_per_gpu) {
         return Err(CoreError::invalid(
             "slots_per_gpu",
             format!("a divisor of num_slots = {} (>= 1)", table.num_slots),

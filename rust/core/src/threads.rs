@@ -118,6 +118,38 @@ where
         .try_for_each(|(i, (x, y))| body(i * rows, x, y))
 }
 
+/// [`for_each_block2`] with per-worker state: `init` makes a state once per piece of work
+/// a thread takes on (not once per block), and `body` gets it with each block. Kernels use
+/// it for scratch buffers, whose allocation would otherwise be paid for every block.
+pub fn for_each_block2_with<T, U, S, I, F>(
+    (a, a_row_len): (&mut [T], usize),
+    (b, b_row_len): (&mut [U], usize),
+    rows_per_block: usize,
+    init: I,
+    body: F,
+) -> Result<()>
+where
+    T: Send,
+    U: Send,
+    I: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, usize, &mut [T], &mut [U]) -> Result<()> + Sync + Send,
+{
+    let rows = rows_per_block.max(1);
+    let (a_len, b_len) = (rows * a_row_len.max(1), rows * b_row_len.max(1));
+    if !parallel() || a.len() <= a_len {
+        let mut state = init();
+        return a
+            .chunks_mut(a_len)
+            .zip(b.chunks_mut(b_len))
+            .enumerate()
+            .try_for_each(|(i, (x, y))| body(&mut state, i * rows, x, y));
+    }
+    a.par_chunks_mut(a_len)
+        .zip(b.par_chunks_mut(b_len))
+        .enumerate()
+        .try_for_each_init(init, |state, (i, (x, y))| body(state, i * rows, x, y))
+}
+
 /// Calls `body(i, &mut a[i], &mut b[i])` for every index of two equally long slices: in
 /// parallel inside [`run`], in order otherwise.
 pub fn for_each_pair<A, B, F>(a: &mut [A], b: &mut [B], body: F) -> Result<()>

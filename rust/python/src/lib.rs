@@ -17,7 +17,7 @@ mod schedule;
 
 use pyo3::prelude::*;
 
-/// The instruction set of the CPU kernels: "avx2" or "baseline".
+/// The instruction set of the CPU kernels: "avx512", "avx2" or "baseline".
 #[pyfunction]
 fn simd_level() -> &'static str {
     sparseroute_core::simd::level()

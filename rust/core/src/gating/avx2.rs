@@ -7,6 +7,7 @@
 use super::{GatingConfig, ScoreFunction, TopK};
 use crate::element::{Accumulator, Storage};
 use crate::simd::avx2::{exp8, finite_lanes, with_source, Source};
+use crate::simd::avx512::Source16;
 use std::arch::x86_64::*;
 
 /// Logits as these kernels read them, when the AVX2 kernels may run on them.
@@ -195,7 +196,7 @@ pub(super) unsafe fn route_rows(
 }
 
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]
-unsafe fn route_rows_k<S: Source, const K: usize>(
+unsafe fn route_rows_k<S: Source16, const K: usize>(
     src: S,
     first_row: usize,
     cfg: &GatingConfig,
@@ -329,13 +330,18 @@ pub(super) struct Candidates {
     keys: Vec<f32>,
     index: Vec<u32>,
     top: TopK<f32>,
+    /// Collect with [`super::avx512::collect`] (the caller checked the CPU features).
+    avx512: bool,
 }
 
 impl Candidates {
-    pub(super) fn new(num_experts: usize, k: usize) -> Self {
-        // Room for the last compressed store (8 lanes) or the -inf padding (24 lanes).
-        let room = num_experts + 24;
-        Candidates { keys: vec![0.0; room], index: vec![0; room], top: TopK::new(k) }
+    /// Buffers for rows of `num_experts`; `avx512` collects candidates with the AVX-512
+    /// kernel, which the caller must have checked ([`crate::simd::avx512_enabled`]).
+    pub(super) fn new(num_experts: usize, k: usize, avx512: bool) -> Self {
+        // Room for the last compressed stores (8 lanes, or 64 with AVX-512) or the -inf
+        // padding (24 lanes).
+        let room = num_experts + 64;
+        Candidates { keys: vec![0.0; room], index: vec![0; room], top: TopK::new(k), avx512 }
     }
 }
 
@@ -374,7 +380,7 @@ unsafe fn sort_descending(v: __m256) -> __m256 {
 
 /// The k-th largest (1 <= k <= 16) of the sixteen finite lanes of `a` and `b`.
 #[inline(always)]
-unsafe fn kth_largest16(a: __m256, b: __m256, k: usize) -> f32 {
+pub(super) unsafe fn kth_largest16(a: __m256, b: __m256, k: usize) -> f32 {
     // SAFETY: register-only AVX2 operations and an in-bounds stack store.
     unsafe {
         let a = sort_descending(a);
@@ -418,45 +424,66 @@ pub(super) unsafe fn select_on_logits(
     unsafe { with_source!(rows, |src| select(src, start, len, k, candidates, chosen)) }
 }
 
-/// [`select_on_logits`] for one storage type.
+/// The candidates of one row for [`select_on_logits`] (steps 1 and 2), keys to `keys` and
+/// expert indices to `index`: how many, or `None` if the row holds NaN or an infinity.
+///
+/// # Safety
+/// As [`select_on_logits`]; `keys` and `index` hold at least `len + 24` values.
 #[inline(always)]
-unsafe fn select<S: Source>(
+unsafe fn collect<S: Source>(
     src: S,
     start: usize,
     len: usize,
     k: usize,
-    candidates: &mut Candidates,
-    chosen: &mut [u32; 16],
-) -> bool {
+    keys: &mut [f32],
+    index: &mut [u32],
+) -> Option<usize> {
     let blocks = len / 8;
     // SAFETY: every load8 reads start + 8b .. start + 8b + 8 with b < blocks, inside the
     // row; every candidate store writes at most 24 lanes from n <= len, inside the buffers
     // of len + 24.
     unsafe {
-        // Even and odd blocks; `zeros` stays +0 while every value is finite (v * 0 + 0 is
-        // +-0 + 0 = +0), and turns NaN at the first NaN or infinity.
-        let (mut even, mut odd) = (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
-        let (zero, mut zeros) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for b in (0..blocks - 1).step_by(2) {
-            let (u, v) = (src.load8(start + 8 * b), src.load8(start + 8 * b + 8));
-            zeros = _mm256_fmadd_ps(v, zero, _mm256_fmadd_ps(u, zero, zeros));
-            even = _mm256_max_ps(even, u);
-            odd = _mm256_max_ps(odd, v);
+        // Group maxima over four block residues (four independent max chains, so that
+        // the loop is not bound by the latency of one), folded to lane x block parity at
+        // the end. `odd_bits` collects v * 0, which is +-0 for finite v and NaN for NaN
+        // and the infinities: its exponent bits stay clear while every value is finite.
+        let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut maxima = [minus_inf; 4];
+        let (zero, mut odd_bits) = (_mm256_setzero_ps(), [_mm256_setzero_ps(); 2]);
+        let quads = blocks / 4 * 4;
+        for b in (0..quads).step_by(4) {
+            for (r, m) in maxima.iter_mut().enumerate() {
+                let v = src.load8(start + 8 * (b + r));
+                odd_bits[r % 2] = _mm256_or_ps(odd_bits[r % 2], _mm256_mul_ps(v, zero));
+                *m = _mm256_max_ps(*m, v);
+            }
         }
-        if blocks % 2 == 1 {
-            let u = src.load8(start + 8 * (blocks - 1));
-            zeros = _mm256_fmadd_ps(u, zero, zeros);
-            even = _mm256_max_ps(even, u);
+        // The last blocks, with constant indices so that the arrays stay in registers.
+        macro_rules! absorb {
+            ($r:literal) => {
+                if quads + $r < blocks {
+                    let v = src.load8(start + 8 * (quads + $r));
+                    odd_bits[$r % 2] = _mm256_or_ps(odd_bits[$r % 2], _mm256_mul_ps(v, zero));
+                    maxima[$r] = _mm256_max_ps(maxima[$r], v);
+                }
+            };
         }
+        absorb!(0);
+        absorb!(1);
+        absorb!(2);
+        let even = _mm256_max_ps(maxima[0], maxima[2]);
+        let odd = _mm256_max_ps(maxima[1], maxima[3]);
+        let exponents = _mm256_and_ps(_mm256_or_ps(odd_bits[0], odd_bits[1]), _mm256_set1_ps(f32::INFINITY));
         let tail = (blocks * 8..len).map(|i| src.load1(start + i));
-        let all_zero = _mm256_testz_si256(_mm256_castps_si256(zeros), _mm256_castps_si256(zeros)) == 1;
-        if !all_zero || !tail.clone().all(f32::is_finite) {
-            return false;
+        let all_finite =
+            _mm256_testz_si256(_mm256_castps_si256(exponents), _mm256_castps_si256(exponents)) == 1;
+        if !all_finite || !tail.clone().all(f32::is_finite) {
+            return None;
         }
         let bound = kth_largest16(even, odd, k);
 
-        let keys = candidates.keys.as_mut_ptr();
-        let index = candidates.index.as_mut_ptr();
+        let keys = keys.as_mut_ptr();
+        let index = index.as_mut_ptr();
         let bound8 = _mm256_set1_ps(bound);
         let mut n = 0;
         for b in 0..blocks {
@@ -477,7 +504,46 @@ unsafe fn select<S: Source>(
                 n += 1;
             }
         }
+        Some(n)
+    }
+}
 
+/// [`select_on_logits`] for one storage type.
+#[inline(always)]
+unsafe fn select<S: Source16>(
+    src: S,
+    start: usize,
+    len: usize,
+    k: usize,
+    candidates: &mut Candidates,
+    chosen: &mut [u32; 16],
+) -> bool {
+    // SAFETY: the buffers hold len + 64 values; the rest is forwarded from the caller,
+    // including the AVX-512 features when `candidates.avx512`.
+    let collected = unsafe {
+        if candidates.avx512 {
+            match super::avx512::collect(src, start, len, k, &mut candidates.index) {
+                Some(n) if n <= 16 => {
+                    super::avx512::choose(src, start, &candidates.index, n, k, chosen);
+                    return true;
+                }
+                Some(n) => {
+                    for (key, &c) in candidates.keys.iter_mut().zip(&candidates.index[..n]) {
+                        *key = src.load1(start + c as usize);
+                    }
+                    Some(n)
+                }
+                None => None,
+            }
+        } else {
+            collect(src, start, len, k, &mut candidates.keys, &mut candidates.index)
+        }
+    };
+    let Some(n) = collected else { return false };
+    let keys = candidates.keys.as_mut_ptr();
+    let index = candidates.index.as_ptr();
+    // SAFETY: the buffers hold len + 64 values and n <= len.
+    unsafe {
         if n > RANK_MAX {
             // Many keys tie at the bound: insertion is linear in the candidates.
             let top = &mut candidates.top;

@@ -175,20 +175,36 @@ pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
     // SAFETY: loads of eight values at start + b with b + 8 <= whole <= len (inside the
     // row); stores of eight at b + 8 <= whole (inside `out`).
     unsafe {
-        // `zeros` stays +0 while every value is finite (v * 0 + 0 = +0) and turns NaN at
-        // the first NaN or infinity.
-        let (zero, mut zeros) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut maxima = _mm256_set1_ps(f32::NEG_INFINITY);
-        for b in (0..whole).step_by(LANES) {
+        // Lane maxima over four block residues (four independent chains: one would bound
+        // the loop by its latency), folded at the end; the maximum is the same value in
+        // any order. `odd_bits` collects v * 0, which is +-0 for finite v and NaN for NaN
+        // and the infinities: its exponent bits stay clear while every value is finite.
+        let zero = _mm256_setzero_ps();
+        let mut odd_bits = [zero; 2];
+        let mut maxima = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+        let quads = whole / (4 * LANES) * (4 * LANES);
+        for b in (0..quads).step_by(4 * LANES) {
+            for (r, m) in maxima.iter_mut().enumerate() {
+                let v = src.load8(start + b + r * LANES);
+                if CHECK_FINITE {
+                    odd_bits[r % 2] = _mm256_or_ps(odd_bits[r % 2], _mm256_mul_ps(v, zero));
+                }
+                *m = _mm256_max_ps(*m, v);
+            }
+        }
+        for b in (quads..whole).step_by(LANES) {
             let v = src.load8(start + b);
             if CHECK_FINITE {
-                zeros = _mm256_fmadd_ps(v, zero, zeros);
+                odd_bits[0] = _mm256_or_ps(odd_bits[0], _mm256_mul_ps(v, zero));
             }
-            maxima = _mm256_max_ps(maxima, v);
+            maxima[0] = _mm256_max_ps(maxima[0], v);
         }
+        let maxima = _mm256_max_ps(_mm256_max_ps(maxima[0], maxima[1]), _mm256_max_ps(maxima[2], maxima[3]));
         let mut lanes = [0f32; LANES];
         _mm256_storeu_ps(lanes.as_mut_ptr(), maxima);
-        let mut finite = _mm256_testz_si256(_mm256_castps_si256(zeros), _mm256_castps_si256(zeros)) == 1;
+        let exponents = _mm256_and_ps(_mm256_or_ps(odd_bits[0], odd_bits[1]), _mm256_set1_ps(f32::INFINITY));
+        let exponents = _mm256_castps_si256(exponents);
+        let mut finite = _mm256_testz_si256(exponents, exponents) == 1;
         for (lane, i) in lanes.iter_mut().zip(whole..len) {
             let v = src.load1(start + i);
             finite &= v.is_finite();

@@ -3,13 +3,17 @@
 //! The wheel is built for the x86_64 baseline (SSE2) so that it installs on any x86_64
 //! machine. Hot loops also exist compiled for AVX2 (`#[target_feature]`), hand-written
 //! (the gating kernels) or as the same generic code compiled twice; they run where the CPU
-//! has AVX2 and the environment does not set `SPARSEROUTE_SIMD=baseline`. Both versions
-//! perform the same IEEE operations in the same order (Rust never fuses a multiply and an
-//! add on its own, nor reorders a sum), so results are the same bits either way; tests
-//! compare them.
+//! has AVX2. Top-k selection over many experts also has an AVX-512 version (mask
+//! registers and byte compression: Ice Lake, Zen 4 and later), which runs where the CPU
+//! has those features. `SPARSEROUTE_SIMD=avx2` stops at AVX2, `SPARSEROUTE_SIMD=baseline`
+//! turns both off. Every version performs the same IEEE operations in the same order (Rust
+//! never fuses a multiply and an add on its own, nor reorders a sum), and selection is
+//! exact, so results are the same bits whichever runs; tests compare them.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 
 /// `$f(args)` compiled for AVX2 when `$avx2` (the caller checked [`avx2_enabled`]), else
 /// as is: the same generic code twice, so the same bits. `$f` should be `#[inline(always)]`
@@ -38,6 +42,14 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// The most a process may use, from `SPARSEROUTE_SIMD` (unset: whatever the CPU has).
+#[cfg(target_arch = "x86_64")]
+fn requested() -> &'static str {
+    use std::sync::OnceLock;
+    static REQUESTED: OnceLock<String> = OnceLock::new();
+    REQUESTED.get_or_init(|| std::env::var("SPARSEROUTE_SIMD").unwrap_or_default())
+}
+
 /// Whether the AVX2 versions may run: the CPU has AVX2 with the FMA, F16C, POPCNT and BMI1
 /// that every such processor also has, and `SPARSEROUTE_SIMD` is not `baseline`.
 #[cfg(target_arch = "x86_64")]
@@ -45,13 +57,29 @@ pub fn avx2_enabled() -> bool {
     use std::sync::OnceLock;
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| {
-        let baseline = std::env::var_os("SPARSEROUTE_SIMD").is_some_and(|v| v == "baseline");
-        !baseline
+        requested() != "baseline"
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
             && is_x86_feature_detected!("popcnt")
             && is_x86_feature_detected!("bmi1")
+    })
+}
+
+/// Whether the AVX-512 versions may run: the AVX2 ones may, the CPU has AVX-512 F, BW, DQ,
+/// VL and VBMI2 (byte compression), and `SPARSEROUTE_SIMD` is neither `baseline` nor `avx2`.
+#[cfg(target_arch = "x86_64")]
+pub fn avx512_enabled() -> bool {
+    use std::sync::OnceLock;
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        avx2_enabled()
+            && requested() != "avx2"
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vbmi2")
     })
 }
 
@@ -61,10 +89,19 @@ pub fn avx2_enabled() -> bool {
     false
 }
 
-/// The instruction set the CPU kernels use on this machine: `"avx2"` or `"baseline"`
-/// (SSE2 on x86_64, portable code elsewhere). Results are the same bits either way.
+/// Never on other architectures: their kernels are the portable ones.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn avx512_enabled() -> bool {
+    false
+}
+
+/// The instruction set the CPU kernels use on this machine: `"avx512"` (AVX2 kernels with
+/// AVX-512 top-k selection), `"avx2"` or `"baseline"` (SSE2 on x86_64, portable code
+/// elsewhere). Results are the same bits at every level.
 pub fn level() -> &'static str {
-    if avx2_enabled() {
+    if avx512_enabled() {
+        "avx512"
+    } else if avx2_enabled() {
         "avx2"
     } else {
         "baseline"
