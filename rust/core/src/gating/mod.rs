@@ -1177,15 +1177,8 @@ pub fn expert_choice<L: Element>(
     let experts: Vec<usize> = (0..num_experts).collect();
     let chosen = crate::threads::map_collect(&experts, |_, &e| {
         let column = &columns[e * num_tokens..(e + 1) * num_tokens];
-        // The C-th best (probability, lower token first) pair; the tokens at or above it
-        // in that order are the expert's choice, found in token order.
-        let (key, last) = kth_best_probability(column, capacity);
-        let mut tokens = Vec::with_capacity(capacity);
-        tokens.extend((0..num_tokens).filter(|&t| {
-            let k = column[t].probability_key();
-            k > key || (k == key && t <= last)
-        }));
-        Ok(tokens)
+        // The C best (probability, lower token first) pairs, in token order.
+        Ok(best_indices(column, capacity))
     })?;
     for (e, tokens) in chosen.iter().enumerate() {
         for (c, &t) in tokens.iter().enumerate() {
@@ -1314,14 +1307,15 @@ fn choice_gradient_row<L: Element>(probs: &[L::Acc], g: &[L::Acc], out: &mut [L]
     }
 }
 
-/// The `c`-th best (1-based) of the pairs `(values[t], t)` in selection order (higher
-/// value first, then lower index), as `(probability_key, t)`, for non-negative finite
-/// values and `1 <= c <= values.len()`.
+/// The indices t of the `c` best pairs `(values[t], t)` in selection order (higher value
+/// first, then lower index), in ascending order of t, for non-negative finite values and
+/// `1 <= c <= values.len()`.
 ///
 /// A radix step narrows the search first: a histogram of the top bits of the keys finds
-/// the bucket holding the answer, and only that bucket's pairs go to the exact selection;
-/// most values fall into other buckets and are never compared.
-fn kth_best_probability<A: Accumulator>(values: &[A], c: usize) -> (u64, usize) {
+/// the bucket holding the c-th best. One more pass keeps the pairs in that bucket or above,
+/// in index order (the c best and the rest of that bucket, usually a small share of the
+/// values); the exact selection and the final choice then run over those alone.
+fn best_indices<A: Accumulator>(values: &[A], c: usize) -> Vec<usize> {
     const BITS: u32 = 11;
     let shift = A::PROBABILITY_KEY_BITS - BITS;
     // Four interleaved histograms, so that runs of equal buckets do not wait on each other.
@@ -1329,23 +1323,33 @@ fn kth_best_probability<A: Accumulator>(values: &[A], c: usize) -> (u64, usize) 
     for (i, v) in values.iter().enumerate() {
         histograms[(v.probability_key() >> shift) as usize][i % 4] += 1;
     }
-    let (mut above, mut target) = (0, 0);
+    let (mut above, mut target, mut in_bucket) = (0, 0, 0);
     for (b, counts) in histograms.iter().enumerate().rev() {
         let count = counts.iter().map(|&n| n as usize).sum::<usize>();
         if above + count >= c {
-            target = b as u64;
+            (target, in_bucket) = (b as u64, count);
             break;
         }
         above += count;
     }
-    let mut candidates: Vec<(u64, std::cmp::Reverse<usize>)> = values
+    // Branch-free (about one value in twenty passes, at random): every pair is written,
+    // and the count moves on past those that pass; the histogram sized the buffer.
+    let mut near = vec![(0u64, 0usize); above + in_bucket + 1];
+    let mut n = 0;
+    for (t, v) in values.iter().enumerate() {
+        let key = v.probability_key();
+        near[n] = (key, t);
+        n += usize::from(key >> shift >= target);
+    }
+    near.truncate(n);
+    // The c-th best is the (c - above)-th best of the target bucket.
+    let mut bucket: Vec<(u64, std::cmp::Reverse<usize>)> = near
         .iter()
-        .enumerate()
-        .filter(|&(_, v)| v.probability_key() >> shift == target)
-        .map(|(t, v)| (v.probability_key(), std::cmp::Reverse(t)))
+        .filter(|&&(key, _)| key >> shift == target)
+        .map(|&(key, t)| (key, std::cmp::Reverse(t)))
         .collect();
-    let (key, std::cmp::Reverse(t)) = *candidates.select_nth_unstable_by(c - above - 1, |a, b| b.cmp(a)).1;
-    (key, t)
+    let (key, std::cmp::Reverse(last)) = *bucket.select_nth_unstable_by(c - above - 1, |a, b| b.cmp(a)).1;
+    near.iter().filter(|&&(k, t)| k > key || (k == key && t <= last)).map(|&(_, t)| t).collect()
 }
 
 #[cfg(test)]
@@ -1600,7 +1604,7 @@ mod tests {
     }
 
     #[test]
-    fn kth_best_probability_matches_sorting() {
+    fn best_indices_match_sorting() {
         let mut state = 11u64;
         for n in [1usize, 2, 7, 100, 2049] {
             for round in 0..20 {
@@ -1619,11 +1623,12 @@ mod tests {
                 let mut sorted: Vec<u64> = values.iter().enumerate().map(|(t, v)| v.pack(t)).collect();
                 sorted.sort_unstable_by(|a, b| b.cmp(a));
                 for c in [1, n / 3 + 1, n / 2 + 1, n] {
-                    let (value, index) = (f32::unpack_key(sorted[c - 1]), f32::unpack_index(sorted[c - 1]));
-                    let expected = (value.probability_key(), index);
-                    assert_eq!(kth_best_probability(&values, c), expected, "n = {n}, c = {c}");
+                    let mut expected: Vec<usize> =
+                        sorted[..c].iter().map(|&p| f32::unpack_index(p)).collect();
+                    expected.sort_unstable();
+                    assert_eq!(best_indices(&values, c), expected, "n = {n}, c = {c}");
                     let as_f64: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
-                    assert_eq!(kth_best_probability(&as_f64, c), (f64::from(value).probability_key(), index));
+                    assert_eq!(best_indices(&as_f64, c), expected, "f64, n = {n}, c = {c}");
                 }
             }
         }
