@@ -1398,8 +1398,6 @@ def layer_plan_cuda(logits: Tensor) -> Tensor:
     return plans
 
 
-# --- registration -------------------------------------------------------------------------------
-
 # --- replica_map -------------------------------------------------------------------------------
 
 
@@ -1492,6 +1490,8 @@ def replica_map_cuda(
 #: GPU and slot counters of sr_replica_load that fit in shared memory (placement.cu).
 REPLICA_SHARED_COUNTERS = 8192
 
+
+# --- registration -------------------------------------------------------------------------------
 
 _KERNELS: dict[str, Callable[..., Any]] = {
     "topk_gating": topk_gating_cuda,
