@@ -103,19 +103,13 @@ where
     U: Send,
     F: Fn(usize, &mut [T], &mut [U]) -> Result<()> + Sync + Send,
 {
-    let rows = rows_per_block.max(1);
-    let (a_len, b_len) = (rows * a_row_len.max(1), rows * b_row_len.max(1));
-    if !parallel() || a.len() <= a_len {
-        return a
-            .chunks_mut(a_len)
-            .zip(b.chunks_mut(b_len))
-            .enumerate()
-            .try_for_each(|(i, (x, y))| body(i * rows, x, y));
-    }
-    a.par_chunks_mut(a_len)
-        .zip(b.par_chunks_mut(b_len))
-        .enumerate()
-        .try_for_each(|(i, (x, y))| body(i * rows, x, y))
+    for_each_block2_with(
+        (a, a_row_len),
+        (b, b_row_len),
+        rows_per_block,
+        || (),
+        |_, first, x, y| body(first, x, y),
+    )
 }
 
 /// [`for_each_block2`] with per-worker state: `init` makes a state once per piece of work

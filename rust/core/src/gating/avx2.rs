@@ -6,7 +6,7 @@
 
 use super::{GatingConfig, ScoreFunction, TopK};
 use crate::element::{Accumulator, Storage};
-use crate::simd::avx2::{exp8, finite_lanes, with_source, Source};
+use crate::simd::avx2::{block_maxima, exp8, finite_lanes, with_source, Source};
 use crate::simd::avx512::Source16;
 use std::arch::x86_64::*;
 
@@ -443,40 +443,12 @@ unsafe fn collect<S: Source>(
     // row; every candidate store writes at most 24 lanes from n <= len, inside the buffers
     // of len + 24.
     unsafe {
-        // Group maxima over four block residues (four independent max chains, so that
-        // the loop is not bound by the latency of one), folded to lane x block parity at
-        // the end. `odd_bits` collects v * 0, which is +-0 for finite v and NaN for NaN
-        // and the infinities: its exponent bits stay clear while every value is finite.
-        let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut maxima = [minus_inf; 4];
-        let (zero, mut odd_bits) = (_mm256_setzero_ps(), [_mm256_setzero_ps(); 2]);
-        let quads = blocks / 4 * 4;
-        for b in (0..quads).step_by(4) {
-            for (r, m) in maxima.iter_mut().enumerate() {
-                let v = src.load8(start + 8 * (b + r));
-                odd_bits[r % 2] = _mm256_or_ps(odd_bits[r % 2], _mm256_mul_ps(v, zero));
-                *m = _mm256_max_ps(*m, v);
-            }
-        }
-        // The last blocks, with constant indices so that the arrays stay in registers.
-        macro_rules! absorb {
-            ($r:literal) => {
-                if quads + $r < blocks {
-                    let v = src.load8(start + 8 * (quads + $r));
-                    odd_bits[$r % 2] = _mm256_or_ps(odd_bits[$r % 2], _mm256_mul_ps(v, zero));
-                    maxima[$r] = _mm256_max_ps(maxima[$r], v);
-                }
-            };
-        }
-        absorb!(0);
-        absorb!(1);
-        absorb!(2);
+        // Maxima of sixteen disjoint groups of values: lane x the parity of the block's
+        // chain in `block_maxima`.
+        let (maxima, all_finite) = block_maxima::<_, true>(src, start, blocks);
         let even = _mm256_max_ps(maxima[0], maxima[2]);
         let odd = _mm256_max_ps(maxima[1], maxima[3]);
-        let exponents = _mm256_and_ps(_mm256_or_ps(odd_bits[0], odd_bits[1]), _mm256_set1_ps(f32::INFINITY));
         let tail = (blocks * 8..len).map(|i| src.load1(start + i));
-        let all_finite =
-            _mm256_testz_si256(_mm256_castps_si256(exponents), _mm256_castps_si256(exponents)) == 1;
         if !all_finite || !tail.clone().all(f32::is_finite) {
             return None;
         }

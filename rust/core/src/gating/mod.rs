@@ -736,6 +736,8 @@ fn avx512_selects(num_experts: usize) -> bool {
 /// See [`avx512_selects`].
 const AVX512_SELECT_MIN_EXPERTS: usize = 128;
 
+/// How [`topk_gating_on`] routes whole groups of tokens. `simd`: the AVX2 kernels may run;
+/// `avx512`: AVX-512 selection will run (the CPU has it and [`avx512_selects`] these E).
 fn lane_kernel(cfg: &GatingConfig, simd: bool, avx512: bool, unbiased: bool) -> LaneKernel {
     let (e, k) = (cfg.num_experts, cfg.k);
     if !unbiased || cfg.groups.is_some() {
@@ -748,7 +750,7 @@ fn lane_kernel(cfg: &GatingConfig, simd: bool, avx512: bool, unbiased: bool) -> 
         }
     } else if k > SIMD_LANE_MAX_K {
         LaneKernel::None
-    } else if avx512 && avx512_selects(e) {
+    } else if avx512 {
         LaneKernel::Filter
     } else if e * k <= SIMD_TOKEN_PARALLEL_MAX_WORK {
         LaneKernel::Insertion

@@ -156,6 +156,49 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     }
 }
 
+/// Lane maxima of `blocks` blocks of eight values from `start`, over four independent
+/// chains (one would bound the loop by its latency): block b goes to chain b % 4, the blocks
+/// after the last whole four to chain 0. With `CHECK_FINITE`, also whether every value is
+/// finite: the OR of v * 0, which is +-0 for finite v and NaN for NaN and the infinities,
+/// keeps its exponent bits clear while every value is (without it, true).
+///
+/// # Safety
+/// The CPU features of [`super::avx2_enabled`] are available; the blocks lie inside `src`.
+#[inline(always)]
+pub(crate) unsafe fn block_maxima<S: Source, const CHECK_FINITE: bool>(
+    src: S,
+    start: usize,
+    blocks: usize,
+) -> ([__m256; 4], bool) {
+    const LANES: usize = 8;
+    // SAFETY: loads of eight values at start + 8b with b < blocks (caller).
+    unsafe {
+        let zero = _mm256_setzero_ps();
+        let mut odd_bits = [zero; 2];
+        let mut maxima = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+        let quads = blocks / 4 * 4;
+        for b in (0..quads).step_by(4) {
+            for (r, m) in maxima.iter_mut().enumerate() {
+                let v = src.load8(start + (b + r) * LANES);
+                if CHECK_FINITE {
+                    odd_bits[r % 2] = _mm256_or_ps(odd_bits[r % 2], _mm256_mul_ps(v, zero));
+                }
+                *m = _mm256_max_ps(*m, v);
+            }
+        }
+        for b in quads..blocks {
+            let v = src.load8(start + b * LANES);
+            if CHECK_FINITE {
+                odd_bits[0] = _mm256_or_ps(odd_bits[0], _mm256_mul_ps(v, zero));
+            }
+            maxima[0] = _mm256_max_ps(maxima[0], v);
+        }
+        let exponents = _mm256_and_ps(_mm256_or_ps(odd_bits[0], odd_bits[1]), _mm256_set1_ps(f32::INFINITY));
+        let exponents = _mm256_castps_si256(exponents);
+        (maxima, _mm256_testz_si256(exponents, exponents) == 1)
+    }
+}
+
 /// `out = fast_exp(row - max(row))` for the row `src[start .. start + out.len()]`, with the
 /// sum of `out` in eight lanes (element i into lane i % 8, then the lanes in order). Returns
 /// `(max, sum)`, or, with `CHECK_FINITE`, `None` when the row holds NaN or an infinity
@@ -175,36 +218,11 @@ pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
     // SAFETY: loads of eight values at start + b with b + 8 <= whole <= len (inside the
     // row); stores of eight at b + 8 <= whole (inside `out`).
     unsafe {
-        // Lane maxima over four block residues (four independent chains: one would bound
-        // the loop by its latency), folded at the end; the maximum is the same value in
-        // any order. `odd_bits` collects v * 0, which is +-0 for finite v and NaN for NaN
-        // and the infinities: its exponent bits stay clear while every value is finite.
-        let zero = _mm256_setzero_ps();
-        let mut odd_bits = [zero; 2];
-        let mut maxima = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
-        let quads = whole / (4 * LANES) * (4 * LANES);
-        for b in (0..quads).step_by(4 * LANES) {
-            for (r, m) in maxima.iter_mut().enumerate() {
-                let v = src.load8(start + b + r * LANES);
-                if CHECK_FINITE {
-                    odd_bits[r % 2] = _mm256_or_ps(odd_bits[r % 2], _mm256_mul_ps(v, zero));
-                }
-                *m = _mm256_max_ps(*m, v);
-            }
-        }
-        for b in (quads..whole).step_by(LANES) {
-            let v = src.load8(start + b);
-            if CHECK_FINITE {
-                odd_bits[0] = _mm256_or_ps(odd_bits[0], _mm256_mul_ps(v, zero));
-            }
-            maxima[0] = _mm256_max_ps(maxima[0], v);
-        }
+        let (maxima, mut finite) = block_maxima::<_, CHECK_FINITE>(src, start, whole / LANES);
+        // The maximum is the same value in any order.
         let maxima = _mm256_max_ps(_mm256_max_ps(maxima[0], maxima[1]), _mm256_max_ps(maxima[2], maxima[3]));
         let mut lanes = [0f32; LANES];
         _mm256_storeu_ps(lanes.as_mut_ptr(), maxima);
-        let exponents = _mm256_and_ps(_mm256_or_ps(odd_bits[0], odd_bits[1]), _mm256_set1_ps(f32::INFINITY));
-        let exponents = _mm256_castps_si256(exponents);
-        let mut finite = _mm256_testz_si256(exponents, exponents) == 1;
         for (lane, i) in lanes.iter_mut().zip(whole..len) {
             let v = src.load1(start + i);
             finite &= v.is_finite();
