@@ -52,7 +52,7 @@ def assert_weights_close(actual, expected, dtype):
     ("num_experts", "k"), [(1, 1), (5, 5), (8, 2), (24, 12), (64, 6), (600, 4)], ids=lambda v: str(v)
 )
 @pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
-@pytest.mark.parametrize("team", ["thread", "warp"])
+@pytest.mark.parametrize("team", ["lanes", "warp"])
 def test_gating_matches_the_cpu_kernel(gpu, monkeypatch, dtype, num_experts, k, score, normalize, team):
     if team == "warp":
         monkeypatch.setattr(_cuda_ops, "THREAD_TEAM_MAX_K", 0)
@@ -67,13 +67,41 @@ def test_gating_matches_the_cpu_kernel(gpu, monkeypatch, dtype, num_experts, k, 
     assert torch.equal(experts, ref_experts)
     assert_weights_close(weights, ref_weights, dtype)
     assert not gpu.errors.any()
-    if num_experts > _cuda_ops.WARP_TEAM_MAX_EXPERTS:
+    if team == "lanes":
+        expected_kernel = f"sr_topk_gating_team{next(m for m in (2, 4, 8, 16) if m >= k)}"
+    elif num_experts > _cuda_ops.WARP_TEAM_MAX_EXPERTS:
         expected_kernel = "sr_topk_gating_block"
-    elif team == "warp":
-        expected_kernel = "sr_topk_gating_warp"
     else:
-        expected_kernel = f"sr_topk_gating_thread{next(m for m in (2, 4, 8, 16) if m >= k)}"
+        expected_kernel = "sr_topk_gating_warp"
     assert gpu.launches[-1][0] == expected_kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts_per_lane", [1, 3, 8])
+@pytest.mark.parametrize(("num_experts", "k"), [(8, 8), (24, 5), (64, 8), (60, 16)], ids=lambda v: str(v))
+@pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", False)])
+def test_gating_lane_teams_route_as_the_cpu(
+    gpu, monkeypatch, dtype, experts_per_lane, num_experts, k, score, normalize
+):
+    """Every team width routes like the CPU: 2 to 32 lanes per token, several teams per warp,
+    a last warp only partly used (37 tokens), and a non-finite row among finite ones."""
+    monkeypatch.setattr(_cuda_ops, "GATING_EXPERTS_PER_LANE", experts_per_lane)
+    logits = tie_heavy(37, num_experts, dtype, seed=num_experts * 7 + k)
+    logits[5, num_experts // 2] = float("nan")
+    args = gating_args(logits, k, score, normalize, scale=2.5)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    lanes = _cuda_ops.gating_lanes(num_experts)
+    assert lanes == min(32, 1 << (num_experts // experts_per_lane).bit_length() - 1)
+    assert gpu.launches[-1][0] == f"sr_topk_gating_team{next(m for m in (2, 4, 8, 16) if m >= k)}"
+    assert gpu.errors[0].item() == 1  # the NaN row, counted once
+    assert torch.equal(experts[5], torch.full((k,), -1)) and not weights[5].any()
+    finite = torch.ones(37, dtype=torch.bool)
+    finite[5] = False
+    ref_weights, ref_experts = topk_gating_reference(
+        logits[finite], k, score=score, normalize=normalize, scale=2.5
+    )
+    assert torch.equal(experts[finite], ref_experts)
+    assert_weights_close(weights[finite], ref_weights, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

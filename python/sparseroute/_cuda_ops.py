@@ -73,9 +73,11 @@ CUDA_OPS: tuple[str, ...] = (
 
 #: Up to this many experts a warp routes a token; above, a block of 256 threads does.
 WARP_TEAM_MAX_EXPERTS = 512
-#: Top-k gating without a bias or group limit, up to this k (and WARP_TEAM_MAX_EXPERTS
-#: experts), routes one token per thread.
+#: Top-k gating without a bias or group limit, up to this k, routes each token with a lane
+#: team (sr_topk_gating_team*): as many lanes (a power of two, at most 32) as give each lane
+#: about GATING_EXPERTS_PER_LANE experts.
 THREAD_TEAM_MAX_K = 16
+GATING_EXPERTS_PER_LANE = 16
 #: Slots per warp in the plan kernels, at most (more when E is large: see plan_chunks). Each
 #: warp walks its chunk 32 slots at a time through cursors in global memory, so its time grows
 #: with the chunk: plans of few slots get chunks down to PLAN_MIN_CHUNK_SLOTS, so that at least
@@ -145,6 +147,13 @@ def _token_teams(
 # --- topk_gating -------------------------------------------------------------------------------
 
 
+def gating_lanes(num_experts: int) -> int:
+    """Lanes per token of the lane-team gating kernel: the largest power of two, at most 32,
+    that leaves each lane at least GATING_EXPERTS_PER_LANE experts (one lane for small E)."""
+    shares = num_experts // GATING_EXPERTS_PER_LANE
+    return min(32, 1 << max(0, shares.bit_length() - 1))
+
+
 def topk_gating_cuda(
     logits: Tensor,
     k: int,
@@ -191,15 +200,16 @@ def topk_gating_cuda(
     experts = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
     if num_tokens == 0:
         return weights, experts
-    if bias is None and not groups and k <= THREAD_TEAM_MAX_K and num_experts <= WARP_TEAM_MAX_EXPERTS:
-        # Selection compares logits: one thread per token (see gating.cu).
+    if bias is None and not groups and k <= THREAD_TEAM_MAX_K:
+        # Selection compares logits: a lane team per token (see gating.cu).
         width = next(m for m in (2, 4, 8, 16) if m >= k)
+        lanes = gating_lanes(num_experts)
         with _cuda.launcher(device) as launch:
             launch(
                 "gating.cu",
                 dtype,
-                f"sr_topk_gating_thread{width}",
-                -(-num_tokens // 128),
+                f"sr_topk_gating_team{width}",
+                -(-num_tokens * lanes // 128),
                 128,
                 (
                     pointer(logits),
@@ -210,6 +220,7 @@ def topk_gating_cuda(
                     _i32(normalize),
                     np.float64(scale),
                     _i32(_vectorized(num_experts, logits)),
+                    _i32(lanes),
                     pointer(weights),
                     pointer(experts),
                     pointer(launch.errors),

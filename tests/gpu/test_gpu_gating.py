@@ -48,8 +48,8 @@ def test_matches_the_cpu_kernel_and_the_reference(dtype, num_experts, k, score, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("num_experts", "k"), [(8, 2), (60, 4), (64, 8), (160, 16)])
 @pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
-def test_warp_kernel_matches_the_thread_kernel(monkeypatch, dtype, num_experts, k, score, normalize):
-    """The plain-selection cases run one thread per token; the warp kernel (which the bias and
+def test_warp_kernel_matches_the_lane_team_kernel(monkeypatch, dtype, num_experts, k, score, normalize):
+    """The plain-selection cases run a lane team per token; the warp kernel (which the bias and
     group-limit cases use) must route them identically."""
     logits = tie_heavy_logits(53, num_experts, dtype, seed=num_experts + k).cuda()
     options = {"score": score, "normalize": normalize, "scale": 1.5}
@@ -58,6 +58,21 @@ def test_warp_kernel_matches_the_thread_kernel(monkeypatch, dtype, num_experts, 
     warp = sparseroute.topk_gating(logits, k, **options)
     assert torch.equal(thread[1], warp[1])
     torch.testing.assert_close(thread[0], warp[0], **WEIGHT_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("experts_per_lane", [1, 4, 16, 10_000])
+@pytest.mark.parametrize(("num_experts", "k"), [(8, 2), (60, 4), (64, 8), (256, 8), (512, 16), (2000, 2)])
+@pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
+def test_every_lane_team_width_routes_as_the_cpu(
+    monkeypatch, dtype, experts_per_lane, num_experts, k, score, normalize
+):
+    """1 to 32 lanes per token, several teams per warp and a last warp partly used (1001
+    tokens): the CPU's experts bit for bit, its weights within tolerance."""
+    monkeypatch.setattr(_cuda_ops, "GATING_EXPERTS_PER_LANE", experts_per_lane)
+    logits = tie_heavy_logits(1001, num_experts, dtype, seed=num_experts + experts_per_lane)
+    gpu, cpu = route_both(logits, k, score=score, normalize=normalize, scale=0.5)
+    assert_same_routing(gpu, cpu, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -2,9 +2,9 @@
 // weights -> grad of the logits). The semantics are those of rust/core/src/gating/mod.rs and
 // docs/semantics.md; docs/cuda.md says where the GPU results may differ in the last bits.
 //
-// Without expert_bias or a group limit, and for k <= 16 and up to 512 experts, one thread
-// routes one token (sr_topk_gating_thread*, below): selection compares the logits, which the
-// thread keeps sorted in registers as it reads its row. Otherwise,
+// Without expert_bias or a group limit, and for k <= 16, a team of 1 to 32 lanes routes one
+// token (sr_topk_gating_team*, below): selection compares the logits, which each lane keeps
+// sorted in registers as it reads its share of the row, and the lanes merge. Otherwise,
 // one team of threads routes one token: a warp (sr_topk_gating_warp, four tokens per
 // 128-thread block) for up to a few hundred experts, a 256-thread block
 // (sr_topk_gating_block) above. Any E and any k: each of the k selection rounds finds the best
@@ -377,17 +377,30 @@ __device__ void backward_token(const BackwardArgs& a, i64 t, int lane, Scratch<N
   }
 }
 
-// ---- one thread per token: selection by logit (no expert_bias, no group limit) -------------
-// The M best (logit, expert) pairs are kept sorted in selection order (higher logit, then lower
-// expert) in registers while the thread reads its row once, in expert order: a new pair enters
-// only with a strictly higher logit than the last kept one, and sinks into place. M >= k is a compile-time size
-// (2, 4, 8 or 16), so the arrays never leave registers; slots past k are ignored. Without
-// shuffles or shared memory this does E compares per token instead of k warp-wide rounds,
-// which made the warp kernel shuffle-bound for small E.
+// ---- a few lanes per token: selection by logit (no expert_bias, no group limit) ------------
+// A team of `lanes` threads (1, 2, 4, 8, 16 or 32, aligned within the warp) routes one token.
+// Lane l reads its share of the row in expert order (16-byte words l, l + lanes, ... when
+// aligned, else experts l, l + lanes, ...) and keeps its M best (logit, expert) pairs sorted in
+// selection order (higher logit, then lower expert) in registers: a new pair enters only with a
+// strictly higher logit than the last kept one, and sinks into place. M >= k is a compile-time
+// size (2, 4, 8 or 16), so the arrays never leave registers; slots past k are ignored. The
+// token's k best pairs are among the lanes' M best, so k merge rounds follow, each a
+// butterfly over the lanes' first pairs: every lane learns the round's winner, and the lane
+// that held it moves on to its next pair. One lane per token reads the whole row without a
+// shuffle (E compares per token); more lanes read the row coalesced and keep more tokens in
+// flight, which large E needs. The selection and the weights of the k chosen logits do not
+// depend on the number of lanes; only the softmax denominator without normalisation is summed
+// in a lane-dependent order (within an ulp).
+template <class T>
+__device__ __forceinline__ T lanes_xor(T value, int offset, unsigned team_mask) {
+  return __shfl_xor_sync(team_mask, value, offset);
+}
+
 template <int M>
-__device__ __forceinline__ void route_token_alone(const elem_t* row, int num_experts, int k, int sigmoid,
-                                                  int normalize, acc_t scale, int vectorized, acc_t* weights,
-                                                  i64* experts, int* errors) {
+__device__ __forceinline__ void route_token_team(const elem_t* row, int num_experts, int k, int sigmoid,
+                                                 int normalize, acc_t scale, int vectorized, int lanes,
+                                                 int lane, unsigned team_mask, acc_t* weights,
+                                                 i64* experts, int* errors) {
   acc_t key[M];
   int index[M];
 #pragma unroll
@@ -416,31 +429,88 @@ __device__ __forceinline__ void route_token_alone(const elem_t* row, int num_exp
     }
   };
   constexpr int per_word = 16 / static_cast<int>(sizeof(elem_t));
+  union Word {
+    uint4 bits;
+    elem_t values[per_word];
+  };
   if (vectorized) {
+    // Two words in flight per lane: the second load is issued before the first word's offers.
     const uint4* words = reinterpret_cast<const uint4*>(row);
-    for (int w = 0; w < num_experts / per_word; ++w) {
-      union {
-        uint4 bits;
-        elem_t values[per_word];
-      } word;
-      word.bits = words[w];
+    const int num_words = num_experts / per_word;
+    for (int w = lane; w < num_words; w += 2 * lanes) {
+      const int w2 = w + lanes;
+      Word first;
+      Word second;
+      first.bits = words[w];
+      if (w2 < num_words) {
+        second.bits = words[w2];
+      }
 #pragma unroll
       for (int i = 0; i < per_word; ++i) {
-        offer(to_acc(word.values[i]), w * per_word + i);
+        offer(to_acc(first.values[i]), w * per_word + i);
+      }
+      if (w2 < num_words) {
+#pragma unroll
+        for (int i = 0; i < per_word; ++i) {
+          offer(to_acc(second.values[i]), w2 * per_word + i);
+        }
       }
     }
   } else {
-    for (int e = 0; e < num_experts; ++e) {
+    for (int e = lane; e < num_experts; e += lanes) {
       offer(to_acc(row[e]), e);
     }
   }
+  for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+    finite &= lanes_xor(finite, offset, team_mask);
+  }
   if (!finite) {
-    for (int r = 0; r < k; ++r) {
+    for (int r = lane; r < k; r += lanes) {
       experts[r] = -1;
       weights[r] = acc_t(0);
     }
-    atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    if (lane == 0) {
+      atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    }
     return;
+  }
+  if (lanes > 1) {
+    // Merge: round r takes the first of the lanes' first pairs; its lane pops it. Afterwards
+    // key/index hold the token's k best pairs in order, in every lane.
+    acc_t chosen_key[M];
+    int chosen_index[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      chosen_key[r] = neg_infinity<acc_t>();
+      chosen_index[r] = -1;
+      if (r < k) {
+        acc_t best_key = key[0];
+        int best_index = index[0];
+        for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+          const acc_t other_key = lanes_xor(best_key, offset, team_mask);
+          const int other_index = lanes_xor(best_index, offset, team_mask);
+          if (pair_before(other_key, other_index, best_key, best_index)) {
+            best_key = other_key;
+            best_index = other_index;
+          }
+        }
+        chosen_key[r] = best_key;
+        chosen_index[r] = best_index;
+        const bool pop = index[0] == best_index;
+#pragma unroll
+        for (int j = 0; j + 1 < M; ++j) {
+          key[j] = pop ? key[j + 1] : key[j];
+          index[j] = pop ? index[j + 1] : index[j];
+        }
+        key[M - 1] = pop ? neg_infinity<acc_t>() : key[M - 1];
+        index[M - 1] = pop ? -1 : index[M - 1];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      key[j] = chosen_key[j];
+      index[j] = chosen_index[j];
+    }
   }
   acc_t value[M];
   if (!sigmoid && normalize) {
@@ -456,10 +526,14 @@ __device__ __forceinline__ void route_token_alone(const elem_t* row, int num_exp
       value[j] = mul_rn(div_rn(value[j], total), scale);
     }
   } else if (!sigmoid) {
-    // Softmax over all experts: key[0] is the row's largest logit; a second pass sums.
+    // Softmax over all experts: key[0] is the row's largest logit; a second pass sums (each
+    // lane its experts in order, then the lanes by a butterfly, the same bits in every lane).
     acc_t row_sum = acc_t(0);
-    for (int e = 0; e < num_experts; ++e) {
+    for (int e = lane; e < num_experts; e += lanes) {
       row_sum = add_rn(row_sum, exp_acc(sub_rn(to_acc(row[e]), key[0])));
+    }
+    for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+      row_sum = add_rn(row_sum, lanes_xor(row_sum, offset, team_mask));
     }
 #pragma unroll
     for (int j = 0; j < M; ++j) {
@@ -478,9 +552,10 @@ __device__ __forceinline__ void route_token_alone(const elem_t* row, int num_exp
       value[j] = mul_rn(normalize ? div_rn(value[j], total) : value[j], scale);
     }
   }
+  // Lane l writes slots l, l + lanes, ...
 #pragma unroll
   for (int j = 0; j < M; ++j) {
-    if (j < k) {
+    if (j < k && j % lanes == lane) {
       experts[j] = index[j];
       weights[j] = value[j];
     }
@@ -546,21 +621,26 @@ extern "C" __global__ void __launch_bounds__(256) sr_topk_gating_backward_block(
   backward_token<256>(SR_BACKWARD_ARGS, t, static_cast<int>(threadIdx.x), scratch);
 }
 
-// ---- entry points of the thread-per-token kernel: one token per thread, 128-thread blocks;
-// ---- the suffix is M (the smallest of 2, 4, 8, 16 that is at least k).
+// ---- entry points of the lane-team kernel: 128-thread blocks of 128 / lanes tokens; the
+// ---- suffix is M (the smallest of 2, 4, 8, 16 that is at least k). `lanes` is a power of two
+// ---- up to 32.
 
-#define SR_ALONE_PARAMS                                                                      \
+#define SR_TEAM_PARAMS                                                                       \
   const elem_t *logits, i64 num_tokens, int num_experts, int k, int sigmoid, int normalize,  \
-      double scale, int vectorized, acc_t *weights, i64 *experts, int *errors
-#define SR_ALONE_BODY(M)                                                                     \
-  const i64 t = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;                    \
+      double scale, int vectorized, int lanes, acc_t *weights, i64 *experts, int *errors
+#define SR_TEAM_BODY(M)                                                                      \
+  const int lane = static_cast<int>(threadIdx.x) & (lanes - 1);                              \
+  const i64 t = static_cast<i64>(blockIdx.x) * (blockDim.x / lanes) + threadIdx.x / lanes;  \
   if (t >= num_tokens) {                                                                     \
-    return;                                                                                  \
+    return; /* the whole team: its lanes share t */                                          \
   }                                                                                          \
-  route_token_alone<M>(logits + t * num_experts, num_experts, k, sigmoid, normalize,         \
-                       static_cast<acc_t>(scale), vectorized, weights + t * k, experts + t * k, errors);
+  const unsigned team_mask =                                                                 \
+      lanes == 32 ? SR_FULL_MASK : ((1u << lanes) - 1u) << ((threadIdx.x & 31) & ~(lanes - 1)); \
+  route_token_team<M>(logits + t * num_experts, num_experts, k, sigmoid, normalize,          \
+                      static_cast<acc_t>(scale), vectorized, lanes, lane, team_mask,         \
+                      weights + t * k, experts + t * k, errors);
 
-extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread2(SR_ALONE_PARAMS) { SR_ALONE_BODY(2) }
-extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread4(SR_ALONE_PARAMS) { SR_ALONE_BODY(4) }
-extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread8(SR_ALONE_PARAMS) { SR_ALONE_BODY(8) }
-extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_thread16(SR_ALONE_PARAMS) { SR_ALONE_BODY(16) }
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team2(SR_TEAM_PARAMS) { SR_TEAM_BODY(2) }
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team4(SR_TEAM_PARAMS) { SR_TEAM_BODY(4) }
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team8(SR_TEAM_PARAMS) { SR_TEAM_BODY(8) }
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team16(SR_TEAM_PARAMS) { SR_TEAM_BODY(16) }
