@@ -10,8 +10,8 @@ the token ops topk + sort, gather and a gathered x + gate * y scattered back; fo
 ops softmax + sum, bincount, logsumexp; argmax for layer_plan; Megatron-style forms of
 capacity dispatch, top-p, expert choice (topk per expert) and Sinkhorn; and one transformers
 MoE block (Mixtral, OLMoE shapes) with its own experts against sparseroute.patch. For
-sync-free ops it also times a CUDA graph replay of the op (``sparseroute_graph_ms``): the GPU
-time alone, without the host work of each call; for those it also times both sides queued
+sync-free ops it also times a CUDA graph replay of ten calls of the op (``sparseroute_graph_ms``,
+per call): the GPU time alone, without the host work of each call; for those it also times both sides queued
 (many calls back to back, as in a model, ``*_queued_ms``), and for permute and unpermute a
 torch copy of as many bytes (``copy_graph_ms``, ``of_copy_bandwidth``).
 """
@@ -58,9 +58,9 @@ def queued_ms(fn: Callable[[], object], calls: int) -> float:
     return start.elapsed_time(end) / calls
 
 
-def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of one call of ``fn``, captured after two warm-up calls on a side stream
-    (as torch recommends before a capture)."""
+def capture_graph(fn: Callable[[], object], calls: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of ``fn``, captured after two warm-up calls on a side
+    stream (as torch recommends before a capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -69,19 +69,25 @@ def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     return graph
 
 
+#: Calls of the op in the graph that graph_ms replays: one replay's launch latency (several
+#: microseconds, during which the GPU idles) is shared by this many calls.
+GRAPH_CALLS = 10
+
+
 def graph_ms(fn: Callable[[], object], repeats: int) -> float | None:
-    """time_ms of a CUDA graph replay of ``fn``; None, with the reason printed, when the
-    capture fails."""
+    """The GPU time of one call of ``fn``: time_ms of a replay of a CUDA graph of GRAPH_CALLS
+    calls, divided by GRAPH_CALLS; None, with the reason printed, when the capture fails."""
     try:
-        graph = capture_graph(fn)
+        graph = capture_graph(fn, GRAPH_CALLS)
     except Exception as err:  # report and go on: the eager timings stand without it
         print(f"graph capture failed: {type(err).__name__}: {err}")
         return None
-    return round(time_ms(graph.replay, repeats), 4)
+    return round(time_ms(graph.replay, repeats) / GRAPH_CALLS, 4)
 
 
 def torch_topk(logits, k, score="softmax", bias=None, num_groups=None, topk_groups=None):
@@ -131,7 +137,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
             "sparseroute_ms": round(ours_ms, 4),
             "torch_ms": round(theirs_ms, 4),
             "speedup": round(theirs_ms / ours_ms, 2),
-            # The GPU time alone (a CUDA graph replay of the op) for sync-free ops: the
+            # The GPU time alone (a CUDA graph replay of the op, per call) for sync-free ops: the
             # difference to sparseroute_ms is host work per call.
             "sparseroute_graph_ms": graph_ms(ours, repeats) if capturable else None,
         }

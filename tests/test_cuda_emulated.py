@@ -85,12 +85,16 @@ def test_gating_lane_teams_route_as_the_cpu(
 ):
     """Every team width routes like the CPU: 2 to 32 lanes per token, several teams per warp,
     a last warp only partly used (37 tokens), and a non-finite row among finite ones."""
-    monkeypatch.setattr(_cuda_ops, "GATING_EXPERTS_PER_LANE", experts_per_lane)
-    logits = tie_heavy(37, num_experts, dtype, seed=num_experts * 7 + k)
+    monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
+    monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
+    # Negative logits, ties, and a row of zeros of both signs (-0 and +0 tie: lower expert first).
+    logits = tie_heavy(37, num_experts, dtype, seed=num_experts * 7 + k) - 2
+    logits[7] = 0.0
+    logits[7, ::3] = -0.0
     logits[5, num_experts // 2] = float("nan")
     args = gating_args(logits, k, score, normalize, scale=2.5)
     weights, experts = _cuda_ops.topk_gating_cuda(*args)
-    lanes = _cuda_ops.gating_lanes(num_experts)
+    lanes = _cuda_ops.gating_lanes(37, num_experts)
     assert lanes == min(32, 1 << (num_experts // experts_per_lane).bit_length() - 1)
     assert gpu.launches[-1][0] == f"sr_topk_gating_team{next(m for m in (2, 4, 8, 16) if m >= k)}"
     assert gpu.errors[0].item() == 1  # the NaN row, counted once
@@ -821,3 +825,13 @@ def test_replica_map_counts_invalid_ids_and_tables(gpu):
         assert out[0, 0] == -1 and out[0, 1] >= 0
         assert gpu.errors.tolist()[2] == 1
         gpu.errors.zero_()
+
+
+def test_gating_lane_count_follows_the_token_count():
+    """Few tokens get many lanes each, many tokens one; never fewer than
+    GATING_MIN_EXPERTS_PER_LANE experts per lane, never more than 32 lanes."""
+    lanes = _cuda_ops.gating_lanes
+    assert lanes(16384, 64) == lanes(16384, 256) == 4  # 65536 threads in all
+    assert lanes(65536, 256) == lanes(1 << 20, 256) == 1
+    assert lanes(1, 4096) == lanes(0, 4096) == 32
+    assert lanes(1, 64) == 8 and lanes(1, 8) == 1 and lanes(1, 15) == 1 and lanes(1, 16) == 2

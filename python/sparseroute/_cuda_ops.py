@@ -74,10 +74,14 @@ CUDA_OPS: tuple[str, ...] = (
 #: Up to this many experts a warp routes a token; above, a block of 256 threads does.
 WARP_TEAM_MAX_EXPERTS = 512
 #: Top-k gating without a bias or group limit, up to this k, routes each token with a lane
-#: team (sr_topk_gating_team*): as many lanes (a power of two, at most 32) as give each lane
-#: about GATING_EXPERTS_PER_LANE experts.
+#: team (sr_topk_gating_team*; see gating_lanes for its width).
 THREAD_TEAM_MAX_K = 16
-GATING_EXPERTS_PER_LANE = 16
+#: Lane teams: enough lanes per token for about this many threads in all, while each lane
+#: keeps at least GATING_MIN_EXPERTS_PER_LANE experts.
+GATING_TARGET_THREADS = 1 << 16
+GATING_MIN_EXPERTS_PER_LANE = 8
+#: The lane-team kernel packs a 16-bit logit and its expert into 32 bits.
+PAIR_MAX_EXPERTS = 1 << 16
 #: Slots per warp in the plan kernels, at most (more when E is large: see plan_chunks). Each
 #: warp walks its chunk 32 slots at a time through cursors in global memory, so its time grows
 #: with the chunk: plans of few slots get chunks down to PLAN_MIN_CHUNK_SLOTS, so that at least
@@ -147,11 +151,16 @@ def _token_teams(
 # --- topk_gating -------------------------------------------------------------------------------
 
 
-def gating_lanes(num_experts: int) -> int:
-    """Lanes per token of the lane-team gating kernel: the largest power of two, at most 32,
-    that leaves each lane at least GATING_EXPERTS_PER_LANE experts (one lane for small E)."""
-    shares = num_experts // GATING_EXPERTS_PER_LANE
-    return min(32, 1 << max(0, shares.bit_length() - 1))
+def gating_lanes(num_tokens: int, num_experts: int) -> int:
+    """Lanes per token of the lane-team gating kernel, a power of two from 1 to 32: the fewest
+    that give GATING_TARGET_THREADS threads in all (each lane adds merge rounds, so no more
+    than the GPU needs to hide memory latency), and no more than leave each lane
+    GATING_MIN_EXPERTS_PER_LANE experts."""
+    wanted = -(-GATING_TARGET_THREADS // max(num_tokens, 1))
+    lanes = min(32, 1 << (wanted - 1).bit_length())
+    while lanes > 1 and num_experts < lanes * GATING_MIN_EXPERTS_PER_LANE:
+        lanes //= 2
+    return lanes
 
 
 def topk_gating_cuda(
@@ -200,10 +209,10 @@ def topk_gating_cuda(
     experts = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
     if num_tokens == 0:
         return weights, experts
-    if bias is None and not groups and k <= THREAD_TEAM_MAX_K:
+    if bias is None and not groups and k <= THREAD_TEAM_MAX_K and num_experts <= PAIR_MAX_EXPERTS:
         # Selection compares logits: a lane team per token (see gating.cu).
         width = next(m for m in (2, 4, 8, 16) if m >= k)
-        lanes = gating_lanes(num_experts)
+        lanes = gating_lanes(num_tokens, num_experts)
         with _cuda.launcher(device) as launch:
             launch(
                 "gating.cu",

@@ -69,7 +69,8 @@ def test_every_lane_team_width_routes_as_the_cpu(
 ):
     """1 to 32 lanes per token, several teams per warp and a last warp partly used (1001
     tokens): the CPU's experts bit for bit, its weights within tolerance."""
-    monkeypatch.setattr(_cuda_ops, "GATING_EXPERTS_PER_LANE", experts_per_lane)
+    monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
+    monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
     logits = tie_heavy_logits(1001, num_experts, dtype, seed=num_experts + experts_per_lane)
     gpu, cpu = route_both(logits, k, score=score, normalize=normalize, scale=0.5)
     assert_same_routing(gpu, cpu, dtype)

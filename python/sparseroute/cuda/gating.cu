@@ -377,55 +377,112 @@ __device__ void backward_token(const BackwardArgs& a, i64 t, int lane, Scratch<N
   }
 }
 
-// ---- a few lanes per token: selection by logit (no expert_bias, no group limit) ------------
-// A team of `lanes` threads (1, 2, 4, 8, 16 or 32, aligned within the warp) routes one token.
-// Lane l reads its share of the row in expert order (16-byte words l, l + lanes, ... when
-// aligned, else experts l, l + lanes, ...) and keeps its M best (logit, expert) pairs sorted in
-// selection order (higher logit, then lower expert) in registers: a new pair enters only with a
-// strictly higher logit than the last kept one, and sinks into place. M >= k is a compile-time
-// size (2, 4, 8 or 16), so the arrays never leave registers; slots past k are ignored. The
-// token's k best pairs are among the lanes' M best, so k merge rounds follow, each a
-// butterfly over the lanes' first pairs: every lane learns the round's winner, and the lane
-// that held it moves on to its next pair. One lane per token reads the whole row without a
-// shuffle (E compares per token); more lanes read the row coalesced and keep more tokens in
-// flight, which large E needs. The selection and the weights of the k chosen logits do not
-// depend on the number of lanes; only the softmax denominator without normalisation is summed
-// in a lane-dependent order (within an ulp).
+// ---- selection pairs as integers ------------------------------------------------------------
+// The lane-team kernel below holds (logit, expert) pairs as unsigned integers whose order is
+// the selection order: the logit's bits made monotone (a positive value gets its sign bit set,
+// a negative value all its bits flipped, -0 counts as +0) above the complement of the expert,
+// so that of equal logits the lower expert is the larger integer. One integer comparison then
+// orders two pairs, and a sorted list takes a new pair with min/max instructions alone.
+// float16 / bfloat16 logits and their expert fit 32 bits (E <= 65536: the host checks),
+// float32 64 bits; float64 keeps (key, expert) and compares with pair_before.
+#if SR_DTYPE == 1 || SR_DTYPE == 2
+typedef unsigned pair_t;
+constexpr int kPairIndexBits = 16;
+#elif SR_DTYPE == 0
+typedef u64 pair_t;
+constexpr int kPairIndexBits = 32;
+#endif
+
+#if SR_DTYPE != 3
+__device__ __forceinline__ pair_t make_pair(elem_t value, int expert) {
+  constexpr int bits = kPairIndexBits;  // the width of the logit, too
+  constexpr pair_t sign = pair_t(1) << (bits - 1);
+  constexpr pair_t all = (pair_t(1) << bits) - 1;
+#if SR_DTYPE == 0
+  pair_t b = __float_as_uint(value);
+#else
+  pair_t b = value;
+#endif
+  b = b == sign ? pair_t(0) : b;  // -0 is +0
+  const pair_t ordered = (b & sign) ? (~b & all) : (b | sign);
+  return (ordered << bits) | (all - static_cast<pair_t>(expert));
+}
+__device__ __forceinline__ pair_t empty_pair() { return 0; }  // below every pair of a real logit
+__device__ __forceinline__ bool pair_first(pair_t a, pair_t b) { return a > b; }
+__device__ __forceinline__ int pair_expert(pair_t p) {
+  constexpr pair_t all = (pair_t(1) << kPairIndexBits) - 1;
+  return static_cast<int>(all - (p & all));
+}
+__device__ __forceinline__ acc_t pair_logit(pair_t p) {
+  constexpr int bits = kPairIndexBits;
+  constexpr pair_t sign = pair_t(1) << (bits - 1);
+  constexpr pair_t all = (pair_t(1) << bits) - 1;
+  const pair_t ordered = p >> bits;
+  const pair_t b = (ordered & sign) ? (ordered & ~sign) : (~ordered & all);
+#if SR_DTYPE == 0
+  return __uint_as_float(static_cast<unsigned>(b));
+#else
+  return to_acc(static_cast<elem_t>(b));
+#endif
+}
+#else
+struct pair_t {
+  acc_t key;
+  int expert;
+};
+__device__ __forceinline__ pair_t make_pair(elem_t value, int expert) { return pair_t{to_acc(value), expert}; }
+__device__ __forceinline__ pair_t empty_pair() { return pair_t{neg_infinity<acc_t>(), -1}; }
+__device__ __forceinline__ bool pair_first(pair_t a, pair_t b) {
+  return pair_before(a.key, a.expert, b.key, b.expert);
+}
+__device__ __forceinline__ int pair_expert(pair_t p) { return p.expert; }
+__device__ __forceinline__ acc_t pair_logit(pair_t p) { return p.key; }
+__device__ __forceinline__ pair_t lanes_xor(pair_t p, int offset, unsigned team_mask) {
+  return pair_t{__shfl_xor_sync(team_mask, p.key, offset), __shfl_xor_sync(team_mask, p.expert, offset)};
+}
+#endif
+// The value of the lane `offset` away (xor) within the team.
 template <class T>
 __device__ __forceinline__ T lanes_xor(T value, int offset, unsigned team_mask) {
   return __shfl_xor_sync(team_mask, value, offset);
 }
 
+// ---- a few lanes per token: selection by logit (no expert_bias, no group limit) ------------
+// A team of `lanes` threads (1, 2, 4, 8, 16 or 32, aligned within the warp) routes one token.
+// Lane l reads its share of the row in expert order (16-byte words l, l + lanes, ... when
+// aligned, else experts l, l + lanes, ...) and keeps its M best pairs sorted in selection
+// order in registers: a new pair enters only when it comes before the last kept one, and
+// sinks into place. M >= k is a compile-time size (2, 4, 8 or 16), so the list never leaves
+// registers; slots past k are ignored. The token's k best pairs are among the lanes' M best,
+// so k merge rounds follow, each a butterfly over the lanes' first pairs: every lane learns
+// the round's winner, and the lane that held it moves on to its next pair. One lane reads a
+// whole row without a shuffle; more lanes per token keep more of the GPU busy when tokens are
+// few, at the price of the merge (k rounds of log2(lanes) shuffles). The selection and the
+// weights of the k chosen logits do not depend on the number of lanes; only the softmax
+// denominator without normalisation is summed in a lane-dependent order (within an ulp).
 template <int M>
 __device__ __forceinline__ void route_token_team(const elem_t* row, int num_experts, int k, int sigmoid,
                                                  int normalize, acc_t scale, int vectorized, int lanes,
                                                  int lane, unsigned team_mask, acc_t* weights,
                                                  i64* experts, int* errors) {
-  acc_t key[M];
-  int index[M];
+  pair_t best[M];
 #pragma unroll
   for (int j = 0; j < M; ++j) {
-    key[j] = neg_infinity<acc_t>();
-    index[j] = -1;
+    best[j] = empty_pair();
   }
   int finite = 1;
-  auto offer = [&](acc_t v, int e) {
-    finite &= is_finite(v) ? 1 : 0;
-    if (!(v > key[M - 1])) {
+  auto offer = [&](elem_t value, int e) {
+    finite &= is_finite(to_acc(value)) ? 1 : 0;
+    pair_t p = make_pair(value, e);
+    if (!pair_first(p, best[M - 1])) {
       return;
     }
-    // The pair moving down displaces each pair it comes before in selection order: a
-    // displaced pair comes before every later pair of an equal key too (it has the lower
-    // expert), so the comparison needs the index.
 #pragma unroll
     for (int j = 0; j < M; ++j) {
-      const bool take = pair_before(v, e, key[j], index[j]);
-      const acc_t kept_key = key[j];
-      const int kept_index = index[j];
-      key[j] = take ? v : kept_key;
-      index[j] = take ? e : kept_index;
-      v = take ? kept_key : v;
-      e = take ? kept_index : e;
+      const bool take = pair_first(p, best[j]);
+      const pair_t kept = best[j];
+      best[j] = take ? p : kept;
+      p = take ? kept : p;
     }
   };
   constexpr int per_word = 16 / static_cast<int>(sizeof(elem_t));
@@ -447,18 +504,18 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
       }
 #pragma unroll
       for (int i = 0; i < per_word; ++i) {
-        offer(to_acc(first.values[i]), w * per_word + i);
+        offer(first.values[i], w * per_word + i);
       }
       if (w2 < num_words) {
 #pragma unroll
         for (int i = 0; i < per_word; ++i) {
-          offer(to_acc(second.values[i]), w2 * per_word + i);
+          offer(second.values[i], w2 * per_word + i);
         }
       }
     }
   } else {
     for (int e = lane; e < num_experts; e += lanes) {
-      offer(to_acc(row[e]), e);
+      offer(row[e], e);
     }
   }
   for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
@@ -476,41 +533,35 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
   }
   if (lanes > 1) {
     // Merge: round r takes the first of the lanes' first pairs; its lane pops it. Afterwards
-    // key/index hold the token's k best pairs in order, in every lane.
-    acc_t chosen_key[M];
-    int chosen_index[M];
+    // every lane's list holds the token's k best pairs in order.
+    pair_t chosen[M];
 #pragma unroll
     for (int r = 0; r < M; ++r) {
-      chosen_key[r] = neg_infinity<acc_t>();
-      chosen_index[r] = -1;
+      chosen[r] = empty_pair();
       if (r < k) {
-        acc_t best_key = key[0];
-        int best_index = index[0];
+        pair_t winner = best[0];
         for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
-          const acc_t other_key = lanes_xor(best_key, offset, team_mask);
-          const int other_index = lanes_xor(best_index, offset, team_mask);
-          if (pair_before(other_key, other_index, best_key, best_index)) {
-            best_key = other_key;
-            best_index = other_index;
-          }
+          const pair_t other = lanes_xor(winner, offset, team_mask);
+          winner = pair_first(other, winner) ? other : winner;
         }
-        chosen_key[r] = best_key;
-        chosen_index[r] = best_index;
-        const bool pop = index[0] == best_index;
+        chosen[r] = winner;
+        const bool pop = pair_expert(best[0]) == pair_expert(winner);
 #pragma unroll
         for (int j = 0; j + 1 < M; ++j) {
-          key[j] = pop ? key[j + 1] : key[j];
-          index[j] = pop ? index[j + 1] : index[j];
+          best[j] = pop ? best[j + 1] : best[j];
         }
-        key[M - 1] = pop ? neg_infinity<acc_t>() : key[M - 1];
-        index[M - 1] = pop ? -1 : index[M - 1];
+        best[M - 1] = pop ? empty_pair() : best[M - 1];
       }
     }
 #pragma unroll
     for (int j = 0; j < M; ++j) {
-      key[j] = chosen_key[j];
-      index[j] = chosen_index[j];
+      best[j] = chosen[j];
     }
+  }
+  acc_t key[M];
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    key[j] = j < k ? pair_logit(best[j]) : acc_t(0);
   }
   acc_t value[M];
   if (!sigmoid && normalize) {
@@ -556,7 +607,7 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
 #pragma unroll
   for (int j = 0; j < M; ++j) {
     if (j < k && j % lanes == lane) {
-      experts[j] = index[j];
+      experts[j] = pair_expert(best[j]);
       weights[j] = value[j];
     }
   }
