@@ -211,7 +211,10 @@ def permute_on_both(args):
     ("num_tokens", "k", "num_experts"), [(0, 2, 4), (1, 1, 1), (37, 2, 3), (300, 4, 64), (200, 3, 1000)]
 )
 @pytest.mark.parametrize("static_rows", [False, True])
-def test_permute_plan_is_the_cpu_plan(gpu, num_tokens, k, num_experts, static_rows):
+@pytest.mark.parametrize("kernels", ["one block", "chunked"])
+def test_permute_plan_is_the_cpu_plan(gpu, monkeypatch, num_tokens, k, num_experts, static_rows, kernels):
+    if kernels == "chunked":
+        monkeypatch.setattr(_cuda_ops, "SMALL_PLAN_MAX_SLOTS", -1)
     experts = random_experts(num_tokens, k, num_experts, seed=num_tokens)
     x = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(1))
     num_rows = num_tokens * k + 3 if static_rows else None
@@ -222,11 +225,17 @@ def test_permute_plan_is_the_cpu_plan(gpu, num_tokens, k, num_experts, static_ro
         assert torch.equal(ours[0], ref_sorted)
         assert torch.equal(ours[3], plan["row_to_slot"])
     assert not gpu.errors.any()
+    names = [launch[0] for launch in gpu.launches]
+    if kernels == "one block" and num_experts <= _cuda_ops.SMALL_PLAN_MAX_EXPERTS:
+        assert "sr_plan_small" in names and "sr_plan_scan" not in names
+    else:
+        assert "sr_plan_small" not in names and "sr_plan_scan" in names
 
 
 def test_permute_plan_over_many_chunks(gpu, monkeypatch):
     """Small chunks: the per-chunk cursors must chain chunk after chunk."""
     monkeypatch.setattr(_cuda_ops, "PLAN_CHUNK_SLOTS", 40)
+    monkeypatch.setattr(_cuda_ops, "SMALL_PLAN_MAX_SLOTS", -1)
     experts = random_experts(500, 2, 7, seed=5, empty=0.2)
     x = torch.randn(500, 4, generator=torch.Generator().manual_seed(2))
     args = (x, experts, 7, None, None, None, False)
@@ -253,18 +262,21 @@ def test_permute_plan_chunks_shrink_for_small_plans():
     assert _cuda_ops.plan_chunks(131072, 64) == (128, 1024)  # T = 16384, k = 8
 
 
-def test_invalid_expert_ids_and_short_num_rows_are_counted(gpu):
+@pytest.mark.parametrize("kernels", ["one block", "chunked"])
+def test_invalid_expert_ids_and_short_num_rows_are_counted(gpu, monkeypatch, kernels):
+    if kernels == "chunked":
+        monkeypatch.setattr(_cuda_ops, "SMALL_PLAN_MAX_SLOTS", -1)
     experts = torch.tensor([[0, 9], [1, -3], [0, 1]])
     x = torch.randn(3, 4)
     _, tpe, offsets, _, slot_to_row, _ = _cuda_ops.permute_cuda(x, experts, 2, None, None, None, False)
-    assert gpu.errors.tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [0, 2, 0, 0, 0, 0, 0, 0]  # each invalid id counted once
     assert slot_to_row.tolist() == [[0, -1], [2, -1], [1, 3]]
     assert tpe.tolist() == [2, 2] and offsets.tolist() == [0, 2, 4]
     gpu.errors.zero_()
     _, _, _, row_to_slot, slot_to_row, _ = _cuda_ops.permute_cuda(
         x, experts.clamp(0, 1), 2, 4, None, None, False
     )
-    assert gpu.errors.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert gpu.errors.tolist() == [0, 0, 0, 2, 0, 0, 0, 0]  # the two slots that did not fit
     assert row_to_slot.shape == (4,) and (slot_to_row == -1).sum() == 2
 
 

@@ -91,6 +91,11 @@ PLAN_MIN_CHUNK_SLOTS = 128
 PLAN_MIN_CHUNKS = 64
 #: The most entries of the plan's per-chunk count workspace (int64: 32 MiB).
 PLAN_WORKSPACE_ENTRIES = 1 << 22
+#: Plans of at most this many slots and rows, and SMALL_PLAN_MAX_EXPERTS experts
+#: (SR_SMALL_PLAN_EXPERTS in plan.cu), are built by one block in one launch (sr_plan_small);
+#: larger ones by the five chunked kernels.
+SMALL_PLAN_MAX_SLOTS = 1 << 15
+SMALL_PLAN_MAX_EXPERTS = 128
 #: Blocks of the row kernels at most (they loop over the rest).
 MAX_ROW_BLOCKS = 1 << 18
 #: Slots of the error buffer that the Python glue adds to (see _cuda.ERROR_KINDS).
@@ -473,10 +478,32 @@ def _dropless_plan(
     num_slots = num_tokens * k
     tokens_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-    row_to_slot = torch.full((rows,), -1, dtype=torch.int64, device=device)
     slot_to_row = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
+    if max(num_slots, rows) <= SMALL_PLAN_MAX_SLOTS and num_experts <= SMALL_PLAN_MAX_EXPERTS:
+        row_to_slot = torch.empty(rows, dtype=torch.int64, device=device)
+        launch(
+            "plan.cu",
+            None,
+            "sr_plan_small",
+            1,
+            1024,
+            (
+                pointer(experts),
+                _i64(num_slots),
+                _i32(num_experts),
+                _i64(rows),
+                pointer(tokens_per_expert),
+                pointer(offsets),
+                pointer(row_to_slot),
+                pointer(slot_to_row),
+                pointer(launch.errors),
+            ),
+        )
+        return tokens_per_expert, offsets, row_to_slot, slot_to_row
+    row_to_slot = torch.full((rows,), -1, dtype=torch.int64, device=device)
     chunks, chunk = plan_chunks(num_slots, num_experts)
-    counts = torch.zeros(max(chunks, 1) * num_experts, dtype=torch.int64, device=device)
+    # Each chunk's warp zeroes its row of the workspace before counting.
+    counts = torch.empty(max(chunks, 1) * num_experts, dtype=torch.int64, device=device)
     expert_blocks = -(-num_experts // 256)
     plan: list[tuple[str, int, int, tuple[Any, ...]]] = [
         (

@@ -447,6 +447,59 @@ __device__ __forceinline__ T lanes_xor(T value, int offset, unsigned team_mask) 
   return __shfl_xor_sync(team_mask, value, offset);
 }
 
+// ---- sorting networks over pairs ------------------------------------------------------------
+// Branch-free (selects only) and fully unrolled, so that the arrays stay in registers.
+
+__device__ __forceinline__ void order_two(pair_t& first, pair_t& second) {
+  const bool swap = pair_first(second, first);
+  const pair_t a = first;
+  first = swap ? second : a;
+  second = swap ? a : second;
+}
+
+// Sorts N pairs (a power of two) into selection order: a bitonic sorting network.
+template <int N>
+__device__ __forceinline__ void sort_pairs(pair_t* v) {
+#pragma unroll
+  for (int size = 2; size <= N; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int j = i ^ stride;
+        if (j > i) {
+          // Blocks of `size` alternate in direction until the last pass sorts them all.
+          if ((i & size) == 0 || size == N) {
+            order_two(v[i], v[j]);
+          } else {
+            order_two(v[j], v[i]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// best[0..M) sorted, fresh[0..N) sorted (N <= M): best becomes the M first pairs of both.
+// Pairing best's tail with fresh's head keeps the M first pairs as a bitonic sequence, which
+// log2(M) half-cleaner passes sort.
+template <int M, int N>
+__device__ __forceinline__ void merge_sorted_pairs(pair_t* best, const pair_t* fresh) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    best[M - 1 - i] = pair_first(fresh[i], best[M - 1 - i]) ? fresh[i] : best[M - 1 - i];
+  }
+#pragma unroll
+  for (int stride = M >> 1; stride > 0; stride >>= 1) {
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+      if ((i & stride) == 0) {
+        order_two(best[i], best[i + stride]);
+      }
+    }
+  }
+}
+
 // ---- a few lanes per token: selection by logit (no expert_bias, no group limit) ------------
 // A team of `lanes` threads (1, 2, 4, 8, 16 or 32, aligned within the warp) routes one token.
 // Lane l reads its share of the row in expert order (16-byte words l, l + lanes, ... when
@@ -490,6 +543,31 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
     uint4 bits;
     elem_t values[per_word];
   };
+  // A whole word: with room for it in the list (M >= per_word), its pairs are sorted by a
+  // network and merged into the list, a fixed, branch-free sequence of min/max steps, unless
+  // its first pair would not enter; else pair by pair.
+  auto offer_word = [&](const Word& word, int base) {
+    if constexpr (M >= per_word) {
+      pair_t fresh[per_word];
+      pair_t top = empty_pair();
+#pragma unroll
+      for (int i = 0; i < per_word; ++i) {
+        finite &= is_finite(to_acc(word.values[i])) ? 1 : 0;
+        fresh[i] = make_pair(word.values[i], base + i);
+        top = pair_first(fresh[i], top) ? fresh[i] : top;
+      }
+      if (!pair_first(top, best[M - 1])) {
+        return;
+      }
+      sort_pairs<per_word>(fresh);
+      merge_sorted_pairs<M, per_word>(best, fresh);
+    } else {
+#pragma unroll
+      for (int i = 0; i < per_word; ++i) {
+        offer(word.values[i], base + i);
+      }
+    }
+  };
   if (vectorized) {
     // Two words in flight per lane: the second load is issued before the first word's offers.
     const uint4* words = reinterpret_cast<const uint4*>(row);
@@ -502,15 +580,9 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
       if (w2 < num_words) {
         second.bits = words[w2];
       }
-#pragma unroll
-      for (int i = 0; i < per_word; ++i) {
-        offer(first.values[i], w * per_word + i);
-      }
+      offer_word(first, w * per_word);
       if (w2 < num_words) {
-#pragma unroll
-        for (int i = 0; i < per_word; ++i) {
-          offer(second.values[i], w2 * per_word + i);
-        }
+        offer_word(second, w2 * per_word);
       }
     }
   } else {

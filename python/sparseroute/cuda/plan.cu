@@ -3,13 +3,16 @@
 // index. Integer counting only, so the plan is identical to the CPU's, bit for bit.
 //
 // The S = T * k slots are cut into consecutive chunks, one warp per chunk:
-//   sr_plan_count    per-chunk histograms, counts[c, e] (a torch-zeroed int64 workspace)
+//   sr_plan_count    per-chunk histograms, counts[c, e] (an int64 workspace; each warp zeroes
+//                    its chunk's row first)
 //   sr_plan_totals   tokens_per_expert[e] = sum over chunks of counts[c, e]
 //   sr_plan_scan     offsets = exclusive prefix sums of tokens_per_expert (one block)
 //   sr_plan_cursors  counts[c, e] becomes the first row of chunk c's slots of expert e
 //   sr_plan_scatter  each warp walks its chunk in slot order, 32 slots at a time; slots of the
 //                    same expert in a step are ranked by lane (__match_any_sync), so the row
 //                    of a slot is its expert's cursor plus its rank: a stable counting sort.
+// Small plans (few slots, few experts) take all five steps in one block, sr_plan_small, with
+// the workspace in shared memory: one launch instead of five, which is most of their time.
 // No atomics decide an order anywhere; each chunk's row of the workspace belongs to one warp.
 //
 // Invalid expert ids (not -1 and outside [0, E)) are treated as empty slots and counted in the
@@ -31,6 +34,69 @@ __device__ __forceinline__ void place_slot(i64 s, i64 row, i64 num_rows, i64* ro
   }
 }
 
+// One warp's histogram of slots [begin, end) into mine[0, E), which it zeroes first; returns
+// the number of invalid ids among them (every lane gets the answer).
+__device__ __forceinline__ int warp_count_chunk(const i64* experts, i64 begin, i64 end, int num_experts, int lane,
+                                                i64* mine) {
+  for (int e = lane; e < num_experts; e += 32) {
+    mine[e] = 0;
+  }
+  __syncwarp();
+  int invalid = 0;
+  for (i64 base = begin; base < end; base += 32) {
+    const i64 s = base + lane;
+    i64 e = -1;
+    bool bad = false;
+    if (s < end) {
+      e = experts[s];
+      bad = e < -1 || e >= num_experts;
+      e = bad ? -1 : e;
+    }
+    invalid += __popc(__ballot_sync(SR_FULL_MASK, bad));
+    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
+    if (e >= 0 && lane == __ffs(peers) - 1) {
+      mine[e] += __popc(peers);
+    }
+    __syncwarp();
+  }
+  return invalid;
+}
+
+// One warp places slots [begin, end) in slot order from the cursors mine[0, E) (the first row
+// of each expert's slots in this chunk), advancing them; returns the number of slots that did
+// not fit in num_rows rows (every lane gets the answer).
+__device__ __forceinline__ int warp_scatter_chunk(const i64* experts, i64 begin, i64 end, int num_experts, int lane,
+                                                  i64* mine, i64 num_rows, i64* row_to_slot, i64* slot_to_row) {
+  const unsigned lanes_below = (1u << lane) - 1u;
+  int overflowed = 0;
+  for (i64 base = begin; base < end; base += 32) {
+    int overflow = 0;
+    const i64 s = base + lane;
+    i64 e = -1;
+    if (s < end) {
+      e = experts[s];
+      if (e < -1 || e >= num_experts) {
+        e = -1;
+      }
+    }
+    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
+    i64 row = -1;
+    if (e >= 0) {
+      row = mine[e] + __popc(peers & lanes_below);
+    }
+    __syncwarp();  // every peer has read the cursor
+    if (e >= 0 && lane == __ffs(peers) - 1) {
+      mine[e] += __popc(peers);
+    }
+    if (s < end) {
+      place_slot(s, row, num_rows, row_to_slot, slot_to_row, overflow);
+    }
+    overflowed += __popc(__ballot_sync(SR_FULL_MASK, overflow));
+    __syncwarp();  // the cursor update is visible to the next step
+  }
+  return overflowed;
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     sr_plan_count(const i64* experts, i64 num_slots, int num_experts, i64 chunk, i64 num_chunks,
                   i64* counts, int* errors) {
@@ -41,26 +107,10 @@ extern "C" __global__ void __launch_bounds__(128)
   const int lane = static_cast<int>(threadIdx.x & 31);
   const i64 begin = c * chunk;
   const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
-  i64* mine = counts + c * static_cast<i64>(num_experts);
-  int invalid = 0;
-  for (i64 base = begin; base < end; base += 32) {
-    const i64 s = base + lane;
-    i64 e = -1;
-    if (s < end) {
-      e = experts[s];
-      if (e < -1 || e >= num_experts) {
-        invalid = 1;
-        e = -1;
-      }
-    }
-    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
-    if (e >= 0 && lane == __ffs(peers) - 1) {
-      mine[e] += __popc(peers);
-    }
-    __syncwarp();
-  }
-  if (__any_sync(SR_FULL_MASK, invalid) && lane == 0) {
-    atomicAdd(&errors[SR_ERR_EXPERT_ID], 1);
+  const int invalid =
+      warp_count_chunk(experts, begin, end, num_experts, lane, counts + c * static_cast<i64>(num_experts));
+  if (invalid && lane == 0) {
+    atomicAdd(&errors[SR_ERR_EXPERT_ID], invalid);
   }
 }
 
@@ -77,9 +127,9 @@ extern "C" __global__ void __launch_bounds__(256)
   tokens_per_expert[e] = total;
 }
 
-// One block of 1024 threads: tiles of 1024 experts, scanned with warp shuffles.
-extern "C" __global__ void __launch_bounds__(1024)
-    sr_plan_scan(const i64* tokens_per_expert, int num_experts, i64* offsets) {
+// offsets = exclusive prefix sums of tokens_per_expert, by one block of 1024 threads: tiles of
+// 1024 experts, scanned with warp shuffles.
+__device__ __forceinline__ void block_scan_offsets(const i64* tokens_per_expert, int num_experts, i64* offsets) {
   __shared__ i64 warp_totals[32];
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int warp = static_cast<int>(threadIdx.x >> 5);
@@ -119,6 +169,11 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
 }
 
+extern "C" __global__ void __launch_bounds__(1024)
+    sr_plan_scan(const i64* tokens_per_expert, int num_experts, i64* offsets) {
+  block_scan_offsets(tokens_per_expert, num_experts, offsets);
+}
+
 extern "C" __global__ void __launch_bounds__(256)
     sr_plan_cursors(i64* counts, i64 num_chunks, int num_experts, const i64* offsets) {
   const i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -141,36 +196,64 @@ extern "C" __global__ void __launch_bounds__(128)
     return;
   }
   const int lane = static_cast<int>(threadIdx.x & 31);
-  const unsigned lanes_below = (1u << lane) - 1u;
   const i64 begin = c * chunk;
   const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
-  i64* mine = cursors + c * static_cast<i64>(num_experts);
-  int overflow = 0;
-  for (i64 base = begin; base < end; base += 32) {
-    const i64 s = base + lane;
-    i64 e = -1;
-    if (s < end) {
-      e = experts[s];
-      if (e < -1 || e >= num_experts) {
-        e = -1;
-      }
-    }
-    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
-    i64 row = -1;
-    if (e >= 0) {
-      row = mine[e] + __popc(peers & lanes_below);
-    }
-    __syncwarp();  // every peer has read the cursor
-    if (e >= 0 && lane == __ffs(peers) - 1) {
-      mine[e] += __popc(peers);
-    }
-    if (s < end) {
-      place_slot(s, row, num_rows, row_to_slot, slot_to_row, overflow);
-    }
-    __syncwarp();  // the cursor update is visible to the next step
+  const int overflow = warp_scatter_chunk(experts, begin, end, num_experts, lane,
+                                          cursors + c * static_cast<i64>(num_experts), num_rows, row_to_slot,
+                                          slot_to_row);
+  if (overflow && lane == 0) {
+    atomicAdd(&errors[SR_ERR_NUM_ROWS], overflow);
   }
-  if (__any_sync(SR_FULL_MASK, overflow) && lane == 0) {
-    atomicAdd(&errors[SR_ERR_NUM_ROWS], 1);
+}
+
+// The whole plan in one block of 1024 threads (32 warps, 32 chunks) for at most
+// SR_SMALL_PLAN_EXPERTS experts: the [32, E] workspace lives in shared memory, and the steps
+// of the kernels above follow each other with __syncthreads. It also writes the -1 of the
+// rows past the routed slots (the chunked path has torch fill row_to_slot first).
+#define SR_SMALL_PLAN_EXPERTS 128
+extern "C" __global__ void __launch_bounds__(1024)
+    sr_plan_small(const i64* experts, i64 num_slots, int num_experts, i64 num_rows, i64* tokens_per_expert,
+                  i64* offsets, i64* row_to_slot, i64* slot_to_row, int* errors) {
+  __shared__ i64 counts[32 * SR_SMALL_PLAN_EXPERTS];
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const i64 chunk = (num_slots + 31) / 32;
+  const i64 begin = warp * chunk < num_slots ? warp * chunk : num_slots;
+  const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
+  i64* mine = counts + warp * num_experts;
+  const int invalid = warp_count_chunk(experts, begin, end, num_experts, lane, mine);
+  if (invalid && lane == 0) {
+    atomicAdd(&errors[SR_ERR_EXPERT_ID], invalid);
+  }
+  __syncthreads();
+  const int e = static_cast<int>(threadIdx.x);
+  if (e < num_experts) {
+    i64 total = 0;
+    for (int c = 0; c < 32; ++c) {
+      total += counts[c * num_experts + e];
+    }
+    tokens_per_expert[e] = total;
+  }
+  __syncthreads();  // tokens_per_expert is complete (global writes are visible in the block)
+  block_scan_offsets(tokens_per_expert, num_experts, offsets);
+  __syncthreads();
+  // The rows past the routed slots hold no slot (the scatter writes all the others).
+  for (i64 row = offsets[num_experts] + threadIdx.x; row < num_rows; row += blockDim.x) {
+    row_to_slot[row] = -1;
+  }
+  if (e < num_experts) {
+    i64 next = offsets[e];
+    for (int c = 0; c < 32; ++c) {
+      const i64 n = counts[c * num_experts + e];
+      counts[c * num_experts + e] = next;
+      next += n;
+    }
+  }
+  __syncthreads();
+  const int overflow =
+      warp_scatter_chunk(experts, begin, end, num_experts, lane, mine, num_rows, row_to_slot, slot_to_row);
+  if (overflow && lane == 0) {
+    atomicAdd(&errors[SR_ERR_NUM_ROWS], overflow);
   }
 }
 
@@ -219,7 +302,7 @@ extern "C" __global__ void __launch_bounds__(256)
                      int* errors) {
   const i64 routed = routed_offsets[num_experts];
   const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
-  int overflow = 0;
+  int overflowed = 0;
   for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < routed && i < num_slots;
        i += stride) {
     const i64 s = dropless_rows[i];
@@ -234,10 +317,12 @@ extern "C" __global__ void __launch_bounds__(256)
       keep = kept[i] != 0;
       rank = kept_before[i] - kept_before[first];
     }
+    int overflow = 0;
     place_slot(s, keep ? offsets[e] + rank : -1, num_rows, row_to_slot, slot_to_row, overflow);
+    overflowed += overflow;
   }
-  if (overflow) {
-    atomicAdd(&errors[SR_ERR_NUM_ROWS], 1);
+  if (overflowed) {
+    atomicAdd(&errors[SR_ERR_NUM_ROWS], overflowed);
   }
 }
 
