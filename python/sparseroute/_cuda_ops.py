@@ -1013,7 +1013,7 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
     logits = logits.contiguous()
     mask = _token_mask(mask, num_tokens, device)
     segments = min((group_size - 1) // SCORE_SEGMENT_TOKENS + 2, -(-num_tokens // SCORE_SEGMENT_TOKENS))
-    stats = torch.empty(num_tokens, 2, dtype=_accumulator(dtype), device=device)
+    scores = torch.empty(num_tokens, num_experts, dtype=_accumulator(dtype), device=device)
     partials = torch.empty(groups * segments, num_experts, dtype=torch.float64, device=device)
     sigmoid = _i32(score == "sigmoid")
     with _cuda.launcher(device) as launch:
@@ -1029,7 +1029,7 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
                 _i32(num_experts),
                 sigmoid,
                 pointer(mask),
-                pointer(stats),
+                pointer(scores),
                 pointer(launch.errors),
             ),
         )
@@ -1040,14 +1040,12 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             min(-(-partials.numel() // 256), MAX_ROW_BLOCKS),
             256,
             (
-                pointer(logits),
+                pointer(scores),
                 _i64(num_tokens),
                 _i32(num_experts),
-                sigmoid,
                 _i64(group_size),
                 _i64(groups),
                 _i64(segments),
-                pointer(stats),
                 pointer(partials),
             ),
         )

@@ -4,13 +4,14 @@
 //
 //   sr_score_stats         one warp per token (4 per block of 128): the row's max and the
 //                          inverse of the normaliser (softmax: 1 / sum exp(l - max); sigmoid:
-//                          1 / (sum sigmoid(l) + 1e-20)) into stats [T, 2]. Masked tokens get
-//                          an inverse of 0 (skipped later); rows holding NaN or an infinity
-//                          are counted and skipped the same way.
+//                          1 / (sum sigmoid(l) + 1e-20)), then the normalised scores into a
+//                          [T, E] workspace. Masked tokens get scores of 0; rows holding NaN
+//                          or an infinity are counted and get 0 the same way.
 //   sr_score_partials      one thread per (group, segment, expert): a group's tokens split at
 //                          multiples of 1024 (the Rust kernel's token blocks) into at most J
-//                          segments; each thread sums its segment's normalised scores in
-//                          token order in float64, from 0.
+//                          segments; each thread sums its segment's scores in token order in
+//                          float64, from 0. Only these chains are sequential; the scores are
+//                          computed in parallel by sr_score_stats.
 //   sr_score_totals        one thread per (group, expert): the segments added in order, from
 //                          0: the Rust kernel's order of additions. The scores themselves come
 //                          from the GPU's exp, so the sums agree with the CPU to float tolerance.
@@ -73,32 +74,33 @@ __device__ __forceinline__ bool row_stats(const elem_t* row, int num_experts, in
 
 extern "C" __global__ void __launch_bounds__(128)
     sr_score_stats(const elem_t* logits, i64 num_tokens, int num_experts, int use_sigmoid,
-                   const unsigned char* mask, acc_t* stats, int* errors) {
+                   const unsigned char* mask, acc_t* scores, int* errors) {
   const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (t >= num_tokens) {
     return;  // a whole warp: the shuffles below involve only this warp
   }
-  const bool lane0 = (threadIdx.x & 31) == 0;
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const elem_t* row = logits + t * num_experts;
   acc_t m = acc_t(0);
   acc_t z = acc_t(0);
   acc_t inverse = acc_t(0);
   if (token_counts(mask, t)) {
-    if (row_stats(logits + t * num_experts, num_experts, use_sigmoid, m, z)) {
+    if (row_stats(row, num_experts, use_sigmoid, m, z)) {
       inverse = div_rn(acc_t(1), z);
-    } else if (lane0) {
+    } else if (lane == 0) {
       atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
     }
   }
-  if (lane0) {
-    stats[2 * t] = m;
-    stats[2 * t + 1] = inverse;
+  // A skipped token's scores are 0: adding them leaves the (non-negative) sums unchanged.
+  acc_t* out = scores + t * num_experts;
+  for (int e = lane; e < num_experts; e += 32) {
+    out[e] = inverse == acc_t(0) ? acc_t(0) : mul_rn(raw_score(to_acc(row[e]), m, use_sigmoid), inverse);
   }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    sr_score_partials(const elem_t* logits, i64 num_tokens, int num_experts, int use_sigmoid,
-                      i64 group_size, i64 num_groups, i64 segments, const acc_t* stats,
-                      double* partials) {
+    sr_score_partials(const acc_t* scores, i64 num_tokens, int num_experts, i64 group_size, i64 num_groups,
+                      i64 segments, double* partials) {
   const i64 items = num_groups * segments * num_experts;
   const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
   for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < items; i += stride) {
@@ -111,14 +113,11 @@ extern "C" __global__ void __launch_bounds__(256)
     const i64 block = start / kTokenSegment + j;
     const i64 lo = block * kTokenSegment > start ? block * kTokenSegment : start;
     const i64 hi = (block + 1) * kTokenSegment < end ? (block + 1) * kTokenSegment : end;
+    // A chain of dependent float64 additions: the loads run ahead of it (unrolled).
     double sum = 0.0;
+#pragma unroll 8
     for (i64 t = lo; t < hi; ++t) {
-      const acc_t inverse = stats[2 * t + 1];
-      if (inverse == acc_t(0)) {
-        continue;
-      }
-      const acc_t p = mul_rn(raw_score(to_acc(logits[t * num_experts + e]), stats[2 * t], use_sigmoid), inverse);
-      sum = add_rn(sum, static_cast<double>(p));
+      sum = add_rn(sum, static_cast<double>(scores[t * num_experts + e]));
     }
     partials[i] = sum;
   }

@@ -43,15 +43,14 @@ __device__ __forceinline__ int warp_count_chunk(const i64* experts, i64 begin, i
   }
   __syncwarp();
   int invalid = 0;
+  // Each step loads the next step's ids before it works on its own (-1 past the chunk).
+  i64 next = begin + lane < end ? experts[begin + lane] : -1;
   for (i64 base = begin; base < end; base += 32) {
     const i64 s = base + lane;
-    i64 e = -1;
-    bool bad = false;
-    if (s < end) {
-      e = experts[s];
-      bad = e < -1 || e >= num_experts;
-      e = bad ? -1 : e;
-    }
+    i64 e = next;
+    next = s + 32 < end ? experts[s + 32] : -1;
+    const bool bad = e < -1 || e >= num_experts;
+    e = bad ? -1 : e;
     invalid += __popc(__ballot_sync(SR_FULL_MASK, bad));
     const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
     if (e >= 0 && lane == __ffs(peers) - 1) {
@@ -69,15 +68,14 @@ __device__ __forceinline__ int warp_scatter_chunk(const i64* experts, i64 begin,
                                                   i64* mine, i64 num_rows, i64* row_to_slot, i64* slot_to_row) {
   const unsigned lanes_below = (1u << lane) - 1u;
   int overflowed = 0;
+  i64 next = begin + lane < end ? experts[begin + lane] : -1;
   for (i64 base = begin; base < end; base += 32) {
     int overflow = 0;
     const i64 s = base + lane;
-    i64 e = -1;
-    if (s < end) {
-      e = experts[s];
-      if (e < -1 || e >= num_experts) {
-        e = -1;
-      }
+    i64 e = next;
+    next = s + 32 < end ? experts[s + 32] : -1;
+    if (e < -1 || e >= num_experts) {
+      e = -1;
     }
     const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
     i64 row = -1;
