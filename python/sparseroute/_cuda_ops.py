@@ -1037,8 +1037,9 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             "balance.cu",
             dtype,
             "sr_score_partials",
-            min(-(-partials.numel() // 256), MAX_ROW_BLOCKS),
-            256,
+            # Small blocks: the chains are few (G * J * E), spread them over many SMs.
+            min(-(-partials.numel() // 64), MAX_ROW_BLOCKS),
+            64,
             (
                 pointer(scores),
                 _i64(num_tokens),

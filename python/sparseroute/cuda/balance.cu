@@ -113,11 +113,22 @@ extern "C" __global__ void __launch_bounds__(256)
     const i64 block = start / kTokenSegment + j;
     const i64 lo = block * kTokenSegment > start ? block * kTokenSegment : start;
     const i64 hi = (block + 1) * kTokenSegment < end ? (block + 1) * kTokenSegment : end;
-    // A chain of dependent float64 additions: the loads run ahead of it (unrolled).
+    // A chain of dependent float64 additions: sixteen loads are issued before their adds, so
+    // that the chain waits for memory once per sixteen tokens, not once per token.
+    constexpr int kAhead = 16;
     double sum = 0.0;
-#pragma unroll 8
-    for (i64 t = lo; t < hi; ++t) {
-      sum = add_rn(sum, static_cast<double>(scores[t * num_experts + e]));
+    for (i64 t = lo; t < hi; t += kAhead) {
+      acc_t ahead[kAhead];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        ahead[u] = t + u < hi ? scores[(t + u) * num_experts + e] : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        if (t + u < hi) {
+          sum = add_rn(sum, static_cast<double>(ahead[u]));
+        }
+      }
     }
     partials[i] = sum;
   }
