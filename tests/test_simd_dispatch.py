@@ -1,7 +1,7 @@
 """The CPU kernels pick AVX2 versions at run time where the processor has them (gating,
-z-loss, Sinkhorn), and AVX-512 top-k selection for many experts where it has that;
-``SPARSEROUTE_SIMD=avx2`` stops at AVX2 and ``SPARSEROUTE_SIMD=baseline`` turns both off.
-Every level must give the same bits."""
+softmax rows, z-loss, Sinkhorn), and where it has AVX-512, top-k selection for many experts
+and softmax / z-loss exponentials sixteen at a time; ``SPARSEROUTE_SIMD=avx2`` stops at AVX2
+and ``SPARSEROUTE_SIMD=baseline`` turns both off. Every level must give the same bits."""
 
 from __future__ import annotations
 
@@ -47,6 +47,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def softmax_row_ops(logits: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Top-p, expert choice and the unnormalised gating gradient (the softmax row kernels):
+    weights, experts and the gradient of a fixed linear function of the weights."""
+    T, E = logits.shape
+    results = []
+    for op in ("topp", "topp_exclusive", "expert_choice", "gating"):
+        x = logits.clone().requires_grad_()
+        if op == "topp":
+            weights, experts = sparseroute.topp_gating(x, 0.7, max_k=min(E, 12))
+        elif op == "topp_exclusive":
+            weights, experts = sparseroute.topp_gating(x, 0.5, inclusive=False, normalize=True)
+        elif op == "expert_choice":
+            choice = sparseroute.expert_choice(x, max(1, T // E))
+            weights, experts = choice.gates, choice.indices
+        else:
+            weights, experts = sparseroute.topk_gating(x, min(E, 4), normalize=False)
+        (weights * torch.linspace(-1, 1, weights.numel()).view_as(weights)).sum().backward()
+        results.append((weights.detach(), experts, x.grad))
+    return results
+
+
 def run_all() -> list[tuple[torch.Tensor, ...]]:
     results: list[tuple[torch.Tensor, ...]] = []
     for i, (T, E, k, score, normalize, dtype) in enumerate(CASES):
@@ -62,6 +83,7 @@ def run_all() -> list[tuple[torch.Tensor, ...]]:
         loss.backward()
         results.append((loss.detach(), logits.grad))
         results.append((sparseroute.sinkhorn(logits.detach()),))
+        results.extend(softmax_row_ops(logits.detach()))
     return results
 
 

@@ -325,10 +325,11 @@ def topp_gating(
 
     Experts are ranked by logit (ties to the lower index) and their float32 softmax
     probabilities summed in that order. ``inclusive=True`` keeps the smallest prefix whose
-    sum is ``>= p`` (the expert that crosses ``p`` is kept: the top-p routing of Huang et al.,
-    "Harder Tasks Need More Experts", 2024); ``inclusive=False`` keeps only the prefix whose
-    sum stays ``<= p`` (the crossing expert is dropped). Then at least ``min_k`` and at
-    most ``max_k`` experts are kept.
+    sum is ``>= p`` (the expert that crosses ``p`` is kept: XMoE's rule, and top-p routing as
+    in Huang et al., "Harder Tasks Need More Experts", 2024); ``inclusive=False`` keeps only
+    the prefix whose sum stays ``<= p`` (the crossing expert is dropped: with ``min_k=1``,
+    BALM's Top-P router). Then at least ``min_k`` and at most ``max_k`` experts are kept.
+    docs/semantics.md cites both conventions and where their code differs at ``sum == p``.
 
     Args:
         logits: ``[T, E]`` router logits (float32, bfloat16, float16; float64 for checks).

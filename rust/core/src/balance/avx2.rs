@@ -4,7 +4,8 @@
 
 use crate::element::Storage;
 use crate::lanes::LANES;
-use crate::simd::avx2::{exp_shifted, with_source, Source};
+use crate::simd::avx2::{exp_shifted, with_source};
+use crate::simd::avx512::{self, Source16};
 use std::arch::x86_64::*;
 
 /// One token of the z-loss: writes `scale * 2 z softmax(row)` to `out` and returns
@@ -17,13 +18,36 @@ use std::arch::x86_64::*;
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]
 pub(super) unsafe fn z_loss_row(rows: Storage<'_>, start: usize, scale: f32, out: &mut [f32]) -> f32 {
     // SAFETY: forwarded from the caller.
-    unsafe { with_source!(rows, |src| z_loss_row_in(src, start, scale, out)) }
+    unsafe { with_source!(rows, |src| z_loss_row_in::<_, false>(src, start, scale, out)) }
 }
 
-#[inline(always)]
-unsafe fn z_loss_row_in<S: Source>(src: S, start: usize, scale: f32, out: &mut [f32]) -> f32 {
+/// [`z_loss_row`] with the exponentials sixteen at a time (the same bits).
+///
+/// # Safety
+/// The CPU features of [`crate::simd::avx512_enabled`] are available; the row lies inside `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
+pub(super) unsafe fn z_loss_row_avx512(rows: Storage<'_>, start: usize, scale: f32, out: &mut [f32]) -> f32 {
     // SAFETY: forwarded from the caller.
-    let Some((m, sum)) = (unsafe { exp_shifted::<_, false>(src, start, out) }) else { return f32::NAN };
+    unsafe { with_source!(rows, |src| z_loss_row_in::<_, true>(src, start, scale, out)) }
+}
+
+/// `WIDE`: AVX-512 exponentials (only inside [`z_loss_row_avx512`]).
+#[inline(always)]
+unsafe fn z_loss_row_in<S: Source16, const WIDE: bool>(
+    src: S,
+    start: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> f32 {
+    // SAFETY: forwarded from the caller (with WIDE, AVX-512 is available).
+    let shifted = unsafe {
+        if WIDE {
+            avx512::exp_shifted::<_, false>(src, start, out)
+        } else {
+            exp_shifted::<_, false>(src, start, out)
+        }
+    };
+    let Some((m, sum)) = shifted else { return f32::NAN };
     let z = m + sum.ln();
     let factor = (1.0 + 1.0) * scale * z / sum;
     let whole = out.len() / LANES * LANES;

@@ -306,14 +306,17 @@ pub fn z_loss<L: Element>(
     scale: L::Acc,
     grad: &mut [L::Acc],
 ) -> Result<f64> {
-    z_loss_on(logits, crate::simd::avx2_enabled(), num_experts, groups, scale, grad)
+    let (avx2, avx512) = (crate::simd::avx2_enabled(), crate::simd::avx512_enabled());
+    z_loss_on(logits, avx2, avx512, num_experts, groups, scale, grad)
 }
 
-/// [`z_loss`] with the choice of kernels given (`avx2`: where the storage allows), so that
-/// tests can run both in one process.
+/// [`z_loss`] with the choice of kernels given (`avx2`: where the storage allows; `avx512`:
+/// with AVX-512 exponentials, where a row fills a sixteen-lane block; the caller checked the
+/// CPU has what it asks for), so that tests can run every path in one process.
 fn z_loss_on<L: Element>(
     logits: &[L],
     avx2: bool,
+    avx512: bool,
     num_experts: usize,
     groups: Groups<'_>,
     scale: L::Acc,
@@ -325,8 +328,11 @@ fn z_loss_on<L: Element>(
     let mut squares = vec![0.0f64; groups.num_tokens];
     #[cfg(target_arch = "x86_64")]
     let simd = L::storage(logits).filter(|_| avx2);
+    // AVX-512 exponentials where the CPU has them and a row fills a sixteen-lane block.
+    #[cfg(target_arch = "x86_64")]
+    let wide = avx2 && avx512 && num_experts >= 16;
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = avx2;
+    let _ = (avx2, avx512);
     for_each_block2(
         (grad, num_experts),
         (&mut squares, 1),
@@ -345,7 +351,13 @@ fn z_loss_on<L: Element>(
                     }
                     // SAFETY: `avx2_enabled` checked the CPU features; the row t * E .. (t + 1) * E
                     // lies inside the logits (checked above) and `out` holds E values.
-                    let z = unsafe { avx2::z_loss_row(rows, t * num_experts, scale, out) };
+                    let z = unsafe {
+                        if wide {
+                            avx2::z_loss_row_avx512(rows, t * num_experts, scale, out)
+                        } else {
+                            avx2::z_loss_row(rows, t * num_experts, scale, out)
+                        }
+                    };
                     if !z.is_finite() {
                         return Err(non_finite_row_error(&logits[t * num_experts..(t + 1) * num_experts], t));
                     }
@@ -613,7 +625,7 @@ mod tests {
             return;
         }
         let mut state = 5u64;
-        for (tokens, experts) in [(3, 1), (5, 7), (9, 8), (17, 64), (4, 61), (6, 160)] {
+        for (tokens, experts) in [(3, 1), (5, 7), (9, 8), (4, 16), (3, 24), (17, 64), (4, 61), (6, 160)] {
             let logits: Vec<f32> = (0..tokens * experts)
                 .map(|i| {
                     state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -627,19 +639,27 @@ mod tests {
                 .collect();
             let mask: Vec<u8> = (0..tokens).map(|t| u8::from(t % 3 != 1)).collect();
             let groups = Groups { num_tokens: tokens, group_size: tokens, mask: Some(&mask) };
-            let run = |avx2: bool| {
+            let run = |avx2: bool, avx512: bool| {
                 let mut grad = vec![0f32; logits.len()];
-                let total = z_loss_on(&logits, avx2, experts, groups, 0.37, &mut grad).unwrap();
+                let total = z_loss_on(&logits, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
                 (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
             };
-            assert_eq!(run(false), run(true), "T = {tokens}, E = {experts}");
+            assert_eq!(run(false, false), run(true, false), "T = {tokens}, E = {experts}");
             let half: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            let run16 = |avx2: bool| {
+            let run16 = |avx2: bool, avx512: bool| {
                 let mut grad = vec![0f32; logits.len()];
-                let total = z_loss_on(&half, avx2, experts, groups, 0.37, &mut grad).unwrap();
+                let total = z_loss_on(&half, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
                 (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
             };
-            assert_eq!(run16(false), run16(true), "bf16, T = {tokens}, E = {experts}");
+            assert_eq!(run16(false, false), run16(true, false), "bf16, T = {tokens}, E = {experts}");
+            if crate::simd::avx512_enabled() {
+                assert_eq!(run(false, false), run(true, true), "AVX-512, T = {tokens}, E = {experts}");
+                assert_eq!(
+                    run16(false, false),
+                    run16(true, true),
+                    "AVX-512 bf16, T = {tokens}, E = {experts}"
+                );
+            }
         }
     }
 }

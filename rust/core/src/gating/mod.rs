@@ -289,11 +289,17 @@ fn softmax_row<L: Element>(row: &[L], out: &mut [L::Acc]) -> bool {
 }
 
 /// [`softmax_row`] with the AVX2 kernel when `avx2` (the caller checked
-/// [`crate::simd::avx2_enabled`]) and the types allow: the same bits either way.
+/// [`crate::simd::avx2_enabled`]) and the types allow, its AVX-512 form (sixteen
+/// exponentials at a time) where the CPU has that too and the row holds sixteen values: the
+/// same bits every way.
 fn softmax_row_on<L: Element>(row: &[L], out: &mut [L::Acc], avx2: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         if let (Some(rows), Some(out)) = (L::storage(row), L::Acc::as_f32_mut(&mut *out)) {
+            if out.len() >= 16 && crate::simd::avx512_enabled() {
+                // SAFETY: AVX-512 and the rest are available (checked); the row is all of `rows`.
+                return unsafe { crate::simd::avx512::softmax_row(rows, 0, out) };
+            }
             // SAFETY: AVX2 and the rest are available (caller); the row is all of `rows`.
             return unsafe { crate::simd::avx2::softmax_row(rows, 0, out) };
         }
@@ -1641,14 +1647,24 @@ mod tests {
         if !crate::simd::avx2_enabled() {
             return;
         }
-        for (e, seed) in [(1, 1), (7, 2), (8, 3), (60, 4), (64, 5), (161, 6)] {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (e, seed) in [(1, 1), (7, 2), (8, 3), (16, 7), (24, 8), (47, 9), (60, 4), (64, 5), (161, 6)] {
             let row = tricky_logits(e, seed);
             let (mut portable, mut simd) = (vec![0f32; e], vec![0f32; e]);
             assert_eq!(softmax_row(&row, &mut portable), softmax_row_on(&row, &mut simd, true));
-            assert_eq!(
-                portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                simd.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
+            assert_eq!(bits(&portable), bits(&simd));
+            // Each SIMD level directly (softmax_row_on takes the widest the CPU has).
+            let rows = f32::storage(&row).unwrap();
+            let mut narrow = vec![0f32; e];
+            // SAFETY: AVX2 is available (checked above); the row is all of `rows`.
+            assert!(unsafe { crate::simd::avx2::softmax_row(rows, 0, &mut narrow) });
+            assert_eq!(bits(&portable), bits(&narrow), "AVX2, E = {e}");
+            if crate::simd::avx512_enabled() {
+                let mut wide = vec![0f32; e];
+                // SAFETY: AVX-512 is available (checked); the row is all of `rows`.
+                assert!(unsafe { crate::simd::avx512::softmax_row(rows, 0, &mut wide) });
+                assert_eq!(bits(&portable), bits(&wide), "AVX-512, E = {e}");
+            }
             let half: Vec<half::f16> = row.iter().map(|&v| half::f16::from_f32(v)).collect();
             assert!(softmax_row(&half, &mut portable) && softmax_row_on(&half, &mut simd, true));
             assert_eq!(portable, simd);

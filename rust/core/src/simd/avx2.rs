@@ -199,24 +199,21 @@ pub(crate) unsafe fn block_maxima<S: Source, const CHECK_FINITE: bool>(
     }
 }
 
-/// `out = fast_exp(row - max(row))` for the row `src[start .. start + out.len()]`, with the
-/// sum of `out` in eight lanes (element i into lane i % 8, then the lanes in order). Returns
-/// `(max, sum)`, or, with `CHECK_FINITE`, `None` when the row holds NaN or an infinity
-/// (without it, NaN and `+inf` come out as a NaN sum and `-inf` as an `exp` of about 1e-38).
+/// The maximum of the row `src[start .. start + len]` (eight lane maxima over the whole
+/// blocks of eight, then the tail into lanes 0.., then the lanes in order); with
+/// `CHECK_FINITE`, `None` when the row holds NaN or an infinity.
 ///
 /// # Safety
 /// The CPU features of [`super::avx2_enabled`] are available; the row lies inside `src`.
 #[inline(always)]
-pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
+pub(crate) unsafe fn row_max<S: Source, const CHECK_FINITE: bool>(
     src: S,
     start: usize,
-    out: &mut [f32],
-) -> Option<(f32, f32)> {
+    len: usize,
+) -> Option<f32> {
     const LANES: usize = 8;
-    let len = out.len();
     let whole = len / LANES * LANES;
-    // SAFETY: loads of eight values at start + b with b + 8 <= whole <= len (inside the
-    // row); stores of eight at b + 8 <= whole (inside `out`).
+    // SAFETY: whole / 8 blocks of eight inside the row (caller).
     unsafe {
         let (maxima, mut finite) = block_maxima::<_, CHECK_FINITE>(src, start, whole / LANES);
         // The maximum is the same value in any order.
@@ -231,7 +228,51 @@ pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
         if CHECK_FINITE && !finite {
             return None;
         }
-        let m = lanes.iter().copied().fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+        Some(lanes.iter().copied().fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m }))
+    }
+}
+
+/// The end of [`exp_shifted`]: `out[i] = fast_exp(row[i] - m)` for the tail past the whole
+/// blocks of eight, added into the lanes of `sums` (tail element j into lane j), then the
+/// lanes folded in order: the row's sum.
+///
+/// # Safety
+/// As [`row_max`].
+#[inline(always)]
+pub(crate) unsafe fn tail_sum<S: Source>(src: S, start: usize, out: &mut [f32], m: f32, sums: __m256) -> f32 {
+    const LANES: usize = 8;
+    let (len, whole) = (out.len(), out.len() / LANES * LANES);
+    let mut lanes = [0f32; LANES];
+    // SAFETY: a store into a local array of eight; loads inside the row (caller).
+    unsafe {
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+        for (lane, i) in lanes.iter_mut().zip(whole..len) {
+            out[i] = crate::element::fast_exp_f32(src.load1(start + i) - m);
+            *lane += out[i];
+        }
+    }
+    lanes.iter().copied().fold(0.0, |a, b| a + b)
+}
+
+/// `out = fast_exp(row - max(row))` for the row `src[start .. start + out.len()]`, with the
+/// sum of `out` in eight lanes (element i into lane i % 8, then the lanes in order). Returns
+/// `(max, sum)`, or, with `CHECK_FINITE`, `None` when the row holds NaN or an infinity
+/// (without it, NaN and `+inf` come out as a NaN sum and `-inf` as an `exp` of about 1e-38).
+///
+/// # Safety
+/// The CPU features of [`super::avx2_enabled`] are available; the row lies inside `src`.
+#[inline(always)]
+pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
+    src: S,
+    start: usize,
+    out: &mut [f32],
+) -> Option<(f32, f32)> {
+    const LANES: usize = 8;
+    let whole = out.len() / LANES * LANES;
+    // SAFETY: loads of eight values at start + b with b + 8 <= whole <= len (inside the
+    // row); stores of eight at b + 8 <= whole (inside `out`).
+    unsafe {
+        let m = row_max::<_, CHECK_FINITE>(src, start, out.len())?;
         let shift = _mm256_set1_ps(m);
         let mut sums = _mm256_setzero_ps();
         for b in (0..whole).step_by(LANES) {
@@ -239,12 +280,7 @@ pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
             sums = _mm256_add_ps(sums, e);
             _mm256_storeu_ps(out.as_mut_ptr().add(b), e);
         }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
-        for (lane, i) in lanes.iter_mut().zip(whole..len) {
-            out[i] = crate::element::fast_exp_f32(src.load1(start + i) - m);
-            *lane += out[i];
-        }
-        Some((m, lanes.iter().copied().fold(0.0, |a, b| a + b)))
+        Some((m, tail_sum(src, start, out, m, sums)))
     }
 }
 

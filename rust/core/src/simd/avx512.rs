@@ -83,3 +83,88 @@ impl Source16 for F16Rows<'_> {
         }
     }
 }
+
+/// [`super::avx2::exp8`] on sixteen lanes: the same operations in the same order, so the
+/// same bits as `fast_exp_f32` in every lane.
+#[inline(always)]
+pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
+    const MAGIC: f32 = 12_582_912.0;
+    // SAFETY: register-only AVX-512 operations (caller: the features are available).
+    unsafe {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.7));
+        let magic = _mm512_set1_ps(MAGIC);
+        let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
+        let n = _mm512_sub_ps(t, magic);
+        let exponent = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic));
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
+            _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)),
+        );
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
+        let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(exponent, _mm512_set1_epi32(127)));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(scale))
+    }
+}
+
+/// [`super::avx2::exp_shifted`] with the exponentials sixteen at a time: the same maximum,
+/// the same `fast_exp` bits, and the same eight-lane sums (each half of a sixteen-lane
+/// block added in order), so the same results.
+///
+/// # Safety
+/// The CPU features of [`super::avx512_enabled`] are available; the row lies inside `src`.
+#[inline(always)]
+pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
+    src: S,
+    start: usize,
+    out: &mut [f32],
+) -> Option<(f32, f32)> {
+    let whole = out.len() / 8 * 8;
+    let pairs = out.len() / 16 * 16;
+    // SAFETY: loads of sixteen (eight) values at start + b with b + 16 <= pairs (b + 8 <=
+    // whole), inside the row; stores likewise inside `out`.
+    unsafe {
+        let m = super::avx2::row_max::<_, CHECK_FINITE>(src, start, out.len())?;
+        let shift = _mm512_set1_ps(m);
+        let mut sums = _mm256_setzero_ps();
+        for b in (0..pairs).step_by(16) {
+            let e = exp16(_mm512_sub_ps(src.load16(start + b), shift));
+            sums = _mm256_add_ps(sums, _mm512_castps512_ps256(e));
+            sums = _mm256_add_ps(sums, _mm512_extractf32x8_ps::<1>(e));
+            _mm512_storeu_ps(out.as_mut_ptr().add(b), e);
+        }
+        if pairs < whole {
+            let e = super::avx2::exp8(_mm256_sub_ps(src.load8(start + pairs), _mm256_set1_ps(m)));
+            sums = _mm256_add_ps(sums, e);
+            _mm256_storeu_ps(out.as_mut_ptr().add(pairs), e);
+        }
+        Some((m, super::avx2::tail_sum(src, start, out, m, sums)))
+    }
+}
+
+/// [`super::avx2::softmax_row`] with [`exp_shifted`]: the same bits.
+///
+/// # Safety
+/// As [`exp_shifted`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
+pub(crate) unsafe fn softmax_row(rows: crate::element::Storage<'_>, start: usize, out: &mut [f32]) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        super::avx2::with_source!(rows, |src| {
+            let Some((_, z)) = exp_shifted::<_, true>(src, start, out) else { return false };
+            let pairs = out.len() / 16 * 16;
+            let divisor = _mm512_set1_ps(z);
+            for b in (0..pairs).step_by(16) {
+                let p = out.as_mut_ptr().add(b);
+                _mm512_storeu_ps(p, _mm512_div_ps(_mm512_loadu_ps(p), divisor));
+            }
+            for v in &mut out[pairs..] {
+                *v /= z;
+            }
+            true
+        })
+    }
+}

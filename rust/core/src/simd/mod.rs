@@ -4,8 +4,9 @@
 //! machine. Hot loops also exist compiled for AVX2 (`#[target_feature]`), hand-written
 //! (the gating kernels) or as the same generic code compiled twice; they run where the CPU
 //! has AVX2. Top-k selection over many experts also has an AVX-512 version (mask
-//! registers and byte compression: Ice Lake, Zen 4 and later), which runs where the CPU
-//! has those features. `SPARSEROUTE_SIMD=avx2` stops at AVX2, `SPARSEROUTE_SIMD=baseline`
+//! registers and byte compression: Ice Lake, Zen 4 and later), and so have the softmax and
+//! z-loss row kernels (their exponentials sixteen at a time); these run where the CPU has
+//! those features. `SPARSEROUTE_SIMD=avx2` stops at AVX2, `SPARSEROUTE_SIMD=baseline`
 //! turns both off. Every version performs the same IEEE operations in the same order (Rust
 //! never fuses a multiply and an add on its own, nor reorders a sum), and selection is
 //! exact, so results are the same bits whichever runs; tests compare them.
@@ -96,7 +97,7 @@ pub fn avx512_enabled() -> bool {
 }
 
 /// The instruction set the CPU kernels use on this machine: `"avx512"` (AVX2 kernels with
-/// AVX-512 top-k selection), `"avx2"` or `"baseline"` (SSE2 on x86_64, portable code
+/// AVX-512 top-k selection and exponentials), `"avx2"` or `"baseline"` (SSE2 on x86_64, portable code
 /// elsewhere). Results are the same bits at every level.
 pub fn level() -> &'static str {
     if avx512_enabled() {
