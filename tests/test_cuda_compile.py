@@ -64,6 +64,20 @@ def test_every_launched_kernel_is_defined_in_its_source():
     assert launched and launched <= defined
 
 
+@pytest.mark.parametrize(
+    ("constant", "file", "define"),
+    [
+        ("SMALL_PLAN_MAX_EXPERTS", "plan.cu", "SR_SMALL_PLAN_EXPERTS"),
+        ("REPLICA_SHARED_COUNTERS", "placement.cu", "REPLICA_SHARED_COUNTERS"),
+    ],
+)
+def test_glue_limits_match_the_kernels_shared_arrays(constant, file, define):
+    """The glue chooses a kernel by a size its shared-memory array must hold: the two numbers
+    are written twice (Python and CUDA) and must agree."""
+    found = re.search(rf"#define {define} (\d+)", _cuda.read_source(file))
+    assert found and int(found.group(1)) == getattr(_cuda_ops, constant)
+
+
 # --- NVRTC -----------------------------------------------------------------------------------------
 
 

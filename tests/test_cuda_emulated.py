@@ -55,7 +55,7 @@ def assert_weights_close(actual, expected, dtype):
 @pytest.mark.parametrize("team", ["lanes", "warp"])
 def test_gating_matches_the_cpu_kernel(gpu, monkeypatch, dtype, num_experts, k, score, normalize, team):
     if team == "warp":
-        monkeypatch.setattr(_cuda_ops, "THREAD_TEAM_MAX_K", 0)
+        monkeypatch.setattr(_cuda_ops, "LANE_TEAM_MAX_K", 0)
     logits = tie_heavy(9, num_experts, dtype, seed=num_experts + k)
     args = gating_args(logits, k, score, normalize, scale=2.5)
     weights, experts = _cuda_ops.topk_gating_cuda(*args)

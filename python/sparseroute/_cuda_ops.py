@@ -75,7 +75,7 @@ CUDA_OPS: tuple[str, ...] = (
 WARP_TEAM_MAX_EXPERTS = 512
 #: Top-k gating without a bias or group limit, up to this k, routes each token with a lane
 #: team (sr_topk_gating_team*; see gating_lanes for its width).
-THREAD_TEAM_MAX_K = 16
+LANE_TEAM_MAX_K = 16
 #: Lane teams: enough lanes per token for about this many threads in all, while each lane
 #: keeps at least GATING_MIN_EXPERTS_PER_LANE experts.
 GATING_TARGET_THREADS = 1 << 16
@@ -214,7 +214,7 @@ def topk_gating_cuda(
     experts = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
     if num_tokens == 0:
         return weights, experts
-    if bias is None and not groups and k <= THREAD_TEAM_MAX_K and num_experts <= PAIR_MAX_EXPERTS:
+    if bias is None and not groups and k <= LANE_TEAM_MAX_K and num_experts <= PAIR_MAX_EXPERTS:
         # Selection compares logits: a lane team per token (see gating.cu).
         width = next(m for m in (2, 4, 8, 16) if m >= k)
         lanes = gating_lanes(num_tokens, num_experts)

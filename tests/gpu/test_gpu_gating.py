@@ -54,7 +54,7 @@ def test_warp_kernel_matches_the_lane_team_kernel(monkeypatch, dtype, num_expert
     logits = tie_heavy_logits(53, num_experts, dtype, seed=num_experts + k).cuda()
     options = {"score": score, "normalize": normalize, "scale": 1.5}
     thread = sparseroute.topk_gating(logits, k, **options)
-    monkeypatch.setattr(_cuda_ops, "THREAD_TEAM_MAX_K", 0)
+    monkeypatch.setattr(_cuda_ops, "LANE_TEAM_MAX_K", 0)
     warp = sparseroute.topk_gating(logits, k, **options)
     assert torch.equal(thread[1], warp[1])
     torch.testing.assert_close(thread[0], warp[0], **WEIGHT_TOLERANCE[dtype])

@@ -530,12 +530,10 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
     if (!pair_first(p, best[M - 1])) {
       return;
     }
+    // The new pair sinks: at each place the earlier of the two stays, the other moves on.
 #pragma unroll
     for (int j = 0; j < M; ++j) {
-      const bool take = pair_first(p, best[j]);
-      const pair_t kept = best[j];
-      best[j] = take ? p : kept;
-      p = take ? kept : p;
+      order_two(best[j], p);
     }
   };
   constexpr int per_word = 16 / static_cast<int>(sizeof(elem_t));

@@ -95,6 +95,31 @@ __device__ __forceinline__ int warp_scatter_chunk(const i64* experts, i64 begin,
   return overflowed;
 }
 
+// Slots [begin, end) of chunk c (empty for a chunk past the slots).
+__device__ __forceinline__ void chunk_bounds(i64 c, i64 chunk, i64 num_slots, i64& begin, i64& end) {
+  begin = c * chunk < num_slots ? c * chunk : num_slots;
+  end = begin + chunk < num_slots ? begin + chunk : num_slots;
+}
+
+// Expert e's slots over all chunks of the [chunks, E] counts.
+__device__ __forceinline__ i64 expert_total(const i64* counts, i64 num_chunks, int num_experts, int e) {
+  i64 total = 0;
+  for (i64 c = 0; c < num_chunks; ++c) {
+    total += counts[c * num_experts + e];
+  }
+  return total;
+}
+
+// counts[c, e] becomes the first row of chunk c's slots of expert e, from `first`, the
+// expert's first row.
+__device__ __forceinline__ void expert_cursors(i64* counts, i64 num_chunks, int num_experts, int e, i64 first) {
+  for (i64 c = 0; c < num_chunks; ++c) {
+    const i64 n = counts[c * num_experts + e];
+    counts[c * num_experts + e] = first;
+    first += n;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     sr_plan_count(const i64* experts, i64 num_slots, int num_experts, i64 chunk, i64 num_chunks,
                   i64* counts, int* errors) {
@@ -103,8 +128,9 @@ extern "C" __global__ void __launch_bounds__(128)
     return;
   }
   const int lane = static_cast<int>(threadIdx.x & 31);
-  const i64 begin = c * chunk;
-  const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
+  i64 begin;
+  i64 end;
+  chunk_bounds(c, chunk, num_slots, begin, end);
   const int invalid =
       warp_count_chunk(experts, begin, end, num_experts, lane, counts + c * static_cast<i64>(num_experts));
   if (invalid && lane == 0) {
@@ -118,11 +144,7 @@ extern "C" __global__ void __launch_bounds__(256)
   if (e >= num_experts) {
     return;
   }
-  i64 total = 0;
-  for (i64 c = 0; c < num_chunks; ++c) {
-    total += counts[c * num_experts + e];
-  }
-  tokens_per_expert[e] = total;
+  tokens_per_expert[e] = expert_total(counts, num_chunks, num_experts, static_cast<int>(e));
 }
 
 // offsets = exclusive prefix sums of tokens_per_expert, by one block of 1024 threads: tiles of
@@ -178,12 +200,7 @@ extern "C" __global__ void __launch_bounds__(256)
   if (e >= num_experts) {
     return;
   }
-  i64 next = offsets[e];
-  for (i64 c = 0; c < num_chunks; ++c) {
-    const i64 n = counts[c * num_experts + e];
-    counts[c * num_experts + e] = next;
-    next += n;
-  }
+  expert_cursors(counts, num_chunks, num_experts, static_cast<int>(e), offsets[e]);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -194,8 +211,9 @@ extern "C" __global__ void __launch_bounds__(128)
     return;
   }
   const int lane = static_cast<int>(threadIdx.x & 31);
-  const i64 begin = c * chunk;
-  const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
+  i64 begin;
+  i64 end;
+  chunk_bounds(c, chunk, num_slots, begin, end);
   const int overflow = warp_scatter_chunk(experts, begin, end, num_experts, lane,
                                           cursors + c * static_cast<i64>(num_experts), num_rows, row_to_slot,
                                           slot_to_row);
@@ -215,9 +233,9 @@ extern "C" __global__ void __launch_bounds__(1024)
   __shared__ i64 counts[32 * SR_SMALL_PLAN_EXPERTS];
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int warp = static_cast<int>(threadIdx.x >> 5);
-  const i64 chunk = (num_slots + 31) / 32;
-  const i64 begin = warp * chunk < num_slots ? warp * chunk : num_slots;
-  const i64 end = begin + chunk < num_slots ? begin + chunk : num_slots;
+  i64 begin;
+  i64 end;
+  chunk_bounds(warp, (num_slots + 31) / 32, num_slots, begin, end);
   i64* mine = counts + warp * num_experts;
   const int invalid = warp_count_chunk(experts, begin, end, num_experts, lane, mine);
   if (invalid && lane == 0) {
@@ -226,11 +244,7 @@ extern "C" __global__ void __launch_bounds__(1024)
   __syncthreads();
   const int e = static_cast<int>(threadIdx.x);
   if (e < num_experts) {
-    i64 total = 0;
-    for (int c = 0; c < 32; ++c) {
-      total += counts[c * num_experts + e];
-    }
-    tokens_per_expert[e] = total;
+    tokens_per_expert[e] = expert_total(counts, 32, num_experts, e);
   }
   __syncthreads();  // tokens_per_expert is complete (global writes are visible in the block)
   block_scan_offsets(tokens_per_expert, num_experts, offsets);
@@ -240,12 +254,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     row_to_slot[row] = -1;
   }
   if (e < num_experts) {
-    i64 next = offsets[e];
-    for (int c = 0; c < 32; ++c) {
-      const i64 n = counts[c * num_experts + e];
-      counts[c * num_experts + e] = next;
-      next += n;
-    }
+    expert_cursors(counts, 32, num_experts, e, offsets[e]);
   }
   __syncthreads();
   const int overflow =

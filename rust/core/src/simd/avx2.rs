@@ -4,6 +4,7 @@
 //! Every function here requires the CPU features of [`super::avx2_enabled`]; callers run
 //! inside `#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]` functions.
 
+use super::avx512::Source16;
 use std::arch::x86_64::*;
 
 /// Runs `$body` with `$src` bound to the [`Source`] of `$storage`, so that each storage
@@ -292,20 +293,38 @@ pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]
 pub(crate) unsafe fn softmax_row(rows: crate::element::Storage<'_>, start: usize, out: &mut [f32]) -> bool {
     // SAFETY: forwarded from the caller.
+    unsafe { with_source!(rows, |src| softmax_row_in::<_, false>(src, start, out)) }
+}
+
+/// The body of [`softmax_row`] and of its AVX-512 form (`WIDE`: the exponentials sixteen at
+/// a time, only inside [`super::avx512::softmax_row`]); the same bits either way.
+///
+/// # Safety
+/// As [`exp_shifted`]; with `WIDE`, the features of [`super::avx512_enabled`] too.
+#[inline(always)]
+pub(crate) unsafe fn softmax_row_in<S: Source16, const WIDE: bool>(
+    src: S,
+    start: usize,
+    out: &mut [f32],
+) -> bool {
+    // SAFETY: forwarded from the caller; eight values at b + 8 <= whole, inside `out`.
     unsafe {
-        with_source!(rows, |src| {
-            let Some((_, z)) = exp_shifted::<_, true>(src, start, out) else { return false };
-            let whole = out.len() / 8 * 8;
-            let divisor = _mm256_set1_ps(z);
-            for b in (0..whole).step_by(8) {
-                let p = out.as_mut_ptr().add(b);
-                _mm256_storeu_ps(p, _mm256_div_ps(_mm256_loadu_ps(p), divisor));
-            }
-            for v in &mut out[whole..] {
-                *v /= z;
-            }
-            true
-        })
+        let shifted = if WIDE {
+            super::avx512::exp_shifted::<_, true>(src, start, out)
+        } else {
+            exp_shifted::<_, true>(src, start, out)
+        };
+        let Some((_, z)) = shifted else { return false };
+        let whole = out.len() / 8 * 8;
+        let divisor = _mm256_set1_ps(z);
+        for b in (0..whole).step_by(8) {
+            let p = out.as_mut_ptr().add(b);
+            _mm256_storeu_ps(p, _mm256_div_ps(_mm256_loadu_ps(p), divisor));
+        }
+        for v in &mut out[whole..] {
+            *v /= z;
+        }
+        true
     }
 }
 

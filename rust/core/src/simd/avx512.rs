@@ -152,19 +152,5 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
 pub(crate) unsafe fn softmax_row(rows: crate::element::Storage<'_>, start: usize, out: &mut [f32]) -> bool {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        super::avx2::with_source!(rows, |src| {
-            let Some((_, z)) = exp_shifted::<_, true>(src, start, out) else { return false };
-            let pairs = out.len() / 16 * 16;
-            let divisor = _mm512_set1_ps(z);
-            for b in (0..pairs).step_by(16) {
-                let p = out.as_mut_ptr().add(b);
-                _mm512_storeu_ps(p, _mm512_div_ps(_mm512_loadu_ps(p), divisor));
-            }
-            for v in &mut out[pairs..] {
-                *v /= z;
-            }
-            true
-        })
-    }
+    unsafe { super::avx2::with_source!(rows, |src| super::avx2::softmax_row_in::<_, true>(src, start, out)) }
 }
