@@ -84,7 +84,42 @@ def run_all() -> list[tuple[torch.Tensor, ...]]:
         results.append((loss.detach(), logits.grad))
         results.append((sparseroute.sinkhorn(logits.detach()),))
         results.extend(softmax_row_ops(logits.detach()))
+    # The z-loss runs eight rows at a time where E is a multiple of sixteen (with AVX-512):
+    # masked rows, other storage types, and a NaN in any position of any row.
+    g = torch.Generator().manual_seed(200)
+    logits = torch.randn(1030, 64, generator=g) * 4
+    mask = torch.rand(1030, generator=g) > 0.1
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = logits.to(dtype).detach().requires_grad_()
+        loss = sparseroute.z_loss(x, attention_mask=mask)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    x = (torch.randn(40, 160, generator=g) * 4).requires_grad_()
+    loss = sparseroute.z_loss(x)
+    loss.backward()
+    results.append((loss.detach(), x.grad))
+    results.append((z_loss_nan_rejections(logits),))
     return results
+
+
+def z_loss_nan_rejections(logits: torch.Tensor) -> torch.Tensor:
+    """Whether the z-loss rejects a NaN placed at each of a few positions of `logits`
+    ([1030, 64]: inside a group of eight rows and in the rows after the last group)."""
+    rejected = []
+    for token, expert in [(0, 0), (9, 5), (9, 17), (15, 63), (1027, 8), (1029, 40)]:
+        bad = logits.clone()
+        bad[token, expert] = float("nan")
+        try:
+            sparseroute.z_loss(bad)
+            rejected.append(False)
+        except sparseroute.InvalidInputError:
+            rejected.append(True)
+    return torch.tensor(rejected)
+
+
+def test_z_loss_rejects_a_nan_anywhere():
+    # At this level; the lower levels give the same answers (in `run_all`).
+    assert z_loss_nan_rejections(torch.randn(1030, 64)).all()
 
 
 def test_info_names_the_instruction_set():

@@ -23,6 +23,14 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     /// The slice as `f32` when `Self` is `f32`, so that f32-only SIMD kernels can write
     /// accumulator-typed outputs; `None` for `f64`.
     fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
+    /// Sorts packed keys in descending order with the AVX-512 sorting network when
+    /// `avx512` (the caller checked [`crate::simd::avx512_enabled`]) and the network takes
+    /// them (`f32` keys, at most 64); false, leaving them as they were, otherwise.
+    #[inline(always)]
+    fn sort_packed_by_network(keys: &mut [Self::Packed], avx512: bool) -> bool {
+        let _ = (keys, avx512);
+        false
+    }
     /// [`Accumulator::fast_exp`] of every value, in place, for bulk elementwise work.
     /// Inlined, so that callers compiled for AVX2 (see [`crate::simd`]) vectorise it.
     #[inline(always)]
@@ -100,6 +108,19 @@ impl Accumulator for f32 {
     }
     fn as_f32_mut(values: &mut [f32]) -> Option<&mut [f32]> {
         Some(values)
+    }
+    #[inline(always)]
+    fn sort_packed_by_network(keys: &mut [u64], avx512: bool) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if avx512 && keys.len() <= crate::simd::sort::MAX_KEYS {
+            // SAFETY: the caller checked the CPU features (`avx512`); packed keys are
+            // distinct (they hold the index) and never zero (the index half is at least
+            // u32::MAX - index).
+            unsafe { crate::simd::sort::sort_descending(keys) };
+            return true;
+        }
+        let _ = (keys, avx512);
+        false
     }
     #[inline(always)]
     fn pack(self, index: usize) -> u64 {

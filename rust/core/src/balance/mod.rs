@@ -341,27 +341,48 @@ fn z_loss_on<L: Element>(
             #[cfg(target_arch = "x86_64")]
             if let (Some(rows), Some(block)) = (simd, L::Acc::as_f32_mut(&mut *block)) {
                 let scale = scale.to_f32().unwrap_or(f32::NAN);
-                for (i, (out, square)) in
-                    block.chunks_exact_mut(num_experts).zip(block_squares.iter_mut()).enumerate()
-                {
-                    let t = first + i;
-                    if !groups.valid(t) {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    // SAFETY: `avx2_enabled` checked the CPU features; the row t * E .. (t + 1) * E
-                    // lies inside the logits (checked above) and `out` holds E values.
-                    let z = unsafe {
-                        if wide {
-                            avx2::z_loss_row_avx512(rows, t * num_experts, scale, out)
-                        } else {
-                            avx2::z_loss_row(rows, t * num_experts, scale, out)
-                        }
-                    };
+                let finish = |t: usize, z: f32, square: &mut f64| {
                     if !z.is_finite() {
                         return Err(non_finite_row_error(&logits[t * num_experts..(t + 1) * num_experts], t));
                     }
                     *square = f64::from(z) * f64::from(z);
+                    Ok(())
+                };
+                // Whole groups of unmasked rows go through the multi-row kernel where it
+                // applies; the others row by row.
+                let group = if wide && num_experts.is_multiple_of(16) { avx2::ROWS } else { 1 };
+                for (g, (outs, squares)) in
+                    block.chunks_mut(group * num_experts).zip(block_squares.chunks_mut(group)).enumerate()
+                {
+                    let t0 = first + g * group;
+                    if group > 1 && squares.len() == group && (t0..t0 + group).all(|t| groups.valid(t)) {
+                        let mut zs = [0f32; avx2::ROWS];
+                        // SAFETY: `avx512_enabled` checked the CPU features; the rows t0 .. t0 +
+                        // ROWS lie inside the logits (checked above), `outs` holds them, and
+                        // their length is a multiple of sixteen.
+                        unsafe { avx2::z_loss_rows_avx512(rows, t0 * num_experts, scale, outs, &mut zs) };
+                        for (r, (&z, square)) in zs.iter().zip(squares.iter_mut()).enumerate() {
+                            finish(t0 + r, z, square)?;
+                        }
+                        continue;
+                    }
+                    for (r, (out, square)) in outs.chunks_exact_mut(num_experts).zip(squares).enumerate() {
+                        let t = t0 + r;
+                        if !groups.valid(t) {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        // SAFETY: `avx2_enabled` checked the CPU features; the row t * E .. (t + 1)
+                        // * E lies inside the logits (checked above) and `out` holds E values.
+                        let z = unsafe {
+                            if wide {
+                                avx2::z_loss_row_avx512(rows, t * num_experts, scale, out)
+                            } else {
+                                avx2::z_loss_row(rows, t * num_experts, scale, out)
+                            }
+                        };
+                        finish(t, z, square)?;
+                    }
                 }
                 return Ok(());
             }
@@ -625,7 +646,11 @@ mod tests {
             return;
         }
         let mut state = 5u64;
-        for (tokens, experts) in [(3, 1), (5, 7), (9, 8), (4, 16), (3, 24), (17, 64), (4, 61), (6, 160)] {
+        // Without a mask, eight consecutive rows of a multiple of sixteen experts go through
+        // the multi-row AVX-512 kernel (17 x 64: two groups and a row; 40 x 32: five).
+        let shapes =
+            [(3, 1), (5, 7), (9, 8), (4, 16), (3, 24), (17, 64), (4, 61), (6, 160), (40, 32), (16, 160)];
+        for (tokens, experts) in shapes {
             let logits: Vec<f32> = (0..tokens * experts)
                 .map(|i| {
                     state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -638,18 +663,23 @@ mod tests {
                 })
                 .collect();
             let mask: Vec<u8> = (0..tokens).map(|t| u8::from(t % 3 != 1)).collect();
-            let groups = Groups { num_tokens: tokens, group_size: tokens, mask: Some(&mask) };
+            let masked = Groups { num_tokens: tokens, group_size: tokens, mask: Some(&mask) };
+            let unmasked = Groups { mask: None, ..masked };
             let run = |avx2: bool, avx512: bool| {
-                let mut grad = vec![0f32; logits.len()];
-                let total = z_loss_on(&logits, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
-                (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+                [masked, unmasked].map(|groups| {
+                    let mut grad = vec![0f32; logits.len()];
+                    let total = z_loss_on(&logits, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
+                    (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+                })
             };
             assert_eq!(run(false, false), run(true, false), "T = {tokens}, E = {experts}");
             let half: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let run16 = |avx2: bool, avx512: bool| {
-                let mut grad = vec![0f32; logits.len()];
-                let total = z_loss_on(&half, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
-                (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+                [masked, unmasked].map(|groups| {
+                    let mut grad = vec![0f32; logits.len()];
+                    let total = z_loss_on(&half, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
+                    (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+                })
             };
             assert_eq!(run16(false, false), run16(true, false), "bf16, T = {tokens}, E = {experts}");
             if crate::simd::avx512_enabled() {

@@ -138,7 +138,9 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     const MAGIC: f32 = 12_582_912.0;
     // SAFETY: register-only AVX2 operations.
     unsafe {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.7));
+        // `f32::clamp` order, NaN included: maxps and minps return their second operand
+        // when either is NaN, so the bound goes first and a NaN stays NaN.
+        let x = _mm256_min_ps(_mm256_set1_ps(88.7), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
         let magic = _mm256_set1_ps(MAGIC);
         let t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), magic);
         let n = _mm256_sub_ps(t, magic);
@@ -349,5 +351,53 @@ mod tests {
             }
             x += 0.117;
         }
+        // NaN stays NaN (the kernels' non-finite checks rely on it) and the infinities
+        // clamp, as `f32::clamp` does in the portable code.
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN, 1e30, -1e30];
+        let mut out = [0f32; 8];
+        // SAFETY: AVX2 is available (checked above).
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(specials.as_ptr()))) };
+        for (o, l) in out.iter().zip(specials) {
+            let expected = fast_exp_f32(l);
+            assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
+        }
+    }
+
+    #[test]
+    fn exp16_is_fast_exp_lane_by_lane() {
+        if !crate::simd::avx512_enabled() {
+            return;
+        }
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            let mut lanes: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
+            if x < -99.0 {
+                lanes[..6].copy_from_slice(&[
+                    f32::NAN,
+                    f32::INFINITY,
+                    f32::NEG_INFINITY,
+                    -0.0,
+                    0.0,
+                    -f32::NAN,
+                ]);
+            }
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512 is available (checked above).
+            unsafe { exp16_into(&lanes, &mut out) };
+            for (o, l) in out.iter().zip(lanes) {
+                let expected = fast_exp_f32(l);
+                assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
+            }
+            x += 0.117;
+        }
+    }
+
+    /// `out = exp16(x)`, for the test above.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    unsafe fn exp16_into(x: &[f32; 16], out: &mut [f32; 16]) {
+        // SAFETY: sixteen values each; the caller checked the CPU features.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), super::super::avx512::exp16(_mm512_loadu_ps(x.as_ptr())))
+        };
     }
 }

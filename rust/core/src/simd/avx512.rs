@@ -91,7 +91,8 @@ pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
     const MAGIC: f32 = 12_582_912.0;
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
     unsafe {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.7));
+        // A NaN stays NaN, as in `exp8`.
+        let x = _mm512_min_ps(_mm512_set1_ps(88.7), _mm512_max_ps(_mm512_set1_ps(-87.3), x));
         let magic = _mm512_set1_ps(MAGIC);
         let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
         let n = _mm512_sub_ps(t, magic);
