@@ -197,6 +197,7 @@ def expert_choice(
     capacity: int,
     indices: npt.NDArray[np.int64],
     gates: npt.NDArray[np.floating],
+    scores: npt.NDArray[np.floating],
     threads: int,
 ) -> None: ...
 def z_loss(

@@ -372,8 +372,16 @@ def _expert_choice_op(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     num_experts = logits.shape[1]
     indices = torch.empty(num_experts, capacity, dtype=torch.int64)
     gates = torch.empty(num_experts, capacity, dtype=accumulator_dtype(logits.dtype))
+    # Working memory for the [E, T] probabilities, from the buffer cache: fresh pages cost
+    # more to fill than the softmax itself, and their faults serialise the threads.
+    scores = _memory.empty((num_experts, logits.shape[0]), gates.dtype)
     _core.expert_choice(
-        numpy_view(logits.contiguous()), capacity, numpy_view(indices), numpy_view(gates), get_num_threads()
+        numpy_view(logits.contiguous()),
+        capacity,
+        numpy_view(indices),
+        numpy_view(gates),
+        numpy_view(scores),
+        get_num_threads(),
     )
     return gates, indices
 

@@ -23,6 +23,8 @@ pub trait Accumulator: Float + BlockOps + Send + Sync + std::iter::Sum + std::fm
     /// The slice as `f32` when `Self` is `f32`, so that f32-only SIMD kernels can write
     /// accumulator-typed outputs; `None` for `f64`.
     fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
+    /// The slice as `f32` when `Self` is `f32`; `None` for `f64`.
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
     /// Sorts packed keys in descending order with the AVX-512 sorting network when
     /// `avx512` (the caller checked [`crate::simd::avx512_enabled`]) and the network takes
     /// them (`f32` keys, at most 64); false, leaving them as they were, otherwise.
@@ -109,6 +111,9 @@ impl Accumulator for f32 {
     fn as_f32_mut(values: &mut [f32]) -> Option<&mut [f32]> {
         Some(values)
     }
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
     #[inline(always)]
     fn sort_packed_by_network(keys: &mut [u64], avx512: bool) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -152,6 +157,9 @@ impl Accumulator for f64 {
     #[inline(always)]
     fn fast_exp(self) -> f64 {
         self.exp()
+    }
+    fn as_f32(_: &[f64]) -> Option<&[f32]> {
+        None
     }
     fn as_f32_mut(_: &mut [f64]) -> Option<&mut [f32]> {
         None

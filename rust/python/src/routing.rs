@@ -141,15 +141,17 @@ pub fn topp_gating(
     })
 }
 
-/// Expert-choice routing: fills `indices` and `gates` [E, capacity] from `logits` [T, E].
+/// Expert-choice routing: fills `indices` and `gates` [E, capacity] from `logits` [T, E],
+/// with `scores` [E, T] as working memory.
 #[pyfunction]
-#[pyo3(signature = (logits, capacity, indices, gates, threads))]
+#[pyo3(signature = (logits, capacity, indices, gates, scores, threads))]
 pub fn expert_choice(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
     capacity: usize,
     indices: &Bound<'_, PyAny>,
     gates: &Bound<'_, PyAny>,
+    scores: &Bound<'_, PyAny>,
     threads: usize,
 ) -> PyResult<()> {
     with_float_type!(logits, "logits", L => {
@@ -159,11 +161,13 @@ pub fn expert_choice(
         let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
         let mut indices = readwrite::<i64>(indices, "indices")?;
         let mut gates = readwrite::<A>(gates, "gates")?;
+        let mut scores = readwrite::<A>(scores, "scores")?;
         let logits = slice::<L>(&logits, "logits")?;
         let indices = slice_mut::<i64>(&mut indices, "indices")?;
         let gates = slice_mut::<A>(&mut gates, "gates")?;
+        let scores = slice_mut::<A>(&mut scores, "scores")?;
         run_kernel(py, threads, logits.len(), || {
-            gating::expert_choice(logits, num_tokens, num_experts, capacity, indices, gates)
+            gating::expert_choice(logits, num_tokens, num_experts, capacity, indices, gates, scores)
         })
     })
 }

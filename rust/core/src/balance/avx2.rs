@@ -65,13 +65,9 @@ unsafe fn z_loss_row_in<S: Source16, const WIDE: bool>(
     z
 }
 
-/// Rows processed together by [`z_loss_rows_avx512`].
-pub(super) const ROWS: usize = 8;
-
-/// [`z_loss_row_avx512`] on [`ROWS`] consecutive rows whose length is a multiple of sixteen
-/// (`out` holds them back to back): the same bits row by row, but the rows' chains of
-/// dependent operations (the maximum, the lane sums, their fold, the logarithm) interleave
-/// instead of running one after another. Writes each row's z to `zs`.
+/// [`z_loss_row_avx512`] on [`avx512::ROWS`] consecutive rows whose length is a multiple
+/// of sixteen (`out` holds them back to back), through [`avx512::exp_shifted_rows`]: the
+/// same bits row by row. Writes each row's z to `zs`.
 ///
 /// # Safety
 /// The CPU features of [`crate::simd::avx512_enabled`] are available; the rows lie inside
@@ -82,51 +78,15 @@ pub(super) unsafe fn z_loss_rows_avx512(
     start: usize,
     scale: f32,
     out: &mut [f32],
-    zs: &mut [f32; ROWS],
+    zs: &mut [f32; avx512::ROWS],
 ) {
-    // SAFETY: forwarded from the caller.
-    unsafe { with_source!(rows, |src| z_loss_rows_in(src, start, scale, out, zs)) }
-}
-
-#[inline(always)]
-unsafe fn z_loss_rows_in<S: Source16>(
-    src: S,
-    start: usize,
-    scale: f32,
-    out: &mut [f32],
-    zs: &mut [f32; ROWS],
-) {
-    let len = out.len() / ROWS;
-    debug_assert!(len.is_multiple_of(16) && len > 0);
-    // SAFETY: loads of sixteen values at start + r * len + b with b + 16 <= len (inside the
-    // rows, caller); stores likewise inside `out`.
+    let len = out.len() / avx512::ROWS;
+    // SAFETY: forwarded from the caller; sixteen values at r * len + b, inside `out`.
     unsafe {
-        let mut maxima = [0f32; ROWS];
-        for (r, m) in maxima.iter_mut().enumerate() {
-            let base = start + r * len;
-            let mut v = src.load16(base);
-            for b in (16..len).step_by(16) {
-                v = _mm512_max_ps(v, src.load16(base + b));
-            }
-            // The maximum is the same value in any order.
-            *m = _mm512_reduce_max_ps(v);
-        }
-        let mut lanes = [[0f32; LANES]; ROWS];
-        let mut sums = [_mm256_setzero_ps(); ROWS];
-        let shifts = maxima.map(|m| _mm512_set1_ps(m));
-        for b in (0..len).step_by(16) {
-            for r in 0..ROWS {
-                let e = avx512::exp16(_mm512_sub_ps(src.load16(start + r * len + b), shifts[r]));
-                sums[r] = _mm256_add_ps(sums[r], _mm512_castps512_ps256(e));
-                sums[r] = _mm256_add_ps(sums[r], _mm512_extractf32x8_ps::<1>(e));
-                _mm512_storeu_ps(out.as_mut_ptr().add(r * len + b), e);
-            }
-        }
-        for (lane, s) in lanes.iter_mut().zip(sums) {
-            _mm256_storeu_ps(lane.as_mut_ptr(), s);
-        }
-        for (r, ((&m, lane), z)) in maxima.iter().zip(&lanes).zip(zs.iter_mut()).enumerate() {
-            let sum = lane.iter().copied().fold(0.0, |a, b| a + b);
+        // The z-loss takes no finiteness mask: NaN and +inf make z NaN (the caller rejects
+        // the row), and -inf counts as e^-87.3, as in the portable kernel.
+        let (maxima, sums, _) = with_source!(rows, |src| avx512::exp_shifted_rows(src, start, &mut *out));
+        for (r, ((&m, &sum), z)) in maxima.iter().zip(&sums).zip(zs.iter_mut()).enumerate() {
             *z = m + sum.ln();
             let factor = _mm512_set1_ps((1.0 + 1.0) * scale * *z / sum);
             let row = out.as_mut_ptr().add(r * len);

@@ -350,13 +350,14 @@ fn z_loss_on<L: Element>(
                 };
                 // Whole groups of unmasked rows go through the multi-row kernel where it
                 // applies; the others row by row.
-                let group = if wide && num_experts.is_multiple_of(16) { avx2::ROWS } else { 1 };
+                let group =
+                    if wide && num_experts.is_multiple_of(16) { crate::simd::avx512::ROWS } else { 1 };
                 for (g, (outs, squares)) in
                     block.chunks_mut(group * num_experts).zip(block_squares.chunks_mut(group)).enumerate()
                 {
                     let t0 = first + g * group;
                     if group > 1 && squares.len() == group && (t0..t0 + group).all(|t| groups.valid(t)) {
-                        let mut zs = [0f32; avx2::ROWS];
+                        let mut zs = [0f32; crate::simd::avx512::ROWS];
                         // SAFETY: `avx512_enabled` checked the CPU features; the rows t0 .. t0 +
                         // ROWS lie inside the logits (checked above), `outs` holds them, and
                         // their length is a multiple of sixteen.

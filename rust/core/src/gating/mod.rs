@@ -310,9 +310,28 @@ fn softmax_row_on<L: Element>(row: &[L], out: &mut [L::Acc], avx2: bool) -> bool
 
 /// [`softmax_row`] of each row of `width` values; returns the first row that is not finite.
 fn softmax_rows<L: Element>(rows: &[L], width: usize, out: &mut [L::Acc], avx2: bool) -> Option<usize> {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && width.is_multiple_of(16) && crate::simd::avx512_enabled() {
+        use crate::simd::avx512::{self, ROWS};
+        if let (Some(storage), Some(out)) = (L::storage(rows), L::Acc::as_f32_mut(&mut *out)) {
+            // Whole groups of eight rows together (the same bits as one at a time).
+            for (g, group) in out.chunks_exact_mut(ROWS * width).enumerate() {
+                // SAFETY: AVX-512 and the rest are available (checked); the group's rows lie
+                // inside `rows`, `group` holds them, and their length is a multiple of 16.
+                let not_finite = unsafe { avx512::softmax_rows(storage, g * ROWS * width, group) };
+                if not_finite != 0 {
+                    return Some(g * ROWS + not_finite.trailing_zeros() as usize);
+                }
+                done += ROWS;
+            }
+        }
+    }
     rows.chunks_exact(width)
         .zip(out.chunks_exact_mut(width))
+        .skip(done)
         .position(|(row, out)| !softmax_row_on(row, out, avx2))
+        .map(|i| done + i)
 }
 
 /// The weights of the chosen experts (see module docs) of `N` tokens at once, lane `i`
@@ -1149,7 +1168,9 @@ fn kept_prefix<A: Accumulator>(
 /// Expert-choice routing: every expert picks the `capacity` tokens with the highest softmax
 /// probability (over experts, per token) for it; equal probabilities go to the lower token.
 /// `indices` and `gates` are `[E, capacity]`: expert `e`'s tokens in ascending order and
-/// their probabilities.
+/// their probabilities. `scores` (`[E, T]`, contents ignored) is working memory for the
+/// probabilities, expert-major: the caller may hand in memory it reuses, which is faster
+/// to write than fresh pages.
 pub fn expert_choice<L: Element>(
     logits: &[L],
     num_tokens: usize,
@@ -1157,6 +1178,7 @@ pub fn expert_choice<L: Element>(
     capacity: usize,
     indices: &mut [i64],
     gates: &mut [L::Acc],
+    scores: &mut [L::Acc],
 ) -> Result<()> {
     if num_experts == 0 {
         return Err(CoreError::invalid("logits", "at least one expert (E >= 1)", "E = 0"));
@@ -1171,6 +1193,7 @@ pub fn expert_choice<L: Element>(
     check_len("logits", logits, num_tokens * num_experts)?;
     check_len("indices", indices, num_experts * capacity)?;
     check_len("gates", gates, num_experts * capacity)?;
+    check_len("scores", scores, num_tokens * num_experts)?;
     if capacity == 0 {
         return Ok(());
     }
@@ -1179,8 +1202,8 @@ pub fn expert_choice<L: Element>(
     // softmax rows go to a small tile (in L1), then each expert gets its BAND values as one
     // contiguous run (about a cache line) of its column.
     const BAND: usize = 16;
-    let mut columns = vec![L::Acc::zero(); num_tokens * num_experts];
-    let avx2 = crate::simd::avx2_enabled();
+    let columns = scores;
+    let (avx2, avx512) = (crate::simd::avx2_enabled(), crate::simd::avx512_enabled());
     let per_task = tokens_per_task(num_experts).div_ceil(BAND) * BAND;
     let firsts: Vec<usize> = (0..num_tokens).step_by(per_task).collect();
     let shared = SharedColumns(columns.as_mut_ptr());
@@ -1194,6 +1217,23 @@ pub fn expert_choice<L: Element>(
             if let Some(i) = softmax_rows(rows, num_experts, &mut tile[..n * num_experts], avx2) {
                 return Err(non_finite_error(&rows[i * num_experts..(i + 1) * num_experts], t0 + i));
             }
+            #[cfg(target_arch = "x86_64")]
+            if n == BAND && avx512 {
+                if let Some(tile) = L::Acc::as_f32(&tile) {
+                    // SAFETY: AVX-512 is available (checked); tokens t0 .. t0 + 16 of every
+                    // expert's column lie inside `columns` and belong to this task alone, and
+                    // the accumulator is f32 (so is `columns`).
+                    unsafe {
+                        crate::simd::avx512::write_columns(
+                            tile,
+                            num_experts,
+                            shared.0.add(t0).cast(),
+                            num_tokens,
+                        );
+                    }
+                    continue;
+                }
+            }
             for e in 0..num_experts {
                 // SAFETY: tokens t0 .. t0 + n of expert e's column lie inside `columns` and
                 // belong to this task alone (tasks cover disjoint token ranges).
@@ -1205,7 +1245,7 @@ pub fn expert_choice<L: Element>(
         }
         Ok(())
     })?;
-    let columns = &columns;
+    let columns = &*columns;
     let experts: Vec<usize> = (0..num_experts).collect();
     let chosen = crate::threads::map_collect(&experts, |_, &e| {
         let column = &columns[e * num_tokens..(e + 1) * num_tokens];
@@ -1341,13 +1381,27 @@ fn choice_gradient_row<L: Element>(probs: &[L::Acc], g: &[L::Acc], out: &mut [L]
 
 /// The indices t of the `c` best pairs `(values[t], t)` in selection order (higher value
 /// first, then lower index), in ascending order of t, for non-negative finite values and
-/// `1 <= c <= values.len()`.
-///
-/// A radix step narrows the search first: a histogram of the top bits of the keys finds
-/// the bucket holding the c-th best. One more pass keeps the pairs in that bucket or above,
-/// in index order (the c best and the rest of that bucket, usually a small share of the
-/// values); the exact selection and the final choice then run over those alone.
+/// `1 <= c <= values.len()`: with AVX-512, by a sampled threshold and one compressing pass
+/// ([`crate::simd::select`]); otherwise, or when the sample misjudged, [`best_indices_radix`].
 fn best_indices<A: Accumulator>(values: &[A], c: usize) -> Vec<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if values.len() >= crate::simd::select::MIN_VALUES && crate::simd::avx512_enabled() {
+        if let Some(values) = A::as_f32(values) {
+            // SAFETY: AVX-512 is available (checked); probabilities are non-negative and
+            // finite, and 0 < c <= T (the caller).
+            if let Some(best) = unsafe { crate::simd::select::best_positions(values, c) } {
+                return best;
+            }
+        }
+    }
+    best_indices_radix(values, c)
+}
+
+/// [`best_indices`] by a radix step: a histogram of the top bits of the keys finds the
+/// bucket holding the c-th best. One more pass keeps the pairs in that bucket or above, in
+/// index order (the c best and the rest of that bucket, usually a small share of the
+/// values); the exact selection and the final choice then run over those alone.
+fn best_indices_radix<A: Accumulator>(values: &[A], c: usize) -> Vec<usize> {
     const BITS: u32 = 11;
     let shift = A::PROBABILITY_KEY_BITS - BITS;
     // Four interleaved histograms, so that runs of equal buckets do not wait on each other.
@@ -1542,15 +1596,15 @@ mod tests {
         // Token t prefers expert t % 2 strongly.
         let logits = [2.0f64, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0, 2.0];
         let (mut idx, mut gates) = (vec![0; 4], vec![0.0; 4]);
-        expert_choice(&logits, 4, 2, 2, &mut idx, &mut gates).unwrap();
+        expert_choice(&logits, 4, 2, 2, &mut idx, &mut gates, &mut [0.0; 8]).unwrap();
         assert_eq!(idx, vec![0, 2, 1, 3]);
         let p = 2.0f64.exp() / (2.0f64.exp() + 1.0);
         assert!(gates.iter().all(|g| (g - p).abs() < 1e-12));
         // Equal probabilities: the lower tokens win.
         let (mut idx, mut gates) = (vec![0; 2], vec![0.0; 2]);
-        expert_choice(&[0.0f64; 8], 4, 2, 1, &mut idx, &mut gates).unwrap();
+        expert_choice(&[0.0f64; 8], 4, 2, 1, &mut idx, &mut gates, &mut [0.0; 8]).unwrap();
         assert_eq!(idx, vec![0, 0]);
-        assert!(expert_choice(&[0.0f64; 8], 4, 2, 5, &mut [0; 10], &mut [0.0; 10]).is_err());
+        assert!(expert_choice(&[0.0f64; 8], 4, 2, 5, &mut [0; 10], &mut [0.0; 10], &mut [0.0; 8]).is_err());
     }
 
     /// Logits with ties, signed zeros and a wide range, from a small generator.
@@ -1659,6 +1713,7 @@ mod tests {
                         sorted[..c].iter().map(|&p| f32::unpack_index(p)).collect();
                     expected.sort_unstable();
                     assert_eq!(best_indices(&values, c), expected, "n = {n}, c = {c}");
+                    assert_eq!(best_indices_radix(&values, c), expected, "radix, n = {n}, c = {c}");
                     let as_f64: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
                     assert_eq!(best_indices(&as_f64, c), expected, "f64, n = {n}, c = {c}");
                 }

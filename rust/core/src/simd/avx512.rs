@@ -146,6 +146,119 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
     }
 }
 
+/// Rows taken together by [`exp_shifted_rows`].
+pub(crate) const ROWS: usize = 8;
+
+/// [`exp_shifted`] of [`ROWS`] consecutive rows of `len` values from `start` (`len` a
+/// multiple of sixteen; `out` holds the rows back to back), without its finiteness check:
+/// the same maximum, `fast_exp` bits and lane sums row by row, but the rows' chains of
+/// dependent operations (the maximum, the lane sums and their fold) overlap instead of
+/// running one after another. Returns each row's `(max, sum)` and a mask of the rows that
+/// hold NaN or an infinity (bit `r` for row `r`).
+///
+/// # Safety
+/// The CPU features of [`super::avx512_enabled`] are available; the rows lie inside `src`;
+/// `out.len() == ROWS * len`.
+#[inline(always)]
+pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
+    src: S,
+    start: usize,
+    out: &mut [f32],
+) -> ([f32; ROWS], [f32; ROWS], u8) {
+    let len = out.len() / ROWS;
+    debug_assert!(len.is_multiple_of(16) && len > 0 && out.len() == ROWS * len);
+    // QNaN, SNaN, +inf and -inf.
+    const NOT_FINITE: i32 = 0x01 | 0x80 | 0x08 | 0x10;
+    // SAFETY: loads of sixteen values at start + r * len + b with b + 16 <= len (inside the
+    // rows, caller); stores likewise inside `out`.
+    unsafe {
+        let mut maxima = [0f32; ROWS];
+        let mut not_finite = 0u8;
+        for (r, m) in maxima.iter_mut().enumerate() {
+            let base = start + r * len;
+            let mut v = src.load16(base);
+            let mut bad = _mm512_fpclass_ps_mask::<NOT_FINITE>(v);
+            for b in (16..len).step_by(16) {
+                let w = src.load16(base + b);
+                bad |= _mm512_fpclass_ps_mask::<NOT_FINITE>(w);
+                v = _mm512_max_ps(v, w);
+            }
+            // The maximum of finite values is the same in any order.
+            *m = _mm512_reduce_max_ps(v);
+            not_finite |= u8::from(bad != 0) << r;
+        }
+        // (Loops rather than closures: a closure does not inherit the target features, and
+        // its intrinsics would become calls.)
+        let mut sums = [_mm256_setzero_ps(); ROWS];
+        let mut shifts = [_mm512_setzero_ps(); ROWS];
+        for (shift, &m) in shifts.iter_mut().zip(&maxima) {
+            *shift = _mm512_set1_ps(m);
+        }
+        for b in (0..len).step_by(16) {
+            for (r, (sum, &shift)) in sums.iter_mut().zip(&shifts).enumerate() {
+                let e = exp16(_mm512_sub_ps(src.load16(start + r * len + b), shift));
+                *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
+                *sum = _mm256_add_ps(*sum, _mm512_extractf32x8_ps::<1>(e));
+                _mm512_storeu_ps(out.as_mut_ptr().add(r * len + b), e);
+            }
+        }
+        let mut totals = [0f32; ROWS];
+        for (total, &sum) in totals.iter_mut().zip(&sums) {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+            *total = lanes.iter().copied().fold(0.0, |a, b| a + b);
+        }
+        (maxima, totals, not_finite)
+    }
+}
+
+/// `out = softmax(row)` of [`ROWS`] consecutive rows of `len` values (a multiple of
+/// sixteen) from `start`, as [`softmax_row`] computes each: the same bits. Returns the mask
+/// of rows that hold NaN or an infinity (their `out` is garbage).
+///
+/// # Safety
+/// As [`exp_shifted_rows`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
+pub(crate) unsafe fn softmax_rows(rows: crate::element::Storage<'_>, start: usize, out: &mut [f32]) -> u8 {
+    let len = out.len() / ROWS;
+    // SAFETY: forwarded from the caller; sixteen values at r * len + b, inside `out`.
+    unsafe {
+        let (_, sums, not_finite) =
+            super::avx2::with_source!(rows, |src| exp_shifted_rows(src, start, &mut *out));
+        for (r, &z) in sums.iter().enumerate() {
+            let divisor = _mm512_set1_ps(z);
+            for b in (0..len).step_by(16) {
+                let p = out.as_mut_ptr().add(r * len + b);
+                _mm512_storeu_ps(p, _mm512_div_ps(_mm512_loadu_ps(p), divisor));
+            }
+        }
+        not_finite
+    }
+}
+
+/// A tile of sixteen rows of `width` values, written column by column: value `(i, e)` of
+/// `tile` goes to `out[e * stride + i]` (sixteen gathered values, one store per column).
+///
+/// # Safety
+/// The CPU features of [`super::avx512_enabled`] are available; `tile.len() == 16 * width`;
+/// `out + e * stride .. + 16` is valid for writes for every `e < width`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
+pub(crate) unsafe fn write_columns(tile: &[f32], width: usize, out: *mut f32, stride: usize) {
+    debug_assert_eq!(tile.len(), 16 * width);
+    // SAFETY: gathers read tile[i * width + e] for i < 16, e < width (inside `tile`); the
+    // stores are valid (caller).
+    unsafe {
+        let rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(width as i32),
+        );
+        for e in 0..width {
+            let column = _mm512_i32gather_ps::<4>(rows, tile.as_ptr().add(e));
+            _mm512_storeu_ps(out.add(e * stride), column);
+        }
+    }
+}
+
 /// [`super::avx2::softmax_row`] with [`exp_shifted`]: the same bits.
 ///
 /// # Safety

@@ -16,6 +16,8 @@ pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod select;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod sort;
 
 /// `$f(args)` compiled for AVX2 when `$avx2` (the caller checked [`avx2_enabled`]), else
