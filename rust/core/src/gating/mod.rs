@@ -1334,26 +1334,50 @@ pub fn expert_choice_backward<L: Element>(
     check_len("grad_gates", grad_gates, indices.len())?;
     check_len("grad_logits", grad_logits, logits.len())?;
     check_choice_indices(indices, num_tokens)?;
-    let mut dense = vec![L::Acc::zero(); logits.len()];
+    // Each token's (expert, gradient) pairs, in expert order: a counting sort of the [E, C]
+    // choices by token (C * E entries, rather than a dense [T, E] gradient of mostly zeros).
     let capacity = indices.len() / num_experts;
+    let mut starts = vec![0usize; num_tokens + 1];
+    for &t in indices {
+        starts[t as usize + 1] += 1;
+    }
+    for t in 0..num_tokens {
+        starts[t + 1] += starts[t];
+    }
+    let mut pairs = vec![(0usize, L::Acc::zero()); indices.len()];
+    let mut cursors = starts[..num_tokens].to_vec();
     for (e, (tokens, grads)) in
         indices.chunks_exact(capacity.max(1)).zip(grad_gates.chunks_exact(capacity.max(1))).enumerate()
     {
         for (&t, &g) in tokens.iter().zip(grads) {
-            dense[t as usize * num_experts + e] = g;
+            let cursor = &mut cursors[t as usize];
+            pairs[*cursor] = (e, g);
+            *cursor += 1;
         }
     }
-    let (dense, avx2) = (&dense, crate::simd::avx2_enabled());
+    let (starts, pairs, avx2) = (&starts, &pairs, crate::simd::avx2_enabled());
+    // Rows a tile of softmax rows holds (two groups of the eight-row kernel).
+    const TILE: usize = 16;
     for_each_block(grad_logits, num_experts, tokens_per_task(num_experts), |first, block| {
-        let mut probs = vec![L::Acc::zero(); num_experts];
-        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
-            let t = first + i;
-            let row = &logits[t * num_experts..(t + 1) * num_experts];
-            if !softmax_row_on(row, &mut probs, avx2) {
-                return Err(non_finite_error(row, t));
+        let mut probs = vec![L::Acc::zero(); TILE * num_experts];
+        let mut g = vec![L::Acc::zero(); num_experts];
+        for (i, outs) in block.chunks_mut(TILE * num_experts).enumerate() {
+            let t0 = first + i * TILE;
+            let rows = &logits[t0 * num_experts..t0 * num_experts + outs.len()];
+            let probs = &mut probs[..outs.len()];
+            if let Some(r) = softmax_rows(rows, num_experts, probs, avx2) {
+                return Err(non_finite_error(&rows[r * num_experts..(r + 1) * num_experts], t0 + r));
             }
-            let g = &dense[t * num_experts..(t + 1) * num_experts];
-            multiversion!(avx2, choice_gradient_row(&probs, g, out));
+            for (r, (out, p)) in
+                outs.chunks_exact_mut(num_experts).zip(probs.chunks_exact(num_experts)).enumerate()
+            {
+                let t = t0 + r;
+                g.fill(L::Acc::zero());
+                for &(e, grad) in &pairs[starts[t]..starts[t + 1]] {
+                    g[e] = grad;
+                }
+                multiversion!(avx2, choice_gradient_row(p, &g, out));
+            }
         }
         Ok(())
     })
