@@ -9,6 +9,12 @@
 
 use std::arch::x86_64::*;
 
+thread_local! {
+    /// The pass's output, kept between calls: as large as a column, and a fresh one each
+    /// time costs page faults that serialise the threads.
+    static POSITIONS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Below this many values, the caller's general selection is as fast.
 pub(crate) const MIN_VALUES: usize = 1024;
 
@@ -26,19 +32,21 @@ const SAMPLE_STRIDE: usize = 16;
 pub(crate) unsafe fn best_positions(values: &[f32], c: usize) -> Option<Vec<usize>> {
     debug_assert!(c > 0 && c <= values.len() && values.len() <= u32::MAX as usize);
     let threshold = sampled_threshold(values, c);
-    // SAFETY: forwarded from the caller.
-    let candidates = unsafe { positions_at_least(values, threshold) };
-    if candidates.len() < c {
-        return None;
-    }
     // Packed (value bits, inverted position): the selection order is the integer order.
     let key = |t: u32| (u64::from(values[t as usize].to_bits()) << 32) | u64::from(u32::MAX - t);
-    let mut keys: Vec<u64> = candidates.iter().map(|&t| key(t)).collect();
-    let cth = *keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a)).1;
-    // Exactly c keys are at least the c-th best (keys are distinct); in position order.
-    let best: Vec<usize> = candidates.iter().filter(|&&t| key(t) >= cth).map(|&t| t as usize).collect();
-    debug_assert_eq!(best.len(), c);
-    Some(best)
+    POSITIONS.with_borrow_mut(|candidates| {
+        // SAFETY: forwarded from the caller.
+        unsafe { positions_at_least(values, threshold, candidates) };
+        if candidates.len() < c {
+            return None;
+        }
+        let mut keys: Vec<u64> = candidates.iter().map(|&t| key(t)).collect();
+        let cth = *keys.select_nth_unstable_by(c - 1, |a, b| b.cmp(a)).1;
+        // Exactly c keys are at least the c-th best (keys are distinct); in position order.
+        let best: Vec<usize> = candidates.iter().filter(|&&t| key(t) >= cth).map(|&t| t as usize).collect();
+        debug_assert_eq!(best.len(), c);
+        Some(best)
+    })
 }
 
 /// A bit pattern that about `1.25 c + 12 sqrt(c) + 64` values reach, judged from every
@@ -59,10 +67,11 @@ fn sampled_threshold(values: &[f32], c: usize) -> u32 {
 /// # Safety
 /// The CPU features of [`super::avx512_enabled`] are available.
 #[inline(always)]
-unsafe fn positions_at_least(values: &[f32], threshold: u32) -> Vec<u32> {
+unsafe fn positions_at_least(values: &[f32], threshold: u32, out: &mut Vec<u32>) {
     // Room for a whole block of sixteen past the last kept position: each block stores all
     // sixteen lanes of its compressed positions and moves on by the number kept.
-    let mut out: Vec<u32> = Vec::with_capacity(values.len() + 16);
+    out.clear();
+    out.reserve(values.len() + 16);
     let mut kept = 0usize;
     // SAFETY: loads of sixteen values at b + 16 <= values.len() (the tail masked to what is
     // left); stores of sixteen at kept <= b < values.len(), inside the capacity; only the
@@ -86,7 +95,6 @@ unsafe fn positions_at_least(values: &[f32], threshold: u32) -> Vec<u32> {
         }
         out.set_len(kept);
     }
-    out
 }
 
 #[cfg(test)]
