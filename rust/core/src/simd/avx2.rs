@@ -392,6 +392,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn exp16_nonpositive_is_fast_exp_at_or_below_zero() {
+        if !crate::simd::avx512_enabled() {
+            return;
+        }
+        let mut x = -100.0f32;
+        while x <= 0.0 {
+            let mut lanes: [f32; 16] = std::array::from_fn(|i| (x + i as f32 * 0.013_7).min(0.0));
+            if x < -99.0 {
+                lanes[..5].copy_from_slice(&[f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN]);
+            }
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512 is available (checked above).
+            unsafe { exp16_nonpositive_into(&lanes, &mut out) };
+            for (o, l) in out.iter().zip(lanes) {
+                let expected = fast_exp_f32(l);
+                assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
+            }
+            x += 0.0117;
+        }
+    }
+
+    /// `out = exp16_nonpositive(x)`, for the test above.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    unsafe fn exp16_nonpositive_into(x: &[f32; 16], out: &mut [f32; 16]) {
+        // SAFETY: sixteen values each; the caller checked the CPU features.
+        unsafe {
+            let e = super::super::avx512::exp16_nonpositive(_mm512_loadu_ps(x.as_ptr()));
+            _mm512_storeu_ps(out.as_mut_ptr(), e);
+        }
+    }
+
     /// `out = exp16(x)`, for the test above.
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
     unsafe fn exp16_into(x: &[f32; 16], out: &mut [f32; 16]) {
