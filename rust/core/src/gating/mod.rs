@@ -1083,15 +1083,22 @@ pub fn topp_gating<L: Element>(
     let avx512 = crate::simd::avx512_enabled();
     let p = L::Acc::from_f64(cfg.p);
     for_each_block2((weights, k), (experts, k), tokens_per_task(e), |first, weight_block, expert_block| {
-        let (mut row, mut probs, mut order) =
-            (Vec::with_capacity(e), Vec::with_capacity(e), Vec::with_capacity(e));
+        // Softmax rows a tile at a time (the eight-row kernel takes whole groups of eight).
+        const TILE: usize = 16;
+        let (mut row, mut order) = (Vec::with_capacity(e), Vec::with_capacity(e));
+        let mut tile = vec![L::Acc::zero(); TILE * e];
+        let block_tokens = weight_block.len() / k;
         for (i, (w_row, e_row)) in weight_block.chunks_mut(k).zip(expert_block.chunks_mut(k)).enumerate() {
             let t = first + i;
             let logits_row = &logits[t * e..(t + 1) * e];
-            probs.resize(e, L::Acc::zero());
-            if !softmax_row_on(logits_row, &mut probs, avx2) {
-                return Err(non_finite_error(logits_row, t));
+            if i % TILE == 0 {
+                let rows = TILE.min(block_tokens - i);
+                let block_rows = &logits[t * e..(t + rows) * e];
+                if let Some(r) = softmax_rows(block_rows, e, &mut tile[..rows * e], avx2) {
+                    return Err(non_finite_error(&block_rows[r * e..(r + 1) * e], t + r));
+                }
             }
+            let probs = &tile[(i % TILE) * e..(i % TILE + 1) * e];
             row.clear();
             row.extend(logits_row.iter().map(|v| v.to_acc()));
             // Descending logit, then ascending index: the packed keys sort in that order.
@@ -1104,7 +1111,7 @@ pub fn topp_gating<L: Element>(
             // Rows of up to 64 experts are sorted whole by a sorting network where the CPU
             // has AVX-512 (a tenth of the cost of a partial selection and sort).
             let (kept, cumulative) = if L::Acc::sort_packed_by_network(&mut order, avx512) {
-                kept_prefix(&order[..k], &probs, cfg, p, 0, L::Acc::zero())
+                kept_prefix(&order[..k], probs, cfg, p, 0, L::Acc::zero())
             } else {
                 let (mut kept, mut cumulative) = (0, L::Acc::zero());
                 let mut step = TOP_P_RANKS_PER_ROUND;
@@ -1118,7 +1125,7 @@ pub fn topp_gating<L: Element>(
                         rest.select_nth_unstable_by(end - kept - 1, |a, b| b.cmp(a));
                     }
                     rest[..end - kept].sort_unstable_by(|a, b| b.cmp(a));
-                    let (count, sum) = kept_prefix(&order[kept..end], &probs, cfg, p, kept, cumulative);
+                    let (count, sum) = kept_prefix(&order[kept..end], probs, cfg, p, kept, cumulative);
                     (kept, cumulative) = (kept + count, sum);
                     if kept < end {
                         break;
