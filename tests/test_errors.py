@@ -106,6 +106,17 @@ def test_non_finite_logits(value):
     assert issubclass(sparseroute.InvalidInputError, ValueError)
 
 
+@pytest.mark.parametrize("num_experts", [64, 256])
+@pytest.mark.parametrize("token", [2, 5, 19])
+def test_non_finite_logits_are_found_in_any_row(num_experts, token):
+    # Rows go through the selection kernels eight at a time (two at a time with AVX-512):
+    # the error names the row that holds the value, wherever it sits in its group.
+    logits = torch.randn(24, num_experts)
+    logits[token, num_experts - 3] = float("nan")
+    with raises(sparseroute.InvalidInputError, f"got NaN at token {token}, expert {num_experts - 3}"):
+        sparseroute.topk_gating(logits, 2)
+
+
 def test_num_rows_smaller_than_routed_slots():
     with raises(
         sparseroute.InvalidInputError, "num_rows: expected at least the number of routed slots (8), got 5"

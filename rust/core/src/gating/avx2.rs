@@ -210,7 +210,29 @@ unsafe fn route_rows_k<S: Source16, const K: usize>(
     let mut index = [[0i32; 8]; K];
     let mut bad = 0;
     let mut chosen = [0u32; 16];
-    for lane in 0..8 {
+    let paired = candidates.avx512;
+    if paired {
+        // Two rows at a time, so that their chains of dependent operations overlap.
+        for lane in (0..8).step_by(2) {
+            let starts = [(first_row + lane) * e, (first_row + lane + 1) * e];
+            // The two rows after these.
+            src.prefetch(starts[0] + 2 * e, 2 * e);
+            let mut pair = [[0u32; 16]; 2];
+            // SAFETY: forwarded from the caller.
+            let selected = unsafe { select_pair::<S>(src, starts, e, K, candidates, &mut pair) };
+            for (j, (ok, chosen)) in selected.into_iter().zip(&pair).enumerate() {
+                if !ok {
+                    bad |= 1 << (lane + j);
+                    continue;
+                }
+                for p in 0..K {
+                    keys[p][lane + j] = src.load1(starts[j] + chosen[p] as usize);
+                    index[p][lane + j] = chosen[p] as i32;
+                }
+            }
+        }
+    }
+    for lane in (0..8).filter(|_| !paired) {
         let start = (first_row + lane) * e;
         // The row after next: selection is short enough that waiting on memory shows.
         src.prefetch(start + 2 * e, e);
@@ -329,6 +351,8 @@ const RANK_MAX: usize = 32;
 pub(super) struct Candidates {
     keys: Vec<f32>,
     index: Vec<u32>,
+    /// The second row's candidates when two rows are collected together.
+    second_index: Vec<u32>,
     top: TopK<f32>,
     /// Collect with [`super::avx512::collect`] (the caller checked the CPU features).
     avx512: bool,
@@ -341,7 +365,8 @@ impl Candidates {
         // Room for the last compressed stores (8 lanes, or 64 with AVX-512) or the -inf
         // padding (24 lanes).
         let room = num_experts + 64;
-        Candidates { keys: vec![0.0; room], index: vec![0; room], top: TopK::new(k), avx512 }
+        let second_index = if avx512 { vec![0; room] } else { Vec::new() };
+        Candidates { keys: vec![0.0; room], index: vec![0; room], second_index, top: TopK::new(k), avx512 }
     }
 }
 
@@ -477,6 +502,40 @@ unsafe fn collect<S: Source>(
             }
         }
         Some(n)
+    }
+}
+
+/// [`select`] of two rows with the AVX-512 collection ([`super::avx512::collect_pair`]);
+/// a row with more than sixteen candidates, or with NaN or an infinity, goes through
+/// [`select`] again on its own (rare: many logits tie at the bound).
+///
+/// # Safety
+/// As [`select`], for both rows, with `candidates.avx512`.
+#[inline(always)]
+unsafe fn select_pair<S: Source16>(
+    src: S,
+    starts: [usize; 2],
+    len: usize,
+    k: usize,
+    candidates: &mut Candidates,
+    chosen: &mut [[u32; 16]; 2],
+) -> [bool; 2] {
+    // SAFETY: the buffers hold len + 64 values; the rest is forwarded from the caller.
+    unsafe {
+        let buffers = [&mut candidates.index[..], &mut candidates.second_index[..]];
+        let collected = super::avx512::collect_pair(src, starts, len, k, buffers);
+        let mut selected = [false; 2];
+        for (j, (collected, chosen)) in collected.into_iter().zip(chosen.iter_mut()).enumerate() {
+            selected[j] = match collected {
+                Some(n) if n <= 16 => {
+                    let index = if j == 0 { &candidates.index } else { &candidates.second_index };
+                    super::avx512::choose(src, starts[j], index, n, k, chosen);
+                    true
+                }
+                _ => select(src, starts[j], len, k, candidates, chosen),
+            };
+        }
+        selected
     }
 }
 

@@ -33,11 +33,53 @@ pub(super) unsafe fn collect<S: Source16>(
     index: &mut [u32],
 ) -> Option<usize> {
     debug_assert!(len >= 32 && (1..=16).contains(&k) && index.len() >= len + 64);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let bound = bound(src, start, len, k)?;
+        Some(candidates(src, start, len, bound, index))
+    }
+}
+
+/// [`collect`] of two rows: the first passes of both, then the second passes of both, so
+/// that the two rows' chains of dependent operations overlap.
+///
+/// # Safety
+/// As [`collect`], for both rows and both index buffers.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
+pub(super) unsafe fn collect_pair<S: Source16>(
+    src: S,
+    starts: [usize; 2],
+    len: usize,
+    k: usize,
+    index: [&mut [u32]; 2],
+) -> [Option<usize>; 2] {
+    debug_assert!(len >= 32 && (1..=16).contains(&k) && index.iter().all(|i| i.len() >= len + 64));
+    // SAFETY: forwarded from the caller.
+    #[allow(clippy::manual_map)]
+    unsafe {
+        let bounds = [bound(src, starts[0], len, k), bound(src, starts[1], len, k)];
+        // (Matches rather than `Option::map`: a closure handed to a function compiled
+        // without these target features would turn the intrinsics into calls.)
+        let [first, second] = index;
+        let first = match bounds[0] {
+            Some(b) => Some(candidates(src, starts[0], len, b, first)),
+            None => None,
+        };
+        let second = match bounds[1] {
+            Some(b) => Some(candidates(src, starts[1], len, b, second)),
+            None => None,
+        };
+        [first, second]
+    }
+}
+
+/// Step 1 of [`collect`]: the bound, or `None` if the row holds NaN or an infinity.
+#[inline(always)]
+unsafe fn bound<S: Source16>(src: S, start: usize, len: usize, k: usize) -> Option<f32> {
     let vectors = len / 16;
     let rest = len % 16;
     // SAFETY: whole loads read 16 values at start + 16v with v < vectors (inside the row);
-    // masked loads read the `rest` values after them. `append` writes at most 64 indices
-    // from n <= len.
+    // masked loads read the `rest` values after them.
     unsafe {
         let minus_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut maxima = [minus_inf; 4];
@@ -75,8 +117,21 @@ pub(super) unsafe fn collect<S: Source16>(
             return None;
         }
         let lanes = _mm512_max_ps(_mm512_max_ps(maxima[0], maxima[2]), _mm512_max_ps(maxima[1], maxima[3]));
-        let bound = kth_largest(lanes, k);
+        Some(kth_largest(lanes, k))
+    }
+}
 
+/// Step 2 of [`collect`]: writes the experts at or above `bound` to `index`, in order, and
+/// returns how many.
+#[inline(always)]
+unsafe fn candidates<S: Source16>(src: S, start: usize, len: usize, bound: f32, index: &mut [u32]) -> usize {
+    let vectors = len / 16;
+    let rest = len % 16;
+    let tail_mask: __mmask16 = (1u16 << rest).wrapping_sub(1);
+    // SAFETY: loads inside the row as in `bound`; `append` writes at most 64 indices from
+    // n <= len, inside `index` (len + 64 values).
+    unsafe {
+        let minus_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let bound = _mm512_set1_ps(bound);
         let positions = _mm512_set_epi8(
             63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44, 43, 42, 41, 40,
@@ -106,7 +161,7 @@ pub(super) unsafe fn collect<S: Source16>(
             }
             n = append(index, positions, bits, 64 * words, n);
         }
-        Some(n)
+        n
     }
 }
 
