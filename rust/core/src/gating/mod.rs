@@ -1306,21 +1306,65 @@ pub fn expert_choice_slots<A: Accumulator>(
     check_len("experts", experts, num_tokens * num_experts)?;
     check_len("weights", weights, num_tokens * num_experts)?;
     check_choice_indices(indices, num_tokens)?;
-    for_each_block2((experts, num_experts), (weights, num_experts), 4096, |_, experts, weights| {
+    // Row by row, each written whole while in cache (a scatter into rows filled before
+    // would miss the cache once per choice, on one thread).
+    let by_token = ChoicesByToken::new(indices, gates, num_tokens, num_experts);
+    for_each_block2((experts, num_experts), (weights, num_experts), 4096, |first, experts, weights| {
         experts.fill(-1);
         weights.fill(A::zero());
-        Ok(())
-    })?;
-    let capacity = indices.len() / num_experts;
-    for (e, (tokens, gates)) in
-        indices.chunks_exact(capacity.max(1)).zip(gates.chunks_exact(capacity.max(1))).enumerate()
-    {
-        for (&t, &g) in tokens.iter().zip(gates) {
-            experts[t as usize * num_experts + e] = e as i64;
-            weights[t as usize * num_experts + e] = g;
+        for (i, (experts, weights)) in
+            experts.chunks_exact_mut(num_experts).zip(weights.chunks_exact_mut(num_experts)).enumerate()
+        {
+            for &(e, g) in by_token.of(first + i) {
+                experts[e as usize] = i64::from(e);
+                weights[e as usize] = g;
+            }
         }
+        Ok(())
+    })
+}
+
+/// The choices of an expert-choice decision grouped by token: each token's (expert, value)
+/// pairs in expert order (a counting sort of the `[E, C]` choices; C * E entries, where a
+/// dense `[T, E]` layout would be mostly empty). For one expert listing a token twice, the
+/// later entry comes later, as if written over the earlier.
+struct ChoicesByToken<A> {
+    /// Where each token's pairs start in `pairs` (u32: the lists are rebuilt on every call,
+    /// and half the bytes of usize are fewer fresh pages to fault in).
+    starts: Vec<u32>,
+    pairs: Vec<(u32, A)>,
+}
+
+impl<A: Accumulator> ChoicesByToken<A> {
+    /// `indices` and `values` are `[E, C]` (at most 2^32 choices); token ids are checked to
+    /// lie in `0..num_tokens`.
+    fn new(indices: &[i64], values: &[A], num_tokens: usize, num_experts: usize) -> Self {
+        let capacity = indices.len() / num_experts;
+        let mut starts = vec![0u32; num_tokens + 1];
+        for &t in indices {
+            starts[t as usize + 1] += 1;
+        }
+        for t in 0..num_tokens {
+            starts[t + 1] += starts[t];
+        }
+        let mut pairs = vec![(0u32, A::zero()); indices.len()];
+        let mut cursors = starts[..num_tokens].to_vec();
+        for (e, (tokens, values)) in
+            indices.chunks_exact(capacity.max(1)).zip(values.chunks_exact(capacity.max(1))).enumerate()
+        {
+            for (&t, &v) in tokens.iter().zip(values) {
+                let cursor = &mut cursors[t as usize];
+                pairs[*cursor as usize] = (e as u32, v);
+                *cursor += 1;
+            }
+        }
+        ChoicesByToken { starts, pairs }
     }
-    Ok(())
+
+    /// Token `t`'s pairs.
+    fn of(&self, t: usize) -> &[(u32, A)] {
+        &self.pairs[self.starts[t] as usize..self.starts[t + 1] as usize]
+    }
 }
 
 /// Gradient of [`expert_choice`]'s gates with respect to the logits. With `p_t` the softmax
@@ -1341,28 +1385,8 @@ pub fn expert_choice_backward<L: Element>(
     check_len("grad_gates", grad_gates, indices.len())?;
     check_len("grad_logits", grad_logits, logits.len())?;
     check_choice_indices(indices, num_tokens)?;
-    // Each token's (expert, gradient) pairs, in expert order: a counting sort of the [E, C]
-    // choices by token (C * E entries, rather than a dense [T, E] gradient of mostly zeros).
-    let capacity = indices.len() / num_experts;
-    let mut starts = vec![0usize; num_tokens + 1];
-    for &t in indices {
-        starts[t as usize + 1] += 1;
-    }
-    for t in 0..num_tokens {
-        starts[t + 1] += starts[t];
-    }
-    let mut pairs = vec![(0usize, L::Acc::zero()); indices.len()];
-    let mut cursors = starts[..num_tokens].to_vec();
-    for (e, (tokens, grads)) in
-        indices.chunks_exact(capacity.max(1)).zip(grad_gates.chunks_exact(capacity.max(1))).enumerate()
-    {
-        for (&t, &g) in tokens.iter().zip(grads) {
-            let cursor = &mut cursors[t as usize];
-            pairs[*cursor] = (e, g);
-            *cursor += 1;
-        }
-    }
-    let (starts, pairs, avx2) = (&starts, &pairs, crate::simd::avx2_enabled());
+    let by_token = ChoicesByToken::new(indices, grad_gates, num_tokens, num_experts);
+    let (by_token, avx2) = (&by_token, crate::simd::avx2_enabled());
     // Rows a tile of softmax rows holds (two groups of the eight-row kernel).
     const TILE: usize = 16;
     for_each_block(grad_logits, num_experts, tokens_per_task(num_experts), |first, block| {
@@ -1380,8 +1404,8 @@ pub fn expert_choice_backward<L: Element>(
             {
                 let t = t0 + r;
                 g.fill(L::Acc::zero());
-                for &(e, grad) in &pairs[starts[t]..starts[t + 1]] {
-                    g[e] = grad;
+                for &(e, grad) in by_token.of(t) {
+                    g[e as usize] = grad;
                 }
                 multiversion!(avx2, choice_gradient_row(p, &g, out));
             }
