@@ -381,13 +381,8 @@ mod tests {
                     -f32::NAN,
                 ]);
             }
-            let mut out = [0f32; 16];
             // SAFETY: AVX-512 is available (checked above).
-            unsafe { exp16_into(&lanes, &mut out) };
-            for (o, l) in out.iter().zip(lanes) {
-                let expected = fast_exp_f32(l);
-                assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
-            }
+            unsafe { assert_fast_exp(|x| super::super::avx512::exp16(x), &lanes) };
             x += 0.117;
         }
     }
@@ -403,33 +398,21 @@ mod tests {
             if x < -99.0 {
                 lanes[..5].copy_from_slice(&[f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN]);
             }
-            let mut out = [0f32; 16];
             // SAFETY: AVX-512 is available (checked above).
-            unsafe { exp16_nonpositive_into(&lanes, &mut out) };
-            for (o, l) in out.iter().zip(lanes) {
-                let expected = fast_exp_f32(l);
-                assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
-            }
+            unsafe { assert_fast_exp(|x| super::super::avx512::exp16_nonpositive(x), &lanes) };
             x += 0.0117;
         }
     }
 
-    /// `out = exp16_nonpositive(x)`, for the test above.
+    /// Asserts that `f` gives `fast_exp_f32`'s bits (or NaN for NaN) on sixteen lanes.
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-    unsafe fn exp16_nonpositive_into(x: &[f32; 16], out: &mut [f32; 16]) {
+    unsafe fn assert_fast_exp(f: impl Fn(__m512) -> __m512, lanes: &[f32; 16]) {
+        let mut out = [0f32; 16];
         // SAFETY: sixteen values each; the caller checked the CPU features.
-        unsafe {
-            let e = super::super::avx512::exp16_nonpositive(_mm512_loadu_ps(x.as_ptr()));
-            _mm512_storeu_ps(out.as_mut_ptr(), e);
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), f(_mm512_loadu_ps(lanes.as_ptr()))) };
+        for (o, &l) in out.iter().zip(lanes) {
+            let expected = fast_exp_f32(l);
+            assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
         }
-    }
-
-    /// `out = exp16(x)`, for the test above.
-    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-    unsafe fn exp16_into(x: &[f32; 16], out: &mut [f32; 16]) {
-        // SAFETY: sixteen values each; the caller checked the CPU features.
-        unsafe {
-            _mm512_storeu_ps(out.as_mut_ptr(), super::super::avx512::exp16(_mm512_loadu_ps(x.as_ptr())))
-        };
     }
 }

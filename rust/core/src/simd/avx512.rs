@@ -88,24 +88,13 @@ impl Source16 for F16Rows<'_> {
 /// same bits as `fast_exp_f32` in every lane.
 #[inline(always)]
 pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
-    const MAGIC: f32 = 12_582_912.0;
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
     unsafe {
         // A NaN stays NaN, as in `exp8`.
         let x = _mm512_min_ps(_mm512_set1_ps(88.7), _mm512_max_ps(_mm512_set1_ps(-87.3), x));
-        let magic = _mm512_set1_ps(MAGIC);
-        let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
-        let n = _mm512_sub_ps(t, magic);
-        let exponent = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic));
-        let r = _mm512_sub_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
-            _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)),
-        );
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
-        }
-        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
+        let (t, _, y) = exp16_parts(x);
+        let exponent =
+            _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(_mm512_set1_ps(EXP_MAGIC)));
         let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(exponent, _mm512_set1_epi32(127)));
         _mm512_mul_ps(y, _mm512_castsi512_ps(scale))
     }
@@ -117,11 +106,24 @@ pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
 /// same bits as `fast_exp_f32` on that range.
 #[inline(always)]
 pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
-    const MAGIC: f32 = 12_582_912.0;
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
     unsafe {
-        let x = _mm512_max_ps(_mm512_set1_ps(-87.3), x);
-        let magic = _mm512_set1_ps(MAGIC);
+        let (_, n, y) = exp16_parts(_mm512_max_ps(_mm512_set1_ps(-87.3), x));
+        _mm512_scalef_ps(y, n)
+    }
+}
+
+/// 1.5 * 2^23: adding it rounds to an integer (`fast_exp_f32`'s range reduction).
+const EXP_MAGIC: f32 = 12_582_912.0;
+
+/// The shared middle of [`exp16`] and [`exp16_nonpositive`] for a clamped `x`, in
+/// `fast_exp_f32`'s order: `t = x log2(e) + 1.5 * 2^23` (its low bits hold n), `n` the
+/// nearest integer to `x log2(e)`, and `y`, the polynomial for `e^(x - n ln 2)`.
+#[inline(always)]
+unsafe fn exp16_parts(x: __m512) -> (__m512, __m512, __m512) {
+    // SAFETY: register-only AVX-512 operations (caller: the features are available).
+    unsafe {
+        let magic = _mm512_set1_ps(EXP_MAGIC);
         let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
         let n = _mm512_sub_ps(t, magic);
         let r = _mm512_sub_ps(
@@ -133,7 +135,7 @@ pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
             p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
         }
         let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
-        _mm512_scalef_ps(y, n)
+        (t, n, y)
     }
 }
 
