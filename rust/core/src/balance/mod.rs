@@ -511,7 +511,9 @@ pub fn sinkhorn(
     if num_tokens == 0 {
         return Ok(0);
     }
-    let avx2 = crate::simd::avx2_enabled();
+    let (avx2, avx512) = (crate::simd::avx2_enabled(), crate::simd::avx512_enabled());
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx512;
     let (t_inv, e_inv) = (1.0 / num_tokens as f32, 1.0 / num_experts as f32);
     let mut d0 = vec![1.0f32; num_tokens];
     let mut d1 = vec![1.0f32; num_experts];
@@ -528,7 +530,16 @@ pub fn sinkhorn(
         for_each_pair(&mut cost_blocks, &mut column_blocks, |b, (block, d0_block), columns| {
             let start = b * SINKHORN_BLOCK * num_experts;
             let logits = &logits[start..start + block.len()];
-            if !multiversion!(avx2, sinkhorn_cost(logits, block)) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `avx512_enabled` checked the CPU features; `block` is as long as `logits`.
+            let finite = if avx512 {
+                unsafe { crate::simd::avx512::exp_checked(logits, block) }
+            } else {
+                multiversion!(avx2, sinkhorn_cost(logits, block))
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let finite = multiversion!(avx2, sinkhorn_cost(logits, block));
+            if !finite {
                 // NaN fails `<=` too.
                 let i =
                     start + logits.iter().position(|l| !(*l <= 88.0 && *l > f32::NEG_INFINITY)).unwrap_or(0);

@@ -113,6 +113,33 @@ pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
     }
 }
 
+/// `out = fast_exp(x)` for every value, sixteen at a time (the same bits), and whether
+/// every value is at most 88 and above `-inf` (NaN is not): Sinkhorn's cost pass.
+///
+/// # Safety
+/// The CPU features of [`super::avx512_enabled`] are available; `out.len() == x.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
+pub(crate) unsafe fn exp_checked(x: &[f32], out: &mut [f32]) -> bool {
+    debug_assert_eq!(x.len(), out.len());
+    // SAFETY: masked loads and stores touch only the lanes below x.len() (caller: out is as
+    // long); the features are available (caller).
+    unsafe {
+        let (limit, minus_inf) = (_mm512_set1_ps(88.0), _mm512_set1_ps(f32::NEG_INFINITY));
+        let mut bad: __mmask16 = 0;
+        for at in (0..x.len()).step_by(16) {
+            let left = x.len() - at;
+            let lanes: __mmask16 = if left >= 16 { 0xffff } else { (1u16 << left) - 1 };
+            let v = _mm512_maskz_loadu_ps(lanes, x.as_ptr().add(at));
+            // Ordered comparisons: NaN fails both.
+            let ok =
+                _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, limit) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, minus_inf);
+            bad |= lanes & !ok;
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), lanes, exp16(v));
+        }
+        bad == 0
+    }
+}
+
 /// 1.5 * 2^23: adding it rounds to an integer (`fast_exp_f32`'s range reduction).
 const EXP_MAGIC: f32 = 12_582_912.0;
 
