@@ -209,41 +209,34 @@ unsafe fn route_rows_k<S: Source16, const K: usize>(
     let mut keys = [[0f32; 8]; K];
     let mut index = [[0i32; 8]; K];
     let mut bad = 0;
-    let mut chosen = [0u32; 16];
-    let paired = candidates.avx512;
-    if paired {
-        // Two rows at a time, so that their chains of dependent operations overlap.
-        for lane in (0..8).step_by(2) {
-            let starts = [(first_row + lane) * e, (first_row + lane + 1) * e];
-            // The two rows after these.
-            src.prefetch(starts[0] + 2 * e, 2 * e);
-            let mut pair = [[0u32; 16]; 2];
-            // SAFETY: forwarded from the caller.
-            let selected = unsafe { select_pair::<S>(src, starts, e, K, candidates, &mut pair) };
-            for (j, (ok, chosen)) in selected.into_iter().zip(&pair).enumerate() {
-                if !ok {
-                    bad |= 1 << (lane + j);
-                    continue;
-                }
-                for p in 0..K {
-                    keys[p][lane + j] = src.load1(starts[j] + chosen[p] as usize);
-                    index[p][lane + j] = chosen[p] as i32;
-                }
-            }
-        }
-    }
-    for lane in (0..8).filter(|_| !paired) {
-        let start = (first_row + lane) * e;
-        // The row after next: selection is short enough that waiting on memory shows.
-        src.prefetch(start + 2 * e, e);
+    // Two rows at a time: with AVX-512 their selections run together, so that their chains
+    // of dependent operations overlap; the two rows after them are fetched meanwhile (the
+    // selection is short enough that waiting on memory shows).
+    for lane in (0..8).step_by(2) {
+        let starts = [(first_row + lane) * e, (first_row + lane + 1) * e];
+        src.prefetch(starts[0] + 2 * e, 2 * e);
+        let mut chosen = [[0u32; 16]; 2];
         // SAFETY: forwarded from the caller.
-        if !unsafe { select::<S>(src, start, e, K, candidates, &mut chosen) } {
-            bad |= 1 << lane;
-            continue;
-        }
-        for p in 0..K {
-            keys[p][lane] = src.load1(start + chosen[p] as usize);
-            index[p][lane] = chosen[p] as i32;
+        let selected = unsafe {
+            if candidates.avx512 {
+                select_pair::<S>(src, starts, e, K, candidates, &mut chosen)
+            } else {
+                let [first, second] = &mut chosen;
+                [
+                    select::<S>(src, starts[0], e, K, candidates, first),
+                    select::<S>(src, starts[1], e, K, candidates, second),
+                ]
+            }
+        };
+        for (j, (ok, chosen)) in selected.into_iter().zip(&chosen).enumerate() {
+            if !ok {
+                bad |= 1 << (lane + j);
+                continue;
+            }
+            for p in 0..K {
+                keys[p][lane + j] = src.load1(starts[j] + chosen[p] as usize);
+                index[p][lane + j] = chosen[p] as i32;
+            }
         }
     }
     if bad != 0 {
