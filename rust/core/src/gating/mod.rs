@@ -1085,7 +1085,7 @@ pub fn topp_gating<L: Element>(
     for_each_block2((weights, k), (experts, k), tokens_per_task(e), |first, weight_block, expert_block| {
         // Softmax rows a tile at a time (the eight-row kernel takes whole groups of eight).
         const TILE: usize = 16;
-        let (mut row, mut order) = (Vec::with_capacity(e), Vec::with_capacity(e));
+        let mut order = Vec::with_capacity(e);
         let mut tile = vec![L::Acc::zero(); TILE * e];
         let block_tokens = weight_block.len() / k;
         for (i, (w_row, e_row)) in weight_block.chunks_mut(k).zip(expert_block.chunks_mut(k)).enumerate() {
@@ -1099,24 +1099,21 @@ pub fn topp_gating<L: Element>(
                 }
             }
             let probs = &tile[(i % TILE) * e..(i % TILE + 1) * e];
-            row.clear();
-            row.extend(logits_row.iter().map(|v| v.to_acc()));
             // Descending logit, then ascending index: the packed keys sort in that order.
-            // Only the kept prefix needs sorting: rank the next ranks a round at a time (a
-            // partial selection, then a sort of those), 24, then 48, 96, ... ranks a round,
-            // until the prefix stops. (Measured at E = 64 and 256: fewer, longer rounds beat
-            // eight ranks a round unless only a few experts are kept.)
             order.clear();
-            order.extend(row.iter().enumerate().map(|(j, &l)| l.pack(j)));
+            order.extend(logits_row.iter().enumerate().map(|(j, v)| v.to_acc().pack(j)));
             // Rows of up to 64 experts are sorted whole by a sorting network where the CPU
             // has AVX-512 (a tenth of the cost of a partial selection and sort).
             let (kept, cumulative) = if L::Acc::sort_packed_by_network(&mut order, avx512) {
                 kept_prefix(&order[..k], probs, cfg, p, 0, L::Acc::zero())
             } else {
+                // Only the kept prefix needs sorting: rank the next ranks a round at a time
+                // (a partial selection, then a sort of those), 24, then 48, 96, ... ranks a
+                // round, until the prefix stops. (Measured at E = 64 and 256: fewer, longer
+                // rounds beat eight ranks a round unless only a few experts are kept.)
                 let (mut kept, mut cumulative) = (0, L::Acc::zero());
                 let mut step = TOP_P_RANKS_PER_ROUND;
                 while kept < k {
-                    // Rank the next `step` experts (a partial selection, then a sort of those).
                     let end = (kept + step).min(k);
                     // Longer prefixes get longer rounds: fewer partial selections over the rest.
                     step *= 2;
