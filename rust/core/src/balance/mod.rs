@@ -676,32 +676,46 @@ mod tests {
                 .collect();
             let mask: Vec<u8> = (0..tokens).map(|t| u8::from(t % 3 != 1)).collect();
             let masked = Groups { num_tokens: tokens, group_size: tokens, mask: Some(&mask) };
-            let unmasked = Groups { mask: None, ..masked };
-            let run = |avx2: bool, avx512: bool| {
-                [masked, unmasked].map(|groups| {
-                    let mut grad = vec![0f32; logits.len()];
-                    let total = z_loss_on(&logits, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
-                    (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
-                })
-            };
-            assert_eq!(run(false, false), run(true, false), "T = {tokens}, E = {experts}");
+            let layouts = [masked, Groups { mask: None, ..masked }];
             let half: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            let run16 = |avx2: bool, avx512: bool| {
-                [masked, unmasked].map(|groups| {
-                    let mut grad = vec![0f32; logits.len()];
-                    let total = z_loss_on(&half, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
-                    (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
-                })
-            };
-            assert_eq!(run16(false, false), run16(true, false), "bf16, T = {tokens}, E = {experts}");
+            assert_eq!(
+                z_loss_bits(&logits, experts, layouts, false, false),
+                z_loss_bits(&logits, experts, layouts, true, false),
+                "T = {tokens}, E = {experts}"
+            );
+            assert_eq!(
+                z_loss_bits(&half, experts, layouts, false, false),
+                z_loss_bits(&half, experts, layouts, true, false),
+                "bf16, T = {tokens}, E = {experts}"
+            );
             if crate::simd::avx512_enabled() {
-                assert_eq!(run(false, false), run(true, true), "AVX-512, T = {tokens}, E = {experts}");
                 assert_eq!(
-                    run16(false, false),
-                    run16(true, true),
+                    z_loss_bits(&logits, experts, layouts, false, false),
+                    z_loss_bits(&logits, experts, layouts, true, true),
+                    "AVX-512, T = {tokens}, E = {experts}"
+                );
+                assert_eq!(
+                    z_loss_bits(&half, experts, layouts, false, false),
+                    z_loss_bits(&half, experts, layouts, true, true),
                     "AVX-512 bf16, T = {tokens}, E = {experts}"
                 );
             }
         }
+    }
+
+    /// The bits of the z-loss and its gradient direction with each token layout, from the
+    /// kernels `avx2` / `avx512` choose.
+    fn z_loss_bits<L: Element<Acc = f32>>(
+        logits: &[L],
+        experts: usize,
+        layouts: [Groups<'_>; 2],
+        avx2: bool,
+        avx512: bool,
+    ) -> [(u64, Vec<u32>); 2] {
+        layouts.map(|groups| {
+            let mut grad = vec![0f32; logits.len()];
+            let total = z_loss_on(logits, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
+            (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect())
+        })
     }
 }
