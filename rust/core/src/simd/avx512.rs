@@ -187,7 +187,8 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
         let shift = _mm512_set1_ps(m);
         let mut sums = _mm256_setzero_ps();
         for b in (0..pairs).step_by(16) {
-            let e = exp16(_mm512_sub_ps(src.load16(start + b), shift));
+            // At or below zero: the maximum was subtracted.
+            let e = exp16_nonpositive(_mm512_sub_ps(src.load16(start + b), shift));
             sums = _mm256_add_ps(sums, _mm512_castps512_ps256(e));
             sums = _mm256_add_ps(sums, _mm512_extractf32x8_ps::<1>(e));
             _mm512_storeu_ps(out.as_mut_ptr().add(b), e);
