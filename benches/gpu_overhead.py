@@ -6,7 +6,8 @@ For top-k gating (T=16384, E=64, k=8, bf16) it times, in host microseconds per c
 calls queued back to back, one synchronisation at the end): the public function (which calls
 the kernel without torch's dispatcher in plain eager code, see sparseroute.ops._eager), with
 and without autograd, the torch custom op through the dispatcher, the CUDA glue function
-alone, the launcher context alone, one bare kernel launch, the two output allocations, and
+alone, the launcher context alone, one kernel launch through sparseroute's launcher (packing
+plus cuLaunchKernel) and, for comparison, through a CuPy RawKernel, the two output allocations, and
 for scale one torch op (softmax) and the kernel itself on the GPU (a CUDA graph replay of the
 op). Whatever the public call costs beyond the kernel is host work that a fused or cached
 path could remove.
@@ -55,32 +56,28 @@ def main() -> int:
     logits = torch.randn(16384, 64, device=device, dtype=torch.bfloat16)
     trained = logits.detach().clone().requires_grad_()
     op_args = (logits, 8, "softmax", True, None, None, None, 1.0)
-    kernel = _cuda.load_module(device.index, "gating.cu", torch.bfloat16).kernels["sr_topk_gating_warp"]
+    module = _cuda.load_module(device.index, "gating.cu", torch.bfloat16)
     errors = _cuda.error_counters(device.index)
     # sr_topk_gating_warp's arguments for T = 0: a launch that does no work.
-    empty_args = (
-        _cuda.pointer(logits),
-        np.int64(0),
-        np.int32(64),
-        np.int32(8),
-        np.int32(0),
-        np.int32(1),
-        np.uint64(0),
-        np.int32(0),
-        np.int32(0),
-        np.uint64(0),
-        np.float64(1.0),
-        np.uint64(0),
-        np.uint64(0),
-        _cuda.pointer(errors),
-    )
+    empty_args = (_cuda.pointer(logits), 0, 64, 8, 0, 1, 0, 0, 0, 0, 1.0, 0, 0, _cuda.pointer(errors))
+    # The same through a CuPy RawKernel (the launch route before sparseroute's own), whose
+    # arguments must be numpy scalars of explicit widths.
+    cupy = _cuda.cupy_module()
+    raw_kernel = cupy.RawModule(path=str(module.path)).get_function("sr_topk_gating_warp")
+    widths = (np.uint64, np.int64, *[np.int32] * 4, np.uint64, np.int32, np.int32, np.uint64, np.float64)
+    raw_args = tuple(width(arg) for width, arg in zip(widths + (np.uint64,) * 3, empty_args, strict=True))
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    open_launcher = _cuda.launcher(device).__enter__()
 
     def launcher_only() -> None:
         with _cuda.launcher(device):
             pass
 
-    def bare_launch() -> None:
-        kernel((1,), (128,), empty_args)
+    def one_launch() -> None:
+        open_launcher("gating.cu", torch.bfloat16, "sr_topk_gating_warp", 1, 128, empty_args)
+
+    def cupy_launch() -> None:
+        raw_kernel((1,), (128,), raw_args, stream=stream)
 
     def allocations() -> None:
         torch.empty(16384, 8, dtype=torch.float32, device=device)
@@ -97,7 +94,8 @@ def main() -> int:
             lambda: _cuda_ops.topk_gating_cuda(*op_args), calls
         ),
         "_cuda.launcher context alone": host_us(launcher_only, calls),
-        "one bare CuPy launch (14 arguments)": host_us(bare_launch, calls),
+        "one launch through the launcher (14 arguments)": host_us(one_launch, calls),
+        "one CuPy RawKernel launch (the route before)": host_us(cupy_launch, calls),
         "two torch.empty outputs": host_us(allocations, calls),
         "torch.softmax (one torch op, for scale)": host_us(lambda: torch.softmax(logits, -1), calls),
         "kernel on the GPU (graph replay)": graph_us(

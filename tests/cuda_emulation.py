@@ -3,9 +3,10 @@ compiled by the host C++ compiler against cuda_emulation.h, launched by the ops'
 glue (sparseroute._cuda_ops) with CPU tensors in place of CUDA tensors.
 
 ``emulated_launcher`` replaces ``sparseroute._cuda.launcher``: kernels receive the same
-arguments (raw pointers and numpy scalars of explicit widths, passed by address as
-cuLaunchKernel passes them) and the same grid and block sizes as on a GPU. A scalar of the
-wrong width would be read as garbage here exactly as on the device.
+arguments (raw pointers and numbers, packed by ``sparseroute._cuda.packed_arguments`` at the
+widths of the kernel's declaration into the ``kernelParams`` array that cuLaunchKernel takes)
+and the same grid and block sizes as on a GPU. Arguments in the wrong order or of the wrong
+kind would be read as garbage here exactly as on the device.
 """
 
 from __future__ import annotations
@@ -21,19 +22,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 
 from sparseroute import _cuda
 
 HEADER = pathlib.Path(__file__).with_name("cuda_emulation.h")
-_CTYPES = {
-    np.uint64: ctypes.c_uint64,
-    np.int64: ctypes.c_int64,
-    np.int32: ctypes.c_int32,
-    np.float64: ctypes.c_double,
-    np.float32: ctypes.c_float,
-}
 _lock = threading.Lock()
 _libraries: dict[tuple[str, torch.dtype | None], ctypes.CDLL] = {}
 
@@ -123,17 +116,8 @@ class EmulatedLauncher:
         if grid <= 0:
             return
         assert kernel in _cuda.kernel_names(file), kernel
-        values = []
-        for arg in args:
-            kind = _CTYPES.get(type(arg))
-            if kind is None:
-                raise TypeError(
-                    f"{kernel}: argument {arg!r} of type {type(arg).__name__} has no explicit width"
-                )
-            values.append(kind(arg))
-        pointers = (ctypes.c_void_p * len(values))(
-            *(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values)
-        )
+        # Packed by the real launcher's own code: a layout error shows here as on the device.
+        pointers = ctypes.c_void_p(_cuda.packed_arguments(file, kernel, args))
         self.launches.append((kernel, grid, block))
         status = library(file, dtype).sr_emulated_launch(kernel.encode(), grid, block, pointers)
         if status != 0:

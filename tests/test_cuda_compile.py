@@ -4,6 +4,7 @@ warnings, the order-fixed kernels compile without fused multiply-adds or flush-t
 CUDA tensors get the documented errors when CuPy is missing."""
 
 import base64
+import ctypes
 import hashlib
 import importlib.metadata
 import os
@@ -11,8 +12,10 @@ import pathlib
 import re
 import subprocess
 import sys
+import threading
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -158,6 +161,114 @@ def test_compiled_binaries_are_cached_on_disk_by_content(nvrtc, tmp_path, monkey
     second = _cuda._stored_binary(name, compile_binary)
     assert first == second == tmp_path / name and len(calls) == 1
     assert name != _cuda._binary_path("plan.cu", None, "sm_90", nvrtc)
+
+
+# --- kernel arguments ------------------------------------------------------------------------------
+
+
+class _CLayout(ctypes.Structure):
+    """The C layout of MIXED_CODES, as a compiler lays out a kernel's parameters."""
+
+    _fields_ = [
+        ("a", ctypes.c_int32),
+        ("b", ctypes.c_uint64),
+        ("c", ctypes.c_int32),
+        ("d", ctypes.c_float),
+        ("e", ctypes.c_double),
+        ("f", ctypes.c_int32),
+        ("g", ctypes.c_int64),
+    ]
+
+
+MIXED_CODES = "iQifdiq"
+MIXED_ARGUMENTS = (-7, 2**63 + 5, np.int32(2**31 - 1), 1.25, -2.5e-300, True, np.int64(-(2**40)))
+MIXED_VALUES = [-7, 2**63 + 5, 2**31 - 1, 1.25, -2.5e-300, 1, -(2**40)]
+CTYPES = {
+    "i": ctypes.c_int32,
+    "q": ctypes.c_int64,
+    "Q": ctypes.c_uint64,
+    "f": ctypes.c_float,
+    "d": ctypes.c_double,
+}
+
+
+def _unpacked(address, codes):
+    """The values that the pointers at ``address`` point to, read as ``codes``, and the
+    pointers."""
+    pointers = list((ctypes.c_void_p * len(codes)).from_address(address))
+    values = [CTYPES[code].from_address(pointer).value for code, pointer in zip(codes, pointers, strict=True)]
+    return values, pointers
+
+
+def test_packed_arguments_sit_at_the_c_layout():
+    packed = _cuda.PackedArguments("sr_test", MIXED_CODES)  # owns the memory read below
+    values, pointers = _unpacked(packed.pack(MIXED_ARGUMENTS), MIXED_CODES)
+    assert values == MIXED_VALUES
+    offsets = [pointer - pointers[0] for pointer in pointers]
+    assert offsets == [getattr(_CLayout, name).offset for name, _ in _CLayout._fields_]
+    for pointer, code in zip(pointers, MIXED_CODES, strict=True):
+        assert pointer % ctypes.sizeof(CTYPES[code]) == 0, "every argument is aligned to its size"
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        ((2**31, 0, 0, 0.0, 0.0, 0, 0), "requires"),  # too large for an int
+        ((0, -1, 0, 0.0, 0.0, 0, 0), "range"),  # a negative pointer
+        ((0, 0, 0, 0.0, 0.0, 0.5, 0), "integer"),  # a float for an int
+        ((0, 0, 0, 0.0, 0.0, 0), "expected 7 items"),  # one argument short
+    ],
+)
+def test_arguments_that_do_not_fit_the_parameters_are_refused(args, problem):
+    packed = _cuda.PackedArguments("sr_test", MIXED_CODES)
+    with pytest.raises(TypeError, match=rf"sr_test: the arguments .* do not fit its parameters .*{problem}"):
+        packed.pack(args)
+
+
+def test_every_kernel_has_a_signature_the_launcher_packs():
+    for file in _cuda.MODULES:
+        signatures = _cuda.kernel_signatures(file)
+        assert signatures, file
+        for kernel, codes in signatures.items():
+            assert codes and set(codes) <= {"i", "q", "Q", "f", "d"}, (kernel, codes)
+    # A macro parameter list is expanded (gating.cu's SR_TEAM_PARAMS).
+    assert _cuda.kernel_signatures("gating.cu")["sr_topk_gating_team8"] == "QqiiiidiiQQQ"
+    assert _cuda.kernel_signatures("sinkhorn.cu")["sr_sinkhorn_cost"] == "QqQQ"
+
+
+def test_a_parameter_type_the_launcher_cannot_pass_is_an_error(monkeypatch):
+    source = 'extern "C" __global__ void sr_odd(const float* x, unsigned char flag) {}\n'
+    monkeypatch.setattr(_cuda, "read_source", lambda file: source)
+    _cuda.kernel_signatures.cache_clear()
+    try:
+        with pytest.raises(
+            _cuda.CudaCompileError, match=r"odd.cu: kernel sr_odd has a parameter 'unsigned char flag'"
+        ):
+            _cuda.kernel_signatures("odd.cu")
+    finally:
+        _cuda.kernel_signatures.cache_clear()
+
+
+def test_packing_again_reuses_the_buffer_of_the_kernel():
+    args = (0, 16, 0, 0)
+    first = _cuda.packed_arguments("sinkhorn.cu", "sr_sinkhorn_cost", args)
+    assert _cuda.packed_arguments("sinkhorn.cu", "sr_sinkhorn_cost", (0, 99, 0, 0)) == first
+    assert _unpacked(first, "QqQQ")[0] == [0, 99, 0, 0]
+    other = _cuda.packed_arguments("sinkhorn.cu", "sr_sinkhorn_scores", (1, 2, 3, 4, 5))
+    assert other != first
+    assert _unpacked(first, "QqQQ")[0] == [0, 99, 0, 0], "each kernel has a buffer of its own"
+
+
+def test_each_thread_packs_into_its_own_buffer():
+    args = (0, 16, 0, 0)
+    here = _cuda.packed_arguments("sinkhorn.cu", "sr_sinkhorn_cost", args)
+    there = []
+    thread = threading.Thread(
+        target=lambda: there.append(_cuda.packed_arguments("sinkhorn.cu", "sr_sinkhorn_cost", args))
+    )
+    thread.start()
+    thread.join()
+    assert there and there[0] != here
 
 
 # --- errors without CuPy or without a GPU ---------------------------------------------------------

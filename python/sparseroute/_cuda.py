@@ -3,10 +3,10 @@
 The CUDA C++ sources ship inside the wheel (``sparseroute/cuda/*.cu``, found through
 ``importlib.resources``). A module is compiled by NVRTC for the exact architecture of the
 device (``sm_XY`` from its compute capability; PTX for the newest architecture NVRTC knows when
-the device is newer still), once per (device, source file, element type), and loaded with
-``cupy.RawModule``. Compiled binaries are also kept on disk, named by a hash of the sources,
-the options and the NVRTC version (``$SPARSEROUTE_CACHE_DIR``, default
-``~/.cache/sparseroute/cuda``), so a new process skips the compile.
+the device is newer still), once per (device, source file, element type), and loaded through
+the CUDA driver (CuPy's binding of ``cuModuleLoad``). Compiled binaries are also kept on disk,
+named by a hash of the sources, the options and the NVRTC version (``$SPARSEROUTE_CACHE_DIR``,
+default ``~/.cache/sparseroute/cuda``), so a new process skips the compile.
 
 NVRTC is called directly (through ``cuda.bindings.nvrtc`` when cuda-python is installed, as
 with torch's CUDA 13 wheels, else through CuPy's own NVRTC binding) rather than through
@@ -16,9 +16,13 @@ the dot products with the CPU kernels. The options are ``compile_options``; the 
 every module with them for sm_80 and sm_90.
 
 Launches go on torch's current stream of the tensor's device (its raw pointer, passed with
-each launch), with that device current. Tensors cross as raw pointers (``tensor.data_ptr()`` as a
-``numpy.uint64``), scalars as ``numpy.int32`` / ``numpy.int64`` / ``numpy.float64``; torch
-allocates every output and workspace. CuPy allocates nothing.
+each launch), with that device current. Tensors cross as raw pointers
+(``tensor.data_ptr()``), scalars as numbers; torch allocates every output and workspace, CuPy
+allocates nothing. The launcher packs the arguments into a per-thread buffer at the widths and
+C layout of the kernel's own declaration in its source (``kernel_signatures``,
+``PackedArguments``), so no argument can be passed at a width the kernel does not read, and
+launches the kernel with ``cuLaunchKernel`` itself: a CuPy ``RawKernel`` call converts each
+argument to an object of its own first, which made it most of the host time of a small op.
 
 Kernels never synchronise with the host. Invalid inputs that the CPU kernels refuse with an
 exception (NaN logits, expert ids out of range, corrupt plans) are counted instead in a small
@@ -28,12 +32,15 @@ torch-allocated int32 buffer per device, which ``check_errors`` (public as
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import importlib
 import importlib.resources
 import importlib.util
 import os
 import re
+import struct
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -41,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 CUPY_INSTALL_HINT = (
@@ -94,7 +100,16 @@ ERROR_KINDS = (
     "sinkhorn logits that are NaN, -inf or above 88 (their cost exp(logit) was taken as 0)",
 )
 
-_EXTERN_KERNEL = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(')
+# A kernel's declaration: its name and its parameter list (written out, or one macro).
+_KERNEL_DECLARATION = re.compile(
+    r'extern "C" __global__ void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(([^)]*)\)'
+)
+# An object-like macro (no parameters), with its continued lines.
+_MACRO = re.compile(r"^#define[ \t]+(\w+)[ \t]+((?:.*\\\n)*.*)$", re.MULTILINE)
+#: The ``struct`` code of each scalar parameter type of the kernels (common.cuh's typedefs);
+#: every pointer is a "Q". Native mode ("@") lays the codes out with C's sizes and alignments,
+#: which is how CUDA lays out a kernel's parameters.
+PARAMETER_CODES: dict[str, str] = {"int": "i", "i64": "q", "u64": "Q", "float": "f", "double": "d"}
 
 
 class CudaCompileError(RuntimeError):
@@ -131,9 +146,33 @@ def read_source(file: str) -> str:
     return (kernel_dir() / file).read_text(encoding="utf-8")
 
 
+@functools.cache
+def kernel_signatures(file: str) -> dict[str, str]:
+    """The ``extern "C"`` kernels a source file defines, each with its parameters as
+    ``struct`` codes (see PARAMETER_CODES): the launcher packs the arguments by them."""
+    source = read_source(file)
+    macros = {name: body.replace("\\\n", " ") for name, body in _MACRO.findall(source)}
+    signatures = {}
+    for kernel, parameters in _KERNEL_DECLARATION.findall(source):
+        parameters = macros.get(parameters.strip(), parameters)
+        codes = []
+        for parameter in parameters.split(","):
+            declaration = " ".join(parameter.split())
+            kind = declaration.rsplit(" ", 1)[0].removeprefix("const ")
+            code = "Q" if "*" in declaration else PARAMETER_CODES.get(kind)
+            if code is None:
+                raise CudaCompileError(
+                    f"{file}: kernel {kernel} has a parameter '{declaration}' of a type the launcher "
+                    f"cannot pass (pointers and {', '.join(PARAMETER_CODES)})"
+                )
+            codes.append(code)
+        signatures[kernel] = "".join(codes)
+    return signatures
+
+
 def kernel_names(file: str) -> tuple[str, ...]:
     """The ``extern "C"`` kernels a source file defines."""
-    return tuple(_EXTERN_KERNEL.findall(read_source(file)))
+    return tuple(kernel_signatures(file))
 
 
 def module_keys() -> list[tuple[str, torch.dtype | None]]:
@@ -391,7 +430,8 @@ def _stored_binary(name: Path, compile_binary: Callable[[], bytes]) -> Path:
 class LoadedModule:
     arch: str
     path: Path
-    kernels: dict[str, Any]
+    #: The ``CUfunction`` handle of each kernel of the module.
+    functions: dict[str, int]
 
 
 _lock = threading.Lock()
@@ -428,10 +468,12 @@ def load_module(index: int, file: str, dtype: torch.dtype | None) -> LoadedModul
         arch = device_arch(index, backend)
         name = _binary_path(file, dtype, arch, backend)
         path = _stored_binary(name, lambda: compile_module(file, dtype, arch, backend).binary)
+        driver = cupy.cuda.driver
         with cupy.cuda.Device(index):
-            raw = cupy.RawModule(path=str(path))
-            kernels = {kernel: raw.get_function(kernel) for kernel in kernel_names(file)}
-        module = LoadedModule(arch, path, kernels)
+            # Loaded for the life of the process, like the device's context.
+            handle = driver.moduleLoad(str(path))
+            functions = {kernel: driver.moduleGetFunction(handle, kernel) for kernel in kernel_names(file)}
+        module = LoadedModule(arch, path, functions)
         _modules[key] = module
         return module
 
@@ -505,19 +547,9 @@ def cached_modules() -> list[tuple[int, str, torch.dtype | None, str]]:
 # --- launching -------------------------------------------------------------------------------
 
 
-def pointer(tensor: torch.Tensor | None) -> np.uint64:
+def pointer(tensor: torch.Tensor | None) -> int:
     """A kernel argument for a tensor's data (a null pointer for None)."""
-    address: np.uint64 = np.uint64(0 if tensor is None else tensor.data_ptr())
-    return address
-
-
-class _StreamPointer:
-    """A raw stream as CuPy's kernel call takes it (any object with a ``ptr``)."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, pointer: int) -> None:
-        self.ptr = pointer
+    return 0 if tensor is None else tensor.data_ptr()
 
 
 # torch's current stream of a device as a raw pointer. The public route builds a
@@ -527,23 +559,84 @@ _current_raw_stream: Callable[[int], int] = getattr(
 )
 
 
+class PackedArguments:
+    """Kernel arguments in the form ``cuLaunchKernel`` takes them (``kernelParams``): an array
+    of pointers, one per parameter, into a buffer that holds the values at the kernel's C
+    layout.
+
+    The widths come from the kernel's declaration (``kernel_signatures``), so an argument
+    is never passed at a width the kernel does not read: tensors go as their ``data_ptr()``,
+    scalars as Python or numpy numbers, and a value that does not fit its parameter (an int
+    above 2**31 - 1 for an ``int``, a float for an integer) raises. One object serves every
+    launch of its kernel in one thread (see ``packed_arguments``): ``pack`` rewrites the values
+    in place and returns the array's address; the driver copies the values when it launches
+    the kernel, so the buffer can be reused at once."""
+
+    __slots__ = ("_layout", "_pointers", "_values", "address", "kernel")
+
+    def __init__(self, kernel: str, codes: str) -> None:
+        self.kernel = kernel
+        self._layout = struct.Struct("@" + codes)
+        # Stored as 8-byte words: aligned for the widest parameter.
+        self._values = (ctypes.c_uint64 * max(1, -(-self._layout.size // 8)))()
+        base = ctypes.addressof(self._values)
+        # Each parameter starts where a struct of the parameters before it, padded for its
+        # own alignment, ends.
+        offsets = [
+            struct.calcsize("@" + codes[: position + 1]) - struct.calcsize("@" + code)
+            for position, code in enumerate(codes)
+        ]
+        self._pointers = (ctypes.c_void_p * max(1, len(codes)))(*(base + offset for offset in offsets))
+        self.address = ctypes.addressof(self._pointers)
+
+    def pack(self, args: Sequence[Any]) -> int:
+        """Writes ``args`` into the buffer; returns the address of the pointer array."""
+        try:
+            self._layout.pack_into(self._values, 0, *args)
+        except struct.error as err:
+            raise TypeError(
+                f"{self.kernel}: the arguments {tuple(args)} do not fit its parameters "
+                f"(struct codes '{self._layout.format[1:]}'): {err}"
+            ) from None
+        return self.address
+
+
+_thread_state = threading.local()
+
+
+def packed_arguments(file: str, kernel: str, args: Sequence[Any]) -> int:
+    """``args`` of ``kernel`` (of source ``file``) packed for ``cuLaunchKernel``: the address
+    of its ``kernelParams`` array, valid until this thread packs arguments for ``kernel``
+    again."""
+    try:
+        cache: dict[str, PackedArguments] = _thread_state.arguments
+    except AttributeError:
+        cache = _thread_state.arguments = {}
+    packed = cache.get(kernel)
+    if packed is None:
+        packed = cache[kernel] = PackedArguments(kernel, kernel_signatures(file)[kernel])
+    return packed.pack(args)
+
+
 class Launcher:
     """Launches kernels on one device, on torch's current stream there. Use it as a context
     (``with launcher(device) as launch: launch(...)``): entering reads the current stream and
-    makes the device current if it is not."""
+    makes the device's context current if it is not."""
 
-    __slots__ = ("_device", "_stream", "errors", "index")
+    __slots__ = ("_device", "_driver", "_stream", "errors", "index")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.errors = error_counters(index)
-        self._stream = _StreamPointer(0)
+        self._driver = cupy_module().cuda.driver
+        self._stream = 0
         self._device: Any = None
 
     def __enter__(self) -> Launcher:
-        self._stream = _StreamPointer(_current_raw_stream(self.index))
-        # A module's functions belong to the CUDA context of its device.
-        if torch.cuda.current_device() != self.index:
+        self._stream = _current_raw_stream(self.index)
+        # A module's functions belong to the CUDA context of its device. A thread that has
+        # not used CUDA yet has no current context even when its current device is right.
+        if torch.cuda.current_device() != self.index or self._driver.ctxGetCurrent() == 0:
             self._device = cupy_module().cuda.Device(self.index)
             self._device.__enter__()
         return self
@@ -565,10 +658,20 @@ class Launcher:
     ) -> None:
         if grid <= 0:
             return
-        function = load_module(self.index, file, dtype).kernels[kernel]
-        # The stream goes with the launch itself: cheaper than making it CuPy's current
-        # stream around each op, and it cannot leak into other CuPy code.
-        function((grid,), (block,), tuple(args), shared_mem=shared_mem, stream=self._stream)
+        function = load_module(self.index, file, dtype).functions[kernel]
+        self._driver.launchKernel(
+            function,
+            grid,
+            1,
+            1,
+            block,
+            1,
+            1,
+            shared_mem,
+            self._stream,
+            packed_arguments(file, kernel, args),
+            0,
+        )
 
 
 def launcher(device: torch.device) -> Launcher:

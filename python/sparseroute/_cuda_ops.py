@@ -132,16 +132,6 @@ def _check_logits(logits: Tensor) -> torch.dtype:
     return dtype
 
 
-def _i32(value: int) -> np.int32:
-    scalar: np.int32 = np.int32(value)
-    return scalar
-
-
-def _i64(value: int) -> np.int64:
-    scalar: np.int64 = np.int64(value)
-    return scalar
-
-
 def _token_teams(
     num_tokens: int, num_experts: int, warp_kernel: str, block_kernel: str
 ) -> tuple[str, int, int]:
@@ -227,14 +217,14 @@ def topk_gating_cuda(
                 128,
                 (
                     pointer(logits),
-                    _i64(num_tokens),
-                    _i32(num_experts),
-                    _i32(k),
-                    _i32(score == "sigmoid"),
-                    _i32(normalize),
-                    np.float64(scale),
-                    _i32(_vectorized(num_experts, logits)),
-                    _i32(lanes),
+                    num_tokens,
+                    num_experts,
+                    k,
+                    score == "sigmoid",
+                    normalize,
+                    scale,
+                    _vectorized(num_experts, logits),
+                    lanes,
                     pointer(weights),
                     pointer(experts),
                     pointer(launch.errors),
@@ -249,16 +239,16 @@ def topk_gating_cuda(
             *_token_teams(num_tokens, num_experts, "sr_topk_gating_warp", "sr_topk_gating_block"),
             (
                 pointer(logits),
-                _i64(num_tokens),
-                _i32(num_experts),
-                _i32(k),
-                _i32(score == "sigmoid"),
-                _i32(normalize),
+                num_tokens,
+                num_experts,
+                k,
+                score == "sigmoid",
+                normalize,
                 pointer(bias),
-                _i32(groups),
-                _i32(kept_groups),
+                groups,
+                kept_groups,
                 pointer(group_scores),
-                np.float64(scale),
+                scale,
                 pointer(weights),
                 pointer(experts),
                 pointer(launch.errors),
@@ -297,14 +287,14 @@ def topk_gating_backward_cuda(
             ),
             (
                 pointer(logits),
-                _i64(num_tokens),
-                _i32(num_experts),
-                _i32(k),
+                num_tokens,
+                num_experts,
+                k,
                 pointer(experts),
                 pointer(grad_weights),
-                _i32(score == "sigmoid"),
-                _i32(normalize),
-                np.float64(scale),
+                score == "sigmoid",
+                normalize,
+                scale,
                 pointer(grad_logits),
                 pointer(launch.errors),
             ),
@@ -347,14 +337,14 @@ def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> T
             128,
             (
                 pointer(x),
-                _i64(x.shape[0]),
-                _i64(row_len),
+                x.shape[0],
+                row_len,
                 pointer(row_to_slot),
-                _i64(num_rows),
-                _i64(k),
+                num_rows,
+                k,
                 pointer(weights),
                 pointer(out),
-                _i32(_vectorized(row_len, x, out)),
+                _vectorized(row_len, x, out),
                 pointer(launch.errors),
             ),
         )
@@ -399,14 +389,14 @@ def unpermute_cuda(
             128,
             (
                 pointer(y_sorted),
-                _i64(num_rows),
-                _i64(row_len),
+                num_rows,
+                row_len,
                 pointer(slot_to_row),
-                _i64(num_tokens),
-                _i64(k),
+                num_tokens,
+                k,
                 pointer(weights),
                 pointer(out),
-                _i32(_vectorized(row_len, y_sorted, out)),
+                _vectorized(row_len, y_sorted, out),
                 pointer(launch.errors),
             ),
         )
@@ -440,11 +430,11 @@ def slot_dots_cuda(grad_y: Tensor, y_sorted: Tensor, slot_to_row: Tensor) -> Ten
             (
                 pointer(grad_y),
                 pointer(y_sorted),
-                _i64(num_rows),
-                _i64(row_len),
+                num_rows,
+                row_len,
                 pointer(slot_to_row),
-                _i64(num_tokens),
-                _i64(k),
+                num_tokens,
+                k,
                 pointer(out),
                 pointer(launch.errors),
             ),
@@ -489,9 +479,9 @@ def _dropless_plan(
             1024,
             (
                 pointer(experts),
-                _i64(num_slots),
-                _i32(num_experts),
-                _i64(rows),
+                num_slots,
+                num_experts,
+                rows,
                 pointer(tokens_per_expert),
                 pointer(offsets),
                 pointer(row_to_slot),
@@ -512,10 +502,10 @@ def _dropless_plan(
             128,
             (
                 pointer(experts),
-                _i64(num_slots),
-                _i32(num_experts),
-                _i64(chunk),
-                _i64(chunks),
+                num_slots,
+                num_experts,
+                chunk,
+                chunks,
                 pointer(counts),
                 pointer(launch.errors),
             ),
@@ -524,14 +514,14 @@ def _dropless_plan(
             "sr_plan_totals",
             expert_blocks,
             256,
-            (pointer(counts), _i64(chunks), _i32(num_experts), pointer(tokens_per_expert)),
+            (pointer(counts), chunks, num_experts, pointer(tokens_per_expert)),
         ),
-        ("sr_plan_scan", 1, 1024, (pointer(tokens_per_expert), _i32(num_experts), pointer(offsets))),
+        ("sr_plan_scan", 1, 1024, (pointer(tokens_per_expert), num_experts, pointer(offsets))),
         (
             "sr_plan_cursors",
             expert_blocks,
             256,
-            (pointer(counts), _i64(chunks), _i32(num_experts), pointer(offsets)),
+            (pointer(counts), chunks, num_experts, pointer(offsets)),
         ),
         (
             "sr_plan_scatter",
@@ -539,12 +529,12 @@ def _dropless_plan(
             128,
             (
                 pointer(experts),
-                _i64(num_slots),
-                _i32(num_experts),
-                _i64(chunk),
-                _i64(chunks),
+                num_slots,
+                num_experts,
+                chunk,
+                chunks,
                 pointer(counts),
-                _i64(rows),
+                rows,
                 pointer(row_to_slot),
                 pointer(slot_to_row),
                 pointer(launch.errors),
@@ -578,8 +568,8 @@ def group_layout_cuda(offsets: Tensor, num_rows: int) -> tuple[Tensor, Tensor, T
             1024,
             (
                 pointer(offsets.to(torch.int64).contiguous()),
-                _i32(num_experts),
-                _i64(num_rows),
+                num_experts,
+                num_rows,
                 pointer(ends),
                 pointer(empty),
                 pointer(launch.errors),
@@ -591,7 +581,7 @@ def group_layout_cuda(offsets: Tensor, num_rows: int) -> tuple[Tensor, Tensor, T
             "sr_padding_rows",
             min(-(-num_rows // 256), MAX_ROW_BLOCKS),
             256,
-            (pointer(ends), _i32(num_experts), _i64(num_rows), pointer(padding)),
+            (pointer(ends), num_experts, num_rows, pointer(padding)),
         )
     return ends, padding.unsqueeze(1), empty.view(-1, 1, 1)
 
@@ -672,14 +662,14 @@ def _capacity_plan(
         (
             pointer(experts),
             pointer(dropless_rows),
-            _i64(num_slots),
-            _i32(num_experts),
+            num_slots,
+            num_experts,
             pointer(routed_offsets),
             pointer(kept),
             pointer(kept_before),
-            _i64(capacity),
+            capacity,
             pointer(offsets),
-            _i64(rows),
+            rows,
             pointer(row_to_slot),
             pointer(slot_to_row),
             pointer(launch.errors),
@@ -765,9 +755,9 @@ def _token_inverse(launch: Any, dtype: torch.dtype, indices: Tensor, seq_len: in
         256,
         (
             pointer(indices),
-            _i64(batch),
-            _i64(seq_len),
-            _i64(capacity),
+            batch,
+            seq_len,
+            capacity,
             pointer(inverse),
             pointer(launch.errors),
         ),
@@ -811,11 +801,11 @@ def gather_tokens_cuda(x: Tensor, indices: Tensor, scale: Tensor | None) -> Tens
                 128,
                 (
                     pointer(x),
-                    _i64(batch),
-                    _i64(seq_len),
-                    _i64(row_len),
+                    batch,
+                    seq_len,
+                    row_len,
                     pointer(indices),
-                    _i64(capacity),
+                    capacity,
                     pointer(inverse),
                     pointer(scale),
                     pointer(out),
@@ -868,10 +858,10 @@ def scatter_tokens_cuda(
             (
                 pointer(x),
                 pointer(y),
-                _i64(batch),
-                _i64(seq_len),
-                _i64(row_len),
-                _i64(capacity),
+                batch,
+                seq_len,
+                row_len,
+                capacity,
                 pointer(inverse),
                 pointer(gate),
                 pointer(out),
@@ -909,10 +899,10 @@ def token_dots_cuda(grad: Tensor, y: Tensor, indices: Tensor) -> Tensor:
             (
                 pointer(grad),
                 pointer(y),
-                _i64(batch),
-                _i64(seq_len),
-                _i64(row_len),
-                _i64(capacity),
+                batch,
+                seq_len,
+                row_len,
+                capacity,
                 pointer(inverse),
                 pointer(out),
             ),
@@ -955,12 +945,12 @@ def select_tokens_cuda(
             256,
             (
                 pointer(scores),
-                _i64(batch),
-                _i64(seq_len),
-                _i64(capacity),
+                batch,
+                seq_len,
+                capacity,
                 pointer(lengths),
-                _i32(_SELECT_RULES[rule]),
-                np.float64(value),
+                _SELECT_RULES[rule],
+                value,
                 pointer(indices),
                 pointer(mask),
                 pointer(launch.errors),
@@ -1015,7 +1005,7 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
     segments = min((group_size - 1) // SCORE_SEGMENT_TOKENS + 2, -(-num_tokens // SCORE_SEGMENT_TOKENS))
     scores = torch.empty(num_tokens, num_experts, dtype=_accumulator(dtype), device=device)
     partials = torch.empty(groups * segments, num_experts, dtype=torch.float64, device=device)
-    sigmoid = _i32(score == "sigmoid")
+    sigmoid = score == "sigmoid"
     with _cuda.launcher(device) as launch:
         launch(
             "balance.cu",
@@ -1025,8 +1015,8 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             128,
             (
                 pointer(logits),
-                _i64(num_tokens),
-                _i32(num_experts),
+                num_tokens,
+                num_experts,
                 sigmoid,
                 pointer(mask),
                 pointer(scores),
@@ -1042,11 +1032,11 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             64,
             (
                 pointer(scores),
-                _i64(num_tokens),
-                _i32(num_experts),
-                _i64(group_size),
-                _i64(groups),
-                _i64(segments),
+                num_tokens,
+                num_experts,
+                group_size,
+                groups,
+                segments,
                 pointer(partials),
             ),
         )
@@ -1056,7 +1046,7 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             "sr_score_totals",
             min(-(-sums.numel() // 256), MAX_ROW_BLOCKS),
             256,
-            (pointer(partials), _i64(groups), _i64(segments), _i32(num_experts), pointer(sums)),
+            (pointer(partials), groups, segments, num_experts, pointer(sums)),
         )
     return sums.to(_accumulator(dtype))
 
@@ -1086,10 +1076,10 @@ def score_sums_backward_cuda(
             128,
             (
                 pointer(logits),
-                _i64(num_tokens),
-                _i32(num_experts),
-                _i32(score == "sigmoid"),
-                _i64(group_size),
+                num_tokens,
+                num_experts,
+                score == "sigmoid",
+                group_size,
                 pointer(mask),
                 pointer(grad_sums),
                 pointer(grad_logits),
@@ -1122,10 +1112,10 @@ def expert_counts_cuda(experts: Tensor, num_experts: int, group_size: int, mask:
             256,
             (
                 pointer(experts),
-                _i64(num_tokens),
-                _i64(k),
-                _i32(num_experts),
-                _i64(group_size),
+                num_tokens,
+                k,
+                num_experts,
+                group_size,
                 pointer(mask),
                 pointer(counts),
                 pointer(launch.errors),
@@ -1154,7 +1144,7 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
             "sr_z_loss_count",
             1,
             1024,
-            (pointer(mask), _i64(num_tokens), pointer(count), pointer(scale)),
+            (pointer(mask), num_tokens, pointer(count), pointer(scale)),
         )
         launch(
             "balance.cu",
@@ -1164,8 +1154,8 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
             128,
             (
                 pointer(logits),
-                _i64(num_tokens),
-                _i32(num_experts),
+                num_tokens,
+                num_experts,
                 pointer(mask),
                 pointer(scale),
                 pointer(direction),
@@ -1179,7 +1169,7 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
             "sr_z_loss_total",
             1,
             1024,
-            (pointer(squares), _i64(num_tokens), pointer(count), pointer(loss)),
+            (pointer(squares), num_tokens, pointer(count), pointer(loss)),
         )
     return loss, direction
 
@@ -1211,13 +1201,13 @@ def topp_gating_cuda(
             128,
             (
                 pointer(logits),
-                _i64(num_tokens),
-                _i32(num_experts),
-                np.float64(p),
-                _i32(min_k),
-                _i32(max_k),
-                _i32(inclusive),
-                _i32(normalize),
+                num_tokens,
+                num_experts,
+                p,
+                min_k,
+                max_k,
+                inclusive,
+                normalize,
                 pointer(weights),
                 pointer(experts),
                 pointer(launch.errors),
@@ -1243,8 +1233,8 @@ def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor, as_keys: bool 
         128,
         (
             pointer(logits),
-            _i64(num_tokens),
-            _i32(num_experts),
+            num_tokens,
+            num_experts,
             pointer(None if as_keys else probs),
             pointer(probs if as_keys else None),
             pointer(launch.errors),
@@ -1315,9 +1305,9 @@ def expert_choice_slots_cuda(indices: Tensor, gates: Tensor, num_tokens: int) ->
             (
                 pointer(indices.to(torch.int64).contiguous()),
                 pointer(gates.contiguous()),
-                _i32(num_experts),
-                _i64(capacity),
-                _i64(num_tokens),
+                num_experts,
+                capacity,
+                num_tokens,
                 pointer(experts),
                 pointer(weights),
                 pointer(launch.errors),
@@ -1364,14 +1354,14 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
             "sr_sinkhorn_cost",
             grid,
             256,
-            (pointer(logits), _i64(count), pointer(out), pointer(launch.errors)),
+            (pointer(logits), count, pointer(out), pointer(launch.errors)),
         )
 
         # The arguments of one iteration do not change between iterations.
         block_args = (
             pointer(out),
-            _i64(num_tokens),
-            _i32(num_experts),
+            num_tokens,
+            num_experts,
             t_inv,
             pointer(d1),
             pointer(d0),
@@ -1380,10 +1370,10 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
         )
         update_args = (
             pointer(partials),
-            _i64(num_blocks),
-            _i32(num_experts),
+            num_blocks,
+            num_experts,
             e_inv,
-            np.float32(tol),
+            tol,  # rounded to float32 by the kernel parameter
             pointer(d1),
             pointer(changes),
             pointer(state),
@@ -1409,7 +1399,7 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
             "sr_sinkhorn_scores",
             grid,
             256,
-            (pointer(out), _i64(num_tokens), _i32(num_experts), pointer(d0), pointer(d1)),
+            (pointer(out), num_tokens, num_experts, pointer(d0), pointer(d1)),
         )
     return out
 
@@ -1439,7 +1429,7 @@ def layer_plan_cuda(logits: Tensor) -> Tensor:
             "sr_layer_plan",
             min(-(-num_rows // 256), MAX_ROW_BLOCKS),
             256,
-            (pointer(logits), _i64(num_rows), pointer(plans), pointer(launch.errors)),
+            (pointer(logits), num_rows, pointer(plans), pointer(launch.errors)),
         )
     return plans
 
@@ -1493,14 +1483,14 @@ def replica_map_cuda(
                 256,
                 (
                     pointer(experts),
-                    _i64(num_entries),
+                    num_entries,
                     pointer(slot_to_row),
                     pointer(offsets),
                     pointer(table),
                     pointer(counts),
-                    _i32(num_experts),
-                    _i32(replicas),
-                    _i64(num_slots),
+                    num_experts,
+                    replicas,
+                    num_slots,
                     pointer(out),
                     pointer(launch.errors),
                 ),
@@ -1518,13 +1508,13 @@ def replica_map_cuda(
                 32,
                 (
                     pointer(experts),
-                    _i64(num_entries),
+                    num_entries,
                     pointer(table),
                     pointer(counts),
-                    _i32(num_experts),
-                    _i32(replicas),
-                    _i64(num_slots),
-                    _i64(slots_per_gpu),
+                    num_experts,
+                    replicas,
+                    num_slots,
+                    slots_per_gpu,
                     pointer(workspace),
                     pointer(out),
                     pointer(launch.errors),

@@ -1,6 +1,8 @@
 """The CUDA ops as torch ops: opcheck, torch.compile(fullgraph=True), CUDA graph capture and
 replay after warm-up, torch's current (non-default) stream, several dtypes, the loader."""
 
+import threading
+
 import pytest
 import torch
 from gpu_helpers import random_experts
@@ -158,6 +160,32 @@ def test_ops_run_on_the_current_stream():
     x_ref, plan_ref = sparseroute.permute(source.cpu(), experts.cpu(), 16, num_rows=8192)
     assert torch.equal(x_sorted.cpu(), x_ref)
     assert torch.equal(y.cpu(), sparseroute.unpermute(x_ref, plan_ref, weights.cpu()))
+
+
+def test_ops_run_from_a_new_thread():
+    """Kernels are launched through the driver API, which needs the device's context current
+    in the calling thread: a thread that has not used CUDA before must work too, with the
+    same results and its own argument buffers."""
+    logits = torch.randn(4096, 64, device="cuda")
+    expected = sparseroute.topk_gating(logits, 4)
+    results = []
+
+    def route() -> None:
+        results.append(sparseroute.topk_gating(logits, 4))
+        torch.cuda.synchronize()
+
+    thread = threading.Thread(target=route)
+    thread.start()
+    thread.join()
+    assert len(results) == 1
+    assert torch.equal(results[0][1], expected[1])
+    assert torch.equal(results[0][0], expected[0])
+
+
+def test_modules_are_loaded_as_driver_functions():
+    module = _cuda.load_module(torch.cuda.current_device(), "gating.cu", torch.float32)
+    assert set(module.functions) == set(_cuda.kernel_names("gating.cu"))
+    assert all(isinstance(handle, int) and handle for handle in module.functions.values())
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
