@@ -43,7 +43,8 @@ import re
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -437,6 +438,7 @@ class LoadedModule:
 _lock = threading.Lock()
 _modules: dict[tuple[int, str, torch.dtype | None], LoadedModule] = {}
 _error_buffers: dict[int, torch.Tensor] = {}
+_contexts: dict[int, int] = {}
 
 
 def _capturing() -> bool:
@@ -449,6 +451,36 @@ def _not_during_capture(what: str) -> None:
             f"sparseroute: {what} is not ready and cannot be prepared while a CUDA graph is being "
             "captured; call sparseroute.warm_up_cuda() (or run the ops once) before capturing"
         )
+
+
+def device_context(index: int) -> int:
+    """The CUDA context of device ``index``: its primary context, the one torch uses. Modules
+    are loaded into it, and the launcher makes it current around its launches."""
+    context = _contexts.get(index)
+    if context is None:
+        cupy = cupy_module()
+        with cupy.cuda.Device(index):
+            # cudaFree(0): the usual no-op that initialises the current device's primary
+            # context and binds it to this thread (selecting the device does not always).
+            cupy.cuda.runtime.free(0)
+            context = int(cupy.cuda.driver.ctxGetCurrent())
+        _contexts[index] = context
+    return context
+
+
+@contextmanager
+def _context_current(index: int) -> Iterator[None]:
+    """Within the block, the context of device ``index`` is current in this thread."""
+    driver = cupy_module().cuda.driver
+    context = device_context(index)
+    previous = driver.ctxGetCurrent()
+    if previous != context:
+        driver.ctxSetCurrent(context)
+    try:
+        yield
+    finally:
+        if previous != context:
+            driver.ctxSetCurrent(previous)
 
 
 def load_module(index: int, file: str, dtype: torch.dtype | None) -> LoadedModule:
@@ -469,7 +501,7 @@ def load_module(index: int, file: str, dtype: torch.dtype | None) -> LoadedModul
         name = _binary_path(file, dtype, arch, backend)
         path = _stored_binary(name, lambda: compile_module(file, dtype, arch, backend).binary)
         driver = cupy.cuda.driver
-        with cupy.cuda.Device(index):
+        with _context_current(index):
             # Loaded for the life of the process, like the device's context.
             handle = driver.moduleLoad(str(path))
             functions = {kernel: driver.moduleGetFunction(handle, kernel) for kernel in kernel_names(file)}
@@ -621,30 +653,31 @@ def packed_arguments(file: str, kernel: str, args: Sequence[Any]) -> int:
 class Launcher:
     """Launches kernels on one device, on torch's current stream there. Use it as a context
     (``with launcher(device) as launch: launch(...)``): entering reads the current stream and
-    makes the device's context current if it is not."""
+    makes the device's context current in this thread if it is not (a thread that has not used
+    CUDA has none, whatever its current device), and leaving restores the thread's context."""
 
-    __slots__ = ("_device", "_driver", "_stream", "errors", "index")
+    __slots__ = ("_context", "_driver", "_restore", "_stream", "errors", "index")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.errors = error_counters(index)
         self._driver = cupy_module().cuda.driver
+        self._context = device_context(index)
         self._stream = 0
-        self._device: Any = None
+        self._restore: int | None = None
 
     def __enter__(self) -> Launcher:
         self._stream = _current_raw_stream(self.index)
-        # A module's functions belong to the CUDA context of its device. A thread that has
-        # not used CUDA yet has no current context even when its current device is right.
-        if torch.cuda.current_device() != self.index or self._driver.ctxGetCurrent() == 0:
-            self._device = cupy_module().cuda.Device(self.index)
-            self._device.__enter__()
+        current = self._driver.ctxGetCurrent()
+        if current != self._context:
+            self._driver.ctxSetCurrent(self._context)
+            self._restore = current
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._device is not None:
-            device, self._device = self._device, None
-            device.__exit__(*exc)
+        if self._restore is not None:
+            restore, self._restore = self._restore, None
+            self._driver.ctxSetCurrent(restore)
 
     def __call__(
         self,

@@ -1,6 +1,8 @@
 """The CUDA ops as torch ops: opcheck, torch.compile(fullgraph=True), CUDA graph capture and
 replay after warm-up, torch's current (non-default) stream, several dtypes, the loader."""
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -180,6 +182,21 @@ def test_ops_run_from_a_new_thread():
     assert len(results) == 1
     assert torch.equal(results[0][1], expected[1])
     assert torch.equal(results[0][0], expected[0])
+
+
+def test_a_fresh_process_can_load_the_modules_before_any_other_cuda_work():
+    """warm_up_cuda() as a process's first CUDA call: the modules are loaded into the device's
+    context, which nothing has made current yet."""
+    code = (
+        "import torch, sparseroute\n"
+        "sparseroute.warm_up_cuda()\n"
+        "weights, experts = sparseroute.topk_gating(torch.randn(8, 16, device='cuda'), 2)\n"
+        "torch.cuda.synchronize()\n"
+        "print(tuple(experts.shape))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(8, 2)"
 
 
 def test_modules_are_loaded_as_driver_functions():
