@@ -809,6 +809,7 @@ def gather_tokens_cuda(x: Tensor, indices: Tensor, scale: Tensor | None) -> Tens
                     pointer(inverse),
                     pointer(scale),
                     pointer(out),
+                    _vectorized(row_len, x, out),
                 ),
             )
     return out
@@ -865,6 +866,7 @@ def scatter_tokens_cuda(
                 pointer(inverse),
                 pointer(gate),
                 pointer(out),
+                _vectorized(row_len, *(t for t in (x, y, out) if t is not None)),
             ),
         )
     return out

@@ -239,6 +239,35 @@ __device__ __forceinline__ void team_best_pair(K& key, int& index, K* key_scratc
   }
 }
 
+// ---- rows as 16-byte words ------------------------------------------------------------------
+// The row kernels move a row as 16-byte words when its length in bytes and the base pointers
+// are multiples of 16 (the glue's `vectorized` argument), element by element otherwise.
+#if defined(SR_DTYPE)
+constexpr int kPerWord = 16 / static_cast<int>(sizeof(elem_t));
+
+union Word {
+  uint4 bits;
+  elem_t values[kPerWord];
+};
+
+__device__ __forceinline__ Word load_word(const elem_t* p) {
+  Word w;
+  w.bits = *reinterpret_cast<const uint4*>(p);
+  return w;
+}
+
+__device__ __forceinline__ void store_word(elem_t* p, const Word& w) {
+  *reinterpret_cast<uint4*>(p) = w.bits;
+}
+
+// A word of zeros: +0 in every element type.
+__device__ __forceinline__ Word zero_word() {
+  Word w;
+  w.bits = make_uint4(0u, 0u, 0u, 0u);
+  return w;
+}
+#endif
+
 // ---- the CPU's softmax statistics of one row, for a warp ------------------------------------
 // rust/core/src/gating/mod.rs (softmax_row) sums exp(l - max) in eight lanes, lane j adding
 // experts j, j + 8, j + 16, ... in order, then adds the lanes 0 to 7 in order. Lanes 0-7 of

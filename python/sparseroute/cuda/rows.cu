@@ -20,27 +20,6 @@
 
 #include "common.cuh"
 
-namespace {
-
-constexpr int kPerWord = 16 / static_cast<int>(sizeof(elem_t));
-
-union Word {
-  uint4 bits;
-  elem_t values[kPerWord];
-};
-
-__device__ __forceinline__ Word load_word(const elem_t* p) {
-  Word w;
-  w.bits = *reinterpret_cast<const uint4*>(p);
-  return w;
-}
-
-__device__ __forceinline__ void store_word(elem_t* p, const Word& w) {
-  *reinterpret_cast<uint4*>(p) = w.bits;
-}
-
-}  // namespace
-
 extern "C" __global__ void __launch_bounds__(128)
     sr_gather_rows(const elem_t* x, i64 num_tokens, i64 row_len, const i64* row_to_slot,
                    i64 num_rows, i64 k, const acc_t* weights, elem_t* out, int vectorized,

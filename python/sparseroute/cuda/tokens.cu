@@ -12,12 +12,12 @@
 //   sr_gather_tokens   out[b, c] = x[b, p] (times scale[b, p], in acc_t, rounded once) for
 //                      p = indices[b, c] when inverse[b, p] == c; zeros otherwise (-1,
 //                      invalid and repeated entries). One block of 128 threads per output
-//                      row (grid-stride over rows).
+//                      row (grid-stride over rows), 16-byte words when `vectorized`.
 //   sr_scatter_tokens  out[b, p] = base[b, p] (zeros without base) where no entry keeps p;
 //                      at a kept position the entry's row of `rows` (zeros without rows), or
 //                      base + gate[b, p] * row in acc_t (a product, then a sum, each rounded
 //                      once, then one conversion) with a gate. One block of 128 threads per
-//                      output row (grid-stride).
+//                      output row (grid-stride), 16-byte words when `vectorized`.
 //   sr_token_dots      out[b, p] = dot(grad[b, p], rows[b, c]) at kept positions, 0
 //                      elsewhere: eight threads per dot over fixed lanes, as sr_slot_dots.
 //                      32 dots per block of 256 threads.
@@ -119,7 +119,8 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void __launch_bounds__(128)
     sr_gather_tokens(const elem_t* x, i64 batch, i64 seq_len, i64 row_len, const i64* indices,
-                     i64 capacity, const int* inverse, const acc_t* scale, elem_t* out) {
+                     i64 capacity, const int* inverse, const acc_t* scale, elem_t* out,
+                     int vectorized) {
   const i64 num_rows = batch * capacity;
   for (i64 r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const i64 b = r / capacity;
@@ -127,58 +128,92 @@ extern "C" __global__ void __launch_bounds__(128)
     const i64 p = indices[r];
     const bool kept = p >= 0 && p < seq_len && inverse[b * seq_len + p] == static_cast<int>(c);
     elem_t* dst = out + r * row_len;
-    if (!kept) {
-      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-        dst[i] = from_acc(acc_t(0));
+    const i64 source = b * seq_len + (kept ? p : 0);
+    const elem_t* src = x + source * row_len;
+    const bool scaled = kept && scale != nullptr;
+    const acc_t w = scaled ? scale[source] : acc_t(1);
+    if (vectorized) {
+      for (i64 i = threadIdx.x; i < row_len / kPerWord; i += blockDim.x) {
+        Word v = kept ? load_word(src + i * kPerWord) : zero_word();
+        if (scaled) {
+#pragma unroll
+          for (int q = 0; q < kPerWord; ++q) {
+            v.values[q] = from_acc(mul_rn(w, to_acc(v.values[q])));
+          }
+        }
+        store_word(dst + i * kPerWord, v);
       }
       continue;
     }
-    const i64 source = b * seq_len + p;
-    const elem_t* src = x + source * row_len;
-    if (scale == nullptr) {
-      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-        dst[i] = src[i];
+    for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+      elem_t v = from_acc(acc_t(0));
+      if (kept) {
+        v = scaled ? from_acc(mul_rn(w, to_acc(src[i]))) : src[i];
       }
-    } else {
-      const acc_t w = scale[source];
-      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-        dst[i] = from_acc(mul_rn(w, to_acc(src[i])));
-      }
+      dst[i] = v;
     }
   }
 }
 
+// One element of a scattered row: `base` where no entry keeps the position (zeros without
+// base), else the entry's row (zeros without rows), or base + gate * row with a gate.
+// The elements come from `b` (the base row, nullptr: zeros) and `y` (the entry's row).
+struct ScatterRow {
+  const elem_t* base;  // this position's row of base; nullptr without base
+  const elem_t* row;   // the entry's row of rows; nullptr without an entry or rows
+  bool kept;
+  bool gated;
+  acc_t gate;
+
+  __device__ __forceinline__ elem_t at(const elem_t* b, const elem_t* y, i64 i) const {
+    if (!kept) {
+      return b != nullptr ? b[i] : from_acc(acc_t(0));
+    }
+    if (y == nullptr) {
+      return from_acc(acc_t(0));
+    }
+    if (!gated) {
+      return y[i];
+    }
+    const acc_t product = mul_rn(gate, to_acc(y[i]));
+    return from_acc(b != nullptr ? add_rn(to_acc(b[i]), product) : product);
+  }
+};
+
 extern "C" __global__ void __launch_bounds__(128)
     sr_scatter_tokens(const elem_t* base, const elem_t* rows, i64 batch, i64 seq_len,
                       i64 row_len, i64 capacity, const int* inverse, const acc_t* gate,
-                      elem_t* out) {
+                      elem_t* out, int vectorized) {
   const i64 num_rows = batch * seq_len;
   for (i64 r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const int entry = inverse[r];
     elem_t* dst = out + r * row_len;
-    const elem_t* src = base != nullptr ? base + r * row_len : nullptr;
-    if (entry < 0) {
-      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-        dst[i] = src != nullptr ? src[i] : from_acc(acc_t(0));
+    ScatterRow s;
+    s.base = base != nullptr ? base + r * row_len : nullptr;
+    s.kept = entry >= 0;
+    s.row = s.kept && rows != nullptr ? rows + ((r / seq_len) * capacity + entry) * row_len : nullptr;
+    s.gated = s.row != nullptr && gate != nullptr;
+    s.gate = s.gated ? gate[r] : acc_t(0);
+    // The base is read where no entry keeps the position, or under a gate.
+    const elem_t* read_base = !s.kept || s.gated ? s.base : nullptr;
+    if (vectorized) {
+      for (i64 i = threadIdx.x; i < row_len / kPerWord; i += blockDim.x) {
+        const i64 at = i * kPerWord;
+        const Word b = read_base != nullptr ? load_word(read_base + at) : zero_word();
+        const Word y = s.row != nullptr ? load_word(s.row + at) : zero_word();
+        const elem_t* b_values = read_base != nullptr ? b.values : nullptr;
+        const elem_t* y_values = s.row != nullptr ? y.values : nullptr;
+        Word v;
+#pragma unroll
+        for (int q = 0; q < kPerWord; ++q) {
+          v.values[q] = s.at(b_values, y_values, q);
+        }
+        store_word(dst + at, v);
       }
       continue;
     }
-    const i64 b = r / seq_len;
-    const elem_t* row = rows != nullptr ? rows + (b * capacity + entry) * row_len : nullptr;
-    if (row == nullptr) {
-      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-        dst[i] = from_acc(acc_t(0));
-      }
-    } else if (gate == nullptr) {
-      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-        dst[i] = row[i];
-      }
-    } else {
-      const acc_t g = gate[r];
-      for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-        const acc_t product = mul_rn(g, to_acc(row[i]));
-        dst[i] = from_acc(src != nullptr ? add_rn(to_acc(src[i]), product) : product);
-      }
+    for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
+      dst[i] = s.at(read_base, s.row, i);
     }
   }
 }
