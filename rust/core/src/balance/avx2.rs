@@ -65,13 +65,13 @@ unsafe fn z_loss_row_in<S: Source16, const WIDE: bool>(
     z
 }
 
-/// [`z_loss_row_avx512`] on [`avx512::ROWS`] consecutive rows whose length is a multiple
-/// of sixteen (`out` holds them back to back), through [`avx512::exp_shifted_rows`]: the
-/// same bits row by row. Writes each row's z to `zs`.
+/// [`z_loss_row_avx512`] on [`avx512::ROWS`] consecutive rows (`out` holds them back to
+/// back), through [`avx512::exp_shifted_rows`]: the same bits row by row. Writes each row's
+/// z to `zs`.
 ///
 /// # Safety
 /// The CPU features of [`crate::simd::avx512_enabled`] are available; the rows lie inside
-/// `rows`; `out.len()` is `ROWS` times a multiple of sixteen.
+/// `rows`; `out.len()` is `ROWS` times a positive row length.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
 pub(super) unsafe fn z_loss_rows_avx512(
     rows: Storage<'_>,
@@ -80,19 +80,16 @@ pub(super) unsafe fn z_loss_rows_avx512(
     out: &mut [f32],
     zs: &mut [f32; avx512::ROWS],
 ) {
-    let len = out.len() / avx512::ROWS;
-    // SAFETY: forwarded from the caller; sixteen values at r * len + b, inside `out`.
+    // SAFETY: forwarded from the caller.
     unsafe {
         // The z-loss takes no finiteness mask: NaN and +inf make z NaN (the caller rejects
         // the row), and -inf counts as e^-87.3, as in the portable kernel.
         let (maxima, sums, _) = with_source!(rows, |src| avx512::exp_shifted_rows(src, start, &mut *out));
-        for (r, ((&m, &sum), z)) in maxima.iter().zip(&sums).zip(zs.iter_mut()).enumerate() {
+        let mut factors = [0f32; avx512::ROWS];
+        for (((&m, &sum), z), factor) in maxima.iter().zip(&sums).zip(zs.iter_mut()).zip(&mut factors) {
             *z = m + sum.ln();
-            let factor = _mm512_set1_ps((1.0 + 1.0) * scale * *z / sum);
-            let row = out.as_mut_ptr().add(r * len);
-            for b in (0..len).step_by(16) {
-                _mm512_storeu_ps(row.add(b), _mm512_mul_ps(_mm512_loadu_ps(row.add(b)), factor));
-            }
+            *factor = (1.0 + 1.0) * scale * *z / sum;
         }
+        avx512::scale_rows::<false>(out, &factors);
     }
 }

@@ -350,8 +350,7 @@ fn z_loss_on<L: Element>(
                 };
                 // Whole groups of unmasked rows go through the multi-row kernel where it
                 // applies; the others row by row.
-                let group =
-                    if wide && num_experts.is_multiple_of(16) { crate::simd::avx512::ROWS } else { 1 };
+                let group = if wide { crate::simd::avx512::ROWS } else { 1 };
                 for (g, (outs, squares)) in
                     block.chunks_mut(group * num_experts).zip(block_squares.chunks_mut(group)).enumerate()
                 {
@@ -359,8 +358,7 @@ fn z_loss_on<L: Element>(
                     if group > 1 && squares.len() == group && (t0..t0 + group).all(|t| groups.valid(t)) {
                         let mut zs = [0f32; crate::simd::avx512::ROWS];
                         // SAFETY: `avx512_enabled` checked the CPU features; the rows t0 .. t0 +
-                        // ROWS lie inside the logits (checked above), `outs` holds them, and
-                        // their length is a multiple of sixteen.
+                        // ROWS lie inside the logits (checked above) and `outs` holds them.
                         unsafe { avx2::z_loss_rows_avx512(rows, t0 * num_experts, scale, outs, &mut zs) };
                         for (r, (&z, square)) in zs.iter().zip(squares.iter_mut()).enumerate() {
                             finish(t0 + r, z, square)?;
@@ -658,10 +656,25 @@ mod tests {
             return;
         }
         let mut state = 5u64;
-        // Without a mask, eight consecutive rows of a multiple of sixteen experts go through
-        // the multi-row AVX-512 kernel (17 x 64: two groups and a row; 40 x 32: five).
-        let shapes =
-            [(3, 1), (5, 7), (9, 8), (4, 16), (3, 24), (17, 64), (4, 61), (6, 160), (40, 32), (16, 160)];
+        // Without a mask, eight consecutive rows of at least sixteen experts go through the
+        // multi-row AVX-512 kernel (17 x 64: two groups and a row; 40 x 32: five), with a
+        // masked last block where E is not a multiple of sixteen (61, 24, 17, 60).
+        let shapes = [
+            (3, 1),
+            (5, 7),
+            (9, 8),
+            (4, 16),
+            (3, 24),
+            (17, 64),
+            (4, 61),
+            (6, 160),
+            (40, 32),
+            (16, 160),
+            (17, 61),
+            (16, 24),
+            (8, 17),
+            (9, 60),
+        ];
         for (tokens, experts) in shapes {
             let logits: Vec<f32> = (0..tokens * experts)
                 .map(|i| {

@@ -312,13 +312,13 @@ fn softmax_row_on<L: Element>(row: &[L], out: &mut [L::Acc], avx2: bool) -> bool
 fn softmax_rows<L: Element>(rows: &[L], width: usize, out: &mut [L::Acc], avx2: bool) -> Option<usize> {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if avx2 && width.is_multiple_of(16) && crate::simd::avx512_enabled() {
+    if avx2 && width > 0 && crate::simd::avx512_enabled() {
         use crate::simd::avx512::{self, ROWS};
         if let (Some(storage), Some(out)) = (L::storage(rows), L::Acc::as_f32_mut(&mut *out)) {
             // Whole groups of eight rows together (the same bits as one at a time).
             for (g, group) in out.chunks_exact_mut(ROWS * width).enumerate() {
                 // SAFETY: AVX-512 and the rest are available (checked); the group's rows lie
-                // inside `rows`, `group` holds them, and their length is a multiple of 16.
+                // inside `rows` and `group` holds them.
                 let not_finite = unsafe { avx512::softmax_rows(storage, g * ROWS * width, group) };
                 if not_finite != 0 {
                     return Some(g * ROWS + not_finite.trailing_zeros() as usize);
@@ -1802,6 +1802,19 @@ mod tests {
             let mut bad = row.clone();
             bad[e / 2] = f32::NEG_INFINITY;
             assert!(!softmax_row(&bad, &mut portable) && !softmax_row_on(&bad, &mut simd, true));
+            // Nine rows through softmax_rows: a group of eight in the multi-row kernel (with
+            // masked last blocks where E is not a multiple of sixteen), then one row.
+            let many: Vec<f32> = (0..9).flat_map(|r| tricky_logits(e, seed * 10 + r)).collect();
+            let mut expected = vec![0f32; 9 * e];
+            for (row, out) in many.chunks_exact(e).zip(expected.chunks_exact_mut(e)) {
+                assert!(softmax_row(row, out));
+            }
+            let mut got = vec![0f32; 9 * e];
+            assert_eq!(softmax_rows(&many, e, &mut got, true), None, "E = {e}");
+            assert_eq!(bits(&expected), bits(&got), "nine rows, E = {e}");
+            let mut bad_rows = many.clone();
+            bad_rows[3 * e + e / 2] = f32::NAN;
+            assert_eq!(softmax_rows(&bad_rows, e, &mut got, true), Some(3), "E = {e}");
         }
     }
 }

@@ -205,16 +205,17 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
 /// Rows taken together by [`exp_shifted_rows`].
 pub(crate) const ROWS: usize = 8;
 
-/// [`exp_shifted`] of [`ROWS`] consecutive rows of `len` values from `start` (`len` a
-/// multiple of sixteen; `out` holds the rows back to back), without its finiteness check:
-/// the same maximum, `fast_exp` bits and lane sums row by row, but the rows' chains of
-/// dependent operations (the maximum, the lane sums and their fold) overlap instead of
-/// running one after another. Returns each row's `(max, sum)` and a mask of the rows that
-/// hold NaN or an infinity (bit `r` for row `r`).
+/// [`exp_shifted`] of [`ROWS`] consecutive rows of `len` values from `start` (`out` holds
+/// the rows back to back), without its finiteness check: the same maximum, `fast_exp` bits
+/// and lane sums row by row, but the rows' chains of dependent operations (the maximum, the
+/// lane sums and their fold) overlap instead of running one after another. A row's last
+/// `len % 16` values go through masked loads and stores; its masked-off lanes add `+0.0` to
+/// the lane sums, which changes no sum. Returns each row's `(max, sum)` and a mask of the
+/// rows that hold NaN or an infinity (bit `r` for row `r`).
 ///
 /// # Safety
 /// The CPU features of [`super::avx512_enabled`] are available; the rows lie inside `src`;
-/// `out.len() == ROWS * len`.
+/// `out.len() == ROWS * len` with `len > 0`.
 #[inline(always)]
 pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
     src: S,
@@ -222,21 +223,29 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
     out: &mut [f32],
 ) -> ([f32; ROWS], [f32; ROWS], u8) {
     let len = out.len() / ROWS;
-    debug_assert!(len.is_multiple_of(16) && len > 0 && out.len() == ROWS * len);
+    debug_assert!(len > 0 && out.len() == ROWS * len);
+    let (whole, tail) = blocks_of_sixteen(len);
     // QNaN, SNaN, +inf and -inf.
     const NOT_FINITE: i32 = 0x01 | 0x80 | 0x08 | 0x10;
-    // SAFETY: loads of sixteen values at start + r * len + b with b + 16 <= len (inside the
-    // rows, caller); stores likewise inside `out`.
+    // SAFETY: loads of sixteen values at start + r * len + b with b + 16 <= whole, and
+    // masked loads of the `tail` lanes from whole (inside the rows, caller); stores likewise
+    // inside `out`.
     unsafe {
+        let minus_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut maxima = [0f32; ROWS];
         let mut not_finite = 0u8;
         for (r, m) in maxima.iter_mut().enumerate() {
             let base = start + r * len;
-            let mut v = src.load16(base);
-            let mut bad = _mm512_fpclass_ps_mask::<NOT_FINITE>(v);
-            for b in (16..len).step_by(16) {
+            let mut v = minus_inf;
+            let mut bad: __mmask16 = 0;
+            for b in (0..whole).step_by(16) {
                 let w = src.load16(base + b);
                 bad |= _mm512_fpclass_ps_mask::<NOT_FINITE>(w);
+                v = _mm512_max_ps(v, w);
+            }
+            if tail != 0 {
+                let w = src.load16_masked(base + whole, tail, minus_inf);
+                bad |= tail & _mm512_fpclass_ps_mask::<NOT_FINITE>(w);
                 v = _mm512_max_ps(v, w);
             }
             // The maximum of finite values is the same in any order.
@@ -250,13 +259,23 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
         for (shift, &m) in shifts.iter_mut().zip(&maxima) {
             *shift = _mm512_set1_ps(m);
         }
-        for b in (0..len).step_by(16) {
+        for b in (0..whole).step_by(16) {
             for (r, (sum, &shift)) in sums.iter_mut().zip(&shifts).enumerate() {
                 // At or below zero: the maximum was subtracted.
                 let e = exp16_nonpositive(_mm512_sub_ps(src.load16(start + r * len + b), shift));
                 *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
                 *sum = _mm256_add_ps(*sum, _mm512_extractf32x8_ps::<1>(e));
                 _mm512_storeu_ps(out.as_mut_ptr().add(r * len + b), e);
+            }
+        }
+        if tail != 0 {
+            for (r, (sum, &shift)) in sums.iter_mut().zip(&shifts).enumerate() {
+                // The masked-off lanes load the shift itself: e^0, then zeroed.
+                let x = src.load16_masked(start + r * len + whole, tail, shift);
+                let e = _mm512_maskz_mov_ps(tail, exp16_nonpositive(_mm512_sub_ps(x, shift)));
+                *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
+                *sum = _mm256_add_ps(*sum, _mm512_extractf32x8_ps::<1>(e));
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(r * len + whole), tail, e);
             }
         }
         let mut totals = [0f32; ROWS];
@@ -269,26 +288,55 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
     }
 }
 
-/// `out = softmax(row)` of [`ROWS`] consecutive rows of `len` values (a multiple of
-/// sixteen) from `start`, as [`softmax_row`] computes each: the same bits. Returns the mask
-/// of rows that hold NaN or an infinity (their `out` is garbage).
+/// The values of a row of `len` taken in whole blocks of sixteen (`len / 16 * 16`), and the
+/// mask of the lanes of the last, partial block (0 when there is none).
+#[inline(always)]
+fn blocks_of_sixteen(len: usize) -> (usize, __mmask16) {
+    let whole = len / 16 * 16;
+    (whole, ((1u32 << (len - whole)) - 1) as __mmask16)
+}
+
+/// Row `r` of the [`ROWS`] rows held back to back in `out`, times `by[r]` (or divided by it,
+/// with `DIVIDE`), sixteen values at a time with a masked last block.
+///
+/// # Safety
+/// The CPU features of [`super::avx512_enabled`] are available; `out.len()` is a multiple
+/// of `ROWS`.
+#[inline(always)]
+pub(crate) unsafe fn scale_rows<const DIVIDE: bool>(out: &mut [f32], by: &[f32; ROWS]) {
+    let len = out.len() / ROWS;
+    let (whole, tail) = blocks_of_sixteen(len);
+    // SAFETY: sixteen values at r * len + b with b + 16 <= whole, and the `tail` lanes from
+    // r * len + whole: inside `out`.
+    unsafe {
+        for (r, &value) in by.iter().enumerate() {
+            let by = _mm512_set1_ps(value);
+            let row = out.as_mut_ptr().add(r * len);
+            // The last block's masked-off lanes load zeros and are not stored.
+            let blocks =
+                (0..whole).step_by(16).map(|b| (b, 0xffff)).chain((tail != 0).then_some((whole, tail)));
+            for (b, lanes) in blocks {
+                let v = _mm512_maskz_loadu_ps(lanes, row.add(b));
+                let v = if DIVIDE { _mm512_div_ps(v, by) } else { _mm512_mul_ps(v, by) };
+                _mm512_mask_storeu_ps(row.add(b), lanes, v);
+            }
+        }
+    }
+}
+
+/// `out = softmax(row)` of [`ROWS`] consecutive rows of `len` values from `start`, as
+/// [`softmax_row`] computes each: the same bits. Returns the mask of rows that hold NaN or
+/// an infinity (their `out` is garbage).
 ///
 /// # Safety
 /// As [`exp_shifted_rows`].
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
 pub(crate) unsafe fn softmax_rows(rows: crate::element::Storage<'_>, start: usize, out: &mut [f32]) -> u8 {
-    let len = out.len() / ROWS;
-    // SAFETY: forwarded from the caller; sixteen values at r * len + b, inside `out`.
+    // SAFETY: forwarded from the caller.
     unsafe {
         let (_, sums, not_finite) =
             super::avx2::with_source!(rows, |src| exp_shifted_rows(src, start, &mut *out));
-        for (r, &z) in sums.iter().enumerate() {
-            let divisor = _mm512_set1_ps(z);
-            for b in (0..len).step_by(16) {
-                let p = out.as_mut_ptr().add(r * len + b);
-                _mm512_storeu_ps(p, _mm512_div_ps(_mm512_loadu_ps(p), divisor));
-            }
-        }
+        scale_rows::<true>(out, &sums);
         not_finite
     }
 }
