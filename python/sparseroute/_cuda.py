@@ -127,6 +127,12 @@ def check_available(name: str) -> None:
         )
 
 
+@functools.cache
+def _cupy_driver() -> Any:
+    """CuPy's binding of the CUDA driver API (looked up once: the launcher needs it per op)."""
+    return cupy_module().cuda.driver
+
+
 def cupy_module() -> Any:
     """CuPy, imported on first use, or an ImportError saying what to install."""
     try:
@@ -661,7 +667,7 @@ class Launcher:
     def __init__(self, index: int) -> None:
         self.index = index
         self.errors = error_counters(index)
-        self._driver = cupy_module().cuda.driver
+        self._driver = _cupy_driver()
         self._context = device_context(index)
         self._stream = 0
         self._restore: int | None = None
@@ -709,4 +715,6 @@ class Launcher:
 
 def launcher(device: torch.device) -> Launcher:
     """A ``Launcher`` for ``device`` (a context manager; see ``Launcher``)."""
-    return Launcher(_device_index(device))
+    # A tensor's device names its index: no need to build another device object.
+    index = device.index if device.type == "cuda" and device.index is not None else None
+    return Launcher(_device_index(device) if index is None else index)

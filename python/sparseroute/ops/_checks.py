@@ -39,11 +39,11 @@ def check_tensor(
         raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {tuple(value.shape)}")
     if value.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {value.dtype}")
-    if value.device.type == "cuda":
+    if value.is_cuda:
         # CUDA tensors go to the CUDA kernels (sparseroute/_cuda_ops.py), which need CuPy;
         # an op without a CUDA kernel raises NotImplementedError when it is dispatched.
         _cuda.check_available(name)
-    elif value.device.type != "cpu":
+    elif not value.is_cpu:
         raise ValueError(
             f"{name}: expected a CPU tensor (or a CUDA tensor, for ops with CUDA kernels), "
             f"got device {value.device}"
