@@ -19,6 +19,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -66,7 +67,8 @@ def main() -> int:
     raw_kernel = cupy.RawModule(path=str(module.path)).get_function("sr_topk_gating_warp")
     widths = (np.uint64, np.int64, *[np.int32] * 4, np.uint64, np.int32, np.int32, np.uint64, np.float64)
     raw_args = tuple(width(arg) for width, arg in zip(widths + (np.uint64,) * 3, empty_args, strict=True))
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    # CuPy's launch reads only the raw stream's ``ptr``.
+    stream = SimpleNamespace(ptr=torch.cuda.current_stream().cuda_stream)
     open_launcher = _cuda.launcher(device).__enter__()
 
     def launcher_only() -> None:
