@@ -97,6 +97,25 @@ def test_opcheck_compile_and_dtypes():
     torch.testing.assert_close(full.weights, probs)
 
 
+def test_slot_layout_is_built_on_first_access_and_kept():
+    logits = torch.randn(20, 4, requires_grad=True)
+    choice = sparseroute.expert_choice(logits, 5)
+    assert "not built yet" in repr(choice)
+    choice.gates.sum().backward(retain_graph=True)  # gates alone: no layout needed
+    assert "not built yet" in repr(choice)
+    experts = choice.experts
+    assert "slot layout built" in repr(choice)
+    assert choice.experts is experts and choice.weights is choice.weights
+    indices, gates, experts_again, weights = choice
+    assert indices is choice.indices and gates is choice.gates and experts_again is experts
+    assert len(choice) == 4 and choice[3] is weights and list(choice)[1] is gates
+    # The layout is the gates scattered to [T, E]; its gradient reaches the logits.
+    expected = torch.zeros(20, 4).scatter(0, choice.indices.T, choice.gates.detach().T)
+    assert torch.equal(weights.detach(), expected)
+    (grad,) = torch.autograd.grad(weights.sum(), logits)
+    assert grad.shape == logits.shape
+
+
 def test_edge_cases_and_errors():
     empty = sparseroute.expert_choice(torch.randn(5, 3), 0)
     assert empty.indices.shape == (3, 0) and bool((empty.experts == -1).all())

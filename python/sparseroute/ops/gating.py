@@ -6,7 +6,8 @@ The exact semantics are written down in docs/semantics.md and in the docstring o
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -489,7 +490,7 @@ _eager.register_autograd(
 )
 
 
-class ExpertChoice(NamedTuple):
+class ExpertChoice:
     """The routing decision of ``expert_choice``.
 
     Attributes:
@@ -497,13 +498,55 @@ class ExpertChoice(NamedTuple):
         gates: ``[E, C]`` their softmax probabilities (differentiable).
         experts: ``[T, E]`` int64 slot layout for ``permute``: ``e`` where expert ``e`` chose
             the token, else -1. A token appears in 0 to E slots.
-        weights: ``[T, E]`` the gates in that layout (0 elsewhere), for ``unpermute``.
+        weights: ``[T, E]`` the gates in that layout (0 elsewhere), for ``unpermute``
+            (differentiable).
+
+    ``experts`` and ``weights`` are built together on first access and kept: the layout takes
+    12 bytes per (token, expert) pair, and code that gathers each expert's tokens with
+    ``indices`` and scales them by ``gates`` never needs it. ``weights`` is differentiable
+    through ``gates``, so take it before a backward pass frees the graph of ``gates`` (as a
+    model does, which dispatches before its loss). The object unpacks like the tuple
+    ``(indices, gates, experts, weights)``.
     """
 
-    indices: Tensor
-    gates: Tensor
-    experts: Tensor
-    weights: Tensor
+    def __init__(self, indices: Tensor, gates: Tensor, num_tokens: int) -> None:
+        self.indices = indices
+        self.gates = gates
+        self._num_tokens = num_tokens
+        self._layout: tuple[Tensor, Tensor] | None = None
+
+    def _slots(self) -> tuple[Tensor, Tensor]:
+        if self._layout is None:
+            weights, experts = _eager.call("expert_choice_slots", self.indices, self.gates, self._num_tokens)
+            self._layout = (experts, weights)
+        return self._layout
+
+    @property
+    def experts(self) -> Tensor:
+        return self._slots()[0]
+
+    @property
+    def weights(self) -> Tensor:
+        return self._slots()[1]
+
+    def _fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return (self.indices, self.gates, self.experts, self.weights)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self._fields())
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self._fields()[index]
+
+    def __repr__(self) -> str:
+        layout = "built" if self._layout is not None else "not built yet"
+        return (
+            f"ExpertChoice(indices={self.indices!r}, gates={self.gates!r}, "
+            f"num_tokens={self._num_tokens}, slot layout {layout})"
+        )
 
 
 def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
@@ -529,5 +572,4 @@ def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
         capacity, "capacity", minimum=0, maximum=num_tokens, what=f" (tokens T = {num_tokens})"
     )
     gates, indices = _eager.call("expert_choice", logits, capacity)
-    weights, experts = _eager.call("expert_choice_slots", indices, gates, num_tokens)
-    return ExpertChoice(indices, gates, experts, weights)
+    return ExpertChoice(indices, gates, num_tokens)
