@@ -231,6 +231,9 @@ def test_every_kernel_has_a_signature_the_launcher_packs():
         assert signatures, file
         for kernel, codes in signatures.items():
             assert codes and set(codes) <= {"i", "q", "Q", "f", "d"}, (kernel, codes)
+    # Packed arguments are kept per kernel name (packed_arguments): names are unique.
+    names = [kernel for file in _cuda.MODULES for kernel in _cuda.kernel_names(file)]
+    assert len(names) == len(set(names))
     # A macro parameter list is expanded (gating.cu's SR_TEAM_PARAMS).
     assert _cuda.kernel_signatures("gating.cu")["sr_topk_gating_team8"] == "QqiiiidiiQQQ"
     assert _cuda.kernel_signatures("sinkhorn.cu")["sr_sinkhorn_cost"] == "QqQQ"
