@@ -334,6 +334,21 @@ fn softmax_rows<L: Element>(rows: &[L], width: usize, out: &mut [L::Acc], avx2: 
         .map(|i| done + i)
 }
 
+/// [`softmax_rows`] of rows `first_token ..`, with the error naming the first row that is
+/// not finite.
+fn checked_softmax_rows<L: Element>(
+    rows: &[L],
+    width: usize,
+    out: &mut [L::Acc],
+    avx2: bool,
+    first_token: usize,
+) -> Result<()> {
+    match softmax_rows(rows, width, out, avx2) {
+        Some(r) => Err(non_finite_error(&rows[r * width..(r + 1) * width], first_token + r)),
+        None => Ok(()),
+    }
+}
+
 /// The weights of the chosen experts (see module docs) of `N` tokens at once, lane `i`
 /// holding token `i`: `chosen[p][i]` is the logit of token i's p-th choice and `column(e)`
 /// the logits of expert `e` (only unnormalised softmax reads them, for its normaliser).
@@ -1094,9 +1109,7 @@ pub fn topp_gating<L: Element>(
             if i % TILE == 0 {
                 let rows = TILE.min(block_tokens - i);
                 let block_rows = &logits[t * e..(t + rows) * e];
-                if let Some(r) = softmax_rows(block_rows, e, &mut tile[..rows * e], avx2) {
-                    return Err(non_finite_error(&block_rows[r * e..(r + 1) * e], t + r));
-                }
+                checked_softmax_rows(block_rows, e, &mut tile[..rows * e], avx2, t)?;
             }
             let probs = &tile[(i % TILE) * e..(i % TILE + 1) * e];
             // Descending logit, then ascending index: the packed keys sort in that order.
@@ -1218,9 +1231,7 @@ pub fn expert_choice<L: Element>(
         for t0 in (first..last).step_by(BAND) {
             let n = BAND.min(last - t0);
             let rows = &logits[t0 * num_experts..(t0 + n) * num_experts];
-            if let Some(i) = softmax_rows(rows, num_experts, &mut tile[..n * num_experts], avx2) {
-                return Err(non_finite_error(&rows[i * num_experts..(i + 1) * num_experts], t0 + i));
-            }
+            checked_softmax_rows(rows, num_experts, &mut tile[..n * num_experts], avx2, t0)?;
             #[cfg(target_arch = "x86_64")]
             if n == BAND && avx512 {
                 if let Some(tile) = L::Acc::as_f32(&tile) {
@@ -1393,9 +1404,7 @@ pub fn expert_choice_backward<L: Element>(
             let t0 = first + i * TILE;
             let rows = &logits[t0 * num_experts..t0 * num_experts + outs.len()];
             let probs = &mut probs[..outs.len()];
-            if let Some(r) = softmax_rows(rows, num_experts, probs, avx2) {
-                return Err(non_finite_error(&rows[r * num_experts..(r + 1) * num_experts], t0 + r));
-            }
+            checked_softmax_rows(rows, num_experts, probs, avx2, t0)?;
             for (r, (out, p)) in
                 outs.chunks_exact_mut(num_experts).zip(probs.chunks_exact(num_experts)).enumerate()
             {
