@@ -65,8 +65,9 @@ def main() -> int:
     # arguments must be numpy scalars of explicit widths.
     cupy = _cuda.cupy_module()
     raw_kernel = cupy.RawModule(path=str(module.path)).get_function("sr_topk_gating_warp")
-    widths = (np.uint64, np.int64, *[np.int32] * 4, np.uint64, np.int32, np.int32, np.uint64, np.float64)
-    raw_args = tuple(width(arg) for width, arg in zip(widths + (np.uint64,) * 3, empty_args, strict=True))
+    widths = {"Q": np.uint64, "q": np.int64, "i": np.int32, "d": np.float64}
+    codes = _cuda.kernel_signatures("gating.cu")["sr_topk_gating_warp"]
+    raw_args = tuple(widths[code](arg) for code, arg in zip(codes, empty_args, strict=True))
     # CuPy's launch reads only the raw stream's ``ptr``.
     stream = SimpleNamespace(ptr=torch.cuda.current_stream().cuda_stream)
     open_launcher = _cuda.launcher(device).__enter__()

@@ -469,7 +469,7 @@ def device_context(index: int) -> int:
             # cudaFree(0): the usual no-op that initialises the current device's primary
             # context and binds it to this thread (selecting the device does not always).
             cupy.cuda.runtime.free(0)
-            context = int(cupy.cuda.driver.ctxGetCurrent())
+            context = int(_cupy_driver().ctxGetCurrent())
         _contexts[index] = context
     return context
 
@@ -477,7 +477,7 @@ def device_context(index: int) -> int:
 @contextmanager
 def _context_current(index: int) -> Iterator[None]:
     """Within the block, the context of device ``index`` is current in this thread."""
-    driver = cupy_module().cuda.driver
+    driver = _cupy_driver()
     context = device_context(index)
     previous = driver.ctxGetCurrent()
     if previous != context:
@@ -501,12 +501,11 @@ def load_module(index: int, file: str, dtype: torch.dtype | None) -> LoadedModul
         if module is not None:
             return module
         _not_during_capture(f"the CUDA module {file} ({dtype}) for cuda:{index}")
-        cupy = cupy_module()
+        driver = _cupy_driver()  # first: without CuPy, the error says what to install
         backend = nvrtc_backend()
         arch = device_arch(index, backend)
         name = _binary_path(file, dtype, arch, backend)
         path = _stored_binary(name, lambda: compile_module(file, dtype, arch, backend).binary)
-        driver = cupy.cuda.driver
         with _context_current(index):
             # Loaded for the life of the process, like the device's context.
             handle = driver.moduleLoad(str(path))
