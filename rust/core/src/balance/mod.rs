@@ -297,8 +297,10 @@ fn non_finite_row_error<L: Element>(row: &[L], token: usize) -> CoreError {
 /// The z-loss in one pass over the logits: returns the sum over valid tokens of
 /// `z_t^2`, `z_t = logsumexp(logits[t])` (accumulated in f64, in token order), and writes
 /// its gradient direction `scale * 2 z_t softmax(logits[t])` into `grad` (zeros for masked
-/// tokens), so the backward is a single multiplication. A `-inf` logit counts as probability 0;
-/// NaN and `+inf` are errors.
+/// tokens), so the backward is a single multiplication. `exp` and `ln` are
+/// [`crate::Accumulator::loss_exp`] and `loss_ln`, in fused multiply-adds for `f32`: every
+/// SIMD level computes the same bits, and the GPU's z-loss agrees within float tolerance.
+/// A `-inf` logit counts as probability 0; NaN and `+inf` are errors.
 pub fn z_loss<L: Element>(
     logits: &[L],
     num_experts: usize,
@@ -397,10 +399,9 @@ fn z_loss_on<L: Element>(
                     *o = v.to_acc();
                 }
                 let m = lane_max(out);
-                out.iter_mut().for_each(|v| *v = *v - m);
-                L::Acc::exp_in_place(out);
+                out.iter_mut().for_each(|v| *v = (*v - m).loss_exp());
                 let sum = lane_sum(out);
-                let z = m + sum.ln();
+                let z = m + sum.loss_ln();
                 if !z.is_finite() {
                     return Err(non_finite_row_error(&logits[t * num_experts..(t + 1) * num_experts], t));
                 }

@@ -5,6 +5,7 @@
 //! inside `#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]` functions.
 
 use super::avx512::Source16;
+use crate::element::{fast_exp_f32, fma_exp_f32, EXP_POLY, LN2_HI, LN2_LO, LN_POLY, SQRT_HALF_BITS};
 use std::arch::x86_64::*;
 
 /// Runs `$body` with `$src` bound to the [`Source`] of `$storage`, so that each storage
@@ -146,16 +147,72 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
         let n = _mm256_sub_ps(t, magic);
         let exponent = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
         let r = _mm256_sub_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))),
-            _mm256_mul_ps(n, _mm256_set1_ps(-2.121_944_4e-4)),
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
+            _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
         );
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(*c));
         }
         let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0));
         let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(exponent, _mm256_set1_epi32(127)));
         _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+    }
+}
+
+/// [`crate::element::fma_exp_f32`] of eight lanes: the same operations in the same order,
+/// so the same bits.
+#[inline(always)]
+pub(crate) unsafe fn exp8_fma(x: __m256) -> __m256 {
+    const MAGIC: f32 = 12_582_912.0;
+    // SAFETY: register-only AVX2 and FMA operations.
+    unsafe {
+        // The bound first, as in `exp8`: a NaN stays NaN.
+        let x = _mm256_min_ps(_mm256_set1_ps(88.7), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
+        let magic = _mm256_set1_ps(MAGIC);
+        let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+        let n = _mm256_sub_ps(t, magic);
+        let exponent = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let one = _mm256_set1_ps(1.0);
+        let y = _mm256_fmadd_ps(r, _mm256_fmadd_ps(p, r, one), one);
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(exponent, _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+    }
+}
+
+/// [`crate::element::fma_ln_f32`] of eight lanes (the z-loss's logarithm of eight row sums
+/// at once): the same operations in the same order, so the same bits, and NaN where it
+/// gives NaN.
+#[inline(always)]
+pub(crate) unsafe fn ln8_fma(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2 and FMA operations.
+    unsafe {
+        // Ordered comparisons: NaN fails both.
+        let valid = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(f32::MIN_POSITIVE)),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(x, _mm256_set1_ps(f32::MAX)),
+        );
+        let sqrt_half = _mm256_set1_epi32(SQRT_HALF_BITS);
+        let offset = _mm256_sub_epi32(_mm256_castps_si256(x), sqrt_half);
+        let k = _mm256_cvtepi32_ps(_mm256_srai_epi32::<23>(offset));
+        let m = _mm256_add_epi32(_mm256_and_si256(offset, _mm256_set1_epi32(0x007f_ffff)), sqrt_half);
+        let f = _mm256_sub_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(1.0));
+        let mut p = _mm256_set1_ps(LN_POLY[0]);
+        for c in &LN_POLY[1..] {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*c));
+        }
+        let f2 = _mm256_mul_ps(f, f);
+        let y = _mm256_mul_ps(_mm256_mul_ps(f2, f), p);
+        let y = _mm256_fmadd_ps(k, _mm256_set1_ps(LN2_LO), y);
+        let y = _mm256_fmadd_ps(f2, _mm256_set1_ps(-0.5), y);
+        let ln = _mm256_fmadd_ps(k, _mm256_set1_ps(LN2_HI), _mm256_add_ps(f, y));
+        _mm256_blendv_ps(_mm256_set1_ps(f32::NAN), ln, valid)
     }
 }
 
@@ -235,14 +292,20 @@ pub(crate) unsafe fn row_max<S: Source, const CHECK_FINITE: bool>(
     }
 }
 
-/// The end of [`exp_shifted`]: `out[i] = fast_exp(row[i] - m)` for the tail past the whole
-/// blocks of eight, added into the lanes of `sums` (tail element j into lane j), then the
-/// lanes folded in order: the row's sum.
+/// The end of [`exp_shifted`]: `out[i] = fast_exp(row[i] - m)` (with `FMA`, `fma_exp`) for
+/// the tail past the whole blocks of eight, added into the lanes of `sums` (tail element j
+/// into lane j), then the lanes folded in order: the row's sum.
 ///
 /// # Safety
 /// As [`row_max`].
 #[inline(always)]
-pub(crate) unsafe fn tail_sum<S: Source>(src: S, start: usize, out: &mut [f32], m: f32, sums: __m256) -> f32 {
+pub(crate) unsafe fn tail_sum<S: Source, const FMA: bool>(
+    src: S,
+    start: usize,
+    out: &mut [f32],
+    m: f32,
+    sums: __m256,
+) -> f32 {
     const LANES: usize = 8;
     let (len, whole) = (out.len(), out.len() / LANES * LANES);
     let mut lanes = [0f32; LANES];
@@ -250,22 +313,24 @@ pub(crate) unsafe fn tail_sum<S: Source>(src: S, start: usize, out: &mut [f32], 
     unsafe {
         _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
         for (lane, i) in lanes.iter_mut().zip(whole..len) {
-            out[i] = crate::element::fast_exp_f32(src.load1(start + i) - m);
+            let x = src.load1(start + i) - m;
+            out[i] = if FMA { fma_exp_f32(x) } else { fast_exp_f32(x) };
             *lane += out[i];
         }
     }
     lanes.iter().copied().fold(0.0, |a, b| a + b)
 }
 
-/// `out = fast_exp(row - max(row))` for the row `src[start .. start + out.len()]`, with the
-/// sum of `out` in eight lanes (element i into lane i % 8, then the lanes in order). Returns
-/// `(max, sum)`, or, with `CHECK_FINITE`, `None` when the row holds NaN or an infinity
-/// (without it, NaN and `+inf` come out as a NaN sum and `-inf` as an `exp` of about 1e-38).
+/// `out = fast_exp(row - max(row))` (with `FMA`, `fma_exp`) for the row `src[start ..
+/// start + out.len()]`, with the sum of `out` in eight lanes (element i into lane i % 8, then
+/// the lanes in order). Returns `(max, sum)`, or, with `CHECK_FINITE`, `None` when the row
+/// holds NaN or an infinity (without it, NaN and `+inf` come out as a NaN sum and `-inf` as
+/// an `exp` of about 1e-38).
 ///
 /// # Safety
 /// The CPU features of [`super::avx2_enabled`] are available; the row lies inside `src`.
 #[inline(always)]
-pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
+pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool, const FMA: bool>(
     src: S,
     start: usize,
     out: &mut [f32],
@@ -279,11 +344,12 @@ pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool>(
         let shift = _mm256_set1_ps(m);
         let mut sums = _mm256_setzero_ps();
         for b in (0..whole).step_by(LANES) {
-            let e = exp8(_mm256_sub_ps(src.load8(start + b), shift));
+            let x = _mm256_sub_ps(src.load8(start + b), shift);
+            let e = if FMA { exp8_fma(x) } else { exp8(x) };
             sums = _mm256_add_ps(sums, e);
             _mm256_storeu_ps(out.as_mut_ptr().add(b), e);
         }
-        Some((m, tail_sum(src, start, out, m, sums)))
+        Some((m, tail_sum::<_, FMA>(src, start, out, m, sums)))
     }
 }
 
@@ -312,9 +378,9 @@ pub(crate) unsafe fn softmax_row_in<S: Source16, const WIDE: bool>(
     // SAFETY: forwarded from the caller; eight values at b + 8 <= whole, inside `out`.
     unsafe {
         let shifted = if WIDE {
-            super::avx512::exp_shifted::<_, true>(src, start, out)
+            super::avx512::exp_shifted::<_, true, false>(src, start, out)
         } else {
-            exp_shifted::<_, true>(src, start, out)
+            exp_shifted::<_, true, false>(src, start, out)
         };
         let Some((_, z)) = shifted else { return false };
         let whole = out.len() / 8 * 8;
@@ -333,7 +399,7 @@ pub(crate) unsafe fn softmax_row_in<S: Source16, const WIDE: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::element::fast_exp_f32;
+    use crate::element::fma_ln_f32;
 
     #[test]
     fn exp8_is_fast_exp_lane_by_lane() {
@@ -382,7 +448,7 @@ mod tests {
                 ]);
             }
             // SAFETY: AVX-512 is available (checked above).
-            unsafe { assert_fast_exp(|x| super::super::avx512::exp16(x), &lanes) };
+            unsafe { assert_lanes(|x| super::super::avx512::exp16(x), fast_exp_f32, &lanes) };
             x += 0.117;
         }
     }
@@ -399,20 +465,77 @@ mod tests {
                 lanes[..5].copy_from_slice(&[f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN]);
             }
             // SAFETY: AVX-512 is available (checked above).
-            unsafe { assert_fast_exp(|x| super::super::avx512::exp16_nonpositive(x), &lanes) };
+            unsafe { assert_lanes(|x| super::super::avx512::exp16_nonpositive(x), fast_exp_f32, &lanes) };
             x += 0.0117;
         }
     }
 
-    /// Asserts that `f` gives `fast_exp_f32`'s bits (or NaN for NaN) on sixteen lanes.
+    #[test]
+    fn exp16_fma_nonpositive_is_fma_exp_at_or_below_zero() {
+        if !crate::simd::avx512_enabled() {
+            return;
+        }
+        let mut x = -100.0f32;
+        while x <= 0.0 {
+            let mut lanes: [f32; 16] = std::array::from_fn(|i| (x + i as f32 * 0.013_7).min(0.0));
+            if x < -99.0 {
+                lanes[..5].copy_from_slice(&[f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN]);
+            }
+            // SAFETY: AVX-512 is available (checked above).
+            unsafe { assert_lanes(|x| super::super::avx512::exp16_fma_nonpositive(x), fma_exp_f32, &lanes) };
+            x += 0.0117;
+        }
+    }
+
+    #[test]
+    fn exp8_fma_and_ln8_fma_are_their_scalar_forms_lane_by_lane() {
+        if !super::super::avx2_enabled() {
+            return;
+        }
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN, 1e30, -1e30];
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
+            // SAFETY: AVX2 and FMA are available (checked above).
+            unsafe { assert_lanes8(|x| exp8_fma(x), fma_exp_f32, &lanes) };
+            x += 0.117;
+        }
+        // SAFETY: as above.
+        unsafe { assert_lanes8(|x| exp8_fma(x), fma_exp_f32, &specials) };
+        // Logarithms: row sums (1 to a few thousand) and the whole positive range.
+        let mut x = 1e-37f32;
+        while x < 3e38 {
+            let lanes: [f32; 8] = std::array::from_fn(|i| x * (1.0 + i as f32 * 0.031));
+            // SAFETY: as above.
+            unsafe { assert_lanes8(|x| ln8_fma(x), fma_ln_f32, &lanes) };
+            x *= 1.001_3;
+        }
+        let invalid = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -1.0, 1e-40, f32::MIN_POSITIVE];
+        // SAFETY: as above.
+        unsafe { assert_lanes8(|x| ln8_fma(x), fma_ln_f32, &invalid) };
+    }
+
+    /// Asserts that `f` gives `scalar`'s bits (NaN where it gives NaN) on eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn assert_lanes8(f: impl Fn(__m256) -> __m256, scalar: fn(f32) -> f32, lanes: &[f32; 8]) {
+        let mut out = [0f32; 8];
+        // SAFETY: eight values each; the caller checked the CPU features.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), f(_mm256_loadu_ps(lanes.as_ptr()))) };
+        for (o, &l) in out.iter().zip(lanes) {
+            let expected = scalar(l);
+            assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "f({l})");
+        }
+    }
+
+    /// Asserts that `f` gives `scalar`'s bits (NaN where it gives NaN) on sixteen lanes.
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-    unsafe fn assert_fast_exp(f: impl Fn(__m512) -> __m512, lanes: &[f32; 16]) {
+    unsafe fn assert_lanes(f: impl Fn(__m512) -> __m512, scalar: fn(f32) -> f32, lanes: &[f32; 16]) {
         let mut out = [0f32; 16];
         // SAFETY: sixteen values each; the caller checked the CPU features.
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), f(_mm512_loadu_ps(lanes.as_ptr()))) };
         for (o, &l) in out.iter().zip(lanes) {
-            let expected = fast_exp_f32(l);
-            assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
+            let expected = scalar(l);
+            assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "f({l})");
         }
     }
 }

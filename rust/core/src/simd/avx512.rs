@@ -6,6 +6,7 @@
 //! functions that also enable the AVX2 set.
 
 use super::avx2::{Bf16Rows, F16Rows, F32Rows, Source};
+use crate::element::{EXP_POLY, LN2_HI, LN2_LO};
 use std::arch::x86_64::*;
 
 /// Logits of one storage type, read as sixteen f32 lanes.
@@ -113,6 +114,40 @@ pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
     }
 }
 
+/// [`crate::element::fma_exp_f32`] of sixteen lanes at or below zero (or NaN), with the
+/// shortcuts of [`exp16_nonpositive`]: the same bits as `fma_exp_f32` on that range.
+#[inline(always)]
+pub(crate) unsafe fn exp16_fma_nonpositive(x: __m512) -> __m512 {
+    // SAFETY: register-only AVX-512 operations (caller: the features are available).
+    unsafe {
+        let x = _mm512_max_ps(_mm512_set1_ps(-87.3), x);
+        let magic = _mm512_set1_ps(EXP_MAGIC);
+        let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+        let n = _mm512_sub_ps(t, magic);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
+        let one = _mm512_set1_ps(1.0);
+        _mm512_scalef_ps(_mm512_fmadd_ps(r, _mm512_fmadd_ps(p, r, one), one), n)
+    }
+}
+
+/// [`exp16_nonpositive`], or with `FMA` [`exp16_fma_nonpositive`].
+#[inline(always)]
+unsafe fn exp16_shifted<const FMA: bool>(x: __m512) -> __m512 {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if FMA {
+            exp16_fma_nonpositive(x)
+        } else {
+            exp16_nonpositive(x)
+        }
+    }
+}
+
 /// `out = fast_exp(x)` for every value, sixteen at a time (the same bits), and whether
 /// every value is at most 88 and above `-inf` (NaN is not): Sinkhorn's cost pass.
 ///
@@ -154,12 +189,12 @@ unsafe fn exp16_parts(x: __m512) -> (__m512, __m512, __m512) {
         let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
         let n = _mm512_sub_ps(t, magic);
         let r = _mm512_sub_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
-            _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)),
+            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
+            _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
         );
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(*c));
         }
         let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
         (t, n, y)
@@ -167,13 +202,13 @@ unsafe fn exp16_parts(x: __m512) -> (__m512, __m512, __m512) {
 }
 
 /// [`super::avx2::exp_shifted`] with the exponentials sixteen at a time: the same maximum,
-/// the same `fast_exp` bits, and the same eight-lane sums (each half of a sixteen-lane
+/// the same `fast_exp` (with `FMA`, `fma_exp`) bits, and the same eight-lane sums (each half of a sixteen-lane
 /// block added in order), so the same results.
 ///
 /// # Safety
 /// The CPU features of [`super::avx512_enabled`] are available; the row lies inside `src`.
 #[inline(always)]
-pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
+pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool, const FMA: bool>(
     src: S,
     start: usize,
     out: &mut [f32],
@@ -188,17 +223,18 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
         let mut sums = _mm256_setzero_ps();
         for b in (0..pairs).step_by(16) {
             // At or below zero: the maximum was subtracted.
-            let e = exp16_nonpositive(_mm512_sub_ps(src.load16(start + b), shift));
+            let e = exp16_shifted::<FMA>(_mm512_sub_ps(src.load16(start + b), shift));
             sums = _mm256_add_ps(sums, _mm512_castps512_ps256(e));
             sums = _mm256_add_ps(sums, _mm512_extractf32x8_ps::<1>(e));
             _mm512_storeu_ps(out.as_mut_ptr().add(b), e);
         }
         if pairs < whole {
-            let e = super::avx2::exp8(_mm256_sub_ps(src.load8(start + pairs), _mm256_set1_ps(m)));
+            let x = _mm256_sub_ps(src.load8(start + pairs), _mm256_set1_ps(m));
+            let e = if FMA { super::avx2::exp8_fma(x) } else { super::avx2::exp8(x) };
             sums = _mm256_add_ps(sums, e);
             _mm256_storeu_ps(out.as_mut_ptr().add(pairs), e);
         }
-        Some((m, super::avx2::tail_sum(src, start, out, m, sums)))
+        Some((m, super::avx2::tail_sum::<_, FMA>(src, start, out, m, sums)))
     }
 }
 
@@ -206,8 +242,8 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool>(
 pub(crate) const ROWS: usize = 8;
 
 /// [`exp_shifted`] of [`ROWS`] consecutive rows of `len` values from `start` (`out` holds
-/// the rows back to back), without its finiteness check: the same maximum, `fast_exp` bits
-/// and lane sums row by row, but the rows' chains of dependent operations (the maximum, the
+/// the rows back to back), without its finiteness check: the same maximum, `fast_exp` (with
+/// `FMA`, `fma_exp`) bits and lane sums row by row, but the rows' chains of dependent operations (the maximum, the
 /// lane sums and their fold) overlap instead of running one after another. A row's last
 /// `len % 16` values go through masked loads and stores; its masked-off lanes add `+0.0` to
 /// the lane sums, which changes no sum. Returns each row's `(max, sum)` and a mask of the
@@ -217,7 +253,7 @@ pub(crate) const ROWS: usize = 8;
 /// The CPU features of [`super::avx512_enabled`] are available; the rows lie inside `src`;
 /// `out.len() == ROWS * len` with `len > 0`.
 #[inline(always)]
-pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
+pub(crate) unsafe fn exp_shifted_rows<S: Source16, const FMA: bool>(
     src: S,
     start: usize,
     out: &mut [f32],
@@ -262,7 +298,7 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
         for b in (0..whole).step_by(16) {
             for (r, (sum, &shift)) in sums.iter_mut().zip(&shifts).enumerate() {
                 // At or below zero: the maximum was subtracted.
-                let e = exp16_nonpositive(_mm512_sub_ps(src.load16(start + r * len + b), shift));
+                let e = exp16_shifted::<FMA>(_mm512_sub_ps(src.load16(start + r * len + b), shift));
                 *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
                 *sum = _mm256_add_ps(*sum, _mm512_extractf32x8_ps::<1>(e));
                 _mm512_storeu_ps(out.as_mut_ptr().add(r * len + b), e);
@@ -272,7 +308,7 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16>(
             for (r, (sum, &shift)) in sums.iter_mut().zip(&shifts).enumerate() {
                 // The masked-off lanes load the shift itself: e^0, then zeroed.
                 let x = src.load16_masked(start + r * len + whole, tail, shift);
-                let e = _mm512_maskz_mov_ps(tail, exp16_nonpositive(_mm512_sub_ps(x, shift)));
+                let e = _mm512_maskz_mov_ps(tail, exp16_shifted::<FMA>(_mm512_sub_ps(x, shift)));
                 *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
                 *sum = _mm256_add_ps(*sum, _mm512_extractf32x8_ps::<1>(e));
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(r * len + whole), tail, e);
@@ -312,13 +348,16 @@ pub(crate) unsafe fn scale_rows<const DIVIDE: bool>(out: &mut [f32], by: &[f32; 
         for (r, &value) in by.iter().enumerate() {
             let by = _mm512_set1_ps(value);
             let row = out.as_mut_ptr().add(r * len);
-            // The last block's masked-off lanes load zeros and are not stored.
-            let blocks =
-                (0..whole).step_by(16).map(|b| (b, 0xffff)).chain((tail != 0).then_some((whole, tail)));
-            for (b, lanes) in blocks {
-                let v = _mm512_maskz_loadu_ps(lanes, row.add(b));
+            for b in (0..whole).step_by(16) {
+                let v = _mm512_loadu_ps(row.add(b));
                 let v = if DIVIDE { _mm512_div_ps(v, by) } else { _mm512_mul_ps(v, by) };
-                _mm512_mask_storeu_ps(row.add(b), lanes, v);
+                _mm512_storeu_ps(row.add(b), v);
+            }
+            if tail != 0 {
+                // The masked-off lanes load zeros and are not stored.
+                let v = _mm512_maskz_loadu_ps(tail, row.add(whole));
+                let v = if DIVIDE { _mm512_div_ps(v, by) } else { _mm512_mul_ps(v, by) };
+                _mm512_mask_storeu_ps(row.add(whole), tail, v);
             }
         }
     }
@@ -335,7 +374,7 @@ pub(crate) unsafe fn softmax_rows(rows: crate::element::Storage<'_>, start: usiz
     // SAFETY: forwarded from the caller.
     unsafe {
         let (_, sums, not_finite) =
-            super::avx2::with_source!(rows, |src| exp_shifted_rows(src, start, &mut *out));
+            super::avx2::with_source!(rows, |src| exp_shifted_rows::<_, false>(src, start, &mut *out));
         scale_rows::<true>(out, &sums);
         not_finite
     }
