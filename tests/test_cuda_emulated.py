@@ -577,11 +577,22 @@ def test_z_loss_matches_the_cpu_kernel(gpu, dtype, num_tokens, num_experts, mask
     if num_experts > 1:
         logits[0, 0] = float("-inf")  # probability 0, not an error
     mask = (torch.arange(num_tokens) % 4 != 2).to(torch.uint8) if masked else None
-    loss, direction = _cuda_ops.z_loss_cuda(logits, mask)
-    cpu_loss, cpu_direction = ops.z_loss(logits, mask)
+    if masked and num_tokens > 2:
+        logits[2] = float("nan")  # a masked token's logits are never read
+    loss, stats = _cuda_ops.z_loss_cuda(logits, mask)
+    cpu_loss, cpu_stats = ops.z_loss(logits, mask)
     assert loss.dtype == cpu_loss.dtype and loss.shape == cpu_loss.shape == ()
+    assert stats.dtype == cpu_stats.dtype and stats.shape == cpu_stats.shape == (num_tokens, 2)
     torch.testing.assert_close(loss, cpu_loss, **balance_tolerance(dtype))
-    torch.testing.assert_close(direction, cpu_direction, **balance_tolerance(dtype))
+    assert torch.equal(stats[:, 0], cpu_stats[:, 0])  # the row maxima are exact
+    torch.testing.assert_close(stats[:, 1], cpu_stats[:, 1], **balance_tolerance(dtype))
+    grad = torch.tensor(-0.75, dtype=loss.dtype)
+    grad_logits = _cuda_ops.z_loss_backward_cuda(logits, stats, grad)
+    cpu_grad_logits = ops.z_loss_backward(logits, cpu_stats, grad)
+    assert grad_logits.dtype == cpu_grad_logits.dtype == dtype
+    torch.testing.assert_close(grad_logits.float(), cpu_grad_logits.float(), **balance_tolerance(dtype))
+    if masked:
+        assert not grad_logits[mask == 0].any()
     assert not gpu.errors.any()
 
 
@@ -589,9 +600,11 @@ def test_non_finite_logits_are_counted_by_the_balance_kernels(gpu):
     logits = torch.randn(4, 3)
     logits[1, 2] = float("nan")
     logits[2, 0] = float("inf")
-    _, direction = _cuda_ops.z_loss_cuda(logits, None)
-    assert not direction[1].any() and not direction[2].any()
+    _, stats = _cuda_ops.z_loss_cuda(logits, None)
+    assert not stats[1].any() and not stats[2].any()
     assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
+    grad_logits = _cuda_ops.z_loss_backward_cuda(logits, stats, torch.tensor(1.0))
+    assert not grad_logits[1:3].any() and grad_logits[[0, 3]].all()
     gpu.errors.zero_()
     sums = _cuda_ops.score_sums_cuda(logits, "softmax", 4, None)
     torch.testing.assert_close(sums, ops.score_sums(logits[[0, 3]], "softmax", 4, None))
@@ -599,8 +612,8 @@ def test_non_finite_logits_are_counted_by_the_balance_kernels(gpu):
 
 
 def test_empty_masks_give_a_zero_z_loss(gpu):
-    loss, direction = _cuda_ops.z_loss_cuda(torch.randn(3, 4), torch.zeros(3, dtype=torch.uint8))
-    assert loss.item() == 0.0 and not direction.any()
+    loss, stats = _cuda_ops.z_loss_cuda(torch.randn(3, 4), torch.zeros(3, dtype=torch.uint8))
+    assert loss.item() == 0.0 and not stats.any()
 
 
 # --- layer routing ------------------------------------------------------------------------------

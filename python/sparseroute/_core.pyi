@@ -36,7 +36,6 @@ __all__ = [
     "rebalance_placement",
     "replay_batching",
     "replica_map",
-    "scale_into",
     "scatter_tokens",
     "score_sums",
     "score_sums_backward",
@@ -52,6 +51,7 @@ __all__ = [
     "topk_gating_backward",
     "topp_gating",
     "z_loss",
+    "z_loss_backward",
 ]
 
 __version__: str
@@ -204,12 +204,13 @@ def z_loss(
     logits: npt.NDArray[np.generic],
     mask: npt.NDArray[np.uint8] | None,
     scale: float,
-    grad: npt.NDArray[np.floating],
+    stats: npt.NDArray[np.floating],
     threads: int,
 ) -> float: ...
-def scale_into(
-    src: npt.NDArray[np.floating],
-    factor: float,
+def z_loss_backward(
+    logits: npt.NDArray[np.generic],
+    stats: npt.NDArray[np.floating],
+    grad: float,
     out: npt.NDArray[np.generic],
     threads: int,
 ) -> None: ...

@@ -33,6 +33,7 @@ from sparseroute import _cuda
 from sparseroute._core import InvalidInputError
 from sparseroute._cuda import pointer
 from sparseroute.ops import _eager
+from sparseroute.ops.balance import Z_LOSS_STATS
 from sparseroute.placement import REPLICA_POLICIES
 
 #: Ops whose one implementation serves both devices: torch code (per-expert cuBLAS matmuls,
@@ -1131,9 +1132,9 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     device = logits.device
     acc = _accumulator(dtype)
     loss = torch.zeros((), dtype=acc, device=device)
-    direction = torch.empty(num_tokens, num_experts, dtype=acc, device=device)
+    stats = torch.empty(num_tokens, Z_LOSS_STATS, dtype=acc, device=device)
     if num_tokens == 0:
-        return loss, direction
+        return loss, stats
     logits = logits.contiguous()
     mask = _token_mask(mask, num_tokens, device)
     count = torch.empty(1, dtype=torch.float64, device=device)
@@ -1160,7 +1161,7 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
                 num_experts,
                 pointer(mask),
                 pointer(scale),
-                pointer(direction),
+                pointer(stats),
                 pointer(squares),
                 pointer(launch.errors),
             ),
@@ -1173,7 +1174,7 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
             1024,
             (pointer(squares), num_tokens, pointer(count), pointer(loss)),
         )
-    return loss, direction
+    return loss, stats
 
 
 # --- routing variants: top-p, expert choice -------------------------------------------------------
@@ -1406,9 +1407,32 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
     return out
 
 
-def z_loss_backward_cuda(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
-    """``direction * grad`` in ``dtype``: one elementwise product, left to torch."""
-    return (direction * grad).to(dtype)
+def z_loss_backward_cuda(logits: Tensor, stats: Tensor, grad: Tensor) -> Tensor:
+    dtype, num_tokens, num_experts = _balance_logits(logits, None)
+    device = logits.device
+    acc = _accumulator(dtype)
+    _on_device(stats, "stats", device, "logits")
+    _on_device(grad, "grad", device, "logits")
+    if tuple(stats.shape) != (num_tokens, Z_LOSS_STATS) or stats.dtype != acc:
+        expected = f"{acc} [T, {Z_LOSS_STATS}] = {[num_tokens, Z_LOSS_STATS]}"
+        raise _invalid("stats", expected, f"{stats.dtype} {list(stats.shape)}")
+    grad_logits = torch.empty(num_tokens, num_experts, dtype=dtype, device=device)
+    if num_tokens == 0:
+        return grad_logits
+    logits = logits.contiguous()
+    stats = stats.contiguous()
+    # The upstream gradient stays on the device: no host sync.
+    grad = grad.to(acc).reshape(1)
+    with _cuda.launcher(device) as launch:
+        launch(
+            "balance.cu",
+            dtype,
+            "sr_z_loss_backward",
+            -(-num_tokens // 4),
+            128,
+            (pointer(logits), num_tokens, num_experts, pointer(stats), pointer(grad), pointer(grad_logits)),
+        )
+    return grad_logits
 
 
 # --- layer routing --------------------------------------------------------------------------------

@@ -68,11 +68,16 @@ def test_expert_counts_are_exact(num_tokens, k, num_experts, group_size):
 def test_z_loss_matches_the_cpu_and_torch(dtype, masked):
     logits = logits_for(5000, 64, dtype, seed=3)
     mask = (torch.arange(5000) % 7 != 3).to(torch.uint8) if masked else None
-    loss, direction = ops.z_loss(logits.cuda(), None if mask is None else mask.cuda())
-    cpu_loss, cpu_direction = ops.z_loss(logits, mask)
+    loss, stats = ops.z_loss(logits.cuda(), None if mask is None else mask.cuda())
+    cpu_loss, cpu_stats = ops.z_loss(logits, mask)
     tol = tolerance(torch.float32 if dtype != torch.float64 else dtype)
     torch.testing.assert_close(loss.cpu(), cpu_loss, **tol)
-    torch.testing.assert_close(direction.cpu(), cpu_direction, **tol)
+    assert torch.equal(stats.cpu()[:, 0], cpu_stats[:, 0])  # the row maxima are exact
+    torch.testing.assert_close(stats.cpu(), cpu_stats, **tol)
+    grad = torch.tensor(1.5, dtype=loss.dtype)
+    grad_logits = ops.z_loss_backward(logits.cuda(), stats, grad.cuda())
+    cpu_grad_logits = ops.z_loss_backward(logits, cpu_stats, grad)
+    torch.testing.assert_close(grad_logits.cpu().float(), cpu_grad_logits.float(), **tol)
     rows = logits.double() if mask is None else logits.double()[mask.bool()]
     torch.testing.assert_close(
         loss.cpu().double(), torch.logsumexp(rows, dim=1).square().mean(), rtol=1e-5, atol=1e-5
@@ -90,8 +95,8 @@ def test_layer_plan_is_exact(dtype):
 def test_invalid_input_is_counted():
     logits = torch.randn(4, 8, device="cuda")
     logits[2, 1] = float("nan")
-    _, direction = ops.z_loss(logits, None)
-    assert not direction[2].any()
+    _, stats = ops.z_loss(logits, None)
+    assert not stats[2].any()
     with pytest.raises(InvalidInputError, match="NaN"):
         sparseroute.check_cuda_errors()
     counts = ops.expert_counts(torch.tensor([[0, 9]], device="cuda"), 4, 1, None)

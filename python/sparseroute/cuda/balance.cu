@@ -20,8 +20,12 @@
 //                          non-finite (counted) rows.
 //   sr_z_loss_count        one block of 1024 threads: the unmasked tokens, n, and 1 / n.
 //   sr_z_loss_rows         one warp per token: z = logsumexp(row), z^2 (float64) and the
-//                          gradient direction 2 * (1 / n) * z / sum * exp(l - max); zeros for
-//                          masked rows and for rows whose z is not finite (counted).
+//                          row's stats for the backward: its max and the gradient factor
+//                          2 * (1 / n) * z / sum; (0, 0) for masked rows and for rows whose z
+//                          is not finite (counted).
+//   sr_z_loss_backward     one warp per token: the gradient exp(l - max) * factor * grad,
+//                          recomputed from the logits and the stats; zeros for rows whose
+//                          factor is 0 (their logits are not read).
 //   sr_z_loss_total        one block of 1024 threads: the squares summed (strided, then a
 //                          fixed-order tree), divided by n (0 without unmasked tokens).
 
@@ -215,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 
 extern "C" __global__ void __launch_bounds__(128)
     sr_z_loss_rows(const elem_t* logits, i64 num_tokens, int num_experts,
-                   const unsigned char* mask, const acc_t* scale, acc_t* direction,
+                   const unsigned char* mask, const acc_t* scale, acc_t* stats,
                    double* squares, int* errors) {
   const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (t >= num_tokens) {
@@ -223,7 +227,6 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   const int lane = static_cast<int>(threadIdx.x & 31);
   const elem_t* row = logits + t * num_experts;
-  acc_t* out = direction + t * num_experts;
   bool valid = token_counts(mask, t);
   acc_t m = neg_infinity<acc_t>();
   acc_t sum = acc_t(0);
@@ -246,22 +249,37 @@ extern "C" __global__ void __launch_bounds__(128)
       valid = false;
     }
   }
-  if (!valid) {
-    for (int e = lane; e < num_experts; e += 32) {
-      out[e] = acc_t(0);
-    }
-    if (lane == 0) {
-      squares[t] = 0.0;
-    }
+  if (lane != 0) {
     return;
   }
-  const acc_t factor = div_rn(mul_rn(mul_rn(acc_t(2), scale[0]), z), sum);
-  for (int e = lane; e < num_experts; e += 32) {
-    out[e] = mul_rn(exp_acc(sub_rn(to_acc(row[e]), m)), factor);
+  if (!valid) {
+    stats[2 * t] = acc_t(0);
+    stats[2 * t + 1] = acc_t(0);
+    squares[t] = 0.0;
+    return;
   }
-  if (lane == 0) {
-    const double zd = static_cast<double>(z);
-    squares[t] = mul_rn(zd, zd);
+  stats[2 * t] = m;
+  stats[2 * t + 1] = div_rn(mul_rn(mul_rn(acc_t(2), scale[0]), z), sum);
+  const double zd = static_cast<double>(z);
+  squares[t] = mul_rn(zd, zd);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sr_z_loss_backward(const elem_t* logits, i64 num_tokens, int num_experts, const acc_t* stats,
+                       const acc_t* grad, elem_t* grad_logits) {
+  const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (t >= num_tokens) {
+    return;
+  }
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const elem_t* row = logits + t * num_experts;
+  elem_t* out = grad_logits + t * num_experts;
+  const acc_t m = stats[2 * t];
+  const acc_t factor = stats[2 * t + 1];
+  const acc_t g = grad[0];
+  for (int e = lane; e < num_experts; e += 32) {
+    out[e] = from_acc(factor == acc_t(0) ? acc_t(0)
+                                         : mul_rn(mul_rn(exp_acc(sub_rn(to_acc(row[e]), m)), factor), g));
   }
 }
 

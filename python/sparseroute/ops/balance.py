@@ -120,60 +120,67 @@ def _(experts: Tensor, num_experts: int, group_size: int, mask: Tensor | None) -
 
 # --- sparseroute::z_loss -------------------------------------------------------------------
 
+#: Numbers the z-loss keeps per token for its backward: the row's maximum and the gradient
+#: factor (rust/core/src/balance/mod.rs, Z_LOSS_STATS; the CUDA kernels write the same).
+Z_LOSS_STATS = 2
+
 
 @_eager.custom_op("z_loss", device_types="cpu")
 def _z_loss_op(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(loss, grad_direction)``: the mean over unmasked tokens of ``logsumexp(l_t)^2`` (0
-    without such tokens) and its gradient ``2 z_t softmax(l_t) / n``, both from one pass
-    over the logits, so that the backward is a single multiplication."""
+    """``(loss, stats)``: the mean over unmasked tokens of ``logsumexp(l_t)^2`` (0 without such
+    tokens), and per token ``stats [T, 2]``: the row's maximum ``m_t`` and the gradient factor
+    ``2 z_t / (n sum_t)``, from which the backward recomputes ``2 z_t softmax(l_t) / n`` (rows
+    whose factor is 0 get a zero gradient: masked tokens). Two numbers per token are all the
+    z-loss keeps for the backward, besides the logits themselves."""
     acc = accumulator_dtype(logits.dtype)
     count = logits.shape[0] if mask is None else int(mask.count_nonzero())
-    direction = _memory.empty(tuple(logits.shape), acc)
+    stats = torch.empty(logits.shape[0], Z_LOSS_STATS, dtype=acc)
     # The 1/n is applied inside the kernel: a torch op right after a pooled Rust kernel
     # competes with the pool's still-spinning threads for the cores.
     total = _core.z_loss(
         numpy_view(logits.contiguous()),
         _mask_view(mask),
         1.0 / count if count else 0.0,
-        numpy_view(direction),
+        numpy_view(stats),
         get_num_threads(),
     )
-    return torch.tensor(total / count if count else 0.0, dtype=acc), direction
+    return torch.tensor(total / count if count else 0.0, dtype=acc), stats
 
 
 @_z_loss_op.register_fake
 def _(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     acc = accumulator_dtype(logits.dtype)
-    return logits.new_empty((), dtype=acc), logits.new_empty(logits.shape, dtype=acc)
+    return logits.new_empty((), dtype=acc), logits.new_empty((logits.shape[0], Z_LOSS_STATS), dtype=acc)
 
 
 def _z_loss_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-    ctx.save_for_backward(output[1])
-    ctx.logits_dtype = inputs[0].dtype
-    # The direction output is internal: without this, autograd would materialise a [T, E]
-    # tensor of zeros as its gradient on every backward (as long as the gradient itself).
+    ctx.save_for_backward(inputs[0], output[1])
+    # The stats output is internal: no gradient flows into it.
     ctx.set_materialize_grads(False)
 
 
 @_eager.custom_op("z_loss_backward", device_types="cpu")
-def _z_loss_backward_op(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
-    """``direction * grad`` in ``dtype``, written by the Rust core into a reused buffer: a
-    fresh ``[T, E]`` output costs more in page faults than the multiplication itself."""
-    out = _memory.empty(tuple(direction.shape), dtype)
-    _core.scale_into(numpy_view(direction), float(grad), numpy_view(out), get_num_threads())
+def _z_loss_backward_op(logits: Tensor, stats: Tensor, grad: Tensor) -> Tensor:
+    """``grad * d z_loss / d logits`` in the logits' dtype, recomputed from the logits and the
+    forward's ``stats`` (the forward's ``exp``, so the same bits as a saved gradient would
+    have), written by the Rust core into a reused buffer."""
+    out = _memory.empty(tuple(logits.shape), logits.dtype)
+    _core.z_loss_backward(
+        numpy_view(logits.contiguous()), numpy_view(stats), float(grad), numpy_view(out), get_num_threads()
+    )
     return out
 
 
 @_z_loss_backward_op.register_fake
-def _(direction: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
-    return direction.new_empty(direction.shape, dtype=dtype)
+def _(logits: Tensor, stats: Tensor, grad: Tensor) -> Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _z_loss_backward(ctx: Any, grad: Tensor | None, _grad_direction: Tensor | None) -> tuple[Any, ...]:
-    if grad is None:  # only the (internal) direction output reached the loss
+def _z_loss_backward(ctx: Any, grad: Tensor | None, _grad_stats: Tensor | None) -> tuple[Any, ...]:
+    if grad is None:  # only the (internal) stats output reached the loss
         return None, None
-    (direction,) = ctx.saved_tensors
-    return _eager.call("z_loss_backward", direction, grad, ctx.logits_dtype), None
+    logits, stats = ctx.saved_tensors
+    return _eager.call("z_loss_backward", logits, stats, grad), None
 
 
 _eager.register_autograd(_z_loss_op, _z_loss_backward, setup_context=_z_loss_setup_context)

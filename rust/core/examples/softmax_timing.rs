@@ -1,10 +1,10 @@
-//! Single-thread timing of the kernels whose cost is a softmax over each row (z-loss, top-p,
-//! expert choice), for work on the exponential row kernels:
+//! Single-thread timing of the kernels whose cost is a softmax over each row (z-loss forward
+//! and backward, top-p, expert choice), for work on the exponential row kernels:
 //! `cargo run --release -p sparseroute-core --example softmax_timing [E] [z-loss|top-p|expert-choice]`
 //! (all three without the second argument; one of them, for a profiler). Compare SIMD
 //! levels in one run with `SPARSEROUTE_SIMD=avx2` (or `=baseline`) on a second run.
 
-use sparseroute_core::balance::{z_loss, Groups};
+use sparseroute_core::balance::{z_loss, z_loss_backward, Groups, Z_LOSS_STATS};
 use sparseroute_core::gating::{expert_choice, topp_gating, TopPConfig};
 use std::time::Instant;
 
@@ -30,10 +30,14 @@ fn main() {
     let runs = |op: &str| only.as_deref().is_none_or(|o| o == op);
     assert!(only.as_deref().is_none_or(|o| ["z-loss", "top-p", "expert-choice"].contains(&o)), "{usage}");
     let x = logits(tokens * e);
-    let mut direction = vec![0f32; tokens * e];
+    let mut stats = vec![0f32; tokens * Z_LOSS_STATS];
     let groups = Groups { num_tokens: tokens, group_size: tokens, mask: None };
     let z = best_us(if runs("z-loss") { 50 } else { 0 }, || {
-        z_loss(&x, e, groups, 1.0 / tokens as f32, &mut direction).unwrap();
+        z_loss(&x, e, groups, 1.0 / tokens as f32, &mut stats).unwrap();
+    });
+    let mut grad = vec![0f32; tokens * e];
+    let z_backward = best_us(if runs("z-loss") { 50 } else { 0 }, || {
+        z_loss_backward(&x, e, &stats, 0.5, &mut grad).unwrap();
     });
     let cfg = TopPConfig { num_experts: e, p: 0.6, min_k: 1, max_k: e, inclusive: true, normalize: false };
     let (mut w, mut ids) = (vec![0f32; tokens * e], vec![0i64; tokens * e]);
@@ -46,7 +50,12 @@ fn main() {
     let choice = best_us(if runs("expert-choice") { 20 } else { 0 }, || {
         expert_choice(&x, tokens, e, capacity, &mut indices, &mut gates, &mut scores).unwrap()
     });
-    let shown = [("z-loss", z), ("top-p (p=0.6)", topp), (&format!("expert choice (C={capacity})"), choice)];
+    let shown = [
+        ("z-loss", z),
+        ("z-loss backward", z_backward),
+        ("top-p (p=0.6)", topp),
+        (&format!("expert choice (C={capacity})"), choice),
+    ];
     let timings: Vec<String> = shown
         .iter()
         .filter(|(_, us)| us.is_finite())

@@ -299,6 +299,12 @@ pub trait Element: Copy + Send + Sync + Default + 'static {
         let _ = values;
         None
     }
+    /// The slice itself when `Self` is `f32`, so that f32 SIMD kernels can write it
+    /// directly; `None` for the other types.
+    fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = values;
+        None
+    }
 }
 
 impl Element for f64 {
@@ -327,6 +333,9 @@ impl Element for f32 {
     }
     fn storage(values: &[f32]) -> Option<Storage<'_>> {
         Some(Storage::F32(values))
+    }
+    fn as_f32_mut(values: &mut [f32]) -> Option<&mut [f32]> {
+        Some(values)
     }
 }
 

@@ -103,16 +103,17 @@ pub fn expert_counts(
     run_kernel(py, threads, 0, || balance::expert_counts(experts, k, num_experts, groups, out))
 }
 
-/// The z-loss sum over valid tokens of `logsumexp(logits[t])^2` (float64), writing its
-/// gradient direction `scale * 2 z_t softmax(logits[t])` into `grad` (accumulator dtype).
+/// The z-loss sum over valid tokens of `logsumexp(logits[t])^2` (float64), writing each
+/// token's (max, gradient factor) into `stats` (`[T, 2]`, accumulator dtype), from which
+/// `z_loss_backward` recomputes the gradient.
 #[pyfunction]
-#[pyo3(signature = (logits, mask, scale, grad, threads))]
+#[pyo3(signature = (logits, mask, scale, stats, threads))]
 pub fn z_loss(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
     mask: Option<&Bound<'_, PyAny>>,
     scale: f64,
-    grad: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
     threads: usize,
 ) -> PyResult<f64> {
     let holder;
@@ -122,32 +123,38 @@ pub fn z_loss(
         type W = <L as crate::arrays::Carried>::Word;
         let logits = readonly::<W>(logits, "logits")?;
         let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
-        let mut grad = readwrite::<A>(grad, "grad")?;
+        let mut stats = readwrite::<A>(stats, "stats")?;
         let logits = slice::<L>(&logits, "logits")?;
-        let grad = slice_mut::<A>(&mut grad, "grad")?;
+        let stats = slice_mut::<A>(&mut stats, "stats")?;
         let groups = Groups { num_tokens, group_size: num_tokens.max(1), mask };
         let scale = <A as sparseroute_core::Accumulator>::from_f64(scale);
-        run_kernel(py, threads, logits.len(), || balance::z_loss(logits, num_experts, groups, scale, grad))
+        run_kernel(py, threads, logits.len(), || balance::z_loss(logits, num_experts, groups, scale, stats))
     })
 }
 
-/// `out = src * factor` in `out`'s dtype, `src` in its accumulator type (the z-loss backward).
+/// The z-loss gradient `grad * (dz-loss / dlogits)` from the logits and the forward's
+/// `stats`, in the logits' dtype, into `out`.
 #[pyfunction]
-pub fn scale_into(
+#[pyo3(signature = (logits, stats, grad, out, threads))]
+pub fn z_loss_backward(
     py: Python<'_>,
-    src: &Bound<'_, PyAny>,
-    factor: f64,
+    logits: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
+    grad: f64,
     out: &Bound<'_, PyAny>,
     threads: usize,
 ) -> PyResult<()> {
-    with_float_type!(out, "out", L => {
+    with_float_type!(logits, "logits", L => {
         type A = <L as sparseroute_core::Element>::Acc;
         type W = <L as crate::arrays::Carried>::Word;
-        let src = readonly::<A>(src, "src")?;
-        let src = slice::<A>(&src, "src")?;
+        let logits = readonly::<W>(logits, "logits")?;
+        let [_, num_experts] = shape::<_, 2>(&logits, "logits")?;
+        let logits = slice::<L>(&logits, "logits")?;
+        let stats = readonly::<A>(stats, "stats")?;
+        let stats = slice::<A>(&stats, "stats")?;
         let mut out = readwrite::<W>(out, "out")?;
         let out = slice_mut::<L>(&mut out, "out")?;
-        run_kernel(py, threads, out.len(), || balance::scale_into(src, factor, out))
+        run_kernel(py, threads, out.len(), || balance::z_loss_backward(logits, num_experts, stats, grad, out))
     })
 }
 

@@ -43,7 +43,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(balance::score_sums_backward, m)?)?;
     m.add_function(wrap_pyfunction!(balance::expert_counts, m)?)?;
     m.add_function(wrap_pyfunction!(balance::z_loss, m)?)?;
-    m.add_function(wrap_pyfunction!(balance::scale_into, m)?)?;
+    m.add_function(wrap_pyfunction!(balance::z_loss_backward, m)?)?;
     m.add_function(wrap_pyfunction!(balance::sinkhorn, m)?)?;
     m.add_class::<batching::PyBatcher>()?;
     m.add_function(wrap_pyfunction!(batching::replay_batching, m)?)?;

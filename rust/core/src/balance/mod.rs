@@ -14,7 +14,7 @@ use crate::error::{check_len, CoreError, Result};
 use crate::gating::ScoreFunction;
 use crate::lanes::LANES;
 use crate::simd::multiversion;
-use crate::threads::{for_each_block, for_each_block2, for_each_pair, map_collect};
+use crate::threads::{for_each_block, for_each_block2_with, for_each_pair, map_collect};
 use num_traits::{Float, One, ToPrimitive, Zero};
 
 /// Tokens per reduction block.
@@ -294,22 +294,29 @@ fn non_finite_row_error<L: Element>(row: &[L], token: usize) -> CoreError {
     )
 }
 
-/// The z-loss in one pass over the logits: returns the sum over valid tokens of
-/// `z_t^2`, `z_t = logsumexp(logits[t])` (accumulated in f64, in token order), and writes
-/// its gradient direction `scale * 2 z_t softmax(logits[t])` into `grad` (zeros for masked
-/// tokens), so the backward is a single multiplication. `exp` and `ln` are
-/// [`crate::Accumulator::loss_exp`] and `loss_ln`, in fused multiply-adds for `f32`: every
-/// SIMD level computes the same bits, and the GPU's z-loss agrees within float tolerance.
-/// A `-inf` logit counts as probability 0; NaN and `+inf` are errors.
+/// Values the z-loss forward keeps per token for its backward: the row's maximum and the
+/// gradient factor `scale * 2 z / sum` (see [`z_loss`]).
+pub const Z_LOSS_STATS: usize = 2;
+
+/// The z-loss in one pass over the logits: returns the sum over valid tokens of `z_t^2`,
+/// `z_t = logsumexp(logits[t])` (accumulated in f64, in token order), and writes to
+/// `stats[t]` (`[T, Z_LOSS_STATS]`) the row's maximum `m_t` and the factor
+/// `f_t = scale * 2 z_t / sum_t`, `sum_t = sum_e exp(l_e - m_t)`, from which
+/// [`z_loss_backward`] recomputes the gradient `scale * 2 z_t softmax(logits[t])` (masked
+/// tokens: `(0, 0)`). Keeping two values per token instead of the `[T, E]` gradient is what
+/// lets the backward read the logits again rather than a saved float32 copy of the gradient.
+/// `exp` and `ln` are [`crate::Accumulator::loss_exp`] and `loss_ln`, in fused multiply-adds
+/// for `f32`: every SIMD level computes the same bits, and the GPU's z-loss agrees within
+/// float tolerance. A `-inf` logit counts as probability 0; NaN and `+inf` are errors.
 pub fn z_loss<L: Element>(
     logits: &[L],
     num_experts: usize,
     groups: Groups<'_>,
     scale: L::Acc,
-    grad: &mut [L::Acc],
+    stats: &mut [L::Acc],
 ) -> Result<f64> {
     let (avx2, avx512) = (crate::simd::avx2_enabled(), crate::simd::avx512_enabled());
-    z_loss_on(logits, avx2, avx512, num_experts, groups, scale, grad)
+    z_loss_on(logits, avx2, avx512, num_experts, groups, scale, stats)
 }
 
 /// [`z_loss`] with the choice of kernels given (`avx2`: where the storage allows; `avx512`:
@@ -322,11 +329,11 @@ fn z_loss_on<L: Element>(
     num_experts: usize,
     groups: Groups<'_>,
     scale: L::Acc,
-    grad: &mut [L::Acc],
+    stats: &mut [L::Acc],
 ) -> Result<f64> {
     groups.validate()?;
     check_logits(logits, num_experts, groups.num_tokens)?;
-    check_len("grad", grad, logits.len())?;
+    check_len("stats", stats, groups.num_tokens * Z_LOSS_STATS)?;
     let mut squares = vec![0.0f64; groups.num_tokens];
     #[cfg(target_arch = "x86_64")]
     let simd = L::storage(logits).filter(|_| avx2);
@@ -335,80 +342,98 @@ fn z_loss_on<L: Element>(
     let wide = avx2 && avx512 && num_experts >= 16;
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (avx2, avx512);
-    for_each_block2(
-        (grad, num_experts),
+    let row_of = |t: usize| &logits[t * num_experts..(t + 1) * num_experts];
+    // A valid row's z, its stats and its square, from its maximum, sum and log of the sum.
+    let finish =
+        |t: usize, (m, sum, ln): (L::Acc, L::Acc, L::Acc), stats: &mut [L::Acc], square: &mut f64| {
+            let z = m + ln;
+            if !z.is_finite() {
+                return Err(non_finite_row_error(row_of(t), t));
+            }
+            stats[0] = m;
+            stats[1] = (L::Acc::one() + L::Acc::one()) * scale * z / sum;
+            let z = z.to_f64().unwrap_or(f64::NAN);
+            *square = z * z;
+            Ok(())
+        };
+    for_each_block2_with(
+        (stats, Z_LOSS_STATS),
         (&mut squares, 1),
         TOKENS_PER_BLOCK,
-        |first, block, block_squares| {
+        // The rows' exponentials go to this scratch, not to memory: the backward recomputes them.
+        Vec::new,
+        |scratch: &mut Vec<L::Acc>, first, block, block_squares| {
+            let tokens = block_squares.len();
+            // Whole groups of unmasked rows go through the multi-row kernel where it applies;
+            // the others row by row.
             #[cfg(target_arch = "x86_64")]
-            if let (Some(rows), Some(block)) = (simd, L::Acc::as_f32_mut(&mut *block)) {
-                let scale = scale.to_f32().unwrap_or(f32::NAN);
-                let finish = |t: usize, z: f32, square: &mut f64| {
-                    if !z.is_finite() {
-                        return Err(non_finite_row_error(&logits[t * num_experts..(t + 1) * num_experts], t));
-                    }
-                    *square = f64::from(z) * f64::from(z);
-                    Ok(())
+            let group = if wide { crate::simd::avx512::ROWS } else { 1 };
+            #[cfg(not(target_arch = "x86_64"))]
+            let group = 1;
+            scratch.resize(group * num_experts, L::Acc::zero());
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(rows), Some(scratch)) = (simd, L::Acc::as_f32_mut(scratch)) {
+                // (The accumulator is f32 here.)
+                let acc = |(m, sum, ln): (f32, f32, f32)| {
+                    let acc = |v: f32| L::Acc::from_f64(f64::from(v));
+                    (acc(m), acc(sum), acc(ln))
                 };
-                // Whole groups of unmasked rows go through the multi-row kernel where it
-                // applies; the others row by row.
-                let group = if wide { crate::simd::avx512::ROWS } else { 1 };
-                for (g, (outs, squares)) in
-                    block.chunks_mut(group * num_experts).zip(block_squares.chunks_mut(group)).enumerate()
-                {
-                    let t0 = first + g * group;
-                    if group > 1 && squares.len() == group && (t0..t0 + group).all(|t| groups.valid(t)) {
-                        let mut zs = [0f32; crate::simd::avx512::ROWS];
+                let mut r = 0;
+                while r < tokens {
+                    let t0 = first + r;
+                    if group > 1 && r + group <= tokens && (t0..t0 + group).all(|t| groups.valid(t)) {
                         // SAFETY: `avx512_enabled` checked the CPU features; the rows t0 .. t0 +
-                        // ROWS lie inside the logits (checked above) and `outs` holds them.
-                        unsafe { avx2::z_loss_rows_avx512(rows, t0 * num_experts, scale, outs, &mut zs) };
-                        for (r, (&z, square)) in zs.iter().zip(squares.iter_mut()).enumerate() {
-                            finish(t0 + r, z, square)?;
+                        // ROWS lie inside the logits (checked above); `scratch` holds them.
+                        let (maxima, sums, logs) =
+                            unsafe { avx2::z_loss_rows_avx512(rows, t0 * num_experts, scratch) };
+                        for i in 0..group {
+                            let out = &mut block[(r + i) * Z_LOSS_STATS..][..Z_LOSS_STATS];
+                            finish(
+                                t0 + i,
+                                acc((maxima[i], sums[i], logs[i])),
+                                out,
+                                &mut block_squares[r + i],
+                            )?;
                         }
+                        r += group;
                         continue;
                     }
-                    for (r, (out, square)) in outs.chunks_exact_mut(num_experts).zip(squares).enumerate() {
-                        let t = t0 + r;
-                        if !groups.valid(t) {
-                            out.fill(0.0);
-                            continue;
-                        }
-                        // SAFETY: `avx2_enabled` checked the CPU features; the row t * E .. (t + 1)
-                        // * E lies inside the logits (checked above) and `out` holds E values.
-                        let z = unsafe {
+                    let out = &mut block[r * Z_LOSS_STATS..][..Z_LOSS_STATS];
+                    if groups.valid(t0) {
+                        let row = &mut scratch[..num_experts];
+                        // SAFETY: `avx2_enabled` (and with `wide`, `avx512_enabled`) checked the
+                        // CPU features; the row lies inside the logits (checked above).
+                        let parts = unsafe {
                             if wide {
-                                avx2::z_loss_row_avx512(rows, t * num_experts, scale, out)
+                                avx2::z_loss_row_avx512(rows, t0 * num_experts, row)
                             } else {
-                                avx2::z_loss_row(rows, t * num_experts, scale, out)
+                                avx2::z_loss_row(rows, t0 * num_experts, row)
                             }
                         };
-                        finish(t, z, square)?;
+                        finish(t0, acc(parts), out, &mut block_squares[r])?;
+                    } else {
+                        out.fill(L::Acc::zero());
                     }
+                    r += 1;
                 }
                 return Ok(());
             }
+            let scratch = &mut scratch[..num_experts];
             for (i, (out, square)) in
-                block.chunks_exact_mut(num_experts).zip(block_squares.iter_mut()).enumerate()
+                block.chunks_exact_mut(Z_LOSS_STATS).zip(block_squares.iter_mut()).enumerate()
             {
                 let t = first + i;
                 if !groups.valid(t) {
                     out.fill(L::Acc::zero());
                     continue;
                 }
-                for (o, v) in out.iter_mut().zip(&logits[t * num_experts..(t + 1) * num_experts]) {
+                for (o, v) in scratch.iter_mut().zip(row_of(t)) {
                     *o = v.to_acc();
                 }
-                let m = lane_max(out);
-                out.iter_mut().for_each(|v| *v = (*v - m).loss_exp());
-                let sum = lane_sum(out);
-                let z = m + sum.loss_ln();
-                if !z.is_finite() {
-                    return Err(non_finite_row_error(&logits[t * num_experts..(t + 1) * num_experts], t));
-                }
-                let factor = (L::Acc::one() + L::Acc::one()) * scale * z / sum;
-                out.iter_mut().for_each(|v| *v = *v * factor);
-                let z = z.to_f64().unwrap_or(f64::NAN);
-                *square = z * z;
+                let m = lane_max(scratch);
+                scratch.iter_mut().for_each(|v| *v = (*v - m).loss_exp());
+                let sum = lane_sum(scratch);
+                finish(t, (m, sum, sum.loss_ln()), out, square)?;
             }
             Ok(())
         },
@@ -416,14 +441,82 @@ fn z_loss_on<L: Element>(
     Ok(squares.iter().sum())
 }
 
-/// `out = src * factor`, rounded to the output type: the z-loss gradient from its direction
-/// and the upstream gradient, written into a buffer the caller chose.
-pub fn scale_into<L: Element>(src: &[L::Acc], factor: f64, out: &mut [L]) -> Result<()> {
-    check_len("out", out, src.len())?;
-    let factor = L::Acc::from_f64(factor);
-    for_each_block(out, 1, 1 << 16, |first, block| {
-        for (o, &v) in block.iter_mut().zip(&src[first..]) {
-            *o = L::from_acc(v * factor);
+/// The z-loss gradient from the logits and the forward's `stats` ([`z_loss`]):
+/// `out[t, e] = (exp(l - m_t) * f_t) * grad`, rounded to the logits' type (the bits the
+/// forward's `exp` gives, and the product in that order). Rows whose factor is 0 get zeros
+/// without reading their logits: masked tokens (which may hold anything, NaN included), and
+/// rows whose z is exactly 0, whose gradient is 0.
+pub fn z_loss_backward<L: Element>(
+    logits: &[L],
+    num_experts: usize,
+    stats: &[L::Acc],
+    grad: f64,
+    out: &mut [L],
+) -> Result<()> {
+    let (avx2, avx512) = (crate::simd::avx2_enabled(), crate::simd::avx512_enabled());
+    z_loss_backward_on(logits, avx2, avx512, num_experts, stats, grad, out)
+}
+
+/// [`z_loss_backward`] with the choice of kernels given (as [`z_loss_on`]).
+fn z_loss_backward_on<L: Element>(
+    logits: &[L],
+    avx2: bool,
+    avx512: bool,
+    num_experts: usize,
+    stats: &[L::Acc],
+    grad: f64,
+    out: &mut [L],
+) -> Result<()> {
+    let num_tokens = logits.len().checked_div(num_experts).unwrap_or(0);
+    check_logits(logits, num_experts, num_tokens)?;
+    check_len("stats", stats, num_tokens * Z_LOSS_STATS)?;
+    check_len("out", out, logits.len())?;
+    let grad = L::Acc::from_f64(grad);
+    #[cfg(target_arch = "x86_64")]
+    let simd = L::storage(logits).filter(|_| avx2);
+    #[cfg(target_arch = "x86_64")]
+    let wide = avx2 && avx512 && num_experts >= 16;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (avx2, avx512);
+    for_each_block(out, num_experts, TOKENS_PER_BLOCK, |first, block| {
+        // One row's values before their rounding to the logits' type.
+        let mut row = vec![L::Acc::zero(); num_experts];
+        for (i, out) in block.chunks_exact_mut(num_experts).enumerate() {
+            let t = first + i;
+            let (m, factor) = (stats[t * Z_LOSS_STATS], stats[t * Z_LOSS_STATS + 1]);
+            if factor == L::Acc::zero() {
+                out.fill(L::from_acc(L::Acc::zero()));
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(rows), Some(scratch)) = (simd, L::Acc::as_f32_mut(&mut row)) {
+                let to_f32 = |v: L::Acc| v.to_f32().unwrap_or(f32::NAN);
+                let (m, factor, grad) = (to_f32(m), to_f32(factor), to_f32(grad));
+                // A float32 gradient is written in place; the others go through the scratch
+                // row and are rounded from it.
+                let direct = L::as_f32_mut(out);
+                let in_place = direct.is_some();
+                let target = direct.unwrap_or(scratch);
+                // SAFETY: `avx2_enabled` (with `wide`, `avx512_enabled`) checked the CPU
+                // features; the row lies inside the logits (checked above).
+                unsafe {
+                    if wide {
+                        avx2::z_loss_gradient_row_avx512(rows, t * num_experts, m, factor, grad, target)
+                    } else {
+                        avx2::z_loss_gradient_row(rows, t * num_experts, m, factor, grad, target)
+                    }
+                };
+                if !in_place {
+                    let scratch = L::Acc::as_f32(&row).expect("f32 accumulators");
+                    for (o, &v) in out.iter_mut().zip(scratch) {
+                        *o = L::from_acc(L::Acc::from_f64(f64::from(v)));
+                    }
+                }
+                continue;
+            }
+            for (o, v) in out.iter_mut().zip(&logits[t * num_experts..(t + 1) * num_experts]) {
+                *o = L::from_acc(((v.to_acc() - m).loss_exp() * factor) * grad);
+            }
         }
         Ok(())
     })
@@ -629,12 +722,24 @@ mod tests {
 
     #[test]
     fn z_loss_of_uniform_logits() {
-        let mut grad = vec![0.0f64; 8];
-        let sum = z_loss(&[0.0f64; 8], 4, all(2, 2), 1.0, &mut grad).unwrap();
+        let mut stats = vec![0.0f64; 2 * Z_LOSS_STATS];
+        let sum = z_loss(&[0.0f64; 8], 4, all(2, 2), 1.0, &mut stats).unwrap();
         let z = 4.0f64.ln();
         assert!((sum - 2.0 * z * z).abs() < 1e-12);
+        let mut grad = vec![0.0f64; 8];
+        z_loss_backward(&[0.0f64; 8], 4, &stats, 1.0, &mut grad).unwrap();
         assert!(grad.iter().all(|g| (g - 2.0 * z / 4.0).abs() < 1e-12));
-        assert!(z_loss(&[0.0f64, f64::NAN], 2, all(1, 1), 1.0, &mut grad[..2]).is_err());
+        z_loss_backward(&[0.0f64; 8], 4, &stats, -0.5, &mut grad).unwrap();
+        assert!(grad.iter().all(|g| (g + z / 4.0).abs() < 1e-12));
+        assert!(z_loss(&[0.0f64, f64::NAN], 2, all(1, 1), 1.0, &mut stats[..2]).is_err());
+        // A masked token keeps factor 0, and its gradient is 0 whatever its logits hold.
+        let mask = [1u8, 0];
+        let masked = Groups { num_tokens: 2, group_size: 2, mask: Some(&mask) };
+        let logits = [0.0f64, 1.0, f64::NAN, f64::INFINITY];
+        let sum = z_loss(&logits, 2, masked, 1.0, &mut stats[..4]).unwrap();
+        assert!(sum.is_finite() && stats[2..] == [0.0, 0.0]);
+        z_loss_backward(&logits, 2, &stats[..4], 1.0, &mut grad[..4]).unwrap();
+        assert!(grad[0] > 0.0 && grad[1] > grad[0] && grad[2..4] == [0.0, 0.0], "{grad:?}");
     }
 
     #[test]
@@ -720,19 +825,22 @@ mod tests {
         }
     }
 
-    /// The bits of the z-loss and its gradient direction with each token layout, from the
-    /// kernels `avx2` / `avx512` choose.
+    /// The bits of the z-loss, its statistics and its gradient (for a negative upstream
+    /// gradient) with each token layout, from the kernels `avx2` / `avx512` choose.
     fn z_loss_bits<L: Element<Acc = f32>>(
         logits: &[L],
         experts: usize,
         layouts: [Groups<'_>; 2],
         avx2: bool,
         avx512: bool,
-    ) -> [(u64, Vec<u32>); 2] {
+    ) -> [(u64, Vec<u32>, Vec<f64>); 2] {
         layouts.map(|groups| {
-            let mut grad = vec![0f32; logits.len()];
-            let total = z_loss_on(logits, avx2, avx512, experts, groups, 0.37, &mut grad).unwrap();
-            (total.to_bits(), grad.iter().map(|g| g.to_bits()).collect())
+            let mut stats = vec![0f32; groups.num_tokens * Z_LOSS_STATS];
+            let total = z_loss_on(logits, avx2, avx512, experts, groups, 0.37, &mut stats).unwrap();
+            let mut grad = vec![L::default(); logits.len()];
+            z_loss_backward_on(logits, avx2, avx512, experts, &stats, -1.3, &mut grad).unwrap();
+            let grad = grad.iter().map(|g| g.to_acc().to_f64().unwrap_or(f64::NAN)).collect();
+            (total.to_bits(), stats.iter().map(|v| v.to_bits()).collect(), grad)
         })
     }
 }
