@@ -152,6 +152,30 @@ def test_z_loss_matches_reference_and_masks():
     )
 
 
+def test_z_loss_backward_keeps_two_numbers_per_token():
+    logits = torch.randn(64, 32, requires_grad=True)
+    loss = sparseroute.z_loss(logits)
+    extra = [t for t in loss.grad_fn.saved_tensors if t.data_ptr() != logits.data_ptr()]
+    assert [tuple(t.shape) for t in extra] == [(64, 2)]  # not a [T, E] gradient
+    loss.backward()
+    expected = torch.autograd.grad(torch.logsumexp(logits, dim=-1).square().mean(), logits)[0]
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_z_loss_ignores_what_masked_tokens_hold():
+    logits = torch.randn(6, 5)
+    logits[1] = float("nan")
+    logits[4, 2] = float("inf")
+    logits.requires_grad_()
+    mask = torch.tensor([1, 0, 1, 1, 0, 1])
+    loss = sparseroute.z_loss(logits, mask)
+    loss.backward()
+    kept = mask.bool()
+    expected = torch.logsumexp(logits.detach()[kept], dim=-1).square().mean()
+    torch.testing.assert_close(loss.detach(), expected)
+    assert logits.grad[kept].isfinite().all() and not logits.grad[~kept].any()
+
+
 def test_edge_cases():
     logits = torch.zeros(0, 4, requires_grad=True)
     experts = torch.zeros(0, 2, dtype=torch.int64)
