@@ -152,6 +152,28 @@ def test_z_loss_matches_reference_and_masks():
     )
 
 
+@given(
+    num_tokens=st.integers(0, 40),
+    num_experts=st.integers(1, 70),
+    spread=st.sampled_from([0.1, 3.0, 30.0]),
+    masked=st.booleans(),
+    upstream=st.floats(-4.0, 4.0),
+    seed=st.integers(0, 2**16),
+)
+def test_z_loss_and_its_gradient_match_torch(num_tokens, num_experts, spread, masked, upstream, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(num_tokens, num_experts, generator=g) * spread).requires_grad_()
+    mask = torch.rand(num_tokens, generator=g) > 0.3 if masked else None
+    loss = sparseroute.z_loss(logits, mask)
+    (upstream * loss).backward()
+    reference = logits.detach().double().requires_grad_()
+    rows = reference if mask is None else reference[mask]
+    expected = torch.logsumexp(rows, dim=-1).square().mean() if rows.shape[0] else reference.sum() * 0
+    (upstream * expected).backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), reference.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_z_loss_backward_keeps_two_numbers_per_token():
     logits = torch.randn(64, 32, requires_grad=True)
     loss = sparseroute.z_loss(logits)
