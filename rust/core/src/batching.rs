@@ -395,11 +395,8 @@ mod tests {
 
     #[test]
     fn replay_bounds_waits_and_serves_everyone() {
-        let mut state = 7u64;
-        let mut random = |n: u64| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 33) % n) as i64
-        };
+        let mut rng = crate::test_rng::TestRng::new(7);
+        let mut random = |n: usize| rng.below(n) as i64;
         let (requests, layers, k) = (200, 4, 2);
         let experts: Vec<i64> = (0..requests * layers * k).map(|_| random(8)).collect();
         let arrivals: Vec<i64> = (0..requests).map(|r| r as i64 / 4).collect();

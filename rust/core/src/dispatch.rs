@@ -578,13 +578,8 @@ mod tests {
     fn parallel_plan_equals_sequential_plan() {
         // Several counting chunks, so the per-chunk cursors matter.
         let (tokens, k, e) = (3 * SLOTS_PER_CHUNK / 2 + 17, 2, 13);
-        let mut state = 7u64;
-        let experts: Vec<i64> = (0..tokens * k)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) % (e as u64 + 1)) as i64 - 1
-            })
-            .collect();
+        let mut rng = crate::test_rng::TestRng::new(7);
+        let experts: Vec<i64> = (0..tokens * k).map(|_| rng.below(e + 1) as i64 - 1).collect();
         let sequential = plan(&experts, k, e);
         let parallel = crate::threads::run(3, usize::MAX, || plan(&experts, k, e));
         assert_eq!(sequential.slot_to_row, parallel.slot_to_row);

@@ -411,13 +411,10 @@ mod tests {
 
     #[test]
     fn bf16_conversion_matches_half() {
-        let mut state = 1u64;
+        let mut rng = crate::test_rng::TestRng::new(1);
         let specials =
             [0u32, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f80_0001, 0x7f7f_ffff, 0x3f80_8000];
-        let random = (0..1_000_000).map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (state >> 32) as u32
-        });
+        let random = (0..1_000_000).map(|_| (rng.next_u64() >> 32) as u32);
         for bits in specials.into_iter().chain(random) {
             let v = f32::from_bits(bits);
             assert_eq!(bf16::from_acc(v).to_bits(), bf16::from_f32(v).to_bits(), "{bits:#x}");

@@ -20,6 +20,8 @@ pub mod layers;
 pub mod placement;
 pub mod schedule;
 pub mod simd;
+#[cfg(test)]
+mod test_rng;
 pub mod threads;
 pub mod tokens;
 

@@ -748,27 +748,7 @@ fn solve_greedy(table: &Table<'_>) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// SplitMix64: a deterministic generator for test cases, no dependencies.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        fn unit(&mut self) -> f64 {
-            (self.next() >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
+    use crate::test_rng::TestRng;
 
     /// Owned inputs of one problem.
     struct Case {
@@ -883,7 +863,7 @@ mod tests {
     }
 
     /// A random case of at most 5 layers and 4 ratios.
-    fn random_case(rng: &mut Rng, values: Values) -> Case {
+    fn random_case(rng: &mut TestRng, values: Values) -> Case {
         let layers = rng.below(6);
         let width = 1 + rng.below(4);
         let mut ratios: Vec<f64> = (1..=width).map(|j| j as f64 / width as f64).collect();
@@ -895,7 +875,7 @@ mod tests {
             ratios = points;
         }
         let width = ratios.len();
-        let value = |rng: &mut Rng, scale: f64| match values {
+        let value = |rng: &mut TestRng, scale: f64| match values {
             Values::Real => rng.unit() * scale,
             Values::Integers => rng.below(4) as f64,
             Values::Absorbed => [0.0, 1e-17, 2e-17, 1.0, 2.0][rng.below(5)],
@@ -938,7 +918,7 @@ mod tests {
 
     #[test]
     fn exact_matches_brute_force_and_greedy_fits() {
-        let mut rng = Rng(7);
+        let mut rng = TestRng::new(7);
         for trial in 0..6000 {
             let values = [Values::Real, Values::Integers, Values::Absorbed][trial % 3];
             let case = random_case(&mut rng, values);
@@ -1133,7 +1113,7 @@ mod tests {
     #[test]
     fn a_large_problem_solves_exactly() {
         // 61 layers, 8 ratios, convex sensitivities: the shape of a real model's schedule.
-        let mut rng = Rng(11);
+        let mut rng = TestRng::new(11);
         let (layers, width) = (61, 8);
         let ratios: Vec<f64> = (1..=width).map(|j| j as f64 / width as f64).collect();
         let costs: Vec<f64> = (0..layers).map(|_| 1.0 + rng.unit()).collect();

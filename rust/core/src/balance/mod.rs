@@ -761,7 +761,7 @@ mod tests {
         if !crate::simd::avx2_enabled() {
             return;
         }
-        let mut state = 5u64;
+        let mut rng = crate::test_rng::TestRng::new(5);
         // Without a mask, eight consecutive rows of at least sixteen experts go through the
         // multi-row AVX-512 kernel (17 x 64: two groups and a row; 40 x 32: five), with a
         // masked last block where E is not a multiple of sixteen (61, 24, 17, 60).
@@ -784,8 +784,7 @@ mod tests {
         for (tokens, experts) in shapes {
             let logits: Vec<f32> = (0..tokens * experts)
                 .map(|i| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let r = (state >> 40) as f32 / (1u64 << 24) as f32;
+                    let r = rng.unit_f32();
                     match i % 5 {
                         0 => -0.0,
                         1 => (r * 8.0).floor(),

@@ -645,12 +645,11 @@ mod tests {
         if !is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut state = 7u64;
+        let mut rng = crate::test_rng::TestRng::new(7);
         for round in 0..2000 {
             let values: [f32; 16] = std::array::from_fn(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 // Few distinct values in some rounds, so that ties occur.
-                let r = (state >> 40) as f32 / (1u64 << 24) as f32;
+                let r = rng.unit_f32();
                 if round % 3 == 0 {
                     (r * 4.0).floor()
                 } else {

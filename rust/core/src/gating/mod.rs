@@ -1752,13 +1752,12 @@ mod tests {
 
     #[test]
     fn best_indices_match_sorting() {
-        let mut state = 11u64;
+        let mut rng = crate::test_rng::TestRng::new(11);
         for n in [1usize, 2, 7, 100, 2049] {
             for round in 0..20 {
                 let values: Vec<f32> = (0..n)
                     .map(|_| {
-                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        let r = (state >> 40) as f32 / (1u64 << 24) as f32;
+                        let r = rng.unit_f32();
                         // Probabilities: many ties in some rounds, a wide range in others.
                         if round % 2 == 0 {
                             (r * 5.0).floor() / 8.0

@@ -115,11 +115,8 @@ mod tests {
         if !super::super::avx512_enabled() {
             return;
         }
-        let mut state = 3u64;
-        let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut rng = crate::test_rng::TestRng::new(3);
+        let mut next = || rng.unit_f32();
         for n in [1024usize, 1037, 5000] {
             for round in 0..6 {
                 let values: Vec<f32> = (0..n)
