@@ -1449,17 +1449,6 @@ mod tests {
         assert!(call(&[0, 1, 2, 3], 0.5).starts_with("target_imbalance:"));
     }
 
-    /// A deterministic xorshift stream of floats in [0, 1), for the statistical tests.
-    fn uniform(seed: u64) -> impl FnMut() -> f64 {
-        let mut state = seed;
-        move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
-
     fn layer_imbalance(loads: &[f64], t: &Topology, layout: &Layout) -> f64 {
         let mut gpu = vec![0.0; t.num_gpus()];
         gpu_loads(loads, layout, t.slots_per_gpu(), &mut gpu);
@@ -1476,7 +1465,8 @@ mod tests {
     /// groups, 288 slots, 4 nodes x 8 GPUs) both are at least as good in every draw.
     #[test]
     fn eplb_methods_beat_the_greedy_baseline_statistically() {
-        let mut next = uniform(0x5eed);
+        let mut rng = crate::test_rng::TestRng::new(0x5eed);
+        let mut next = || rng.unit();
         let shapes =
             [(8, 12, 2, 2, 4), (16, 24, 2, 2, 4), (6, 8, 1, 2, 3), (12, 12, 2, 2, 4), (256, 288, 4, 8, 8)];
         for (e, p, n, gpn, groups) in shapes {
