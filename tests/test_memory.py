@@ -91,3 +91,35 @@ def test_pooled_outputs_pass_opcheck_and_compile():
     compiled = torch.compile(pipeline, fullgraph=True, backend="aot_eager")
     w = weights.clone().requires_grad_()
     torch.testing.assert_close(compiled(x, w), pipeline(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64])
+@pytest.mark.parametrize("shape", [(3, 5), (0, 4), (1024, 512)])
+def test_outputs_and_their_views_share_memory(dtype, shape):
+    from sparseroute import _memory
+
+    tensor, view = _memory.empty_with_view(shape, dtype)
+    assert tensor.shape == shape and tensor.dtype == dtype and tensor.is_contiguous()
+    assert view.shape == shape and (tensor.numel() == 0 or view.ctypes.data == tensor.data_ptr())
+    tensor.fill_(3)
+    expected = torch.full(shape, 3, dtype=dtype)
+    carrier = expected.view(torch.int16) if dtype == torch.bfloat16 else expected
+    assert (view == carrier.numpy()).all()
+    view[...] = 0
+    assert not tensor.any()
+    # Ordinary tensors otherwise: autograd, in-place ops, sharing.
+    if dtype.is_floating_point:
+        (tensor.requires_grad_() * 2).sum().backward()
+        assert torch.equal(tensor.grad, torch.full(shape, 2, dtype=dtype))
+    tensor.detach().share_memory_()
+
+
+def test_one_token_outputs_are_ordinary_tensors():
+    logits = torch.randn(1, 8)
+    weights, experts = sparseroute.topk_gating(logits, 2)
+    x_sorted, plan = sparseroute.permute(torch.randn(1, 16), experts, 8)
+    y = sparseroute.unpermute(x_sorted, plan, weights)
+    for t in (weights, experts, x_sorted, y, *plan):
+        t.clone().add_(1)
+        assert t.is_contiguous() and not t.requires_grad
+    assert plan.dropped.tolist() == [0] * 8 and plan.offsets.tolist()[-1] == 2

@@ -48,13 +48,13 @@ class PermutePlan(NamedTuple):
 
 def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None, threads: int) -> Tensor:
     """The rows of ``x`` in plan order (the kernel behind permute and unpermute's gradient)."""
-    out = _memory.empty((row_to_slot.shape[0], x.shape[1]), x.dtype)
+    out, out_view = _memory.empty_with_view((row_to_slot.shape[0], x.shape[1]), x.dtype)
     _core.gather_rows(
         numpy_view(x.contiguous()),
         numpy_view(row_to_slot.contiguous()),
         k,
         None if weights is None else numpy_view(weights.contiguous()),
-        numpy_view(out),
+        out_view,
         threads,
     )
     return out
@@ -84,16 +84,17 @@ def _permute_op(
     num_tokens, k = experts.shape
     static_rows = _static_rows(num_experts, num_rows, capacity, pad_to_capacity)
     rows = num_tokens * k if static_rows is None else static_rows
-    tokens_per_expert = torch.empty(num_experts, dtype=torch.int64)
-    offsets = torch.empty(num_experts + 1, dtype=torch.int64)
-    row_to_slot = torch.empty(rows, dtype=torch.int64)
-    slot_to_row = torch.empty(num_tokens, k, dtype=torch.int64)
-    dropped = torch.zeros(num_experts, dtype=torch.int64)
+    tokens_per_expert, tokens_view = _memory.empty_with_view((num_experts,), torch.int64)
+    offsets, offsets_view = _memory.empty_with_view((num_experts + 1,), torch.int64)
+    row_to_slot, row_to_slot_view = _memory.empty_with_view((rows,), torch.int64)
+    slot_to_row, slot_to_row_view = _memory.empty_with_view((num_tokens, k), torch.int64)
+    dropped, dropped_view = _memory.empty_with_view((num_experts,), torch.int64)
+    dropped_view.fill(0)
     threads = get_num_threads()
-    plan_views = (numpy_view(tokens_per_expert), numpy_view(offsets), numpy_view(row_to_slot))
+    plan_views = (tokens_view, offsets_view, row_to_slot_view)
     if capacity is None:
         routed = _core.build_plan(
-            numpy_view(experts.contiguous()), num_experts, *plan_views, numpy_view(slot_to_row), threads
+            numpy_view(experts.contiguous()), num_experts, *plan_views, slot_to_row_view, threads
         )
     else:
         routed = _core.build_capacity_plan(
@@ -103,8 +104,8 @@ def _permute_op(
             None if drop_weights is None else numpy_view(drop_weights.contiguous()),
             pad_to_capacity,
             *plan_views,
-            numpy_view(slot_to_row),
-            numpy_view(dropped),
+            slot_to_row_view,
+            dropped_view,
             threads,
         )
     if static_rows is None and routed < rows:
@@ -164,12 +165,12 @@ def _unpermute_op(
     y_sorted: Tensor, slot_to_row: Tensor, row_to_slot: Tensor, weights: Tensor | None
 ) -> Tensor:
     num_tokens = slot_to_row.shape[0]
-    y = _memory.empty((num_tokens, y_sorted.shape[1]), y_sorted.dtype)
+    y, y_view = _memory.empty_with_view((num_tokens, y_sorted.shape[1]), y_sorted.dtype)
     _core.combine_rows(
         numpy_view(y_sorted.contiguous()),
         numpy_view(slot_to_row.contiguous()),
         None if weights is None else numpy_view(weights.contiguous()),
-        numpy_view(y),
+        y_view,
         get_num_threads(),
     )
     return y

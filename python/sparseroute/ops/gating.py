@@ -34,12 +34,12 @@ def _topk_gating_op(
 ) -> tuple[Tensor, Tensor]:
     logits = logits.contiguous()
     num_tokens = logits.shape[0]
-    weights = _memory.empty((num_tokens, k), accumulator_dtype(logits.dtype))
-    experts = _memory.empty((num_tokens, k), torch.int64)
+    weights, weights_view = _memory.empty_with_view((num_tokens, k), accumulator_dtype(logits.dtype))
+    experts, experts_view = _memory.empty_with_view((num_tokens, k), torch.int64)
     _core.topk_gating(
         numpy_view(logits),
-        numpy_view(weights),
-        numpy_view(experts),
+        weights_view,
+        experts_view,
         k,
         score,
         normalize,
