@@ -60,8 +60,9 @@ def empty_with_view(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.T
     """A CPU output as ``empty`` makes it, and the numpy view the Rust core writes it through.
 
     A small output is allocated by numpy and wrapped by ``torch.from_numpy``: one allocation
-    and no separate view, about 1.3 µs less per output than ``torch.empty`` and a view, which is a large share of a one-token routing call. Its storage, like a
-    pooled output's, cannot be resized in place."""
+    and no separate view, about 1.3 µs less per output than ``torch.empty`` and a view, a
+    large share of a one-token routing call. Its storage, like a pooled output's, cannot be
+    resized in place."""
     if math.prod(shape) * _ITEMSIZE.get(dtype, 8) >= POOLED_MIN_BYTES or dtype not in _NUMPY_DTYPES:
         tensor = empty(shape, dtype)
         return tensor, (tensor.view(torch.int16) if dtype == torch.bfloat16 else tensor).numpy()
