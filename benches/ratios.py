@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from benchmarks.depth import LayerPlans, MixtureOfDepths
 from benchmarks.moe_block import MoEBlock
-from benchmarks.routing import Dispatch, Gating
+from benchmarks.routing import DecodeStep, Dispatch, Gating
 from benchmarks.variants import BalanceLoss, Capacity, ExpertChoiceAndSinkhorn, TopP
 
 GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forward pass
@@ -47,9 +47,14 @@ def ratio(cls, method: str, params: tuple, repeats: int) -> tuple[float, float]:
     return t_torch, t_ours
 
 
+def milliseconds(seconds: float) -> str:
+    """Two decimals, or four below a millisecond (decoding steps take tens of µs)."""
+    return f"{seconds * 1e3:.2f}" if seconds >= 1e-3 else f"{seconds * 1e3:.4f}"
+
+
 def print_row(name: str, shape: tuple, dtype: str, times: tuple[float, float], target: float | None) -> None:
     t_torch, t_ours = times
-    cells = [name, *map(str, shape), dtype, f"{t_torch * 1e3:.2f}", f"{t_ours * 1e3:.2f}"]
+    cells = [name, *map(str, shape), dtype, milliseconds(t_torch), milliseconds(t_ours)]
     cells += [f"{t_torch / t_ours:.2f}x", f">= {target:g}x" if target else ""]
     print("| " + " | ".join(cells) + " |", flush=True)
 
@@ -165,6 +170,18 @@ def routing_ratios(args: argparse.Namespace) -> None:
                 target = DISPATCH_TARGET if method.startswith("time_round") and dtype == "fp32" else None
                 name = method.removeprefix("time_").replace("_forward_backward", " fwd+bwd").replace("_", " ")
                 print_row(name, (tokens, num_experts, k, d), dtype, times, target)
+
+    # A decoding step: host work per call, best of many short runs.
+    for decode_tokens in (1, 16):
+        for num_experts, k in ((8, 2), (64, 8)):
+            times = ratio(DecodeStep, "time_route", (decode_tokens, num_experts), args.repeats * 40)
+            print_row(
+                "decode step: gating + permute + unpermute",
+                (decode_tokens, num_experts, k, 1024),
+                "fp32",
+                times,
+                None,
+            )
 
 
 if __name__ == "__main__":

@@ -116,3 +116,30 @@ class Dispatch:
             x_sorted, plan = sparseroute.permute(x, self.experts, self.num_experts)
             y = sparseroute.unpermute(x_sorted, plan, weights)
         y.backward(self.grad)
+
+
+class DecodeStep:
+    """One decoding step's routing (a few tokens): gating, permute and unpermute together,
+    where the cost is the calls' host work rather than their arithmetic."""
+
+    params = ([1, 16], [8, 64], IMPLS)
+    param_names = ["T", "E", "impl"]
+    repeat = (3, 200, 10.0)
+    number = 20
+    warmup_time = 0.1
+
+    def setup(self, T, E, impl):
+        g = torch.Generator().manual_seed(2)
+        self.logits = torch.randn(T, E, generator=g)
+        self.x = torch.randn(T, 1024, generator=g)
+        self.k = 2 if E == 8 else 8
+
+    def time_route(self, T, E, impl):
+        if impl == "torch":
+            weights, experts = torch_gating(self.logits, self.k)
+            x_sorted, order = torch_permute(self.x, experts)
+            torch_unpermute(x_sorted, order, weights, T)
+        else:
+            weights, experts = sparseroute.topk_gating(self.logits, self.k)
+            x_sorted, plan = sparseroute.permute(self.x, experts, E)
+            sparseroute.unpermute(x_sorted, plan, weights)
