@@ -134,14 +134,14 @@ def _z_loss_op(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     z-loss keeps for the backward, besides the logits themselves."""
     acc = accumulator_dtype(logits.dtype)
     count = logits.shape[0] if mask is None else int(mask.count_nonzero())
-    stats = torch.empty(logits.shape[0], Z_LOSS_STATS, dtype=acc)
+    stats, stats_view = _memory.empty_with_view((logits.shape[0], Z_LOSS_STATS), acc)
     # The 1/n is applied inside the kernel: a torch op right after a pooled Rust kernel
     # competes with the pool's still-spinning threads for the cores.
     total = _core.z_loss(
         numpy_view(logits.contiguous()),
         _mask_view(mask),
         1.0 / count if count else 0.0,
-        numpy_view(stats),
+        stats_view,
         get_num_threads(),
     )
     return torch.tensor(total / count if count else 0.0, dtype=acc), stats
@@ -164,9 +164,9 @@ def _z_loss_backward_op(logits: Tensor, stats: Tensor, grad: Tensor) -> Tensor:
     """``grad * d z_loss / d logits`` in the logits' dtype, recomputed from the logits and the
     forward's ``stats`` (the forward's ``exp``, so the same bits as a saved gradient would
     have), written by the Rust core into a reused buffer."""
-    out = _memory.empty(tuple(logits.shape), logits.dtype)
+    out, out_view = _memory.empty_with_view(tuple(logits.shape), logits.dtype)
     _core.z_loss_backward(
-        numpy_view(logits.contiguous()), numpy_view(stats), float(grad), numpy_view(out), get_num_threads()
+        numpy_view(logits.contiguous()), numpy_view(stats), float(grad), out_view, get_num_threads()
     )
     return out
 

@@ -83,17 +83,20 @@ macro_rules! float_bits {
 /// `e^r`, and `2^n` built from its exponent bits, so loops over slices vectorise.
 #[inline(always)]
 pub fn fast_exp_f32(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     let x = x.clamp(-87.3, 88.7);
-    let t = x * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let exponent = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let t = x * LOG2E + EXP_MAGIC;
+    let n = t - EXP_MAGIC;
+    let exponent = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((exponent + 127) as u32) << 23)
 }
+
+/// 1.5 * 2^23: adding it to a float of magnitude below 2^22 rounds it to an integer, held
+/// in the low bits (the range reduction of [`fast_exp_f32`] and [`fma_exp_f32`]).
+pub(crate) const EXP_MAGIC: f32 = 12_582_912.0;
 
 /// The polynomial coefficients of [`fast_exp_f32`] and [`fma_exp_f32`] for `e^r - 1 - r`
 /// over `r^2`, highest degree first.
@@ -108,11 +111,10 @@ pub(crate) const EXP_POLY: [f32; 6] =
 /// target (a library call where the processor has no FMA instruction).
 #[inline(always)]
 pub fn fma_exp_f32(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(-87.3, 88.7);
-    let t = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
-    let n = t - MAGIC;
-    let exponent = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let t = x.mul_add(std::f32::consts::LOG2_E, EXP_MAGIC);
+    let n = t - EXP_MAGIC;
+    let exponent = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i32;
     let r = n.mul_add(-LN2_HI, x);
     let r = n.mul_add(-LN2_LO, r);
     let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p.mul_add(r, c));

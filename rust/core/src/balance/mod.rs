@@ -507,9 +507,8 @@ fn z_loss_backward_on<L: Element>(
                     }
                 };
                 if !in_place {
-                    let scratch = L::Acc::as_f32(&row).expect("f32 accumulators");
-                    for (o, &v) in out.iter_mut().zip(scratch) {
-                        *o = L::from_acc(L::Acc::from_f64(f64::from(v)));
+                    for (o, &v) in out.iter_mut().zip(&row) {
+                        *o = L::from_acc(v);
                     }
                 }
                 continue;

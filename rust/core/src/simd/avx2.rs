@@ -5,7 +5,9 @@
 //! inside `#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]` functions.
 
 use super::avx512::Source16;
-use crate::element::{fast_exp_f32, fma_exp_f32, EXP_POLY, LN2_HI, LN2_LO, LN_POLY, SQRT_HALF_BITS};
+use crate::element::{
+    fast_exp_f32, fma_exp_f32, EXP_MAGIC, EXP_POLY, LN2_HI, LN2_LO, LN_POLY, SQRT_HALF_BITS,
+};
 use std::arch::x86_64::*;
 
 /// Runs `$body` with `$src` bound to the [`Source`] of `$storage`, so that each storage
@@ -136,13 +138,12 @@ pub(crate) unsafe fn finite_lanes(v: __m256) -> __m256 {
 /// `fast_exp_f32` of eight lanes: the same operations in the same order, so the same bits.
 #[inline(always)]
 pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
-    const MAGIC: f32 = 12_582_912.0;
     // SAFETY: register-only AVX2 operations.
     unsafe {
         // `f32::clamp` order, NaN included: maxps and minps return their second operand
         // when either is NaN, so the bound goes first and a NaN stays NaN.
         let x = _mm256_min_ps(_mm256_set1_ps(88.7), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
-        let magic = _mm256_set1_ps(MAGIC);
+        let magic = _mm256_set1_ps(EXP_MAGIC);
         let t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), magic);
         let n = _mm256_sub_ps(t, magic);
         let exponent = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
@@ -164,12 +165,11 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
 /// so the same bits.
 #[inline(always)]
 pub(crate) unsafe fn exp8_fma(x: __m256) -> __m256 {
-    const MAGIC: f32 = 12_582_912.0;
     // SAFETY: register-only AVX2 and FMA operations.
     unsafe {
         // The bound first, as in `exp8`: a NaN stays NaN.
         let x = _mm256_min_ps(_mm256_set1_ps(88.7), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
-        let magic = _mm256_set1_ps(MAGIC);
+        let magic = _mm256_set1_ps(EXP_MAGIC);
         let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
         let n = _mm256_sub_ps(t, magic);
         let exponent = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
@@ -420,13 +420,8 @@ mod tests {
         // NaN stays NaN (the kernels' non-finite checks rely on it) and the infinities
         // clamp, as `f32::clamp` does in the portable code.
         let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN, 1e30, -1e30];
-        let mut out = [0f32; 8];
         // SAFETY: AVX2 is available (checked above).
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(specials.as_ptr()))) };
-        for (o, l) in out.iter().zip(specials) {
-            let expected = fast_exp_f32(l);
-            assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()), "exp({l})");
-        }
+        unsafe { assert_lanes8(|x| exp8(x), fast_exp_f32, &specials) };
     }
 
     #[test]

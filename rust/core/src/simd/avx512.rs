@@ -6,7 +6,7 @@
 //! functions that also enable the AVX2 set.
 
 use super::avx2::{Bf16Rows, F16Rows, F32Rows, Source};
-use crate::element::{EXP_POLY, LN2_HI, LN2_LO};
+use crate::element::{EXP_MAGIC, EXP_POLY, LN2_HI, LN2_LO};
 use std::arch::x86_64::*;
 
 /// Logits of one storage type, read as sixteen f32 lanes.
@@ -174,9 +174,6 @@ pub(crate) unsafe fn exp_checked(x: &[f32], out: &mut [f32]) -> bool {
         bad == 0
     }
 }
-
-/// 1.5 * 2^23: adding it rounds to an integer (`fast_exp_f32`'s range reduction).
-const EXP_MAGIC: f32 = 12_582_912.0;
 
 /// The shared middle of [`exp16`] and [`exp16_nonpositive`] for a clamped `x`, in
 /// `fast_exp_f32`'s order: `t = x log2(e) + 1.5 * 2^23` (its low bits hold n), `n` the
