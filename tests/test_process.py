@@ -1,4 +1,4 @@
-"""Process-level behaviour: fork safety of the thread pool, and that the tests run against
+"""Process-level behaviour: fork safety of the Rust helper threads, and that the tests run against
 the installed wheel with its stub and type marker."""
 
 import multiprocessing
@@ -19,8 +19,8 @@ def _route_in_child(queue):
 
 
 def test_forked_child_does_not_deadlock():
-    # Warm the parent's pool with several threads, then fork: the child inherits the pool
-    # object but not its threads, and must build its own.
+    # Start the parent's helper threads, then fork: the child inherits the team object but
+    # not its threads, and must start its own.
     sparseroute.set_num_threads(2)
     logits = torch.randn(4096, 64, generator=torch.Generator().manual_seed(3))
     expected = sparseroute.topk_gating(logits, 4)[1].sum().item()

@@ -135,8 +135,7 @@ def _z_loss_op(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     acc = accumulator_dtype(logits.dtype)
     count = logits.shape[0] if mask is None else int(mask.count_nonzero())
     stats, stats_view = _memory.empty_with_view((logits.shape[0], Z_LOSS_STATS), acc)
-    # The 1/n is applied inside the kernel: a torch op right after a pooled Rust kernel
-    # competes with the pool's still-spinning threads for the cores.
+    # The 1/n goes into the kernel, which folds it into every token's gradient factor too.
     total = _core.z_loss(
         numpy_view(logits.contiguous()),
         _mask_view(mask),

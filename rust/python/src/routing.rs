@@ -1,5 +1,5 @@
 //! The routing kernels' Python face: each function converts its arguments, then runs the
-//! core kernel through `run_kernel` (GIL released, thread pool chosen, errors mapped).
+//! core kernel through `run_kernel` (GIL released, thread count chosen, errors mapped).
 
 use crate::arrays::{readonly, readwrite, shape, slice, slice_mut, with_float_type};
 use crate::errors::to_pyerr;
