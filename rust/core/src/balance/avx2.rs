@@ -56,25 +56,30 @@ unsafe fn z_loss_row_in<S: Source16, const WIDE: bool>(
     (m, sum, fma_ln_f32(sum))
 }
 
-/// [`z_loss_row_avx512`] on [`avx512::ROWS`] consecutive rows (`scratch` holds them back to
-/// back), through [`avx512::exp_shifted_rows`] and one [`ln8_fma`] of the eight sums: the
-/// same bits row by row. Returns the rows' maxima, sums and logarithms of the sums.
+/// [`z_loss_row_avx512`] on [`avx512::ROWS`] consecutive rows of `len` values, through
+/// [`avx512::exp_shifted_rows`] (which only sums the exponentials here) and one
+/// [`ln8_fma`] of the eight sums: the same bits row by row. Returns the rows' maxima, sums
+/// and logarithms of the sums.
 ///
 /// # Safety
 /// The CPU features of [`crate::simd::avx512_enabled`] are available; the rows lie inside
-/// `rows`; `scratch.len()` is `ROWS` times a positive row length.
+/// `rows`; `len > 0`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi1")]
 pub(super) unsafe fn z_loss_rows_avx512(
     rows: Storage<'_>,
     start: usize,
-    scratch: &mut [f32],
+    len: usize,
 ) -> ([f32; avx512::ROWS], [f32; avx512::ROWS], [f32; avx512::ROWS]) {
     // SAFETY: forwarded from the caller.
     unsafe {
         // The z-loss takes no finiteness mask: NaN and +inf make z NaN (the caller rejects
         // the row), and -inf counts as e^-87.3, as in the portable kernel.
-        let (maxima, sums, _) =
-            with_source!(rows, |src| avx512::exp_shifted_rows::<_, true>(src, start, &mut *scratch));
+        let (maxima, sums, _) = with_source!(rows, |src| avx512::exp_shifted_rows::<_, false, false, true>(
+            src,
+            start,
+            len,
+            &mut []
+        ));
         let mut logs = [0f32; avx512::ROWS];
         _mm256_storeu_ps(logs.as_mut_ptr(), ln8_fma(_mm256_loadu_ps(sums.as_ptr())));
         (maxima, sums, logs)

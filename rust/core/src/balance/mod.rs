@@ -360,7 +360,8 @@ fn z_loss_on<L: Element>(
         (stats, Z_LOSS_STATS),
         (&mut squares, 1),
         TOKENS_PER_BLOCK,
-        // The rows' exponentials go to this scratch, not to memory: the backward recomputes them.
+        // A single row's exponentials go to this scratch, not to memory (the backward
+        // recomputes them); groups of rows only sum theirs.
         Vec::new,
         |scratch: &mut Vec<L::Acc>, first, block, block_squares| {
             let tokens = block_squares.len();
@@ -370,7 +371,7 @@ fn z_loss_on<L: Element>(
             let group = if wide { crate::simd::avx512::ROWS } else { 1 };
             #[cfg(not(target_arch = "x86_64"))]
             let group = 1;
-            scratch.resize(group * num_experts, L::Acc::zero());
+            scratch.resize(num_experts, L::Acc::zero());
             #[cfg(target_arch = "x86_64")]
             if let (Some(rows), Some(scratch)) = (simd, L::Acc::as_f32_mut(scratch)) {
                 // (The accumulator is f32 here.)
@@ -383,9 +384,9 @@ fn z_loss_on<L: Element>(
                     let t0 = first + r;
                     if group > 1 && r + group <= tokens && (t0..t0 + group).all(|t| groups.valid(t)) {
                         // SAFETY: `avx512_enabled` checked the CPU features; the rows t0 .. t0 +
-                        // ROWS lie inside the logits (checked above); `scratch` holds them.
+                        // ROWS lie inside the logits (checked above); num_experts >= 16.
                         let (maxima, sums, logs) =
-                            unsafe { avx2::z_loss_rows_avx512(rows, t0 * num_experts, scratch) };
+                            unsafe { avx2::z_loss_rows_avx512(rows, t0 * num_experts, num_experts) };
                         for i in 0..group {
                             let out = &mut block[(r + i) * Z_LOSS_STATS..][..Z_LOSS_STATS];
                             finish(

@@ -238,25 +238,34 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool, const FM
 /// Rows taken together by [`exp_shifted_rows`].
 pub(crate) const ROWS: usize = 8;
 
-/// [`exp_shifted`] of [`ROWS`] consecutive rows of `len` values from `start` (`out` holds
-/// the rows back to back), without its finiteness check: the same maximum, `fast_exp` (with
-/// `FMA`, `fma_exp`) bits and lane sums row by row, but the rows' chains of dependent operations (the maximum, the
+/// [`exp_shifted`] of [`ROWS`] consecutive rows of `len` values from `start` (with `STORE`,
+/// into `out`, the rows back to back): the same maximum, `fast_exp` (with `FMA`, `fma_exp`) bits and
+/// lane sums row by row, but the rows' chains of dependent operations (the maximum, the
 /// lane sums and their fold) overlap instead of running one after another. A row's last
 /// `len % 16` values go through masked loads and stores; its masked-off lanes add `+0.0` to
-/// the lane sums, which changes no sum. Returns each row's `(max, sum)` and a mask of the
-/// rows that hold NaN or an infinity (bit `r` for row `r`).
+/// the lane sums, which changes no sum. Returns each row's `(max, sum)` and, with
+/// `CHECK_FINITE`, a mask of the rows that hold NaN or an infinity (bit `r` for row `r`;
+/// 0 without). Without `STORE` the exponentials are only summed and `out` may be empty: the
+/// z-loss needs neither the mask (NaN and `+inf` make its sum NaN, which it reports) nor
+/// the values, and leaving them out saves a class test, a mask OR and a store per sixteen
+/// values.
 ///
 /// # Safety
 /// The CPU features of [`super::avx512_enabled`] are available; the rows lie inside `src`;
-/// `out.len() == ROWS * len` with `len > 0`.
+/// `len > 0`; with `STORE`, `out.len() == ROWS * len`.
 #[inline(always)]
-pub(crate) unsafe fn exp_shifted_rows<S: Source16, const FMA: bool>(
+pub(crate) unsafe fn exp_shifted_rows<
+    S: Source16,
+    const CHECK_FINITE: bool,
+    const STORE: bool,
+    const FMA: bool,
+>(
     src: S,
     start: usize,
+    len: usize,
     out: &mut [f32],
 ) -> ([f32; ROWS], [f32; ROWS], u8) {
-    let len = out.len() / ROWS;
-    debug_assert!(len > 0 && out.len() == ROWS * len);
+    debug_assert!(len > 0 && (!STORE || out.len() == ROWS * len));
     let (whole, tail) = blocks_of_sixteen(len);
     // QNaN, SNaN, +inf and -inf.
     const NOT_FINITE: i32 = 0x01 | 0x80 | 0x08 | 0x10;
@@ -273,12 +282,16 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16, const FMA: bool>(
             let mut bad: __mmask16 = 0;
             for b in (0..whole).step_by(16) {
                 let w = src.load16(base + b);
-                bad |= _mm512_fpclass_ps_mask::<NOT_FINITE>(w);
+                if CHECK_FINITE {
+                    bad |= _mm512_fpclass_ps_mask::<NOT_FINITE>(w);
+                }
                 v = _mm512_max_ps(v, w);
             }
             if tail != 0 {
                 let w = src.load16_masked(base + whole, tail, minus_inf);
-                bad |= tail & _mm512_fpclass_ps_mask::<NOT_FINITE>(w);
+                if CHECK_FINITE {
+                    bad |= tail & _mm512_fpclass_ps_mask::<NOT_FINITE>(w);
+                }
                 v = _mm512_max_ps(v, w);
             }
             // The maximum of finite values is the same in any order.
@@ -298,7 +311,9 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16, const FMA: bool>(
                 let e = exp16_shifted::<FMA>(_mm512_sub_ps(src.load16(start + r * len + b), shift));
                 *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
                 *sum = _mm256_add_ps(*sum, _mm512_extractf32x8_ps::<1>(e));
-                _mm512_storeu_ps(out.as_mut_ptr().add(r * len + b), e);
+                if STORE {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(r * len + b), e);
+                }
             }
         }
         if tail != 0 {
@@ -308,7 +323,9 @@ pub(crate) unsafe fn exp_shifted_rows<S: Source16, const FMA: bool>(
                 let e = _mm512_maskz_mov_ps(tail, exp16_shifted::<FMA>(_mm512_sub_ps(x, shift)));
                 *sum = _mm256_add_ps(*sum, _mm512_castps512_ps256(e));
                 *sum = _mm256_add_ps(*sum, _mm512_extractf32x8_ps::<1>(e));
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(r * len + whole), tail, e);
+                if STORE {
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(r * len + whole), tail, e);
+                }
             }
         }
         let mut totals = [0f32; ROWS];
@@ -371,7 +388,12 @@ pub(crate) unsafe fn softmax_rows(rows: crate::element::Storage<'_>, start: usiz
     // SAFETY: forwarded from the caller.
     unsafe {
         let (_, sums, not_finite) =
-            super::avx2::with_source!(rows, |src| exp_shifted_rows::<_, false>(src, start, &mut *out));
+            super::avx2::with_source!(rows, |src| exp_shifted_rows::<_, true, true, false>(
+                src,
+                start,
+                out.len() / ROWS,
+                &mut *out
+            ));
         scale_rows::<true>(out, &sums);
         not_finite
     }
