@@ -123,8 +123,6 @@ struct Slot {
     job: Option<JobRef>,
     /// Counts posted jobs, so that a helper takes each job at most once.
     epoch: u64,
-    /// The first panic a helper caught in the posted job.
-    panic: Option<Box<dyn Any + Send>>,
     /// Set when the team is replaced (another thread count): its helpers exit.
     retired: bool,
 }
@@ -173,7 +171,7 @@ fn team_for(threads: usize) -> Arc<Shared> {
         None => {}
     }
     let shared = Arc::new(Shared {
-        slot: Mutex::new(Slot { job: None, epoch: 0, panic: None, retired: false }),
+        slot: Mutex::new(Slot { job: None, epoch: 0, retired: false }),
         posted: AtomicU64::new(0),
         running: AtomicUsize::new(0),
         runs: AtomicUsize::new(0),
@@ -223,11 +221,8 @@ fn helper(shared: &Shared) {
             }
         };
         // SAFETY: registered in `running` while the job was posted: `share` keeps the closure
-        // alive until `running` is back to 0 (see `JobRef`).
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| unsafe { (*job.0)() }));
-        if let Err(payload) = outcome {
-            shared.lock().panic.get_or_insert(payload);
-        }
+        // alive until `running` is back to 0 (see `JobRef`). The job catches its own panics.
+        unsafe { (*job.0)() };
         linger_until = Instant::now() + LINGER;
         // Release: the caller sees this helper's writes once it sees the count drop.
         shared.running.fetch_sub(1, Ordering::AcqRel);
@@ -239,6 +234,14 @@ fn helper(shared: &Shared) {
 /// A panic in any of them is raised again here.
 fn share(threads: usize, work: &(dyn Fn() + Sync)) {
     let shared = team_for(threads);
+    // The helpers' panics are kept here, with this call, rather than in the team: the next
+    // job may be posted before this call has looked.
+    let helper_panic: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
+    let helper_work = || {
+        if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(work)) {
+            helper_panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(payload);
+        }
+    };
     {
         let mut slot = shared.lock();
         if slot.job.is_some() {
@@ -246,11 +249,11 @@ fn share(threads: usize, work: &(dyn Fn() + Sync)) {
             drop(slot);
             return work();
         }
+        let job: &(dyn Fn() + Sync) = &helper_work;
         // SAFETY: only the lifetime is erased; see `JobRef`.
-        let job: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(work) };
+        let job: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(job) };
         slot.job = Some(JobRef(job));
         slot.epoch += 1;
-        slot.panic = None;
         shared.posted.store(slot.epoch, Ordering::Release);
     }
     shared.job_posted.notify_all();
@@ -262,11 +265,10 @@ fn share(threads: usize, work: &(dyn Fn() + Sync)) {
     while shared.running.load(Ordering::Acquire) > 0 {
         std::thread::yield_now();
     }
-    let helper_panic = shared.lock().panic.take();
     if let Err(payload) = outcome {
         panic::resume_unwind(payload);
     }
-    if let Some(payload) = helper_panic {
+    if let Some(payload) = helper_panic.into_inner().unwrap_or_else(PoisonError::into_inner) {
         panic::resume_unwind(payload);
     }
 }
@@ -584,6 +586,23 @@ mod tests {
             // The team still works afterwards.
             assert!(threads_used(threads, 40) >= 1);
         }
+        // A panic on a helper thread (every piece a helper takes panics; in 13 ms of pieces
+        // a helper takes some).
+        let caller = std::thread::current().id();
+        let caught = panic::catch_unwind(|| {
+            run(2, usize::MAX, || {
+                for_each_index_with(
+                    64,
+                    || (),
+                    |_, _| {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        assert!(std::thread::current().id() == caller, "a helper's piece fails");
+                        Ok(())
+                    },
+                )
+            })
+        });
+        assert!(caught.is_err());
     }
 
     #[test]
