@@ -6,7 +6,7 @@
 
 use super::avx512::Source16;
 use crate::element::{
-    fast_exp_f32, fma_exp_f32, EXP_MAGIC, EXP_POLY, LN2_HI, LN2_LO, LN_POLY, SQRT_HALF_BITS,
+    fast_exp_f32, fma_exp_f32, EXP_MAGIC, EXP_POLY, FMA_EXP_POLY, LN2_HI, LN2_LO, LN_POLY, SQRT_HALF_BITS,
 };
 use std::arch::x86_64::*;
 
@@ -175,8 +175,8 @@ pub(crate) unsafe fn exp8_fma(x: __m256) -> __m256 {
         let exponent = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
         let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
         let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-        let mut p = _mm256_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
+        let mut p = _mm256_set1_ps(FMA_EXP_POLY[0]);
+        for c in &FMA_EXP_POLY[1..] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let one = _mm256_set1_ps(1.0);

@@ -6,7 +6,7 @@
 //! functions that also enable the AVX2 set.
 
 use super::avx2::{Bf16Rows, F16Rows, F32Rows, Source};
-use crate::element::{EXP_MAGIC, EXP_POLY, LN2_HI, LN2_LO};
+use crate::element::{EXP_MAGIC, EXP_POLY, FMA_EXP_POLY, LN2_HI, LN2_LO};
 use std::arch::x86_64::*;
 
 /// Logits of one storage type, read as sixteen f32 lanes.
@@ -126,8 +126,8 @@ pub(crate) unsafe fn exp16_fma_nonpositive(x: __m512) -> __m512 {
         let n = _mm512_sub_ps(t, magic);
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
-        let mut p = _mm512_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
+        let mut p = _mm512_set1_ps(FMA_EXP_POLY[0]);
+        for c in &FMA_EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
         }
         let one = _mm512_set1_ps(1.0);
