@@ -4,7 +4,9 @@
     python benches/ratios.py --quick    # a small subset (T = 4096), a minute or so
 
 Timings on a shared 2-core machine are noisy: the two implementations run one after the
-other in the same process, best of ``--repeats`` runs each, and the ratio is what counts.
+other in the same process, each the best of ``--repeats`` runs or of as many as fit in
+``--min-seconds`` (whichever is more: a sub-millisecond op gets hundreds of runs, as with
+``timeit``, since the best of five still moved its ratio by half), and the ratio is what counts.
 """
 
 from __future__ import annotations
@@ -29,15 +31,21 @@ DEPTH_TARGET = 3.0  # Mixture-of-Depths routing forward + backward, B=8, S=2048,
 BLOCK_TARGETS = {("olmoe", "eager"): 10.0, ("olmoe", "grouped_mm"): 1.5, ("mixtral", "grouped_mm"): 1.15}
 
 
+#: Each timing runs at least this long in total (``--min-seconds``).
+MIN_SECONDS = 0.3
+
+
 def best_of(bench, method: str, params: tuple, repeats: int) -> float:
+    """The fastest of ``repeats`` runs, or of as many as fit in ``MIN_SECONDS``."""
     bench.setup(*params)
     fn = getattr(bench, method)
     fn(*params)
-    best = float("inf")
-    for _ in range(repeats):
+    best, runs, deadline = float("inf"), 0, time.perf_counter() + MIN_SECONDS
+    while runs < repeats or time.perf_counter() < deadline:
         start = time.perf_counter()
         fn(*params)
         best = min(best, time.perf_counter() - start)
+        runs += 1
     return best
 
 
@@ -60,13 +68,18 @@ def print_row(name: str, shape: tuple, dtype: str, times: tuple[float, float], t
 
 
 def main() -> None:
+    global MIN_SECONDS  # set once, from --min-seconds, before any timing
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset at T = 4096")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="at least this many runs per timing")
+    parser.add_argument(
+        "--min-seconds", type=float, default=MIN_SECONDS, help="and runs for at least this long per timing"
+    )
     parser.add_argument(
         "--only", choices=["routing", "variants", "depth", "blocks"], help="run one section only"
     )
     args = parser.parse_args()
+    MIN_SECONDS = args.min_seconds
     if args.only in (None, "routing"):
         routing_ratios(args)
     if args.only in (None, "variants"):

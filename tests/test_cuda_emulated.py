@@ -759,6 +759,16 @@ def test_sinkhorn_is_the_cpu_sinkhorn_bit_for_bit(gpu, num_tokens, num_experts, 
     assert not gpu.errors.any()
 
 
+def test_sinkhorn_exp_is_the_cpu_exp_over_its_range(gpu):
+    # One logit per row from -100 to 88 (the clamp at -87.3, 2^127 near 88), the rest small.
+    high = torch.linspace(-100.0, 88.0, 4001)
+    logits = torch.randn(4001, 5, generator=torch.Generator().manual_seed(3))
+    logits[:, 2] = high
+    ours = _cuda_ops.sinkhorn_cuda(logits, 1, 0.0)
+    assert torch.equal(ours, ops.sinkhorn(logits, 1, 0.0))
+    assert not gpu.errors.any()
+
+
 def test_sinkhorn_counts_logits_that_overflow(gpu):
     logits = torch.zeros(4, 3)
     logits[1, 2] = 90.0

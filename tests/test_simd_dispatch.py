@@ -99,6 +99,13 @@ def run_all() -> list[tuple[torch.Tensor, ...]]:
     loss.backward()
     results.append((loss.detach(), x.grad))
     results.append((z_loss_nan_rejections(logits),))
+    # Sinkhorn's exp over its whole range: one logit per row between 80 and 88 (above 88 is
+    # rejected; 88 itself is in row 0), some below the clamp at -87.3, E not a multiple of 8.
+    wide = torch.randn(1030, 61, generator=g) * 4
+    columns = torch.randint(0, 61, (1030,), generator=g)
+    wide[torch.arange(1030), columns] = torch.rand(1030, generator=g) * 8 + 80
+    wide[0, 0], wide[1:40, 1] = 88.0, -90.0
+    results.append((sparseroute.sinkhorn(wide, iters=3, tol=0.0),))
     return results
 
 

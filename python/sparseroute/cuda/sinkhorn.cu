@@ -2,7 +2,8 @@
 // (sinkhorn) with the CPU's sums in the CPU's order, so the scores and the number of
 // iterations are the CPU's bits.
 //
-//   sr_sinkhorn_cost     cost = exp(logits) (the CPU's exp), into the output buffer
+//   sr_sinkhorn_cost     cost = exp(logits) (the CPU's fused exp, sr_fma_exp), into the output
+//                        buffer
 //   sr_sinkhorn_block    one CUDA block per block of SINKHORN_BLOCK tokens: d0[t] from d1 (the
 //                        sum over experts in eight lanes, lane j adding experts j, j + 8, ...,
 //                        then the lanes in order), then the block's column sums of d0 * cost
@@ -29,7 +30,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const float v = logits[i];
     const bool ok = v <= 88.0f && v > neg_infinity<float>();  // NaN fails both
     invalid |= ok ? 0 : 1;
-    cost[i] = ok ? sr_fast_exp(v) : 0.0f;
+    cost[i] = ok ? sr_fma_exp(v) : 0.0f;
   }
   if (invalid) {
     atomicAdd(&errors[SR_ERR_SINKHORN_LOGITS], 1);

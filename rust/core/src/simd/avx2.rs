@@ -425,30 +425,6 @@ mod tests {
     }
 
     #[test]
-    fn exp16_is_fast_exp_lane_by_lane() {
-        if !crate::simd::avx512_enabled() {
-            return;
-        }
-        let mut x = -100.0f32;
-        while x < 100.0 {
-            let mut lanes: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
-            if x < -99.0 {
-                lanes[..6].copy_from_slice(&[
-                    f32::NAN,
-                    f32::INFINITY,
-                    f32::NEG_INFINITY,
-                    -0.0,
-                    0.0,
-                    -f32::NAN,
-                ]);
-            }
-            // SAFETY: AVX-512 is available (checked above).
-            unsafe { assert_lanes(|x| super::super::avx512::exp16(x), fast_exp_f32, &lanes) };
-            x += 0.117;
-        }
-    }
-
-    #[test]
     fn exp16_nonpositive_forms_are_their_scalar_exp_at_or_below_zero() {
         if !crate::simd::avx512_enabled() {
             return;
@@ -461,10 +437,32 @@ mod tests {
             }
             // SAFETY: AVX-512 is available (checked above).
             unsafe {
-                assert_lanes(|x| super::super::avx512::exp16_nonpositive(x), fast_exp_f32, &lanes);
-                assert_lanes(|x| super::super::avx512::exp16_fma_nonpositive(x), fma_exp_f32, &lanes);
+                assert_lanes(|x| super::super::avx512::exp16_at_most_88(x), fast_exp_f32, &lanes);
+                assert_lanes(|x| super::super::avx512::exp16_fma_at_most_88(x), fma_exp_f32, &lanes);
             }
             x += 0.0117;
+        }
+    }
+
+    #[test]
+    fn exp16_forms_are_their_scalar_exp_up_to_88() {
+        if !crate::simd::avx512_enabled() {
+            return;
+        }
+        // Every float from 80 to 88 (where 2^n reaches 2^127), and a stride below.
+        let mut x = 0.0f32;
+        while x <= 88.0 {
+            let lanes: [f32; 16] = std::array::from_fn(|i| {
+                let lane =
+                    if x >= 80.0 { f32::from_bits(x.to_bits() + i as u32) } else { x + i as f32 * 0.0137 };
+                lane.min(88.0)
+            });
+            // SAFETY: AVX-512 is available (checked above).
+            unsafe {
+                assert_lanes(|x| super::super::avx512::exp16_at_most_88(x), fast_exp_f32, &lanes);
+                assert_lanes(|x| super::super::avx512::exp16_fma_at_most_88(x), fma_exp_f32, &lanes);
+            }
+            x = if x >= 80.0 { f32::from_bits(x.to_bits() + 16) } else { x + 0.0117 };
         }
     }
 

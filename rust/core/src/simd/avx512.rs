@@ -85,39 +85,38 @@ impl Source16 for F16Rows<'_> {
     }
 }
 
-/// [`super::avx2::exp8`] on sixteen lanes: the same operations in the same order, so the
-/// same bits as `fast_exp_f32` in every lane.
+/// [`super::avx2::exp8`] on sixteen lanes at or below 88 (or NaN): the same bits as
+/// `fast_exp_f32` in every lane. `exp8` builds `2^n` from its exponent bits and multiplies,
+/// which needs the upper clamp (88.7) to keep the bits valid; here `n = round(x log2(e))
+/// <= 127`, so `2^n` is a normal number and `scalef` rounds exactly as that product does,
+/// in four fewer operations. Used on softmax's shifted values (at most 0).
 #[inline(always)]
-pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp16_at_most_88(x: __m512) -> __m512 {
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
     unsafe {
-        // A NaN stays NaN, as in `exp8`.
-        let x = _mm512_min_ps(_mm512_set1_ps(88.7), _mm512_max_ps(_mm512_set1_ps(-87.3), x));
-        let (t, _, y) = exp16_parts(x);
-        let exponent =
-            _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(_mm512_set1_ps(EXP_MAGIC)));
-        let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(exponent, _mm512_set1_epi32(127)));
-        _mm512_mul_ps(y, _mm512_castsi512_ps(scale))
-    }
-}
-
-/// [`exp16`] for inputs at or below zero (or NaN), in five fewer operations: the upper
-/// clamp cannot act, and with `n <= 0` the power `2^n` is a normal number, so scaling by it
-/// with `scalef` rounds exactly as multiplying by the power built from its bits does. The
-/// same bits as `fast_exp_f32` on that range.
-#[inline(always)]
-pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
-    // SAFETY: register-only AVX-512 operations (caller: the features are available).
-    unsafe {
-        let (_, n, y) = exp16_parts(_mm512_max_ps(_mm512_set1_ps(-87.3), x));
+        // `fast_exp_f32`'s order: the lower clamp, `t = x log2(e) + 1.5 * 2^23` (n in its low
+        // bits), `n`, `r = x - n ln 2` in two parts, the polynomial for `e^r`. A NaN stays NaN.
+        let x = _mm512_max_ps(_mm512_set1_ps(-87.3), x);
+        let magic = _mm512_set1_ps(EXP_MAGIC);
+        let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
+        let n = _mm512_sub_ps(t, magic);
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
+            _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
+        );
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(*c));
+        }
+        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
         _mm512_scalef_ps(y, n)
     }
 }
 
-/// [`crate::element::fma_exp_f32`] of sixteen lanes at or below zero (or NaN), with the
-/// shortcuts of [`exp16_nonpositive`]: the same bits as `fma_exp_f32` on that range.
+/// [`crate::element::fma_exp_f32`] of sixteen lanes at or below 88 (or NaN), with the
+/// shortcuts of [`exp16_at_most_88`]: the same bits as `fma_exp_f32` on that range.
 #[inline(always)]
-pub(crate) unsafe fn exp16_fma_nonpositive(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp16_fma_at_most_88(x: __m512) -> __m512 {
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
     unsafe {
         let x = _mm512_max_ps(_mm512_set1_ps(-87.3), x);
@@ -135,21 +134,23 @@ pub(crate) unsafe fn exp16_fma_nonpositive(x: __m512) -> __m512 {
     }
 }
 
-/// [`exp16_nonpositive`], or with `FMA` [`exp16_fma_nonpositive`].
+/// [`exp16_at_most_88`], or with `FMA` [`exp16_fma_at_most_88`].
 #[inline(always)]
 unsafe fn exp16_shifted<const FMA: bool>(x: __m512) -> __m512 {
     // SAFETY: forwarded from the caller.
     unsafe {
         if FMA {
-            exp16_fma_nonpositive(x)
+            exp16_fma_at_most_88(x)
         } else {
-            exp16_nonpositive(x)
+            exp16_at_most_88(x)
         }
     }
 }
 
-/// `out = fast_exp(x)` for every value, sixteen at a time (the same bits), and whether
-/// every value is at most 88 and above `-inf` (NaN is not): Sinkhorn's cost pass.
+/// `out = fma_exp(x)` for every value, sixteen at a time (the same bits), and whether
+/// every value is at most 88 and above `-inf` (NaN is not): Sinkhorn's cost pass. Values
+/// above 88 make the call fail, so their (wrong) exponentials from
+/// [`exp16_fma_at_most_88`] never reach a result.
 ///
 /// # Safety
 /// The CPU features of [`super::avx512_enabled`] are available; `out.len() == x.len()`.
@@ -169,32 +170,9 @@ pub(crate) unsafe fn exp_checked(x: &[f32], out: &mut [f32]) -> bool {
             let ok =
                 _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, limit) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, minus_inf);
             bad |= lanes & !ok;
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), lanes, exp16(v));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), lanes, exp16_fma_at_most_88(v));
         }
         bad == 0
-    }
-}
-
-/// The shared middle of [`exp16`] and [`exp16_nonpositive`] for a clamped `x`, in
-/// `fast_exp_f32`'s order: `t = x log2(e) + 1.5 * 2^23` (its low bits hold n), `n` the
-/// nearest integer to `x log2(e)`, and `y`, the polynomial for `e^(x - n ln 2)`.
-#[inline(always)]
-unsafe fn exp16_parts(x: __m512) -> (__m512, __m512, __m512) {
-    // SAFETY: register-only AVX-512 operations (caller: the features are available).
-    unsafe {
-        let magic = _mm512_set1_ps(EXP_MAGIC);
-        let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
-        let n = _mm512_sub_ps(t, magic);
-        let r = _mm512_sub_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
-            _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
-        );
-        let mut p = _mm512_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(*c));
-        }
-        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
-        (t, n, y)
     }
 }
 
