@@ -527,9 +527,9 @@ pub const SINKHORN_BLOCK: usize = 512;
 const SINKHORN_EPS: f32 = 1e-8;
 
 /// `cost = fma_exp(logits)`; false when a logit is NaN, `-inf` or above 88 (then `cost` is
-/// partly written). One pass: the check is folded into the same loop. The fused `exp`
-/// (12 operations against `fast_exp`'s 20; the GPU's `sr_fma_exp` computes the same bits)
-/// because this pass is compute-bound: 40% of the whole at 16384 x 64 with `fast_exp`.
+/// partly written). One pass: the check is folded into the same loop. It takes the fused
+/// `exp` (12 operations against `fast_exp`'s 20; the GPU's `sr_fma_exp` computes the same
+/// bits) because it is compute-bound: with `fast_exp` it took 40% of the whole at 16384 x 64.
 #[inline(always)]
 fn sinkhorn_cost(logits: &[f32], cost: &mut [f32]) -> bool {
     let mut ok = true;
@@ -555,16 +555,22 @@ fn sinkhorn_scores(block: &mut [f32], d0: &[f32], d1: &[f32]) {
 /// order. With AVX2, eight rows at a time ([`avx2::sinkhorn_rows8`], the same bits).
 fn sinkhorn_block(avx2: bool, rows: &[f32], d1: &[f32], t_inv: f32, d0: &mut [f32], columns: &mut [f32]) {
     columns.fill(0.0);
-    let mut done = 0;
+    // Rows done eight at a time; the rest go row by row.
     #[cfg(target_arch = "x86_64")]
-    if avx2 && !d1.is_empty() {
-        for (group, d) in rows.chunks_exact(8 * d1.len()).zip(d0.chunks_exact_mut(8)) {
+    let done = if avx2 && !d1.is_empty() {
+        let groups = rows.chunks_exact(8 * d1.len()).zip(d0.chunks_exact_mut(8));
+        let count = groups.len();
+        for (group, d) in groups {
             let d: &mut [f32; 8] = d.try_into().expect("chunks of eight");
             // SAFETY: `avx2` says the features are available; eight rows of `d1.len()`.
             unsafe { avx2::sinkhorn_rows8(group, d1, t_inv, SINKHORN_EPS, d, columns) };
-            done += 8;
         }
-    }
+        8 * count
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     multiversion!(avx2, sinkhorn_rows(&rows[done * d1.len()..], d1, t_inv, &mut d0[done..], columns));
 }
 
