@@ -11,9 +11,13 @@ ops softmax + sum, bincount, logsumexp; argmax for layer_plan; Megatron-style fo
 capacity dispatch, top-p, expert choice (topk per expert) and Sinkhorn; and one transformers
 MoE block (Mixtral, OLMoE shapes) with its own experts against sparseroute.patch. For
 sync-free ops it also times a CUDA graph replay of ten calls of the op (``sparseroute_graph_ms``,
-per call): the GPU time alone, without the host work of each call; for those it also times both sides queued
-(many calls back to back, as in a model, ``*_queued_ms``), and for permute and unpermute a
-torch copy of as many bytes (``copy_graph_ms``, ``of_copy_bandwidth``).
+per call): the GPU time alone, without the host work of each call, and the same of the
+baseline (``torch_graph_ms``, ``graph_speedup``: GPU against GPU); for those it also times both
+sides queued (many calls back to back, as in a model, ``*_queued_ms``), and for permute and
+unpermute a torch copy of as many bytes (``copy_graph_ms``, ``of_copy_bandwidth``). Where
+vLLM is installed, top-k gating is also timed against its fused top-k softmax kernel (rows
+whose ``baseline`` is "vllm fused_topk"; ``torch_ms`` is then that kernel's time);
+``fused_topk_baseline`` in the JSON says whether it was found.
 """
 
 from __future__ import annotations
@@ -105,6 +109,35 @@ def torch_topk(logits, k, score="softmax", bias=None, num_groups=None, topk_grou
     return weights / weights.sum(-1, keepdim=True), experts
 
 
+def find_fused_topk() -> tuple[str, Callable[[torch.Tensor, int], object] | None]:
+    """A serving engine's fused top-k softmax (softmax, top-k and renormalisation in one
+    kernel), when one is installed: vLLM's ``fused_topk``. Returns its name and a function of
+    (logits, k), or the reason it is missing and None."""
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_topk  # type: ignore[import-not-found]
+    except Exception as err:  # not installed, or installed without its CUDA extension
+        return f"vLLM fused_topk not available ({type(err).__name__}: {err})", None
+
+    def run(logits: torch.Tensor, k: int) -> object:
+        # Its first argument only gives the token count and the device.
+        return fused_topk(logits, logits, k, True)
+
+    return "vllm fused_topk", run
+
+
+FUSED_TOPK = find_fused_topk()
+
+
+def fused_topk_input(fused_topk: Callable[[torch.Tensor, int], object], logits, k: int) -> torch.Tensor:
+    """``logits`` as the fused kernel takes them: as they are, or in float32 (converted once,
+    outside the timing) for versions whose kernel reads float32 only."""
+    try:
+        fused_topk(logits, k)
+        return logits
+    except Exception:
+        return logits.float()
+
+
 def torch_permute(x, experts):
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -129,12 +162,15 @@ def cases(repeats: int) -> list[dict[str, object]]:
         theirs: Callable[[], object],
         capturable: bool = False,
         moved_bytes: int = 0,
+        baseline: str = "torch",
     ) -> None:
         ours_ms, theirs_ms = time_ms(ours, repeats), time_ms(theirs, repeats)
         row = {
             "case": name,
             "shape": shape,
+            "baseline": baseline,
             "sparseroute_ms": round(ours_ms, 4),
+            # The baseline's time (torch's code unless "baseline" names another).
             "torch_ms": round(theirs_ms, 4),
             "speedup": round(theirs_ms / ours_ms, 2),
             # The GPU time alone (a CUDA graph replay of the op, per call) for sync-free ops: the
@@ -142,6 +178,11 @@ def cases(repeats: int) -> list[dict[str, object]]:
             "sparseroute_graph_ms": graph_ms(ours, repeats) if capturable else None,
         }
         if capturable:
+            # The baseline's GPU time alone too, where it can be captured: GPU against GPU.
+            theirs_graph = graph_ms(theirs, repeats)
+            row["torch_graph_ms"] = theirs_graph
+            if theirs_graph and row["sparseroute_graph_ms"]:
+                row["graph_speedup"] = round(theirs_graph / row["sparseroute_graph_ms"], 2)
             # Small ops run among many others: time them queued too.
             ours_queued, theirs_queued = queued_ms(ours, repeats), queued_ms(theirs, repeats)
             row["sparseroute_queued_ms"] = round(ours_queued, 4)
@@ -158,6 +199,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
                 row["of_copy_bandwidth"] = round(copy_ms / row["sparseroute_graph_ms"], 3)
         rows.append(row)
 
+    fused_name, fused_topk = FUSED_TOPK
     for tokens, experts, k in [(4096, 8, 2), (16384, 64, 8), (16384, 256, 8)]:
         logits = torch.randn(tokens, experts, device="cuda", generator=g, dtype=torch.bfloat16)
         add(
@@ -167,6 +209,16 @@ def cases(repeats: int) -> list[dict[str, object]]:
             lambda logits=logits, k=k: torch_topk(logits, k),
             capturable=True,
         )
+        if fused_topk is not None:
+            fused_logits = fused_topk_input(fused_topk, logits, k)
+            add(
+                "topk_gating softmax vs a serving engine's fused kernel",
+                f"T={tokens} E={experts} k={k} bf16",
+                lambda logits=logits, k=k: sparseroute.topk_gating(logits, k),
+                lambda logits=fused_logits, k=k: fused_topk(logits, k),
+                capturable=True,
+                baseline=fused_name,
+            )
     logits = torch.randn(16384, 256, device="cuda", generator=g)
     bias = torch.randn(256, device="cuda", generator=g) * 0.01
     add(
@@ -335,6 +387,7 @@ def moe_block_rows(repeats: int) -> list[dict[str, object]]:
                     {
                         "case": f"MoE block fwd+bwd vs transformers {baseline}",
                         "shape": f"{shape} E={spec['experts']} k={spec['k']} T=2048 bf16",
+                        "baseline": f"transformers-{baseline}",
                         "sparseroute_ms": round(times["sparseroute"], 4),
                         "torch_ms": round(times[baseline], 4),
                         "speedup": round(times[baseline] / times["sparseroute"], 2),
@@ -396,6 +449,24 @@ def torch_gated_scatter(x, y, indices, gate):
     return x.scatter(1, index, rows.to(x.dtype))
 
 
+def format_row(row: dict[str, object]) -> str:
+    """One line of the printed table."""
+    graph, theirs_graph = row["sparseroute_graph_ms"], row.get("torch_graph_ms")
+    alone = ""
+    if graph is not None:
+        alone = f"   (GPU time alone {graph:.4f} ms"
+        if theirs_graph is not None and "graph_speedup" in row:
+            alone += f", {row['baseline']} {theirs_graph:.4f} ms: x{row['graph_speedup']}"
+        alone += ")"
+    return (
+        f"{row['case']:<58} {row['shape']:<30} sparseroute {row['sparseroute_ms']:>8.4f} ms"
+        f"   {row['baseline']} {row['torch_ms']:>8.4f} ms   x{row['speedup']}"
+        + alone
+        + (f"   queued x{row['queued_speedup']}" if "queued_speedup" in row else "")
+        + (f"   {row['of_copy_bandwidth']:.0%} of copy bandwidth" if "of_copy_bandwidth" in row else "")
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the timings here as JSON")
@@ -408,18 +479,13 @@ def main() -> int:
     rows = cases(args.repeats)
     device = torch.cuda.get_device_name()
     print(f"device: {device}")
+    print(f"fused top-k baseline: {FUSED_TOPK[0]}")
     for row in rows:
-        graph = row["sparseroute_graph_ms"]
-        print(
-            f"{row['case']:<58} {row['shape']:<30} sparseroute {row['sparseroute_ms']:>8.4f} ms"
-            f"   torch {row['torch_ms']:>8.4f} ms   x{row['speedup']}"
-            + ("" if graph is None else f"   (GPU time alone {graph:.4f} ms)")
-            + (f"   queued x{row['queued_speedup']}" if "queued_speedup" in row else "")
-            + (f"   {row['of_copy_bandwidth']:.0%} of copy bandwidth" if "of_copy_bandwidth" in row else "")
-        )
+        print(format_row(row))
     if args.out:
+        record = {"device": device, "fused_topk_baseline": FUSED_TOPK[0], "timings": rows}
         with open(args.out, "w") as out:
-            json.dump({"device": device, "timings": rows}, out, indent=2)
+            json.dump(record, out, indent=2)
     return 0
 
 
