@@ -72,11 +72,12 @@ def test_every_launched_kernel_is_defined_in_its_source():
     [
         ("SMALL_PLAN_MAX_EXPERTS", "plan.cu", "SR_SMALL_PLAN_EXPERTS"),
         ("REPLICA_SHARED_COUNTERS", "placement.cu", "REPLICA_SHARED_COUNTERS"),
+        ("EXPERT_COUNT_CHUNK", "plan.cu", "SR_COUNT_CHUNK"),
     ],
 )
 def test_glue_limits_match_the_kernels_shared_arrays(constant, file, define):
-    """The glue chooses a kernel by a size its shared-memory array must hold: the two numbers
-    are written twice (Python and CUDA) and must agree."""
+    """The glue chooses a kernel (or sizes its grid) by a size the kernel also fixes: the two
+    numbers are written twice (Python and CUDA) and must agree."""
     found = re.search(rf"#define {define} (\d+)", _cuda.read_source(file))
     assert found and int(found.group(1)) == getattr(_cuda_ops, constant)
 

@@ -552,7 +552,18 @@ def test_score_sums_and_gradient_match_the_cpu_kernels(
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "k", "num_experts", "group_size"), [(9, 2, 4, 9), (300, 3, 17, 40), (5, 1, 3, 1)]
+    ("num_tokens", "k", "num_experts", "group_size"),
+    [
+        (9, 2, 4, 9),
+        (300, 3, 17, 40),
+        (5, 1, 3, 1),
+        # Chunks of 2048 slots: two groups of 2200 slots, each of two chunks (the second
+        # short), and a last, shorter group; then one group larger than the tokens.
+        (2300, 2, 37, 1100),
+        (3000, 1, 5, 10**6),
+        # More experts than the shared counters hold: every slot adds to the global counts.
+        (700, 3, 5000, 300),
+    ],
 )
 @pytest.mark.parametrize("masked", [False, True])
 def test_expert_counts_are_the_cpu_counts(gpu, num_tokens, k, num_experts, group_size, masked):

@@ -99,6 +99,8 @@ SMALL_PLAN_MAX_SLOTS = 1 << 15
 SMALL_PLAN_MAX_EXPERTS = 128
 #: Blocks of the row kernels at most (they loop over the rest).
 MAX_ROW_BLOCKS = 1 << 18
+#: Slots per block-step of sr_expert_counts (plan.cu, SR_COUNT_CHUNK).
+EXPERT_COUNT_CHUNK = 2048
 #: Slots of the error buffer that the Python glue adds to (see _cuda.ERROR_KINDS).
 ERROR_DROP_WEIGHTS = 6
 
@@ -1000,9 +1002,11 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
     group_size = _group_size(group_size)
     device = logits.device
     groups = -(-num_tokens // group_size)
-    sums = torch.zeros(groups, num_experts, dtype=torch.float64, device=device)
     if num_tokens == 0:
-        return sums.to(_accumulator(dtype))
+        return torch.zeros(groups, num_experts, dtype=_accumulator(dtype), device=device)
+    # Every sum is written by sr_score_totals, in the accumulator type: no zero fill and no
+    # conversion (two launches fewer).
+    sums = torch.empty(groups, num_experts, dtype=_accumulator(dtype), device=device)
     logits = logits.contiguous()
     mask = _token_mask(mask, num_tokens, device)
     segments = min((group_size - 1) // SCORE_SEGMENT_TOKENS + 2, -(-num_tokens // SCORE_SEGMENT_TOKENS))
@@ -1051,7 +1055,7 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             256,
             (pointer(partials), groups, segments, num_experts, pointer(sums)),
         )
-    return sums.to(_accumulator(dtype))
+    return sums
 
 
 def score_sums_backward_cuda(
@@ -1106,12 +1110,15 @@ def expert_counts_cuda(experts: Tensor, num_experts: int, group_size: int, mask:
         return counts
     experts = experts.to(torch.int64).contiguous()
     mask = _token_mask(mask, num_tokens, device)
+    # Larger groups are one group; clamped, group_size * k cannot overflow in the kernel.
+    group_size = min(group_size, num_tokens)
+    chunks = groups * -(-(group_size * k) // EXPERT_COUNT_CHUNK)
     with _cuda.launcher(device) as launch:
         launch(
             "plan.cu",
             None,
             "sr_expert_counts",
-            min(-(-(num_tokens * k) // 256), MAX_ROW_BLOCKS),
+            min(chunks, MAX_ROW_BLOCKS),
             256,
             (
                 pointer(experts),

@@ -13,8 +13,9 @@
 //                          float64, from 0. Only these chains are sequential; the scores are
 //                          computed in parallel by sr_score_stats.
 //   sr_score_totals        one thread per (group, expert): the segments added in order, from
-//                          0: the Rust kernel's order of additions. The scores themselves come
-//                          from the GPU's exp, so the sums agree with the CPU to float tolerance.
+//                          0: the Rust kernel's order of additions, then rounded to the
+//                          accumulator type. The scores themselves come from the GPU's exp, so
+//                          the sums agree with the CPU to float tolerance.
 //   sr_score_sums_backward one warp per token: the Jacobian-vector product of its normalised
 //                          scores with grad_sums of its group; zeros for masked and
 //                          non-finite (counted) rows.
@@ -140,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void __launch_bounds__(256)
     sr_score_totals(const double* partials, i64 num_groups, i64 segments, int num_experts,
-                    double* sums) {
+                    acc_t* sums) {
   const i64 items = num_groups * num_experts;
   const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
   for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < items; i += stride) {
@@ -150,7 +151,8 @@ extern "C" __global__ void __launch_bounds__(256)
     for (i64 j = 0; j < segments; ++j) {
       total = add_rn(total, partials[(g * segments + j) * num_experts + e]);
     }
-    sums[i] = total;
+    // Rounded once to the accumulator type (cvt.rn), as torch's conversion would.
+    sums[i] = static_cast<acc_t>(total);
   }
 }
 

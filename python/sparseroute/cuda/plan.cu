@@ -265,28 +265,64 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // Per-group expert counts of load balancing (rust/core/src/balance/mod.rs, expert_counts):
-// counts[g, e] += 1 for every slot of an unmasked token of group g routed to e. One thread per
-// slot (grid-stride), 64-bit integer atomics: the counts do not depend on the order. Ids outside
-// [-1, E) are counted in the error buffer and skipped; counts must start zeroed.
+// counts[g, e] += 1 for every slot of an unmasked token of group g routed to e. Each block
+// takes chunks of SR_COUNT_CHUNK consecutive slots of one group (grid-stride over the chunks);
+// up to SR_SHARED_COUNT_EXPERTS experts, a chunk is counted in shared memory first and then
+// added to the group's counts with one 64-bit atomic per expert it holds (thousands of slots
+// contending for E global counters were slower than torch.bincount); above that, each slot
+// adds to the global counts itself. Integer sums: the counts do not depend on the order. Ids
+// outside [-1, E) are counted in the error buffer (one per slot) and skipped; counts must
+// start zeroed; group_size must be at most num_tokens (the host clamps it).
+#define SR_COUNT_CHUNK 2048
+#define SR_SHARED_COUNT_EXPERTS 4096
+
 extern "C" __global__ void __launch_bounds__(256)
     sr_expert_counts(const i64* experts, i64 num_tokens, i64 k, int num_experts, i64 group_size,
                      const unsigned char* mask, i64* counts, int* errors) {
+  __shared__ unsigned int local[SR_SHARED_COUNT_EXPERTS];
+  const bool in_shared = num_experts <= SR_SHARED_COUNT_EXPERTS;
   const i64 slots = num_tokens * k;
-  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
-  for (i64 s = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; s < slots; s += stride) {
-    const i64 t = s / k;
-    if (mask != nullptr && mask[t] == 0) {
-      continue;
+  const i64 group_slots = group_size * k;
+  const i64 chunks_per_group = (group_slots + SR_COUNT_CHUNK - 1) / SR_COUNT_CHUNK;
+  const i64 chunks = (num_tokens + group_size - 1) / group_size * chunks_per_group;
+  for (i64 c = blockIdx.x; c < chunks; c += gridDim.x) {
+    const i64 g = c / chunks_per_group;
+    const i64 begin = g * group_slots + (c - g * chunks_per_group) * SR_COUNT_CHUNK;
+    const i64 group_end = (g + 1) * group_slots < slots ? (g + 1) * group_slots : slots;
+    const i64 end = begin + SR_COUNT_CHUNK < group_end ? begin + SR_COUNT_CHUNK : group_end;
+    i64* group_counts = counts + g * num_experts;
+    if (in_shared) {
+      for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        local[e] = 0;
+      }
+      __syncthreads();
     }
-    const i64 id = experts[s];
-    if (id == -1) {
-      continue;
+    for (i64 s = begin + threadIdx.x; s < end; s += blockDim.x) {
+      if (mask != nullptr && mask[s / k] == 0) {
+        continue;
+      }
+      const i64 id = experts[s];
+      if (id == -1) {
+        continue;
+      }
+      if (id < 0 || id >= num_experts) {
+        atomicAdd(&errors[SR_ERR_EXPERT_ID], 1);
+      } else if (in_shared) {
+        atomicAdd(&local[id], 1u);
+      } else {
+        atomicAdd(reinterpret_cast<u64*>(group_counts + id), 1ull);
+      }
     }
-    if (id < 0 || id >= num_experts) {
-      atomicAdd(&errors[SR_ERR_EXPERT_ID], 1);
-      continue;
+    if (in_shared) {
+      __syncthreads();
+      for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        if (local[e] != 0) {
+          atomicAdd(reinterpret_cast<u64*>(group_counts + e), static_cast<u64>(local[e]));
+        }
+      }
+      // Every count is flushed before the next chunk zeroes them.
+      __syncthreads();
     }
-    atomicAdd(reinterpret_cast<u64*>(counts + (t / group_size) * num_experts + id), 1ull);
   }
 }
 
