@@ -208,7 +208,7 @@ pub fn gather_rows<X: Element>(
                 Some(t) => {
                     let src = &x[t * row_len..(t + 1) * row_len];
                     match slot_scale {
-                        None => dst.copy_from_slice(src),
+                        None => crate::simd::copy_row(dst, src),
                         Some(scale) => {
                             let w = scale[slot as usize];
                             for (o, &v) in dst.iter_mut().zip(src) {

@@ -269,7 +269,7 @@ pub fn gather_tokens<X: Element>(
             let source = (r / capacity) * seq_len + p as usize;
             let src = &x[source * row_len..(source + 1) * row_len];
             match scale {
-                None => dst.copy_from_slice(src),
+                None => crate::simd::copy_row(dst, src),
                 Some(scale) => {
                     let w = scale[source];
                     for (o, &v) in dst.iter_mut().zip(src) {
@@ -331,7 +331,7 @@ pub fn scatter_tokens<X: Element>(
             let entry = inverse[r];
             if entry < 0 {
                 match base_row {
-                    Some(src) => dst.copy_from_slice(src),
+                    Some(src) => crate::simd::copy_row(dst, src),
                     None => dst.fill(X::default()),
                 }
                 continue;
@@ -340,7 +340,7 @@ pub fn scatter_tokens<X: Element>(
             let row = row * row_len..(row + 1) * row_len;
             match kept {
                 KeptRows::Replace(None) => dst.fill(X::default()),
-                KeptRows::Replace(Some(rows)) => dst.copy_from_slice(&rows[row]),
+                KeptRows::Replace(Some(rows)) => crate::simd::copy_row(dst, &rows[row]),
                 KeptRows::AddGated { rows, gate } => {
                     let g = gate[r];
                     match base_row {

@@ -125,6 +125,23 @@ impl Source for F16Rows<'_> {
     }
 }
 
+/// Copies `len` bytes from `src` to `dst` (which do not overlap), 32 at a time, then the
+/// rest (see [`super::copy_row`]).
+///
+/// # Safety
+/// AVX2 is available; `src` and `dst` are valid for `len` bytes and do not overlap.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize) {
+    let whole = len / 32 * 32;
+    // SAFETY: every access is below `len` bytes from its pointer (caller).
+    unsafe {
+        for i in (0..whole).step_by(32) {
+            _mm256_storeu_si256(dst.add(i).cast(), _mm256_loadu_si256(src.add(i).cast()));
+        }
+        std::ptr::copy_nonoverlapping(src.add(whole), dst.add(whole), len - whole);
+    }
+}
+
 /// All-ones lanes where `v` is finite (NaN and infinities give zero lanes).
 #[inline(always)]
 pub(crate) unsafe fn finite_lanes(v: __m256) -> __m256 {

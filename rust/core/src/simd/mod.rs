@@ -100,6 +100,30 @@ pub fn avx512_enabled() -> bool {
     false
 }
 
+/// Rows at least this long (in bytes) are copied by [`copy_row`]'s vector loop.
+const ROW_COPY_MIN_BYTES: usize = 1024;
+
+/// `dst.copy_from_slice(src)` for a token's row (permute, token gathers): with AVX2, rows of
+/// a kilobyte or more go through a loop of 32-byte loads and stores. For such sizes memmove
+/// picks `rep movsb`, which on some processors copies far slower than the loop: on an AMD
+/// EPYC (Zen 4), gathering 32768 rows of 2 KB took 20 ms with memmove and 12 with the loop,
+/// 4 KB rows 23 against 20 (one thread); below a kilobyte they are the same.
+#[inline]
+pub fn copy_row<T: Copy>(dst: &mut [T], src: &[T]) {
+    assert_eq!(dst.len(), src.len(), "copy_row: rows of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(src);
+        if bytes >= ROW_COPY_MIN_BYTES && avx2_enabled() {
+            // SAFETY: AVX2 is available (checked); both slices hold `bytes` bytes, and a
+            // `&mut` slice cannot overlap a shared one.
+            unsafe { avx2::copy_bytes(dst.as_mut_ptr().cast(), src.as_ptr().cast(), bytes) };
+            return;
+        }
+    }
+    dst.copy_from_slice(src);
+}
+
 /// The instruction set the CPU kernels use on this machine: `"avx512"` (AVX2 kernels with
 /// AVX-512 top-k selection and exponentials), `"avx2"` or `"baseline"` (SSE2 on x86_64, portable code
 /// elsewhere). Results are the same bits at every level.
@@ -110,5 +134,26 @@ pub fn level() -> &'static str {
         "avx2"
     } else {
         "baseline"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn copy_row_copies_rows_of_every_length() {
+        // Below the vector loop's kilobyte, at it, and whole and partial 32-byte blocks past
+        // it, for 2- and 4-byte elements; the loop reads and writes inside the rows alone.
+        for len in [0usize, 1, 7, 511, 512, 513, 1000, 1024, 1031, 2048, 4099] {
+            let source: Vec<u16> = (0..len + 2).map(|i| (i * 7919 % 65521) as u16).collect();
+            let mut row = vec![0xffffu16; len + 2];
+            super::copy_row(&mut row[1..len + 1], &source[1..len + 1]);
+            assert_eq!(row[1..len + 1], source[1..len + 1], "u16 x {len}");
+            assert_eq!((row[0], row[len + 1]), (0xffff, 0xffff), "u16 x {len}: outside the row");
+            let source: Vec<f32> = source.iter().map(|&v| f32::from(v) + 0.5).collect();
+            let mut row = vec![-1.0f32; len + 2];
+            super::copy_row(&mut row[1..len + 1], &source[1..len + 1]);
+            assert_eq!(row[1..len + 1], source[1..len + 1], "f32 x {len}");
+            assert_eq!((row[0], row[len + 1]), (-1.0, -1.0), "f32 x {len}: outside the row");
+        }
     }
 }
