@@ -202,22 +202,26 @@ def cases(repeats: int) -> list[dict[str, object]]:
     fused_name, fused_topk = FUSED_TOPK
     for tokens, experts, k in [(4096, 8, 2), (16384, 64, 8), (16384, 256, 8)]:
         logits = torch.randn(tokens, experts, device="cuda", generator=g, dtype=torch.bfloat16)
-        add(
-            "topk_gating softmax",
-            f"T={tokens} E={experts} k={k} bf16",
-            lambda logits=logits, k=k: sparseroute.topk_gating(logits, k),
-            lambda logits=logits, k=k: torch_topk(logits, k),
-            capturable=True,
-        )
+        baselines: list[tuple[str, str, Callable[[], object]]] = [
+            ("topk_gating softmax", "torch", lambda logits=logits, k=k: torch_topk(logits, k))
+        ]
         if fused_topk is not None:
             fused_logits = fused_topk_input(fused_topk, logits, k)
+            baselines.append(
+                (
+                    "topk_gating softmax vs a serving engine's fused kernel",
+                    fused_name,
+                    lambda logits=fused_logits, k=k: fused_topk(logits, k),
+                )
+            )
+        for case, baseline, theirs in baselines:
             add(
-                "topk_gating softmax vs a serving engine's fused kernel",
+                case,
                 f"T={tokens} E={experts} k={k} bf16",
                 lambda logits=logits, k=k: sparseroute.topk_gating(logits, k),
-                lambda logits=fused_logits, k=k: fused_topk(logits, k),
+                theirs,
                 capturable=True,
-                baseline=fused_name,
+                baseline=baseline,
             )
     logits = torch.randn(16384, 256, device="cuda", generator=g)
     bias = torch.randn(256, device="cuda", generator=g) * 0.01
