@@ -106,8 +106,8 @@ const ROW_COPY_MIN_BYTES: usize = 1024;
 /// `dst.copy_from_slice(src)` for a token's row (permute, token gathers): with AVX2, rows of
 /// a kilobyte or more go through a loop of 32-byte loads and stores. For such sizes memmove
 /// picks `rep movsb`, which on some processors copies far slower than the loop: on an AMD
-/// EPYC (Zen 4), gathering 32768 rows of 2 KB took 20 ms with memmove and 12 with the loop,
-/// 4 KB rows 23 against 20 (one thread); below a kilobyte they are the same.
+/// EPYC (Zen 4), gathering 32768 rows of 2 KB took 19-20 ms with memmove and 9-12 with the
+/// loop (one thread); from 3 KB on the two are equal.
 #[inline]
 pub fn copy_row<T: Copy>(dst: &mut [T], src: &[T]) {
     assert_eq!(dst.len(), src.len(), "copy_row: rows of different lengths");
