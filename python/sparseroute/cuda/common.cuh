@@ -94,21 +94,24 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
+// The range reduction of sr_fast_exp and sr_fma_exp (rust/core/src/element.rs: EXP_MAGIC,
+// LN2_HI, LN2_LO).
+constexpr float kExpMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+constexpr float kLog2e = 1.44269504088896340735992468100189214f;
+constexpr float kLn2Hi = 0.6933594f;
+constexpr float kLn2Lo = -2.1219444e-4f;
+
 // The CPU's float32 exp (rust/core/src/element.rs, fast_exp_f32): a degree-6 polynomial on
 // x - n ln 2 scaled by 2^n, within 2 ulp of exp. Each step rounded once, as on the CPU, so
-// kernels that use it (top-p, expert choice, Sinkhorn) compute the CPU's bits. float64
-// uses exp on both sides (within 1 ulp of each other, not always equal).
+// kernels that use it (top-p, expert choice) compute the CPU's bits. float64 uses exp on
+// both sides (within 1 ulp of each other, not always equal).
 __device__ __forceinline__ float sr_fast_exp(float x) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float log2e = 1.44269504088896340735992468100189214f;
-  const float ln2_hi = 0.6933594f;
-  const float ln2_lo = -2.1219444e-4f;
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.7f ? 88.7f : x;
-  const float t = __fadd_rn(__fmul_rn(x, log2e), magic);
-  const float n = __fsub_rn(t, magic);
-  const int exponent = static_cast<int>(__float_as_uint(t) - __float_as_uint(magic));
-  const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, ln2_hi)), __fmul_rn(n, ln2_lo));
+  const float t = __fadd_rn(__fmul_rn(x, kLog2e), kExpMagic);
+  const float n = __fsub_rn(t, kExpMagic);
+  const int exponent = static_cast<int>(__float_as_uint(t) - __float_as_uint(kExpMagic));
+  const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, kLn2Hi)), __fmul_rn(n, kLn2Lo));
   float p = 1.9875691e-4f;
   p = __fadd_rn(__fmul_rn(p, r), 1.3982e-3f);
   p = __fadd_rn(__fmul_rn(p, r), 8.333452e-3f);
@@ -123,15 +126,13 @@ __device__ __forceinline__ float sr_fast_exp(float x) {
 // on the CPU), within 2 ulp of exp. Sinkhorn's cost uses it: the CPU's bits in 12 operations
 // instead of 20.
 __device__ __forceinline__ float sr_fma_exp(float x) {
-  const float magic = 12582912.0f;
-  const float log2e = 1.44269504088896340735992468100189214f;
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.7f ? 88.7f : x;
-  const float t = __fmaf_rn(x, log2e, magic);
-  const float n = __fsub_rn(t, magic);
-  const int exponent = static_cast<int>(__float_as_uint(t) - __float_as_uint(magic));
-  float r = __fmaf_rn(n, -0.6933594f, x);
-  r = __fmaf_rn(n, 2.1219444e-4f, r);
+  const float t = __fmaf_rn(x, kLog2e, kExpMagic);
+  const float n = __fsub_rn(t, kExpMagic);
+  const int exponent = static_cast<int>(__float_as_uint(t) - __float_as_uint(kExpMagic));
+  float r = __fmaf_rn(n, -kLn2Hi, x);
+  r = __fmaf_rn(n, -kLn2Lo, r);
   float p = 1.381454e-3f;
   p = __fmaf_rn(p, r, 8.368745e-3f);
   p = __fmaf_rn(p, r, 4.166839e-2f);
