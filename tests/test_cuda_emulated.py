@@ -494,7 +494,28 @@ def test_select_tokens_over_several_chunks(gpu):
         indices, mask = _cuda_ops.select_tokens_cuda(*args)
         cpu_indices, cpu_mask = ops.select_tokens(*args)
         assert torch.equal(indices, cpu_indices) and torch.equal(mask, cpu_mask)
-    assert gpu.launches[-1] == ("sr_select_tokens", 3, 256)
+    assert gpu.launches[-1] == ("sr_select_tokens", 3, 96)  # three warps per block, two steps of four keys each
+
+
+def test_select_tokens_in_full_blocks(gpu):
+    """Sequences long enough for 1024-thread blocks: every warp compacts its own run of
+    positions, the ties at the threshold span many runs, and each digit takes several steps."""
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randint(0, 40, (2, 9000), generator=g).to(torch.float32)
+    lengths = torch.tensor([9000, 8001])
+    for rule, value, capacity in [("top", 0.0, 2500), ("threshold", 30.0, 2000)]:
+        args = (scores, capacity, rule, value, lengths)
+        indices, mask = _cuda_ops.select_tokens_cuda(*args)
+        cpu_indices, cpu_mask = ops.select_tokens(*args)
+        assert torch.equal(indices, cpu_indices) and torch.equal(mask, cpu_mask)
+    assert gpu.launches[-1] == ("sr_select_tokens", 2, 1024)
+    assert not gpu.errors.any()
+
+
+def test_select_threads_follow_the_sequence_length():
+    assert [_cuda_ops.select_threads(n) for n in (0, 1, 256, 257, 4096, 8192, 10**6)] == [
+        32, 32, 32, 64, 512, 1024, 1024
+    ]
 
 
 def test_select_tokens_counts_nan_scores_and_bad_lengths(gpu):
@@ -724,6 +745,16 @@ def test_expert_choice_is_the_cpu_choice(gpu, dtype, num_tokens, num_experts, ca
     weights, experts = _cuda_ops.expert_choice_slots_cuda(indices, gates, num_tokens)
     cpu_weights, cpu_experts = ops.expert_choice_slots(cpu_indices, cpu_gates, num_tokens)
     assert torch.equal(experts, cpu_experts) and torch.equal(weights, cpu_weights.to(weights.dtype))
+    assert not gpu.errors.any()
+
+
+def test_expert_choice_over_many_tokens_is_the_cpu_choice(gpu):
+    """Several warps per expert, several steps per digit, ties across the warps' runs."""
+    logits = tie_heavy(3000, 3, torch.float32, seed=6)
+    gates, indices = _cuda_ops.expert_choice_cuda(logits, 1000)
+    cpu_gates, cpu_indices = ops.expert_choice(logits, 1000)
+    assert torch.equal(indices, cpu_indices) and torch.equal(gates, cpu_gates)
+    assert gpu.launches[-1] == ("sr_select_tokens", 3, 384)
     assert not gpu.errors.any()
 
 

@@ -940,28 +940,67 @@ def select_tokens_cuda(
     mask = torch.empty(batch, seq_len, dtype=torch.bool, device=device)
     if batch == 0 or seq_len == 0:
         return indices, mask
-    scores = scores.contiguous()
+    _check_select_length(seq_len, "scores", "positions per sequence")
     with _cuda.launcher(device) as launch:
-        launch(
-            "tokens.cu",
-            dtype,
-            "sr_select_tokens",
-            min(batch, MAX_ROW_BLOCKS),
-            256,
-            (
-                pointer(scores),
-                batch,
-                seq_len,
-                capacity,
-                pointer(lengths),
-                _SELECT_RULES[rule],
-                value,
-                pointer(indices),
-                pointer(mask),
-                pointer(launch.errors),
-            ),
-        )
+        _launch_select(launch, scores.contiguous(), capacity, _SELECT_RULES[rule], value, lengths, indices, mask)
     return indices, mask
+
+
+#: Positions per thread that sr_select_tokens' blocks are sized for (one block per sequence,
+#: 32 to 1024 threads): enough threads that each walk over the sequence (one per digit) has
+#: many loads in flight, and few enough that short sequences do not pay for idle warps at
+#: every barrier.
+SELECT_POSITIONS_PER_THREAD = 8
+#: The longest sequence sr_select_tokens ranks (its histograms and run counts are int32).
+MAX_SELECT_POSITIONS = 2**31 - 1
+
+
+def select_threads(seq_len: int) -> int:
+    """The threads of each sr_select_tokens block for sequences of ``seq_len`` positions."""
+    warps = -(-seq_len // (32 * SELECT_POSITIONS_PER_THREAD))
+    return 32 * min(max(warps, 1), 32)
+
+
+def _check_select_length(length: int, name: str, what: str) -> None:
+    if length > MAX_SELECT_POSITIONS:
+        raise _invalid(name, f"at most {MAX_SELECT_POSITIONS} {what} on CUDA", length)
+
+
+def _launch_select(
+    launch: _cuda.Launcher,
+    scores: Tensor,
+    capacity: int,
+    rule: int,
+    value: float,
+    lengths: Tensor | None,
+    indices: Tensor,
+    mask: Tensor | None,
+    kept_scores: Tensor | None = None,
+) -> None:
+    """Each row of the contiguous ``[B, S]`` scores: its kept positions into ``indices``
+    ``[B, C]`` (ascending, -1 padded), and optionally the mask ``[B, S]`` and the kept scores
+    ``[B, C]`` (the scores' dtype)."""
+    batch, seq_len = scores.shape
+    launch(
+        "tokens.cu",
+        scores.dtype,
+        "sr_select_tokens",
+        min(batch, MAX_ROW_BLOCKS),
+        select_threads(seq_len),
+        (
+            pointer(scores),
+            batch,
+            seq_len,
+            capacity,
+            pointer(lengths),
+            rule,
+            value,
+            pointer(indices),
+            pointer(mask),
+            pointer(kept_scores),
+            pointer(launch.errors),
+        ),
+    )
 
 
 # --- load balancing: score sums, expert counts, z-loss ------------------------------------------
@@ -1226,53 +1265,38 @@ def topp_gating_cuda(
     return weights, experts
 
 
-def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor, as_keys: bool = False) -> Tensor:
-    """``[E, T]``: the softmax over experts of each token, expert-major (the CPU's bits); with
-    ``as_keys`` (float32 probabilities only), int64 keys ``bits(p) << 32 | (2^32 - 1 - t)``
-    instead: unique, ordered as (probability descending, token ascending) is."""
-    dtype = logits.dtype
+def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor) -> Tensor:
+    """``[E, T]``: the softmax over experts of each token, expert-major (the CPU's bits)."""
     num_tokens, num_experts = logits.shape
-    probs = torch.empty(
-        num_experts, num_tokens, dtype=torch.int64 if as_keys else _accumulator(dtype), device=logits.device
-    )
+    probs = torch.empty(num_experts, num_tokens, dtype=_accumulator(logits.dtype), device=logits.device)
     launch(
         "expert_choice.cu",
-        dtype,
+        logits.dtype,
         "sr_expert_probs",
         -(-num_tokens // 4),
         128,
-        (
-            pointer(logits),
-            num_tokens,
-            num_experts,
-            pointer(None if as_keys else probs),
-            pointer(probs if as_keys else None),
-            pointer(launch.errors),
-        ),
+        (pointer(logits), num_tokens, num_experts, pointer(probs), pointer(launch.errors)),
     )
     return probs
 
 
 def expert_choice_cuda(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     _check_logits(logits)
-    num_tokens = logits.shape[0]
+    num_tokens, num_experts = logits.shape
     if not 0 <= capacity <= num_tokens:
         raise _invalid("capacity", f"0 <= capacity <= T = {num_tokens}", capacity)
-    as_keys = _accumulator(logits.dtype) == torch.float32 and num_tokens < 1 << 32
-    with _cuda.launcher(logits.device) as launch:
-        probs = _expert_probabilities(launch, logits.contiguous(), as_keys)
-    if as_keys:
-        # Unique keys: a plain top-k is each expert's choice, ties to the lower token; the
-        # probability is the key's upper half.
-        keys = probs.topk(capacity, dim=1, sorted=False).values
-        indices, order = torch.sort(0xFFFFFFFF - (keys & 0xFFFFFFFF), dim=1)
-        gates = (keys >> 32).to(torch.int32).view(torch.float32).gather(1, order)
+    _check_select_length(num_tokens, "logits", "tokens")
+    device = logits.device
+    indices = torch.empty(num_experts, capacity, dtype=torch.int64, device=device)
+    gates = torch.empty(num_experts, capacity, dtype=_accumulator(logits.dtype), device=device)
+    if num_tokens == 0:
         return gates, indices
-    # float64: a stable descending sort keeps equal probabilities in token order (the lower
-    # token first); the choice is then listed in ascending token order.
-    best = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :capacity]
-    indices = torch.sort(best, dim=1).values
-    gates = probs.gather(1, indices)
+    with _cuda.launcher(device) as launch:
+        probs = _expert_probabilities(launch, logits.contiguous())
+        if capacity > 0:
+            # Each expert's row of probabilities is a sequence whose top C it keeps: ties to
+            # the lower token, listed in ascending token order, the gates beside them.
+            _launch_select(launch, probs, capacity, _SELECT_RULES["top"], 0.0, None, indices, None, gates)
     return gates, indices
 
 

@@ -1,8 +1,8 @@
 // Expert-choice routing on the GPU: the softmax-over-experts probabilities that every expert
 // ranks its tokens by, written expert-major. The selection itself (each expert's `capacity`
-// best tokens, equal probabilities to the lower token) is a stable sort of each expert's row
-// in sparseroute._cuda_ops.expert_choice_cuda: a top-k of unique keys (below) for float32
-// probabilities, a stable sort for float64.
+// best tokens, equal probabilities to the lower token, in ascending token order) is
+// sr_select_tokens (tokens.cu) over each expert's row of probabilities, which also writes the
+// chosen probabilities (the gates).
 //
 // The probabilities are the CPU's bits for float32, bfloat16 and float16 logits (the CPU's
 // exp and eight-lane softmax sum, see common.cuh), so the GPU chooses the CPU's tokens, ties
@@ -13,13 +13,8 @@
 
 #include "common.cuh"
 
-// With `keys` (float32 probabilities only) it writes, instead of the probabilities, unique
-// int64 selection keys: the probability's bits (non-negative floats order as their bits) above
-// 0xffffffff - t, so that the largest keys are the highest probabilities, equal ones the
-// lower token first, and a plain top-k of the keys is the expert's choice.
 extern "C" __global__ void __launch_bounds__(128)
-    sr_expert_probs(const elem_t* logits, i64 num_tokens, int num_experts, acc_t* probs, i64* keys,
-                    int* errors) {
+    sr_expert_probs(const elem_t* logits, i64 num_tokens, int num_experts, acc_t* probs, int* errors) {
   const i64 t = static_cast<i64>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (t >= num_tokens) {
     return;  // the whole warp
@@ -28,19 +23,9 @@ extern "C" __global__ void __launch_bounds__(128)
   const elem_t* row = logits + t * static_cast<i64>(num_experts);
   acc_t row_max;
   const bool finite = warp_finite_row_max(row, num_experts, lane, row_max);
-  auto store = [&](int e, acc_t p) {
-    if constexpr (sizeof(acc_t) == 4) {
-      if (keys != nullptr) {
-        const u64 bits = static_cast<u64>(__float_as_uint(p));
-        keys[e * num_tokens + t] = static_cast<i64>((bits << 32) | (0xffffffffull - static_cast<u64>(t)));
-        return;
-      }
-    }
-    probs[e * num_tokens + t] = p;
-  };
   if (!finite) {
     for (int e = lane; e < num_experts; e += 32) {
-      store(e, acc_t(0));
+      probs[e * num_tokens + t] = acc_t(0);
     }
     if (lane == 0) {
       atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
@@ -49,7 +34,7 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   const acc_t row_sum = warp_lane_softmax_sum(row, num_experts, row_max, lane);
   for (int e = lane; e < num_experts; e += 32) {
-    store(e, div_rn(fast_exp_acc(sub_rn(to_acc(row[e]), row_max)), row_sum));
+    probs[e * num_tokens + t] = div_rn(fast_exp_acc(sub_rn(to_acc(row[e]), row_max)), row_sum);
   }
 }
 

@@ -35,7 +35,11 @@
 
 namespace {
 
-constexpr int kSelectThreads = 256;
+// sr_select_tokens: one block per sequence, of up to 1024 threads (a multiple of 32, chosen by
+// the glue for the sequence length: a block walks its whole sequence once per digit).
+constexpr int kSelectMaxWarps = 32;
+// Keys each thread loads before their histogram adds, so that the loads overlap.
+constexpr int kSelectAhead = 4;
 constexpr double kFractionRoundingSlack = 1e-9;
 
 // ceil(fraction * length), except that a product within a relative 1e-9 of an integer is
@@ -71,24 +75,49 @@ __device__ __forceinline__ score_key order_key(float v) {
 }
 #endif
 
-// How many threads of the block below this one have `v` set (and the block's total): warp
-// ballots, then the warps' counts in order. Every thread of the block takes part.
-__device__ __forceinline__ int block_count_before(bool v, int* warp_counts, int& total) {
-  const unsigned votes = __ballot_sync(SR_FULL_MASK, v ? 1 : 0);
-  const int warp = static_cast<int>(threadIdx.x >> 5);
-  const unsigned lane = threadIdx.x & 31u;
-  if (lane == 0) {
-    warp_counts[warp] = __popc(votes);
+// Adds each lane's key to histogram[bin] (bin < 0: the lane has no key). Lanes with equal
+// bins add together, through their lowest lane: the first digit of similar scores puts nearly
+// every key in one bin, where one atomic per key would serialise. Every lane takes part.
+__device__ __forceinline__ void warp_histogram_add(int* histogram, int bin) {
+  const unsigned same = __match_any_sync(SR_FULL_MASK, bin);
+  const unsigned lanes_below = (1u << (threadIdx.x & 31u)) - 1u;
+  if (bin >= 0 && (same & lanes_below) == 0u) {
+    atomicAdd(&histogram[bin], __popc(same));
   }
-  __syncthreads();
-  int before = __popc(votes & ((1u << lane) - 1u));
-  total = 0;
-  for (int w = 0; w < kSelectThreads / 32; ++w) {
-    before += w < warp ? warp_counts[w] : 0;
-    total += warp_counts[w];
+}
+
+// The bin that holds the `remaining`-th largest key: the bins above it hold fewer keys, with
+// it at least `remaining`. Writes the bin, and `remaining` less the keys above it. Run by one
+// warp: lane l sums bins 255 - 8l down to 248 - 8l, a scan over the lanes finds the lane whose
+// bins cross `remaining` (exactly one: 1 <= remaining <= the keys counted), and that lane walks
+// its eight bins. Replaces a walk of one thread over all 256 bins, once per digit.
+__device__ __forceinline__ void choose_bin(const int* histogram, i64 remaining, int* chosen_bin,
+                                           i64* chosen_remaining) {
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const int top = 255 - 8 * lane;
+  i64 own = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    own += histogram[top - i];
   }
-  __syncthreads();  // every thread has read warp_counts before they are written again
-  return before;
+  i64 through = own;  // the keys in this lane's bins and in the (higher) bins of lanes before it
+#pragma unroll
+  for (int delta = 1; delta < 32; delta <<= 1) {
+    const i64 before = __shfl_up_sync(SR_FULL_MASK, through, delta);
+    if (lane >= delta) {
+      through += before;
+    }
+  }
+  i64 above = through - own;
+  if (above < remaining && remaining <= through) {
+    int bin = top;
+    while (bin > top - 7 && above + histogram[bin] < remaining) {
+      above += histogram[bin];
+      --bin;
+    }
+    *chosen_bin = bin;
+    *chosen_remaining = remaining - above;
+  }
 }
 
 }  // namespace
@@ -245,15 +274,26 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // rule: 0 top C, 1 a fraction (`value`) of each length (at most C), 2 threshold (`value`).
-extern "C" __global__ void __launch_bounds__(256)
+// `mask` and `kept_scores` may be null; `kept_scores[b, c]` is the score at indices[b, c]
+// (0 where the entry is -1).
+extern "C" __global__ void __launch_bounds__(1024)
     sr_select_tokens(const elem_t* scores, i64 batch, i64 seq_len, i64 capacity,
                      const i64* lengths, int rule, double value, i64* indices,
-                     unsigned char* mask, int* errors) {
+                     unsigned char* mask, elem_t* kept_scores, int* errors) {
   __shared__ int invalid;
-  __shared__ int warp_counts[kSelectThreads / 32];
   __shared__ int histogram[256];
   __shared__ int chosen_bin;
   __shared__ i64 chosen_remaining;
+  __shared__ int warp_flags[kSelectMaxWarps];
+  __shared__ int warp_equals[kSelectMaxWarps];
+  const i64 threads = blockDim.x;
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  // The compaction gives each warp one run of positions, whole steps of 32.
+  const i64 run = (seq_len + threads - 1) / threads * 32;
+  const i64 run_start = warp * run < seq_len ? warp * run : seq_len;
+  const i64 run_end = run_start + run < seq_len ? run_start + run : seq_len;
   for (i64 b = blockIdx.x; b < batch; b += gridDim.x) {
     const elem_t* row = scores + b * seq_len;
     const i64 length = lengths != nullptr ? lengths[b] : seq_len;
@@ -263,7 +303,7 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     __syncthreads();
     if (!bad_length) {
-      for (i64 p = threadIdx.x; p < length; p += blockDim.x) {
+      for (i64 p = threadIdx.x; p < length; p += threads) {
         const acc_t s = to_acc(row[p]);
         if (s != s) {
           invalid = 1;
@@ -274,15 +314,19 @@ extern "C" __global__ void __launch_bounds__(256)
     const bool skip = invalid != 0;
     __syncthreads();  // every thread has read `invalid` before the next sequence resets it
     i64* entries = indices + b * capacity;
-    unsigned char* kept_mask = mask + b * seq_len;
-    for (i64 c = threadIdx.x; c < capacity; c += blockDim.x) {
+    unsigned char* kept_mask = mask != nullptr ? mask + b * seq_len : nullptr;
+    elem_t* entry_scores = kept_scores != nullptr ? kept_scores + b * capacity : nullptr;
+    for (i64 c = threadIdx.x; c < capacity; c += threads) {
       entries[c] = -1;
+      if (entry_scores != nullptr) {
+        entry_scores[c] = from_acc(acc_t(0));
+      }
     }
     if (skip) {
       if (threadIdx.x == 0) {
         atomicAdd(&errors[SR_ERR_TOKEN_SCORES], 1);
       }
-      for (i64 p = threadIdx.x; p < seq_len; p += blockDim.x) {
+      for (i64 p = threadIdx.x; kept_mask != nullptr && p < seq_len; p += threads) {
         kept_mask[p] = 0;
       }
       continue;
@@ -304,43 +348,42 @@ extern "C" __global__ void __launch_bounds__(256)
       score_key prefix_mask = 0;
       i64 remaining = count;
       for (int shift = static_cast<int>(sizeof(score_key)) * 8 - 8; shift >= 0; shift -= 8) {
-        for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x)) {
+        for (i64 i = threadIdx.x; i < 256; i += threads) {
           histogram[i] = 0;
         }
         __syncthreads();
-        for (i64 p = threadIdx.x; p < length; p += blockDim.x) {
-          const score_key key = order_key(to_acc(row[p]));
-          if ((key & prefix_mask) == prefix) {
-            atomicAdd(&histogram[static_cast<int>((key >> shift) & 255u)], 1);
+        // Every lane runs the same steps (the warp adds together); positions past the
+        // length add nothing.
+        for (i64 start = 0; start < length; start += threads * kSelectAhead) {
+          score_key keys[kSelectAhead];
+#pragma unroll
+          for (int u = 0; u < kSelectAhead; ++u) {
+            const i64 p = start + u * threads + threadIdx.x;
+            keys[u] = p < length ? order_key(to_acc(row[p])) : score_key(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kSelectAhead; ++u) {
+            const i64 p = start + u * threads + threadIdx.x;
+            const bool counted = p < length && (keys[u] & prefix_mask) == prefix;
+            warp_histogram_add(histogram, counted ? static_cast<int>((keys[u] >> shift) & 255u) : -1);
           }
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-          i64 above = 0;
-          int bin = 255;
-          while (bin > 0 && above + histogram[bin] < remaining) {
-            above += histogram[bin];
-            --bin;
-          }
-          chosen_bin = bin;
-          chosen_remaining = remaining - above;
+        if (warp == 0) {
+          choose_bin(histogram, remaining, &chosen_bin, &chosen_remaining);
         }
-        __syncthreads();
+        __syncthreads();  // the next digit clears the histogram only after this barrier
         prefix |= static_cast<score_key>(chosen_bin) << shift;
         prefix_mask |= static_cast<score_key>(255u) << shift;
         remaining = chosen_remaining;
-        __syncthreads();  // every thread has read the choice before the next digit
       }
       threshold_key = prefix;
       equal_kept = remaining;
     }
-    __syncthreads();  // the -1 fill lands before the kept entries overwrite it
-    i64 kept_before = 0;
-    i64 equal_before = 0;
-    for (i64 start = 0; start < seq_len; start += blockDim.x) {
-      const i64 p = start + threadIdx.x;
-      bool flag = false;
-      bool equal = false;
+    // Whether position p is kept outright (`flag`) or ties with the threshold (`equal`).
+    auto classify = [&](i64 p, bool& flag, bool& equal) {
+      flag = false;
+      equal = false;
       if (p < length) {
         const acc_t s = to_acc(row[p]);
         if (rule == 2) {
@@ -353,21 +396,55 @@ extern "C" __global__ void __launch_bounds__(256)
           flag = count > 0;  // count == length: every valid position
         }
       }
-      int chunk_total = 0;
+    };
+    // The compaction, in two walks of each warp's run: first the run's counts, which a scan
+    // over the warps turns into where each run's entries start; then the entries themselves,
+    // in ascending order.
+    int run_flags = 0;
+    int run_equals = 0;
+    for (i64 base = run_start; base < run_end; base += 32) {
+      bool flag;
+      bool equal;
+      classify(base + lane, flag, equal);
+      run_flags += __popc(__ballot_sync(SR_FULL_MASK, flag ? 1 : 0));
+      run_equals += __popc(__ballot_sync(SR_FULL_MASK, equal ? 1 : 0));
+    }
+    if (lane == 0) {
+      warp_flags[warp] = run_flags;
+      warp_equals[warp] = run_equals;
+    }
+    __syncthreads();  // also: the -1 fill lands before the kept entries overwrite it
+    i64 flags_before = 0;
+    i64 equals_before = 0;
+    for (int w = 0; w < warp; ++w) {
+      flags_before += warp_flags[w];
+      equals_before += warp_equals[w];
+    }
+    i64 kept_before = flags_before + (equals_before < equal_kept ? equals_before : equal_kept);
+    for (i64 base = run_start; base < run_end; base += 32) {
+      const i64 p = base + lane;
+      bool flag;
+      bool equal;
+      classify(p, flag, equal);
       if (ranked) {
-        const int equal_rank = block_count_before(equal, warp_counts, chunk_total);
-        flag = flag || (equal && equal_before + equal_rank < equal_kept);
-        equal_before += chunk_total;
+        const unsigned equal_votes = __ballot_sync(SR_FULL_MASK, equal ? 1 : 0);
+        flag = flag || (equal && equals_before + __popc(equal_votes & lanes_below) < equal_kept);
+        equals_before += __popc(equal_votes);
       }
-      const i64 position = kept_before + block_count_before(flag, warp_counts, chunk_total);
+      const unsigned votes = __ballot_sync(SR_FULL_MASK, flag ? 1 : 0);
+      const i64 position = kept_before + __popc(votes & lanes_below);
       const bool keep = flag && position < count;
-      if (p < seq_len) {
+      if (kept_mask != nullptr && p < seq_len) {
         kept_mask[p] = keep ? 1 : 0;
       }
       if (keep) {
         entries[position] = p;
+        if (entry_scores != nullptr) {
+          entry_scores[position] = row[p];
+        }
       }
-      kept_before += chunk_total;
+      kept_before += __popc(votes);
     }
+    __syncthreads();  // every warp has read warp_flags before the next sequence writes them
   }
 }
