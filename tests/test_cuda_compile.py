@@ -73,6 +73,8 @@ def test_every_launched_kernel_is_defined_in_its_source():
         ("SMALL_PLAN_MAX_EXPERTS", "plan.cu", "SR_SMALL_PLAN_EXPERTS"),
         ("REPLICA_SHARED_COUNTERS", "placement.cu", "REPLICA_SHARED_COUNTERS"),
         ("EXPERT_COUNT_CHUNK", "plan.cu", "SR_COUNT_CHUNK"),
+        ("SCORE_SEGMENT_TOKENS", "balance.cu", "SR_SCORE_SEGMENT"),
+        ("SCORE_TOTALS_BY_WARP", "balance.cu", "SR_SCORE_TOTALS_BY_WARP"),
     ],
 )
 def test_glue_limits_match_the_kernels_shared_arrays(constant, file, define):

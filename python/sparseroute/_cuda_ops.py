@@ -1005,8 +1005,11 @@ def _launch_select(
 
 # --- load balancing: score sums, expert counts, z-loss ------------------------------------------
 
-#: Tokens per reduction segment of score_sums (the Rust kernel's token blocks).
-SCORE_SEGMENT_TOKENS = 1024
+#: Tokens per reduction segment of score_sums (balance.cu, SR_SCORE_SEGMENT).
+SCORE_SEGMENT_TOKENS = 64
+#: Segments per group above which sr_score_totals adds each sum with a warp
+#: (balance.cu, SR_SCORE_TOTALS_BY_WARP).
+SCORE_TOTALS_BY_WARP = 32
 
 
 def _token_mask(mask: Tensor | None, num_tokens: int, device: torch.device) -> Tensor | None:
@@ -1073,9 +1076,8 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             "balance.cu",
             dtype,
             "sr_score_partials",
-            # Small blocks: the chains are few (G * J * E), spread them over many SMs.
-            min(-(-partials.numel() // 64), MAX_ROW_BLOCKS),
-            64,
+            min(-(-partials.numel() // 256), MAX_ROW_BLOCKS),
+            256,
             (
                 pointer(scores),
                 num_tokens,
@@ -1090,7 +1092,7 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
             "balance.cu",
             dtype,
             "sr_score_totals",
-            min(-(-sums.numel() // 256), MAX_ROW_BLOCKS),
+            min(-(-sums.numel() * (32 if segments > SCORE_TOTALS_BY_WARP else 1) // 256), MAX_ROW_BLOCKS),
             256,
             (pointer(partials), groups, segments, num_experts, pointer(sums)),
         )

@@ -8,14 +8,18 @@
 //                          [T, E] workspace. Masked tokens get scores of 0; rows holding NaN
 //                          or an infinity are counted and get 0 the same way.
 //   sr_score_partials      one thread per (group, segment, expert): a group's tokens split at
-//                          multiples of 1024 (the Rust kernel's token blocks) into at most J
-//                          segments; each thread sums its segment's scores in token order in
-//                          float64, from 0. Only these chains are sequential; the scores are
-//                          computed in parallel by sr_score_stats.
-//   sr_score_totals        one thread per (group, expert): the segments added in order, from
-//                          0: the Rust kernel's order of additions, then rounded to the
-//                          accumulator type. The scores themselves come from the GPU's exp, so
-//                          the sums agree with the CPU to float tolerance.
+//                          multiples of SR_SCORE_SEGMENT (64) tokens into at most J segments;
+//                          each thread sums its segment's scores in token order in float64,
+//                          from 0. The scores are computed in parallel by sr_score_stats, and
+//                          the segments are short, so that no chain of dependent additions
+//                          (each waiting on a load) is long.
+//   sr_score_totals        per (group, expert): the group's J segment sums, by one thread in
+//                          segment order (J <= 32), or by a warp (J > 32): lane l adds segments
+//                          l, l + 32, ... in order, then a butterfly over the lanes in a fixed
+//                          order. Rounded once to the accumulator type. The order depends on
+//                          the shape alone (deterministic); it is not the CPU's (token blocks
+//                          of 1024), and the scores come from the GPU's exp, so the sums agree
+//                          with the CPU to float tolerance.
 //   sr_score_sums_backward one warp per token: the Jacobian-vector product of its normalised
 //                          scores with grad_sums of its group; zeros for masked and
 //                          non-finite (counted) rows.
@@ -34,7 +38,11 @@
 
 namespace {
 
-constexpr int kTokenSegment = 1024;
+// Tokens per segment of sr_score_partials (sparseroute._cuda_ops.SCORE_SEGMENT_TOKENS).
+#define SR_SCORE_SEGMENT 64
+constexpr int kTokenSegment = SR_SCORE_SEGMENT;
+// Segments per group above which sr_score_totals gives each sum a warp.
+#define SR_SCORE_TOTALS_BY_WARP 32
 
 __device__ __forceinline__ acc_t sigmoid(acc_t v) {
   return div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-v)));
@@ -143,16 +151,29 @@ extern "C" __global__ void __launch_bounds__(256)
     sr_score_totals(const double* partials, i64 num_groups, i64 segments, int num_experts,
                     acc_t* sums) {
   const i64 items = num_groups * num_experts;
-  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
-  for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < items; i += stride) {
+  // One thread, or one warp (the grid-stride steps are then whole warps), per sum.
+  const int lanes = segments > SR_SCORE_TOTALS_BY_WARP ? 32 : 1;
+  const int lane = static_cast<int>(threadIdx.x) & (lanes - 1);
+  const i64 first = (static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x) / lanes;
+  const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x / lanes;
+  for (i64 i = first; i < items; i += stride) {
     const i64 g = i / num_experts;
     const i64 e = i - g * num_experts;
+    const double* column = partials + g * segments * num_experts + e;
     double total = 0.0;
-    for (i64 j = 0; j < segments; ++j) {
-      total = add_rn(total, partials[(g * segments + j) * num_experts + e]);
+    for (i64 j = lane; j < segments; j += lanes) {
+      total = add_rn(total, column[j * num_experts]);
     }
-    // Rounded once to the accumulator type (cvt.rn), as torch's conversion would.
-    sums[i] = static_cast<acc_t>(total);
+    if (lanes == 32) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        total = add_rn(total, __shfl_xor_sync(SR_FULL_MASK, total, offset));
+      }
+    }
+    if (lane == 0) {
+      // Rounded once to the accumulator type (cvt.rn), as torch's conversion would.
+      sums[i] = static_cast<acc_t>(total);
+    }
   }
 }
 
