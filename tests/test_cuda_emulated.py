@@ -494,7 +494,8 @@ def test_select_tokens_over_several_chunks(gpu):
         indices, mask = _cuda_ops.select_tokens_cuda(*args)
         cpu_indices, cpu_mask = ops.select_tokens(*args)
         assert torch.equal(indices, cpu_indices) and torch.equal(mask, cpu_mask)
-    assert gpu.launches[-1] == ("sr_select_tokens", 3, 96)  # three warps per block, two steps of four keys each
+    # Three warps per block: each digit takes two steps of four keys per thread.
+    assert gpu.launches[-1] == ("sr_select_tokens", 3, 96)
 
 
 def test_select_tokens_in_full_blocks(gpu):
@@ -513,9 +514,14 @@ def test_select_tokens_in_full_blocks(gpu):
 
 
 def test_select_threads_follow_the_sequence_length():
-    assert [_cuda_ops.select_threads(n) for n in (0, 1, 256, 257, 4096, 8192, 10**6)] == [
-        32, 32, 32, 64, 512, 1024, 1024
-    ]
+    lengths = (0, 1, 256, 257, 4096, 8192, 10**6)
+    assert [_cuda_ops.select_threads(n) for n in lengths] == [32, 32, 32, 64, 512, 1024, 1024]
+
+
+def test_select_rejects_sequences_its_int32_counts_cannot_hold():
+    _cuda_ops._check_select_length(2**31 - 1, "scores", "positions per sequence")
+    with pytest.raises(_cuda_ops.InvalidInputError, match=r"scores: expected at most 2147483647"):
+        _cuda_ops._check_select_length(2**31, "scores", "positions per sequence")
 
 
 def test_select_tokens_counts_nan_scores_and_bad_lengths(gpu):

@@ -918,7 +918,7 @@ def token_dots_cuda(grad: Tensor, y: Tensor, indices: Tensor) -> Tensor:
 def select_tokens_cuda(
     scores: Tensor, capacity: int, rule: str, value: float, lengths: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    dtype = _element_dtype(scores, "scores")
+    _element_dtype(scores, "scores")
     if scores.dim() != 2:
         raise ValueError(f"scores: expected a 2-D tensor [B, S], got shape {tuple(scores.shape)}")
     device = scores.device
@@ -942,7 +942,9 @@ def select_tokens_cuda(
         return indices, mask
     _check_select_length(seq_len, "scores", "positions per sequence")
     with _cuda.launcher(device) as launch:
-        _launch_select(launch, scores.contiguous(), capacity, _SELECT_RULES[rule], value, lengths, indices, mask)
+        _launch_select(
+            launch, scores.contiguous(), capacity, _SELECT_RULES[rule], value, lengths, indices, mask
+        )
     return indices, mask
 
 

@@ -67,6 +67,17 @@ def test_select_tokens_matches_the_cpu_and_the_reference(dtype, capacity, thresh
     assert torch.equal(cpu.indices, ref_indices) and torch.equal(gpu.mask.cpu(), ref_mask)
 
 
+@pytest.mark.parametrize("capacity", [5000, 0.5])
+def test_select_tokens_of_long_sequences_matches_the_cpu(capacity):
+    """1024-thread blocks: every warp compacts a run, ties span runs, digits take steps."""
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 50, (3, 20000), generator=g).to(torch.float32)
+    lengths = torch.tensor([20000, 12345, 1])
+    gpu = sparseroute.select_tokens(scores.cuda(), capacity, lengths=lengths.cuda())
+    cpu = sparseroute.select_tokens(scores, capacity, lengths=lengths)
+    assert torch.equal(gpu.indices.cpu(), cpu.indices) and torch.equal(gpu.mask.cpu(), cpu.mask)
+
+
 def test_invalid_input_is_counted():
     scores = torch.randn(3, 8, device="cuda")
     scores[1, 2] = float("nan")

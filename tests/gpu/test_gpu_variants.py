@@ -164,7 +164,9 @@ def test_topp_gating_compiles_and_captures():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("num_tokens", "num_experts", "capacity"), [(0, 3, 0), (1, 1, 1), (512, 8, 128), (4096, 60, 100)]
+    ("num_tokens", "num_experts", "capacity"),
+    # The last: 1024-thread select blocks, several steps per digit.
+    [(0, 3, 0), (1, 1, 1), (512, 8, 128), (4096, 60, 100), (16384, 64, 2048)],
 )
 def test_expert_choice_is_the_cpu_choice(dtype, num_tokens, num_experts, capacity):
     logits = random_logits(num_tokens, num_experts, dtype, seed=capacity)
@@ -179,6 +181,16 @@ def test_expert_choice_is_the_cpu_choice(dtype, num_tokens, num_experts, capacit
         small = sparseroute.expert_choice(logits[:600].cuda(), min(capacity, 600))
         assert torch.equal(small.indices.cpu(), ref_indices)
         torch.testing.assert_close(small.gates.cpu(), ref_gates.to(to_acc(dtype)), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_choice_with_ties_across_many_tokens_is_the_cpu_choice():
+    """Tie-heavy logits (five values): the ties at each expert's threshold span the runs of
+    many warps, and go to the lower tokens."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 5, (20000, 4), generator=g).to(torch.float32)
+    gpu = sparseroute.expert_choice(logits.cuda(), 5000)
+    cpu = sparseroute.expert_choice(logits, 5000)
+    assert torch.equal(gpu.indices.cpu(), cpu.indices) and torch.equal(gpu.gates.cpu(), cpu.gates)
 
 
 def test_expert_choice_gradients_and_dispatch():
