@@ -38,7 +38,7 @@ def torch_unpermute(
 ) -> torch.Tensor:
     k = weights.shape[1]
     weighted = y_sorted * weights.reshape(-1)[order].unsqueeze(1).to(y_sorted.dtype)
-    y = torch.zeros(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype)
+    y = torch.zeros(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
     return y.index_add_(0, order // k, weighted)
 
 

@@ -138,8 +138,8 @@ def torch_expert_choice(logits: torch.Tensor, capacity: int) -> tuple[torch.Tens
 def torch_sinkhorn(cost: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
     """Megatron-Core's sinkhorn, restated."""
     cost = torch.exp(cost)
-    d0 = torch.ones(cost.size(0), dtype=cost.dtype)
-    d1 = torch.ones(cost.size(1), dtype=cost.dtype)
+    d0 = torch.ones(cost.size(0), dtype=cost.dtype, device=cost.device)
+    d1 = torch.ones(cost.size(1), dtype=cost.dtype, device=cost.device)
     error, d1_old = 1e9, d1
     while error > tol:
         d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + 1e-8)
