@@ -776,17 +776,38 @@ def test_expert_choice_ties_go_to_the_lower_token(gpu):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_expert_choice_backward_matches_the_cpu_kernel(gpu, dtype):
-    logits = random_logits(30, 12, dtype, seed=4)
-    gates, indices = ops.expert_choice(logits, 7)
+@pytest.mark.parametrize(("num_tokens", "num_experts", "capacity"), [(30, 12, 7), (50, 61, 20), (9, 1, 9)])
+def test_expert_choice_backward_matches_the_cpu_kernel(gpu, dtype, num_tokens, num_experts, capacity):
+    logits = random_logits(num_tokens, num_experts, dtype, seed=4)
+    gates, indices = ops.expert_choice(logits, capacity)
     grad_gates = torch.randn(gates.shape, generator=torch.Generator().manual_seed(5)).to(gates.dtype)
     ours = _cuda_ops.expert_choice_backward_cuda(logits, indices, grad_gates)
     cpu = ops.expert_choice_backward(logits, indices, grad_gates)
     assert ours.dtype == cpu.dtype == dtype
-    tolerance = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 1e-5}
-    if dtype == torch.float32:
-        tolerance = {"rtol": 1e-5, "atol": 1e-7}
-    torch.testing.assert_close(ours, cpu, **tolerance)
+    if dtype == torch.float64:  # the GPU's exp in float64 is not the CPU's
+        torch.testing.assert_close(ours, cpu, rtol=1e-12, atol=1e-14)
+    else:  # the CPU's probabilities, dot product and roundings
+        assert torch.equal(ours, cpu)
+    assert not gpu.errors.any()
+
+
+def test_expert_choice_backward_counts_bad_rows_and_indices(gpu):
+    logits = random_logits(6, 4, torch.float32, seed=1)
+    logits[2, 1] = float("nan")
+    indices = torch.tensor([[0, 2], [1, 7], [3, 4], [5, 0]])  # 7 is no token
+    grad_gates = torch.ones(4, 2)
+    grad = _cuda_ops.expert_choice_backward_cuda(logits, indices, grad_gates)
+    assert (grad[2] == 0).all()
+    good = [0, 1, 3, 4, 5]
+    placed = torch.zeros(6, 4)
+    for e, row in enumerate(indices.tolist()):
+        for t in row:
+            if t < 6:
+                placed[t, e] = 1.0
+    probs = torch.softmax(logits[good], dim=-1)
+    expected = probs * (placed[good] - (probs * placed[good]).sum(-1, keepdim=True))
+    torch.testing.assert_close(grad[good], expected)
+    assert gpu.errors.tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
 
 
 def test_expert_choice_slots_count_bad_token_indices(gpu):

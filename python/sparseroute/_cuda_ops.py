@@ -1312,15 +1312,63 @@ def expert_choice_backward_cuda(logits: Tensor, indices: Tensor, grad_gates: Ten
     num_tokens, num_experts = logits.shape
     if indices.shape != grad_gates.shape or indices.dim() != 2 or indices.shape[0] != num_experts:
         raise _invalid("indices", f"shape [E = {num_experts}, C] like grad_gates", tuple(indices.shape))
+    grad_logits = torch.empty(num_tokens, num_experts, dtype=dtype, device=device)
+    if num_tokens == 0:
+        return grad_logits
+    acc = _accumulator(dtype)
+    # gates[e, c] = p[indices[e, c], e]: with g the gates' gradient in the [T, E] slot layout,
+    # dL/dl_t = p_t * (g_t - <p_t, g_t>), token by token.
+    placed = torch.zeros(num_tokens, num_experts, dtype=acc, device=device)
     with _cuda.launcher(device) as launch:
-        probs = _expert_probabilities(launch, logits.contiguous())
-    # gates[e, c] = p[indices[e, c], e]: with G the gates' gradient at those places,
-    # dL/dl_t = p_t * (G_t - <p_t, G_t>), here expert-major.
-    placed = torch.zeros_like(probs)
-    placed.scatter_(1, indices.clamp(0, max(num_tokens - 1, 0)), grad_gates.to(probs.dtype))
-    dots = (probs * placed).sum(dim=0)
-    grad = probs * (placed - dots)
-    return grad.t().to(dtype).contiguous()
+        _place_choices(launch, indices, grad_gates.to(acc), num_tokens, None, placed)
+        launch(
+            "expert_choice.cu",
+            dtype,
+            "sr_expert_choice_backward",
+            -(-num_tokens // 4),
+            128,
+            (
+                pointer(logits.contiguous()),
+                num_tokens,
+                num_experts,
+                pointer(placed),
+                pointer(grad_logits),
+                pointer(launch.errors),
+            ),
+        )
+    return grad_logits
+
+
+def _place_choices(
+    launch: _cuda.Launcher,
+    indices: Tensor,
+    values: Tensor,
+    num_tokens: int,
+    experts: Tensor | None,
+    slot_values: Tensor,
+) -> None:
+    """``values[e, c]`` (float32 or float64) into ``slot_values[indices[e, c], e]`` of the
+    ``[T, E]`` slot layout, and ``e`` into ``experts`` there unless it is None."""
+    num_experts, capacity = indices.shape
+    if num_experts * capacity == 0:
+        return
+    launch(
+        "expert_choice.cu",
+        values.dtype,
+        "sr_expert_choice_slots",
+        min(-(-(num_experts * capacity) // 256), MAX_ROW_BLOCKS),
+        256,
+        (
+            pointer(indices.to(torch.int64).contiguous()),
+            pointer(values.contiguous()),
+            num_experts,
+            capacity,
+            num_tokens,
+            pointer(experts),
+            pointer(slot_values),
+            pointer(launch.errors),
+        ),
+    )
 
 
 def expert_choice_slots_cuda(indices: Tensor, gates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
@@ -1330,27 +1378,11 @@ def expert_choice_slots_cuda(indices: Tensor, gates: Tensor, num_tokens: int) ->
         raise _invalid("indices", "an [E, C] tensor shaped like gates", tuple(indices.shape))
     if gates.dtype not in (torch.float32, torch.float64):
         raise _invalid("gates", "float32 or float64 (the gates of expert_choice)", gates.dtype)
-    num_experts, capacity = indices.shape
+    num_experts = indices.shape[0]
     experts = torch.full((num_tokens, num_experts), -1, dtype=torch.int64, device=device)
     weights = torch.zeros(num_tokens, num_experts, dtype=gates.dtype, device=device)
     with _cuda.launcher(device) as launch:
-        launch(
-            "expert_choice.cu",
-            gates.dtype,
-            "sr_expert_choice_slots",
-            min(-(-(num_experts * capacity) // 256), MAX_ROW_BLOCKS),
-            256,
-            (
-                pointer(indices.to(torch.int64).contiguous()),
-                pointer(gates.contiguous()),
-                num_experts,
-                capacity,
-                num_tokens,
-                pointer(experts),
-                pointer(weights),
-                pointer(launch.errors),
-            ),
-        )
+        _place_choices(launch, indices, gates, num_tokens, experts, weights)
     return weights, experts
 
 

@@ -183,6 +183,20 @@ def test_expert_choice_is_the_cpu_choice(dtype, num_tokens, num_experts, capacit
         torch.testing.assert_close(small.gates.cpu(), ref_gates.to(to_acc(dtype)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_choice_gradient_is_the_cpu_gradient(dtype):
+    """The CPU's probabilities, dot products and roundings: bit for bit below float64."""
+    logits = random_logits(4096, 60, dtype, seed=8)
+    gates, indices = ops.expert_choice(logits, 100)
+    grad_gates = torch.randn(gates.shape, generator=torch.Generator().manual_seed(9)).to(gates.dtype)
+    gpu = ops.expert_choice_backward(logits.cuda(), indices.cuda(), grad_gates.cuda()).cpu()
+    cpu = ops.expert_choice_backward(logits, indices, grad_gates)
+    if dtype == torch.float64:
+        torch.testing.assert_close(gpu, cpu, rtol=1e-12, atol=1e-14)
+    else:
+        assert torch.equal(gpu, cpu)
+
+
 def test_expert_choice_with_ties_across_many_tokens_is_the_cpu_choice():
     """Tie-heavy logits (five values): the ties at each expert's threshold span the runs of
     many warps, and go to the lower tokens."""
