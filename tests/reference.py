@@ -418,3 +418,21 @@ def batcher_reference(
         queue = [r for r in queue if r not in chosen]
         round_ += 1
     return batches
+
+
+def block_permute_reference(
+    x: Tensor, experts: Tensor, num_experts: int, block_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """permute with each expert's rows in whole blocks of ``block_size`` rows: the reference
+    plan's rows of each expert, then zero rows up to the next multiple of ``block_size``.
+    Returns ``(x_sorted, offsets, row_to_slot)``."""
+    _, plan = permute_reference(x, experts, num_experts)
+    k = experts.shape[1]
+    rows, slots, offsets = [], [], [0]
+    for e in range(num_experts):
+        mine = plan["row_to_slot"][plan["offsets"][e] : plan["offsets"][e + 1]]
+        padding = -len(mine) % block_size
+        slots.append(torch.cat([mine, torch.full((padding,), -1, dtype=torch.int64)]))
+        rows.append(torch.cat([x[mine // k], x.new_zeros(padding, x.shape[1])]))
+        offsets.append(offsets[-1] + len(mine) + padding)
+    return torch.cat(rows), torch.tensor(offsets), torch.cat(slots)

@@ -44,9 +44,11 @@ def test_opcheck_topk_gating_backward():
 
 
 @pytest.mark.parametrize("num_rows", [None, 24])
-def test_opcheck_permute(num_rows):
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_opcheck_permute(num_rows, block_size):
     x, experts = dispatch_inputs()
-    torch.library.opcheck(ops.permute, (x, experts, 5, num_rows, None, None, False))
+    num_rows = None if num_rows is None else sparseroute.max_permuted_rows(20, 5, block_size)
+    torch.library.opcheck(ops.permute, (x, experts, 5, num_rows, None, None, False, block_size))
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -84,6 +86,42 @@ def test_pipeline_compiles_without_graph_breaks(static_rows, backend):
     expected = moe_pipeline(logits, x, w, num_rows)
     expected_grads = torch.autograd.grad(expected.square().sum(), (logits, x, w))
     actual = compiled(logits, x, w, num_rows)
+    actual_grads = torch.autograd.grad(actual.square().sum(), (logits, x, w))
+    torch.testing.assert_close(actual, expected)
+    for a, b in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def blocked_pipeline(logits, x, w):
+    """The block-aligned layout as a block-sparse expert GEMM would take it: a static row
+    count for any routing, and each block's expert."""
+    weights, experts = sparseroute.topk_gating(logits, 2)
+    num_rows = sparseroute.max_permuted_rows(experts.numel(), logits.shape[1], 8)
+    x_sorted, plan = sparseroute.permute(x, experts, logits.shape[1], num_rows=num_rows, block_size=8)
+    block_experts = plan.block_experts(8)
+    # Each block through its expert's weight (blocks past the plan: expert 0, zero rows).
+    per_block = w[block_experts.clamp(min=0)]
+    blocks = x_sorted.view(-1, 8, x.shape[1])
+    y_sorted = torch.tanh(torch.bmm(blocks, per_block)).view(-1, w.shape[2])
+    return sparseroute.unpermute(y_sorted, plan, weights)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_block_aligned_pipeline_compiles_without_graph_breaks(backend):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(30, 4, generator=g, requires_grad=True)
+    x = torch.randn(30, 16, generator=g, requires_grad=True)
+    w = torch.randn(4, 16, 16, generator=g, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(blocked_pipeline, fullgraph=True, backend=backend)
+    expected = blocked_pipeline(logits, x, w)
+    # The same as per-expert matmuls over the plain layout.
+    weights, experts = sparseroute.topk_gating(logits.detach(), 2)
+    x_sorted, plan = sparseroute.permute(x.detach(), experts, 4)
+    rows = [torch.tanh(x_sorted[plan.offsets[e] : plan.offsets[e + 1]] @ w.detach()[e]) for e in range(4)]
+    torch.testing.assert_close(expected.detach(), sparseroute.unpermute(torch.cat(rows), plan, weights))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (logits, x, w))
+    actual = compiled(logits, x, w)
     actual_grads = torch.autograd.grad(actual.square().sum(), (logits, x, w))
     torch.testing.assert_close(actual, expected)
     for a, b in zip(actual_grads, expected_grads, strict=True):

@@ -232,6 +232,28 @@ def test_permute_plan_is_the_cpu_plan(gpu, monkeypatch, num_tokens, k, num_exper
         assert "sr_plan_small" not in names and "sr_plan_scan" in names
 
 
+@pytest.mark.parametrize(("num_tokens", "k", "num_experts"), [(1, 1, 1), (37, 2, 3), (300, 4, 64)])
+@pytest.mark.parametrize("block_size", [2, 16])
+@pytest.mark.parametrize("kernels", ["one block", "chunked"])
+def test_block_aligned_plan_is_the_cpu_plan(
+    gpu, monkeypatch, num_tokens, k, num_experts, block_size, kernels
+):
+    """Each expert's rows in whole blocks: the aligned scan, and the padding rows' -1 (the
+    one-block kernel writes them itself; the chunked path fills first)."""
+    if kernels == "chunked":
+        monkeypatch.setattr(_cuda_ops, "SMALL_PLAN_MAX_SLOTS", -1)
+    experts = random_experts(num_tokens, k, num_experts, seed=block_size)
+    x = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(1))
+    bound = num_tokens * k + num_experts * (block_size - 1)  # max_permuted_rows
+    for num_rows in (None, bound):
+        permute_on_both((x, experts, num_experts, num_rows, None, None, False, block_size))
+    weights = torch.rand(num_tokens, k, generator=torch.Generator().manual_seed(2))
+    for drop_weights in (None, weights):
+        permute_on_both((x, experts, num_experts, None, 3, drop_weights, False, block_size))
+        permute_on_both((x, experts, num_experts, None, 2 * block_size, drop_weights, True, block_size))
+    assert not gpu.errors.any()
+
+
 def test_permute_plan_over_many_chunks(gpu, monkeypatch):
     """Small chunks: the per-chunk cursors must chain chunk after chunk."""
     monkeypatch.setattr(_cuda_ops, "PLAN_CHUNK_SLOTS", 40)

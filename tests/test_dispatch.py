@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import sparseroute
 
-from reference import permute_reference, unpermute_reference
+from reference import block_permute_reference, permute_reference, unpermute_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -224,3 +224,96 @@ def test_concurrent_calls_from_python_threads():
         results = list(pool.map(route, inputs * 3))
     for i, y in enumerate(results):
         assert torch.equal(y, expected[i % len(inputs)])
+
+
+# --- block-aligned rows ----------------------------------------------------------------------
+
+
+@given(dispatch_cases(), st.sampled_from([1, 2, 3, 16, 64]))
+def test_blocks_match_the_reference_and_round_trip(case, block_size):
+    x, experts, num_experts, weights = case
+    x_sorted, plan = sparseroute.permute(x, experts, num_experts, block_size=block_size)
+    ref_sorted, ref_offsets, ref_rows = block_permute_reference(x, experts, num_experts, block_size)
+    assert torch.equal(x_sorted, ref_sorted)
+    assert torch.equal(plan.offsets, ref_offsets) and torch.equal(plan.row_to_slot, ref_rows)
+    assert torch.all(plan.offsets % block_size == 0)
+    assert torch.equal(plan.tokens_per_expert, torch.bincount(experts[experts >= 0], minlength=num_experts))
+    # The blocks move rows, not what comes back: unpermute is the plain plan's, bit for bit.
+    plain_sorted, plain = sparseroute.permute(x, experts, num_experts)
+    assert torch.equal(
+        sparseroute.unpermute(x_sorted, plan, weights), sparseroute.unpermute(plain_sorted, plain, weights)
+    )
+    # The static bound holds any plan: its rows are the same, then padding.
+    bound = sparseroute.max_permuted_rows(experts.numel(), num_experts, block_size)
+    static_sorted, static_plan = sparseroute.permute(
+        x, experts, num_experts, num_rows=bound, block_size=block_size
+    )
+    assert static_sorted.shape[0] == bound and bound >= x_sorted.shape[0]
+    assert torch.equal(static_sorted[: x_sorted.shape[0]], x_sorted)
+    assert not static_sorted[x_sorted.shape[0] :].any()
+    assert torch.equal(static_plan.slot_to_row, plan.slot_to_row)
+
+
+def test_block_experts_name_each_blocks_expert():
+    x = torch.randn(8, 4)
+    experts = torch.tensor([[2], [0], [2], [0], [2], [2], [0], [2]])
+    x_sorted, plan = sparseroute.permute(x, experts, 3, block_size=4)
+    assert plan.offsets.tolist() == [0, 4, 4, 12]
+    assert plan.row_to_slot.tolist() == [1, 3, 6, -1, 0, 2, 4, 5, 7, -1, -1, -1]
+    assert not x_sorted[3].any() and not x_sorted[9:].any()
+    assert plan.block_experts(4).tolist() == [0, 2, 2]
+    _, padded = sparseroute.permute(
+        x, experts, 3, num_rows=sparseroute.max_permuted_rows(8, 3, 4), block_size=4
+    )
+    assert padded.row_to_slot.shape[0] == 17
+    assert padded.block_experts(4).tolist() == [0, 2, 2, -1, -1]
+    with pytest.raises(ValueError, match="block_size: expected"):
+        plan.block_experts(0)
+
+
+def test_blocks_with_capacity():
+    g = torch.Generator().manual_seed(3)
+    experts = torch.randint(0, 4, (40, 2), generator=g)
+    weights = torch.rand(40, 2, generator=g)
+    x = torch.randn(40, 6, generator=g)
+    for policy in ["position", "probs"]:
+        plain_sorted, plain = sparseroute.permute(
+            x, experts, 4, capacity=7, weights=weights, drop_policy=policy
+        )
+        x_sorted, plan = sparseroute.permute(
+            x, experts, 4, capacity=7, weights=weights, drop_policy=policy, block_size=8
+        )
+        assert plan.offsets.tolist() == [0, 8, 16, 24, 32]
+        assert torch.equal(plan.tokens_per_expert, plain.tokens_per_expert)
+        assert torch.equal(plan.dropped, plain.dropped)
+        for e in range(4):
+            kept = plain.row_to_slot[plain.offsets[e] : plain.offsets[e + 1]]
+            assert torch.equal(plan.row_to_slot[8 * e : 8 * e + len(kept)], kept)
+            assert torch.all(plan.row_to_slot[8 * e + len(kept) : 8 * (e + 1)] == -1)
+        assert torch.equal(sparseroute.unpermute(x_sorted, plan), sparseroute.unpermute(plain_sorted, plain))
+    # The padded grid takes blocks when the capacity is made of them.
+    _, grid = sparseroute.permute(x, experts, 4, capacity=8, pad_to_capacity=True, block_size=4)
+    assert grid.offsets.tolist() == [0, 8, 16, 24, 32]
+    with pytest.raises(ValueError, match="capacity: expected a multiple of block_size = 4"):
+        sparseroute.permute(x, experts, 4, capacity=7, pad_to_capacity=True, block_size=4)
+
+
+def test_block_size_must_be_positive_and_num_rows_must_hold_the_padding():
+    x = torch.randn(4, 2)
+    experts = torch.tensor([[0], [1], [1], [2]])
+    with pytest.raises(ValueError, match="block_size: expected"):
+        sparseroute.permute(x, experts, 3, block_size=0)
+    with pytest.raises(sparseroute.InvalidInputError, match="num_rows: expected at least the number of rows"):
+        sparseroute.permute(x, experts, 3, num_rows=4, block_size=2)
+
+
+def test_blocks_gradcheck_float64(generator):
+    x = torch.randn(9, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    experts = torch.randint(0, 3, (9, 2), generator=generator)
+    weights = torch.rand(9, 2, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def moe(x, weights):
+        x_sorted, plan = sparseroute.permute(x, experts, 3, block_size=4)
+        return sparseroute.unpermute(x_sorted * 2.0, plan, weights)
+
+    assert torch.autograd.gradcheck(moe, (x, weights))

@@ -86,6 +86,7 @@ def topk_gating_backward(
 def build_plan(
     experts: npt.NDArray[np.int64],
     num_experts: int,
+    block_size: int,
     tokens_per_expert: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
     row_to_slot: npt.NDArray[np.int64],
@@ -98,6 +99,7 @@ def build_capacity_plan(
     capacity: int,
     weights: npt.NDArray[np.float32] | None,
     pad: bool,
+    block_size: int,
     tokens_per_expert: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
     row_to_slot: npt.NDArray[np.int64],

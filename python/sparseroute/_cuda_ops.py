@@ -462,10 +462,11 @@ def plan_chunks(num_slots: int, num_experts: int) -> tuple[int, int]:
 
 
 def _dropless_plan(
-    launch: _cuda.Launcher, experts: Tensor, num_experts: int, rows: int
+    launch: _cuda.Launcher, experts: Tensor, num_experts: int, rows: int, block_size: int = 1
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(tokens_per_expert, offsets, row_to_slot [rows], slot_to_row)`` of the dropless plan of
-    ``experts`` (int64, contiguous), -1 in the rows past ``offsets[E]``."""
+    ``experts`` (int64, contiguous), each expert's rows in whole blocks of ``block_size``; -1
+    in the rows that hold no slot (padding, and past ``offsets[E]``)."""
     device = experts.device
     num_tokens, k = experts.shape
     num_slots = num_tokens * k
@@ -484,6 +485,7 @@ def _dropless_plan(
                 pointer(experts),
                 num_slots,
                 num_experts,
+                block_size,
                 rows,
                 pointer(tokens_per_expert),
                 pointer(offsets),
@@ -519,7 +521,7 @@ def _dropless_plan(
             256,
             (pointer(counts), chunks, num_experts, pointer(tokens_per_expert)),
         ),
-        ("sr_plan_scan", 1, 1024, (pointer(tokens_per_expert), num_experts, pointer(offsets))),
+        ("sr_plan_scan", 1, 1024, (pointer(tokens_per_expert), num_experts, block_size, pointer(offsets))),
         (
             "sr_plan_cursors",
             expert_blocks,
@@ -633,6 +635,7 @@ def _capacity_plan(
     drop_weights: Tensor | None,
     pad_to_capacity: bool,
     rows: int,
+    block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(tokens_per_expert, offsets, row_to_slot [rows], slot_to_row, dropped)`` of the
     capacity-constrained plan: the dropless plan, then each dropless row kept or dropped
@@ -649,7 +652,8 @@ def _capacity_plan(
         offsets = torch.arange(num_experts + 1, dtype=torch.int64, device=device) * capacity
     else:
         offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-        torch.cumsum(tokens_per_expert, 0, out=offsets[1:])
+        blocks = tokens_per_expert if block_size == 1 else -(-tokens_per_expert // block_size) * block_size
+        torch.cumsum(blocks, 0, out=offsets[1:])
     kept = kept_before = None
     if drop_weights is not None:
         kept, kept_before = _kept_by_weight(
@@ -689,6 +693,7 @@ def permute_cuda(
     capacity: int | None,
     drop_weights: Tensor | None,
     pad_to_capacity: bool,
+    block_size: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _element_dtype(x, "x")
     device = x.device
@@ -699,23 +704,27 @@ def permute_cuda(
         raise _invalid("num_experts", "at least 1", num_experts)
     if capacity is not None and capacity < 0:
         raise _invalid("capacity", "a value >= 0", capacity)
+    if block_size < 1:
+        raise _invalid("block_size", "at least 1", block_size)
+    if pad_to_capacity and capacity is not None and capacity % block_size != 0:
+        raise _invalid("capacity", f"a multiple of block_size = {block_size} with pad_to_capacity", capacity)
     num_tokens, k = experts.shape
     if drop_weights is not None:
         _on_device(drop_weights, "drop_weights", device, "x")
         if drop_weights.numel() != num_tokens * k:
             raise _invalid("drop_weights", f"{num_tokens * k} weights (T * k)", drop_weights.numel())
     static_rows = num_experts * capacity if pad_to_capacity and capacity is not None else num_rows
-    rows = num_tokens * k if static_rows is None else static_rows
+    rows = num_tokens * k + num_experts * (block_size - 1) if static_rows is None else static_rows
     experts = experts.to(torch.int64).contiguous()
     with _cuda.launcher(device) as launch:
         if capacity is None:
             tokens_per_expert, offsets, row_to_slot, slot_to_row = _dropless_plan(
-                launch, experts, num_experts, rows
+                launch, experts, num_experts, rows, block_size
             )
             dropped = torch.zeros(num_experts, dtype=torch.int64, device=device)
         else:
             tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = _capacity_plan(
-                launch, experts, num_experts, capacity, drop_weights, pad_to_capacity, rows
+                launch, experts, num_experts, capacity, drop_weights, pad_to_capacity, rows, block_size
             )
     if static_rows is None:
         # The row count is data-dependent: read it back (the one host synchronisation of the

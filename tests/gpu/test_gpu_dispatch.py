@@ -7,7 +7,7 @@ from gpu_helpers import DTYPES, random_experts, to_acc
 
 import sparseroute
 
-from reference import permute_reference, unpermute_reference
+from reference import block_permute_reference, permute_reference, unpermute_reference
 
 ops = torch.ops.sparseroute
 PLAN_FIELDS = ("tokens_per_expert", "offsets", "row_to_slot", "slot_to_row", "dropped")
@@ -48,6 +48,43 @@ def test_plan_is_the_cpu_plan(num_tokens, k, num_experts, static_rows):
         assert torch.equal(x_sorted.cpu(), ref_sorted)
         for name, value in ref_plan.items():
             assert torch.equal(getattr(plan, name).cpu(), value), name
+
+
+@pytest.mark.parametrize(("num_tokens", "k", "num_experts"), [(37, 2, 3), (4096, 8, 64), (70000, 8, 128)])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_block_aligned_plan_is_the_cpu_plan(num_tokens, k, num_experts, block_size):
+    """One-block and chunked plan kernels, dropless and with capacity, with and without a
+    static row count; the block experts of the plan."""
+    experts = random_experts(num_tokens, k, num_experts, seed=block_size)
+    x = torch.randn(num_tokens, 24)
+    weights = torch.rand(num_tokens, k)
+    bound = sparseroute.max_permuted_rows(num_tokens * k, num_experts, block_size)
+    capacity = sparseroute.expert_capacity(num_tokens, num_experts, k, 1.0, align=block_size)
+    cases = [
+        {"num_rows": None},
+        {"num_rows": bound},
+        {"capacity": capacity, "weights": weights, "drop_policy": "probs"},
+        {"capacity": capacity, "pad_to_capacity": True},
+    ]
+    for options in cases:
+        gpu_sorted, plan = sparseroute.permute(
+            x.cuda(),
+            experts.cuda(),
+            num_experts,
+            block_size=block_size,
+            **{
+                name: value.cuda() if isinstance(value, torch.Tensor) else value
+                for name, value in options.items()
+            },
+        )
+        cpu_sorted, cpu_plan = sparseroute.permute(x, experts, num_experts, block_size=block_size, **options)
+        assert_same_plan(plan, cpu_plan)
+        assert torch.equal(gpu_sorted.cpu(), cpu_sorted)
+        assert torch.equal(plan.block_experts(block_size).cpu(), cpu_plan.block_experts(block_size))
+    ref_sorted, ref_offsets, ref_rows = block_permute_reference(x, experts, num_experts, block_size)
+    gpu_sorted, plan = sparseroute.permute(x.cuda(), experts.cuda(), num_experts, block_size=block_size)
+    assert torch.equal(gpu_sorted.cpu(), ref_sorted) and torch.equal(plan.row_to_slot.cpu(), ref_rows)
+    assert torch.equal(plan.offsets.cpu(), ref_offsets)
 
 
 def test_all_tokens_to_one_expert_and_int32_ids():

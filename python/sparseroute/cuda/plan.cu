@@ -6,7 +6,8 @@
 //   sr_plan_count    per-chunk histograms, counts[c, e] (an int64 workspace; each warp zeroes
 //                    its chunk's row first)
 //   sr_plan_totals   tokens_per_expert[e] = sum over chunks of counts[c, e]
-//   sr_plan_scan     offsets = exclusive prefix sums of tokens_per_expert (one block)
+//   sr_plan_scan     offsets = exclusive prefix sums of tokens_per_expert, each rounded up to
+//                    whole blocks of block_size rows (1: as they are; one block)
 //   sr_plan_cursors  counts[c, e] becomes the first row of chunk c's slots of expert e
 //   sr_plan_scatter  each warp walks its chunk in slot order, 32 slots at a time; slots of the
 //                    same expert in a step are ranked by lane (__match_any_sync), so the row
@@ -147,16 +148,18 @@ extern "C" __global__ void __launch_bounds__(256)
   tokens_per_expert[e] = expert_total(counts, num_chunks, num_experts, static_cast<int>(e));
 }
 
-// offsets = exclusive prefix sums of tokens_per_expert, by one block of 1024 threads: tiles of
-// 1024 experts, scanned with warp shuffles.
-__device__ __forceinline__ void block_scan_offsets(const i64* tokens_per_expert, int num_experts, i64* offsets) {
+// offsets = exclusive prefix sums of tokens_per_expert, each rounded up to whole blocks of
+// block_size rows, by one block of 1024 threads: tiles of 1024 experts, scanned with warp
+// shuffles.
+__device__ __forceinline__ void block_scan_offsets(const i64* tokens_per_expert, int num_experts, i64 block_size,
+                                                   i64* offsets) {
   __shared__ i64 warp_totals[32];
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int warp = static_cast<int>(threadIdx.x >> 5);
   i64 carry = 0;
   for (int base = 0; base < num_experts; base += 1024) {
     const int e = base + static_cast<int>(threadIdx.x);
-    const i64 count = e < num_experts ? tokens_per_expert[e] : 0;
+    const i64 count = e < num_experts ? (tokens_per_expert[e] + block_size - 1) / block_size * block_size : 0;
     i64 inclusive = count;
 #pragma unroll
     for (int offset = 1; offset < 32; offset <<= 1) {
@@ -190,8 +193,8 @@ __device__ __forceinline__ void block_scan_offsets(const i64* tokens_per_expert,
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-    sr_plan_scan(const i64* tokens_per_expert, int num_experts, i64* offsets) {
-  block_scan_offsets(tokens_per_expert, num_experts, offsets);
+    sr_plan_scan(const i64* tokens_per_expert, int num_experts, i64 block_size, i64* offsets) {
+  block_scan_offsets(tokens_per_expert, num_experts, block_size, offsets);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -225,11 +228,12 @@ extern "C" __global__ void __launch_bounds__(128)
 // The whole plan in one block of 1024 threads (32 warps, 32 chunks) for at most
 // SR_SMALL_PLAN_EXPERTS experts: the [32, E] workspace lives in shared memory, and the steps
 // of the kernels above follow each other with __syncthreads. It also writes the -1 of the
-// rows past the routed slots (the chunked path has torch fill row_to_slot first).
+// rows that hold no slot: past the plan, and each expert's padding up to whole blocks (the
+// chunked path has torch fill row_to_slot first).
 #define SR_SMALL_PLAN_EXPERTS 128
 extern "C" __global__ void __launch_bounds__(1024)
-    sr_plan_small(const i64* experts, i64 num_slots, int num_experts, i64 num_rows, i64* tokens_per_expert,
-                  i64* offsets, i64* row_to_slot, i64* slot_to_row, int* errors) {
+    sr_plan_small(const i64* experts, i64 num_slots, int num_experts, i64 block_size, i64 num_rows,
+                  i64* tokens_per_expert, i64* offsets, i64* row_to_slot, i64* slot_to_row, int* errors) {
   __shared__ i64 counts[32 * SR_SMALL_PLAN_EXPERTS];
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int warp = static_cast<int>(threadIdx.x >> 5);
@@ -247,11 +251,18 @@ extern "C" __global__ void __launch_bounds__(1024)
     tokens_per_expert[e] = expert_total(counts, 32, num_experts, e);
   }
   __syncthreads();  // tokens_per_expert is complete (global writes are visible in the block)
-  block_scan_offsets(tokens_per_expert, num_experts, offsets);
+  block_scan_offsets(tokens_per_expert, num_experts, block_size, offsets);
   __syncthreads();
-  // The rows past the routed slots hold no slot (the scatter writes all the others).
+  // The rows past the plan and each expert's padding hold no slot (the scatter writes all
+  // the others).
   for (i64 row = offsets[num_experts] + threadIdx.x; row < num_rows; row += blockDim.x) {
     row_to_slot[row] = -1;
+  }
+  if (e < num_experts) {
+    const i64 end = offsets[e + 1] < num_rows ? offsets[e + 1] : num_rows;
+    for (i64 row = offsets[e] + tokens_per_expert[e]; row < end; ++row) {
+      row_to_slot[row] = -1;
+    }
   }
   if (e < num_experts) {
     expert_cursors(counts, 32, num_experts, e, offsets[e]);

@@ -8,7 +8,14 @@ from sparseroute.ops.balance import (
     update_expert_bias,
     z_loss,
 )
-from sparseroute.ops.dispatch import PermutePlan, expert_capacity, permute, renormalize_kept, unpermute
+from sparseroute.ops.dispatch import (
+    PermutePlan,
+    expert_capacity,
+    max_permuted_rows,
+    permute,
+    renormalize_kept,
+    unpermute,
+)
 from sparseroute.ops.experts import grouped_linear, grouped_mlp
 from sparseroute.ops.gating import ExpertChoice, expert_choice, jitter, topk_gating, topp_gating
 from sparseroute.ops.layers import PlanBuckets, bucket_by_plan, layer_plan, layer_sequence
@@ -36,6 +43,7 @@ __all__ = [
     "layer_plan",
     "layer_sequence",
     "load_balancing_loss",
+    "max_permuted_rows",
     "permute",
     "renormalize_kept",
     "routing_stats",

@@ -36,7 +36,10 @@ class PermutePlan(NamedTuple):
             dispatch is dropless). ``tokens_per_expert + dropped`` is the demand per expert.
 
     With ``pad_to_capacity=True`` the rows form an ``[E, C]`` grid: ``offsets[e] = e * C``
-    and the unused rows of each expert's block are zero padding (``row_to_slot`` -1).
+    and the unused rows of each expert's block are zero padding (``row_to_slot`` -1). With
+    ``block_size=B`` every expert's rows start at a multiple of B and fill whole blocks of B
+    rows, the last one padded with zero rows (``row_to_slot`` -1); ``offsets[E]`` then counts
+    the padding too.
     """
 
     tokens_per_expert: Tensor
@@ -44,6 +47,18 @@ class PermutePlan(NamedTuple):
     row_to_slot: Tensor
     slot_to_row: Tensor
     dropped: Tensor
+
+    def block_experts(self, block_size: int) -> Tensor:
+        """``[ceil(rows / block_size)]`` int64: the expert whose rows each block of
+        ``block_size`` rows holds, -1 for blocks past ``offsets[E]``: the per-block expert ids
+        that block-sparse grouped GEMM kernels (such as vLLM's fused MoE Triton kernel) read,
+        for a plan built by ``permute(..., block_size=block_size)``. Sync-free (one
+        ``searchsorted`` on the plan's device) and traceable by torch.compile."""
+        block_size = check_int(block_size, "block_size", minimum=1)
+        rows = self.row_to_slot.shape[0]
+        starts = torch.arange(0, rows, block_size, dtype=torch.int64, device=self.offsets.device)
+        experts = torch.searchsorted(self.offsets[1:], starts, right=True)
+        return torch.where(starts < self.offsets[-1], experts, -1)
 
 
 def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None, threads: int) -> Tensor:
@@ -71,6 +86,14 @@ def _static_rows(num_experts: int, num_rows: int | None, capacity: int | None, p
     return num_rows
 
 
+def max_permuted_rows(num_slots: int, num_experts: int, block_size: int = 1) -> int:
+    """The most rows a plan of ``num_slots`` slots (T * k) over ``num_experts`` experts can
+    fill with each expert's rows in whole blocks of ``block_size``: every slot, plus up to
+    ``block_size - 1`` padding rows per expert. As ``permute``'s ``num_rows`` it gives a
+    static row count (no host synchronisation on CUDA) for any routing."""
+    return num_slots + num_experts * (block_size - 1)
+
+
 @_eager.custom_op("permute", device_types="cpu")
 def _permute_op(
     x: Tensor,
@@ -80,10 +103,11 @@ def _permute_op(
     capacity: int | None,
     drop_weights: Tensor | None,
     pad_to_capacity: bool,
+    block_size: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
     static_rows = _static_rows(num_experts, num_rows, capacity, pad_to_capacity)
-    rows = num_tokens * k if static_rows is None else static_rows
+    rows = max_permuted_rows(num_tokens * k, num_experts, block_size) if static_rows is None else static_rows
     tokens_per_expert, tokens_view = _memory.empty_with_view((num_experts,), torch.int64)
     offsets, offsets_view = _memory.empty_with_view((num_experts + 1,), torch.int64)
     row_to_slot, row_to_slot_view = _memory.empty_with_view((rows,), torch.int64)
@@ -94,7 +118,7 @@ def _permute_op(
     plan_views = (tokens_view, offsets_view, row_to_slot_view)
     if capacity is None:
         routed = _core.build_plan(
-            numpy_view(experts.contiguous()), num_experts, *plan_views, slot_to_row_view, threads
+            numpy_view(experts.contiguous()), num_experts, block_size, *plan_views, slot_to_row_view, threads
         )
     else:
         routed = _core.build_capacity_plan(
@@ -103,6 +127,7 @@ def _permute_op(
             capacity,
             None if drop_weights is None else numpy_view(drop_weights.contiguous()),
             pad_to_capacity,
+            block_size,
             *plan_views,
             slot_to_row_view,
             dropped_view,
@@ -123,6 +148,7 @@ def _(
     capacity: int | None,
     drop_weights: Tensor | None,
     pad_to_capacity: bool,
+    block_size: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
     static_rows = _static_rows(num_experts, num_rows, capacity, pad_to_capacity)
@@ -147,11 +173,11 @@ def _permute_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any,
 
 def _permute_backward(ctx: Any, grad_x_sorted: Tensor | None, *_grads: Tensor | None) -> tuple[Any, ...]:
     if grad_x_sorted is None:
-        return (None,) * 7
+        return (None,) * 8
     row_to_slot, slot_to_row = ctx.saved_tensors
     # The gradient of a gather is the sum of each token's rows: an unweighted unpermute.
     grad_x = _eager.call("unpermute", grad_x_sorted, slot_to_row, row_to_slot, None)
-    return grad_x, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None
 
 
 _eager.register_autograd(_permute_op, _permute_backward, setup_context=_permute_setup_context)
@@ -283,6 +309,7 @@ def permute(
     weights: Tensor | None = None,
     drop_policy: str = "position",
     pad_to_capacity: bool = False,
+    block_size: int = 1,
 ) -> tuple[Tensor, PermutePlan]:
     """Gather token rows into expert-major order, dropless or with an expert capacity.
 
@@ -307,6 +334,14 @@ def permute(
         pad_to_capacity: lay rows out as a static ``[E * capacity, d]`` grid, expert ``e``
             in rows ``e * capacity ..``, unused rows zero: the layout batched expert matmuls
             and CUDA graphs need.
+        block_size: start every expert's rows at a multiple of ``block_size`` and pad them
+            with zero rows to whole blocks of it: the layout of block-sparse grouped GEMMs,
+            which give each block of rows to one expert (vLLM's ``moe_align_block_size``,
+            here with the rows in the same deterministic order as without blocks; see
+            ``PermutePlan.block_experts``). ``offsets`` then count the padding rows, and the
+            plan's rows number up to ``max_permuted_rows(T * k, E, block_size)``, a static
+            ``num_rows`` for any routing. With ``pad_to_capacity`` the capacity must be a
+            multiple of it (``expert_capacity(..., align=block_size)``). Default 1: none.
 
     Returns:
         ``(x_sorted, plan)``: ``x_sorted [rows, d]`` in ``x``'s dtype, rows of expert 0 first,
@@ -319,6 +354,7 @@ def permute(
     num_experts = check_int(num_experts, "num_experts", minimum=1)
     if num_rows is not None:
         num_rows = check_int(num_rows, "num_rows", minimum=0)
+    block_size = check_int(block_size, "block_size", minimum=1)
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {drop_policy!r}")
     drop_weights = None
@@ -331,6 +367,11 @@ def permute(
             raise ValueError(
                 f"num_rows: expected None with pad_to_capacity=True (rows are E * capacity = "
                 f"{num_experts * capacity}), got {num_rows}"
+            )
+        if pad_to_capacity and capacity % block_size != 0:
+            raise ValueError(
+                f"capacity: expected a multiple of block_size = {block_size} with pad_to_capacity=True "
+                f"(expert_capacity(..., align={block_size}) gives one), got {capacity}"
             )
         if drop_policy == "probs":
             if weights is None:
@@ -345,7 +386,7 @@ def permute(
                 )
             drop_weights = weights.detach().to(torch.float32)
     x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = _eager.call(
-        "permute", x, experts, num_experts, num_rows, capacity, drop_weights, pad_to_capacity
+        "permute", x, experts, num_experts, num_rows, capacity, drop_weights, pad_to_capacity, block_size
     )
     return x_sorted, PermutePlan(tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped)
 

@@ -77,15 +77,37 @@ fn expert_of(id: i64, num_experts: usize, slot: usize, k: usize) -> Result<Optio
     }
 }
 
+/// `count` rows rounded up to whole blocks of `block_size` rows.
+fn whole_blocks(count: i64, block_size: usize) -> i64 {
+    let block = block_size as i64;
+    (count + block - 1) / block * block
+}
+
+fn check_block_size(block_size: usize) -> Result<()> {
+    if block_size == 0 {
+        return Err(CoreError::invalid("block_size", "at least 1", "0"));
+    }
+    Ok(())
+}
+
 /// Builds the dropless permutation plan of `experts` ([T, k] row-major, `k` = `slot_to_row`
-/// row length given by `k`). Returns the number of routed rows.
-pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffers<'_>) -> Result<usize> {
+/// row length given by `k`). Each expert's rows start at a multiple of `block_size` and take
+/// whole blocks of it (1: no padding between experts); the padding rows hold no slot (-1).
+/// Returns the plan's row count, `offsets[E]`.
+pub fn build_plan(
+    experts: &[i64],
+    k: usize,
+    num_experts: usize,
+    block_size: usize,
+    out: PlanBuffers<'_>,
+) -> Result<usize> {
     if k == 0 && !experts.is_empty() {
         return Err(CoreError::invalid("experts", "at least one slot per token (k >= 1)", "k = 0"));
     }
     if num_experts == 0 {
         return Err(CoreError::invalid("num_experts", "at least 1", "0"));
     }
+    check_block_size(block_size)?;
     let slots = experts.len();
     check_len("slot_to_row", out.slot_to_row, slots)?;
     check_len("tokens_per_expert", out.tokens_per_expert, num_experts)?;
@@ -113,14 +135,15 @@ pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffer
     let mut running = 0i64;
     for (offset, &count) in out.offsets.iter_mut().zip(out.tokens_per_expert.iter()) {
         *offset = running;
-        running += count;
+        running += whole_blocks(count, block_size);
     }
     out.offsets[num_experts] = running;
     let routed = running as usize;
     if out.row_to_slot.len() < routed {
+        let what = if block_size == 1 { "routed slots" } else { "rows of this plan, padding included" };
         return Err(CoreError::invalid(
             "num_rows",
-            format!("at least the number of routed slots ({routed})"),
+            format!("at least the number of {what} ({routed})"),
             format!("{}", out.row_to_slot.len()),
         ));
     }
@@ -134,8 +157,13 @@ pub fn build_plan(experts: &[i64], k: usize, num_experts: usize, out: PlanBuffer
         }
     }
 
-    // Pass 3: every chunk places its slots, in slot order, from its own cursors.
-    out.row_to_slot[routed..].fill(-1);
+    // Pass 3: every chunk places its slots, in slot order, from its own cursors. The rows
+    // that no slot takes (past the plan; with blocks, also each expert's padding) hold -1.
+    if block_size == 1 {
+        out.row_to_slot[routed..].fill(-1);
+    } else {
+        out.row_to_slot.fill(-1);
+    }
     let rows = DisjointWrites::new(out.row_to_slot);
     let mut slot_chunks: Vec<&mut [i64]> = out.slot_to_row.chunks_mut(SLOTS_PER_CHUNK).collect();
     for_each_pair(&mut slot_chunks, &mut cursors, |c, slot_rows, cursor| {
@@ -379,12 +407,15 @@ pub struct Capacity<'a> {
     /// Lay the rows out as `[E, capacity]`: expert `e` owns rows `e * capacity ..`, unused rows
     /// are padding (-1 in `row_to_slot`), `offsets[e] = e * capacity`.
     pub pad: bool,
+    /// Without `pad`: each expert's kept rows start at a multiple of `block_size` and take
+    /// whole blocks of it (1: none). With `pad`, `capacity` must be a multiple of it.
+    pub block_size: usize,
 }
 
 /// Builds a capacity-constrained plan: the dropless plan, then each expert keeps at most
 /// `capacity.capacity` of its slots (see `DropPolicy`). Dropped slots get row -1 in
 /// `slot_to_row`; `tokens_per_expert` counts kept slots and `dropped` (`[E]`) the rest.
-/// Returns the number of kept rows.
+/// Returns the plan's row count, `offsets[E]`.
 pub fn build_capacity_plan(
     experts: &[i64],
     k: usize,
@@ -394,6 +425,14 @@ pub fn build_capacity_plan(
     dropped: &mut [i64],
 ) -> Result<usize> {
     check_len("dropped", dropped, num_experts)?;
+    check_block_size(capacity.block_size)?;
+    if capacity.pad && !capacity.capacity.is_multiple_of(capacity.block_size) {
+        return Err(CoreError::invalid(
+            "capacity",
+            format!("a multiple of block_size = {} with pad_to_capacity", capacity.block_size),
+            capacity.capacity.to_string(),
+        ));
+    }
     if let DropPolicy::Weights(weights) = capacity.policy {
         check_len("weights", weights, experts.len())?;
         if let Some(i) = weights.iter().position(|w| w.is_nan()) {
@@ -412,6 +451,7 @@ pub fn build_capacity_plan(
         experts,
         k,
         num_experts,
+        1,
         PlanBuffers {
             tokens_per_expert: &mut routed_counts,
             offsets: &mut routed_offsets,
@@ -450,7 +490,7 @@ pub fn build_capacity_plan(
         out.tokens_per_expert[e] = slots.len() as i64;
         dropped[e] = routed_counts[e] - slots.len() as i64;
         out.offsets[e] = if capacity.pad { (e * limit) as i64 } else { next };
-        next = out.offsets[e] + slots.len() as i64;
+        next = out.offsets[e] + whole_blocks(slots.len() as i64, capacity.block_size);
     }
     let total_rows = if capacity.pad { num_experts * limit } else { next as usize };
     out.offsets[num_experts] = total_rows as i64;
@@ -472,7 +512,7 @@ pub fn build_capacity_plan(
         }
     }
     debug_assert!(routed >= kept_rows);
-    Ok(kept_rows)
+    Ok(total_rows)
 }
 
 #[cfg(test)]
@@ -488,10 +528,15 @@ mod tests {
     }
 
     fn plan(experts: &[i64], k: usize, e: usize) -> Plan {
+        blocked_plan(experts, k, e, 1)
+    }
+
+    /// The plan with each expert's rows in whole blocks, in the most rows it can need.
+    fn blocked_plan(experts: &[i64], k: usize, e: usize, block_size: usize) -> Plan {
         let mut p = Plan {
             tokens_per_expert: vec![0; e],
             offsets: vec![0; e + 1],
-            row_to_slot: vec![0; experts.len()],
+            row_to_slot: vec![0; experts.len() + e * (block_size - 1)],
             slot_to_row: vec![0; experts.len()],
             routed: 0,
         };
@@ -499,6 +544,7 @@ mod tests {
             experts,
             k,
             e,
+            block_size,
             PlanBuffers {
                 tokens_per_expert: &mut p.tokens_per_expert,
                 offsets: &mut p.offsets,
@@ -522,12 +568,85 @@ mod tests {
     }
 
     #[test]
+    fn blocks_pad_each_expert_to_whole_blocks_of_rows() {
+        // Expert 0: 3 slots (one block of 4), expert 1: none, expert 2: 5 slots (two blocks).
+        let experts = [2, 0, 2, 0, 2, 2, 0, 2];
+        let p = blocked_plan(&experts, 1, 3, 4);
+        assert_eq!(p.tokens_per_expert, vec![3, 0, 5]);
+        assert_eq!(p.offsets, vec![0, 4, 4, 12]);
+        assert_eq!(p.routed, 12);
+        assert_eq!(p.row_to_slot[..12], [1, 3, 6, -1, 0, 2, 4, 5, 7, -1, -1, -1]);
+        assert!(p.row_to_slot[12..].iter().all(|&s| s == -1));
+        assert_eq!(p.slot_to_row, vec![4, 0, 5, 1, 6, 7, 2, 8]);
+        // Within the blocks, the plan without them, shifted.
+        let flat = plan(&experts, 1, 3);
+        for (s, &row) in flat.slot_to_row.iter().enumerate() {
+            let e = experts[s] as usize;
+            assert_eq!(p.slot_to_row[s] - p.offsets[e], row - flat.offsets[e]);
+        }
+    }
+
+    #[test]
+    fn blocks_need_room_and_a_positive_size() {
+        let mut buffers = (vec![0; 2], vec![0; 3], vec![0; 3], vec![0; 2]);
+        let mut run = |block_size| {
+            build_plan(
+                &[0, 1],
+                1,
+                2,
+                block_size,
+                PlanBuffers {
+                    tokens_per_expert: &mut buffers.0,
+                    offsets: &mut buffers.1,
+                    row_to_slot: &mut buffers.2,
+                    slot_to_row: &mut buffers.3,
+                },
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(run(0).starts_with("block_size"), "{}", run(0));
+        let err = run(2);
+        assert!(err.contains("at least the number of rows of this plan, padding included (4)"), "{err}");
+    }
+
+    #[test]
+    fn capacity_plans_take_blocks_too() {
+        // Expert 0 keeps 2 of its 4 slots (one block of 4), expert 1 its 1 slot, expert 2 its 2.
+        let experts = [0, 1, 0, 2, 0, 2, 0];
+        let cap = Capacity { capacity: 2, policy: DropPolicy::Position, pad: false, block_size: 4 };
+        let (p, dropped) = capacity_plan(&experts, 1, 3, cap);
+        assert_eq!(p.offsets, vec![0, 4, 8, 12]);
+        assert_eq!(p.routed, 12);
+        assert_eq!(p.row_to_slot[..12], [0, 2, -1, -1, 1, -1, -1, -1, 3, 5, -1, -1]);
+        assert_eq!(dropped, vec![2, 0, 0]);
+        // The padded layout needs a capacity of whole blocks.
+        let mut buffers = (vec![0; 1], vec![0; 2], vec![0; 3], vec![0; 1], vec![0; 1]);
+        let err = build_capacity_plan(
+            &[0],
+            1,
+            1,
+            Capacity { capacity: 3, policy: DropPolicy::Position, pad: true, block_size: 2 },
+            PlanBuffers {
+                tokens_per_expert: &mut buffers.0,
+                offsets: &mut buffers.1,
+                row_to_slot: &mut buffers.2,
+                slot_to_row: &mut buffers.3,
+            },
+            &mut buffers.4,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("a multiple of block_size = 2"), "{err}");
+    }
+
+    #[test]
     fn out_of_range_ids_are_refused() {
         let mut buffers = (vec![0; 2], vec![0; 3], vec![0; 2], vec![0; 2]);
         let err = build_plan(
             &[0, 2],
             1,
             2,
+            1,
             PlanBuffers {
                 tokens_per_expert: &mut buffers.0,
                 offsets: &mut buffers.1,
@@ -600,7 +719,8 @@ mod tests {
     }
 
     fn capacity_plan(experts: &[i64], k: usize, e: usize, capacity: Capacity<'_>) -> (Plan, Vec<i64>) {
-        let rows = if capacity.pad { e * capacity.capacity } else { experts.len() };
+        let rows =
+            if capacity.pad { e * capacity.capacity } else { experts.len() + e * (capacity.block_size - 1) };
         let mut p = Plan {
             tokens_per_expert: vec![0; e],
             offsets: vec![0; e + 1],
@@ -630,7 +750,7 @@ mod tests {
     fn position_policy_keeps_the_first_slots_of_each_expert() {
         // Tokens 0..4 with k = 2; expert 0 is chosen by slots 0, 2, 4, 6.
         let experts = [0, 1, 0, 2, 0, 1, 0, 2];
-        let cap = Capacity { capacity: 2, policy: DropPolicy::Position, pad: false };
+        let cap = Capacity { capacity: 2, policy: DropPolicy::Position, pad: false, block_size: 1 };
         let (p, dropped) = capacity_plan(&experts, 2, 3, cap);
         assert_eq!(p.tokens_per_expert, vec![2, 2, 2]);
         assert_eq!(dropped, vec![2, 0, 0]);
@@ -644,7 +764,7 @@ mod tests {
     fn weights_policy_keeps_the_heaviest_slots_ties_to_lower_slot_in_slot_order() {
         let experts = [0, 0, 0, 0, 1];
         let weights = [0.5, 0.9, 0.5, 0.9, 0.1];
-        let cap = Capacity { capacity: 3, policy: DropPolicy::Weights(&weights), pad: false };
+        let cap = Capacity { capacity: 3, policy: DropPolicy::Weights(&weights), pad: false, block_size: 1 };
         let (p, dropped) = capacity_plan(&experts, 1, 2, cap);
         // 0.9 (slot 1), 0.9 (slot 3), then the tie at 0.5 goes to slot 0.
         assert_eq!(&p.row_to_slot[..4], &[0, 1, 3, 4]);
@@ -655,7 +775,7 @@ mod tests {
     #[test]
     fn padded_layout_gives_every_expert_capacity_rows() {
         let experts = [1, 1, 1, 0];
-        let cap = Capacity { capacity: 2, policy: DropPolicy::Position, pad: true };
+        let cap = Capacity { capacity: 2, policy: DropPolicy::Position, pad: true, block_size: 1 };
         let (p, dropped) = capacity_plan(&experts, 1, 3, cap);
         assert_eq!(p.offsets, vec![0, 2, 4, 6]);
         assert_eq!(p.row_to_slot, vec![3, -1, 0, 1, -1, -1]);
@@ -666,7 +786,7 @@ mod tests {
 
     #[test]
     fn zero_capacity_drops_everything_and_nan_weights_are_rejected() {
-        let cap = Capacity { capacity: 0, policy: DropPolicy::Position, pad: false };
+        let cap = Capacity { capacity: 0, policy: DropPolicy::Position, pad: false, block_size: 1 };
         let (p, dropped) = capacity_plan(&[0, 1, 1], 1, 2, cap);
         assert_eq!((p.routed, dropped), (0, vec![1, 2]));
         assert!(p.slot_to_row.iter().all(|&r| r == -1));
@@ -676,7 +796,7 @@ mod tests {
             &[0, 0],
             1,
             1,
-            Capacity { capacity: 1, policy: DropPolicy::Weights(&weights), pad: false },
+            Capacity { capacity: 1, policy: DropPolicy::Weights(&weights), pad: false, block_size: 1 },
             PlanBuffers {
                 tokens_per_expert: &mut buffers.0,
                 offsets: &mut buffers.1,

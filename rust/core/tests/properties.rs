@@ -66,23 +66,32 @@ proptest! {
             (Just(t), Just(k), Just(e), proptest::collection::vec(-1i64..e as i64, t * k))
         }),
         threads in 1usize..4,
+        block_size in prop_oneof![Just(1usize), 2usize..9],
     ) {
         let mut tpe = vec![0; experts];
         let mut offsets = vec![0; experts + 1];
-        let mut row_to_slot = vec![0; tokens * k];
+        // The most rows a plan can take: every expert's last block one row short of full.
+        let mut row_to_slot = vec![0; tokens * k + experts * (block_size - 1)];
         let mut slot_to_row = vec![0; tokens * k];
-        let routed = threads::run(threads, usize::MAX, || build_plan(&ids, k, experts, PlanBuffers {
+        let rows = threads::run(threads, usize::MAX, || build_plan(&ids, k, experts, block_size, PlanBuffers {
             tokens_per_expert: &mut tpe, offsets: &mut offsets, row_to_slot: &mut row_to_slot, slot_to_row: &mut slot_to_row,
         })).unwrap();
-        let mut expected: Vec<usize> = (0..ids.len()).filter(|&s| ids[s] >= 0).collect();
-        expected.sort_by_key(|&s| (ids[s], s));
-        prop_assert_eq!(routed, expected.len());
-        prop_assert_eq!(&row_to_slot[..routed], &expected.iter().map(|&s| s as i64).collect::<Vec<_>>()[..]);
-        prop_assert!(row_to_slot[routed..].iter().all(|&s| s == -1));
-        prop_assert_eq!(tpe.iter().sum::<i64>() as usize, routed);
+        prop_assert_eq!(rows as i64, offsets[experts]);
+        // Each expert: whole blocks from a block boundary, its slots in slot order first,
+        // then padding; nothing past the plan.
+        for e in 0..experts {
+            let mine: Vec<i64> = (0..ids.len()).filter(|&s| ids[s] == e as i64).map(|s| s as i64).collect();
+            let (start, end) = (offsets[e] as usize, offsets[e + 1] as usize);
+            prop_assert_eq!(start % block_size, 0);
+            prop_assert_eq!(end - start, mine.len().div_ceil(block_size) * block_size);
+            prop_assert_eq!(tpe[e] as usize, mine.len());
+            prop_assert_eq!(&row_to_slot[start..start + mine.len()], &mine[..]);
+            prop_assert!(row_to_slot[start + mine.len()..end].iter().all(|&s| s == -1));
+        }
+        prop_assert!(row_to_slot[rows..].iter().all(|&s| s == -1));
         // Gather then combine (k = 1 per row, weight 1) gives each token times its slot count.
         let x: Vec<f32> = (0..tokens * 3).map(|v| v as f32).collect();
-        let mut sorted = vec![0.0f32; tokens * k * 3];
+        let mut sorted = vec![0.0f32; row_to_slot.len() * 3];
         gather_rows(&x, 3, &row_to_slot, k, None, &mut sorted).unwrap();
         let mut back = vec![0.0f32; tokens * 3];
         combine_rows(&sorted, 3, &slot_to_row, k, None, &mut back).unwrap();

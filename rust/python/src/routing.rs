@@ -241,13 +241,16 @@ pub fn expert_choice_backward(
     })
 }
 
-/// Builds the dropless permutation plan of `experts` [T, k]; returns the routed row count.
+/// Builds the dropless permutation plan of `experts` [T, k], each expert's rows in whole
+/// blocks of `block_size`; returns the plan's row count.
 #[pyfunction]
-#[pyo3(signature = (experts, num_experts, tokens_per_expert, offsets, row_to_slot, slot_to_row, threads))]
+#[pyo3(signature = (experts, num_experts, block_size, tokens_per_expert, offsets, row_to_slot, slot_to_row, threads))]
+#[allow(clippy::too_many_arguments)]
 pub fn build_plan(
     py: Python<'_>,
     experts: &Bound<'_, PyAny>,
     num_experts: usize,
+    block_size: usize,
     tokens_per_expert: &Bound<'_, PyAny>,
     offsets: &Bound<'_, PyAny>,
     row_to_slot: &Bound<'_, PyAny>,
@@ -267,13 +270,16 @@ pub fn build_plan(
         row_to_slot: slice_mut(&mut row_to_slot, "row_to_slot")?,
         slot_to_row: slice_mut(&mut slot_to_row, "slot_to_row")?,
     };
-    run_kernel(py, threads, experts.len() * 4, || dispatch::build_plan(experts, k, num_experts, buffers))
+    run_kernel(py, threads, experts.len() * 4, || {
+        dispatch::build_plan(experts, k, num_experts, block_size, buffers)
+    })
 }
 
 /// The capacity-constrained plan: each expert keeps at most `capacity` slots, by position or
-/// by `weights` (float32 `[T, k]`); `pad` lays rows out as `[E, capacity]`.
+/// by `weights` (float32 `[T, k]`); `pad` lays rows out as `[E, capacity]`, else each
+/// expert's rows take whole blocks of `block_size`. Returns the plan's row count.
 #[pyfunction]
-#[pyo3(signature = (experts, num_experts, capacity, weights, pad, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped, threads))]
+#[pyo3(signature = (experts, num_experts, capacity, weights, pad, block_size, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped, threads))]
 #[allow(clippy::too_many_arguments)]
 pub fn build_capacity_plan(
     py: Python<'_>,
@@ -282,6 +288,7 @@ pub fn build_capacity_plan(
     capacity: usize,
     weights: Option<&Bound<'_, PyAny>>,
     pad: bool,
+    block_size: usize,
     tokens_per_expert: &Bound<'_, PyAny>,
     offsets: &Bound<'_, PyAny>,
     row_to_slot: &Bound<'_, PyAny>,
@@ -307,7 +314,7 @@ pub fn build_capacity_plan(
         slot_to_row: slice_mut(&mut slot_to_row, "slot_to_row")?,
     };
     let dropped = slice_mut(&mut dropped, "dropped")?;
-    let settings = Capacity { capacity, policy, pad };
+    let settings = Capacity { capacity, policy, pad, block_size };
     run_kernel(py, threads, experts.len() * 4, || {
         dispatch::build_capacity_plan(experts, k, num_experts, settings, buffers, dropped)
     })
