@@ -4,20 +4,21 @@
 
 Each case times both sides with CUDA events (median of ``--repeats`` runs after warm-up, in
 milliseconds) on the current device, and prints a table; ``--out`` writes the rows as JSON.
-The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ group mask),
-a stable argsort + index_select for permute, and a gather + weighted sum for unpermute; for
-the token ops topk + sort, gather and a gathered x + gate * y scattered back; for the balance
-ops softmax + sum, bincount, logsumexp; argmax for layer_plan; Megatron-style forms of
-capacity dispatch, top-p, expert choice (topk per expert) and Sinkhorn; and one transformers
-MoE block (Mixtral, OLMoE shapes) with its own experts against sparseroute.patch. For
-sync-free ops it also times a CUDA graph replay of ten calls of the op (``sparseroute_graph_ms``,
-per call): the GPU time alone, without the host work of each call, and the same of the
-baseline (``torch_graph_ms``, ``graph_speedup``: GPU against GPU); for those it also times both
-sides queued (many calls back to back, as in a model, ``*_queued_ms``), and for permute and
-unpermute a torch copy of as many bytes (``copy_graph_ms``, ``of_copy_bandwidth``). Where
-vLLM is installed, top-k gating is also timed against its fused top-k softmax kernel (rows
-whose ``baseline`` is "vllm fused_topk"; ``torch_ms`` is then that kernel's time);
-``fused_topk_baseline`` in the JSON says whether it was found.
+The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ group mask), a
+stable argsort + index_select for permute (also against permute with rows in blocks of 128),
+and a gather + weighted sum for unpermute; for the token ops topk + sort, gather and a
+gathered x + gate * y scattered back; for the balance ops softmax + sum, bincount, logsumexp;
+argmax for layer_plan; Megatron-style forms of capacity dispatch, top-p, expert choice (topk
+per expert) and Sinkhorn; and one transformers MoE block (Mixtral, OLMoE shapes) with its own
+experts against sparseroute.patch. For sync-free ops it also times a CUDA graph replay of ten
+calls of the op (``sparseroute_graph_ms``, per call): the GPU time alone, without the host
+work of each call, and the same of the baseline (``torch_graph_ms``, ``graph_speedup``: GPU
+against GPU); for those it also times both sides queued (many calls back to back, as in a
+model, ``*_queued_ms``), and for permute and unpermute a torch copy of as many bytes
+(``copy_graph_ms``, ``of_copy_bandwidth``). Where vLLM is installed, top-k gating is also
+timed against its fused top-k softmax kernel (rows whose ``baseline`` is "vllm fused_topk";
+``torch_ms`` is then that kernel's time); ``fused_topk_baseline`` in the JSON says whether it
+was found.
 """
 
 from __future__ import annotations
@@ -247,6 +248,20 @@ def cases(repeats: int) -> list[dict[str, object]]:
             # Reads the T * k gathered rows (and the ids), writes as many.
             moved_bytes=2 * ids.numel() * hidden * x.element_size(),
         )
+        if experts == 64:
+            # The layout of block-sparse grouped GEMMs: each expert's rows in whole blocks of
+            # 128 (torch: the plain stable-sort permute, which has no blocks).
+            bound = sparseroute.max_permuted_rows(ids.numel(), experts, 128)
+            add(
+                "permute (blocks of 128 rows, static rows)",
+                shape,
+                lambda x=x, ids=ids, e=experts, n=bound: sparseroute.permute(
+                    x, ids, e, num_rows=n, block_size=128
+                ),
+                lambda x=x, ids=ids: torch_permute(x, ids),
+                capturable=True,
+                moved_bytes=2 * ids.numel() * hidden * x.element_size(),
+            )
         x_sorted, plan = sparseroute.permute(x, ids, experts, num_rows=ids.numel())
         _, order = torch_permute(x, ids)
         add(
