@@ -621,22 +621,9 @@ mod tests {
         assert_eq!(p.row_to_slot[..12], [0, 2, -1, -1, 1, -1, -1, -1, 3, 5, -1, -1]);
         assert_eq!(dropped, vec![2, 0, 0]);
         // The padded layout needs a capacity of whole blocks.
-        let mut buffers = (vec![0; 1], vec![0; 2], vec![0; 3], vec![0; 1], vec![0; 1]);
-        let err = build_capacity_plan(
-            &[0],
-            1,
-            1,
-            Capacity { capacity: 3, policy: DropPolicy::Position, pad: true, block_size: 2 },
-            PlanBuffers {
-                tokens_per_expert: &mut buffers.0,
-                offsets: &mut buffers.1,
-                row_to_slot: &mut buffers.2,
-                slot_to_row: &mut buffers.3,
-            },
-            &mut buffers.4,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("a multiple of block_size = 2"), "{err}");
+        let cap = Capacity { capacity: 3, policy: DropPolicy::Position, pad: true, block_size: 2 };
+        let err = one_expert_capacity_error(&[0], cap);
+        assert!(err.contains("a multiple of block_size = 2"), "{err}");
     }
 
     #[test]
@@ -746,6 +733,27 @@ mod tests {
         (p, dropped)
     }
 
+    /// The error of a capacity plan of `experts` (k = 1) over one expert.
+    fn one_expert_capacity_error(experts: &[i64], capacity: Capacity<'_>) -> String {
+        let slots = experts.len();
+        let mut buffers = (vec![0; 1], vec![0; 2], vec![0; slots + 4], vec![0; slots], vec![0; 1]);
+        build_capacity_plan(
+            experts,
+            1,
+            1,
+            capacity,
+            PlanBuffers {
+                tokens_per_expert: &mut buffers.0,
+                offsets: &mut buffers.1,
+                row_to_slot: &mut buffers.2,
+                slot_to_row: &mut buffers.3,
+            },
+            &mut buffers.4,
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
     #[test]
     fn position_policy_keeps_the_first_slots_of_each_expert() {
         // Tokens 0..4 with k = 2; expert 0 is chosen by slots 0, 2, 4, 6.
@@ -791,21 +799,7 @@ mod tests {
         assert_eq!((p.routed, dropped), (0, vec![1, 2]));
         assert!(p.slot_to_row.iter().all(|&r| r == -1));
         let weights = [0.1, f32::NAN];
-        let mut buffers = (vec![0; 1], vec![0; 2], vec![0; 2], vec![0; 2], vec![0; 1]);
-        let err = build_capacity_plan(
-            &[0, 0],
-            1,
-            1,
-            Capacity { capacity: 1, policy: DropPolicy::Weights(&weights), pad: false, block_size: 1 },
-            PlanBuffers {
-                tokens_per_expert: &mut buffers.0,
-                offsets: &mut buffers.1,
-                row_to_slot: &mut buffers.2,
-                slot_to_row: &mut buffers.3,
-            },
-            &mut buffers.4,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("weights"));
+        let cap = Capacity { capacity: 1, policy: DropPolicy::Weights(&weights), pad: false, block_size: 1 };
+        assert!(one_expert_capacity_error(&[0, 0], cap).contains("weights"));
     }
 }
