@@ -177,7 +177,13 @@ def routing_ratios(args: argparse.Namespace) -> None:
     shapes = [(64, 2, 1024)] if args.quick else [(64, 2, 1024), (64, 8, 2048)]
     for dtype in ("fp32", "bf16"):
         for num_experts, k, d in shapes:
-            for method in ("time_permute", "time_unpermute", "time_round_trip_forward_backward"):
+            methods = (
+                "time_permute",
+                "time_permute_blocks",
+                "time_unpermute",
+                "time_round_trip_forward_backward",
+            )
+            for method in methods:
                 repeats = max(2, args.repeats // 2)
                 times = ratio(Dispatch, method, (tokens, num_experts, k, d, dtype), repeats)
                 target = DISPATCH_TARGET if method.startswith("time_round") and dtype == "fp32" else None

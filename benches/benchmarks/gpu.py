@@ -16,7 +16,7 @@ import torch
 import sparseroute
 
 from .moe_block import SHAPES, build_block
-from .routing import IMPLS, torch_gating, torch_permute, torch_unpermute
+from .routing import BLOCK_ROWS, IMPLS, torch_block_permute, torch_gating, torch_permute, torch_unpermute
 from .variants import torch_expert_choice, torch_mixtral_loss, torch_sinkhorn, torch_topp
 
 TOKENS = 16384
@@ -85,6 +85,14 @@ class GpuDispatch:
             torch_permute(self.x, self.experts)
         else:
             sparseroute.permute(self.x, self.experts, E, num_rows=self.num_rows)
+        torch.cuda.synchronize()
+
+    def time_permute_blocks(self, E, k, d, impl):
+        if impl == "torch":
+            torch_block_permute(self.x, self.experts, E, BLOCK_ROWS)
+        else:
+            rows = sparseroute.max_permuted_rows(TOKENS * k, E, BLOCK_ROWS)
+            sparseroute.permute(self.x, self.experts, E, num_rows=rows, block_size=BLOCK_ROWS)
         torch.cuda.synchronize()
 
     def time_unpermute(self, E, k, d, impl):

@@ -6,6 +6,9 @@ Face MoE blocks and Megatron-style dispatchers write by hand:
 
 - gating: softmax over experts in fp32, ``torch.topk``, divide by the sum;
 - permute: stable ``argsort`` of the flattened expert ids, ``index_select`` of the rows;
+- permute in blocks (each expert's rows padded to whole blocks of ``BLOCK_ROWS``, the layout
+  of block-sparse grouped GEMMs): the stable ``argsort``, ``bincount`` and ``cumsum`` of
+  the padded counts, each row's place, the rows written into a zeroed buffer;
 - unpermute: weight the rows, ``index_add_`` them into a zeroed [T, d] output.
 """
 
@@ -31,6 +34,27 @@ def torch_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 def torch_permute(x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(experts.reshape(-1), stable=True)
     return x.index_select(0, order // experts.shape[1]), order
+
+
+#: Rows per block of the block-aligned permute benchmarks.
+BLOCK_ROWS = 128
+
+
+def torch_block_permute(
+    x: torch.Tensor, experts: torch.Tensor, num_experts: int, block_size: int
+) -> torch.Tensor:
+    """The rows in expert order, each expert's rows in whole blocks of ``block_size`` (zero
+    padding), in ``T * k + E * (block_size - 1)`` rows (a static bound)."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_size - 1) // block_size * block_size
+    sorted_experts = flat[order]
+    first_row = (torch.cumsum(padded, 0) - padded)[sorted_experts]
+    rank = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    out = x.new_zeros(flat.numel() + num_experts * (block_size - 1), x.shape[1])
+    out[first_row + rank] = x[order // experts.shape[1]]
+    return out
 
 
 def torch_unpermute(
@@ -105,6 +129,13 @@ class Dispatch:
             torch_unpermute(self.y_sorted, self.order, self.weights, T)
         else:
             sparseroute.unpermute(self.y_sorted, self.plan, self.weights)
+
+    def time_permute_blocks(self, T, E, k, d, dtype, impl):
+        if impl == "torch":
+            torch_block_permute(self.x, self.experts, E, BLOCK_ROWS)
+        else:
+            rows = sparseroute.max_permuted_rows(T * k, E, BLOCK_ROWS)
+            sparseroute.permute(self.x, self.experts, E, num_rows=rows, block_size=BLOCK_ROWS)
 
     def time_round_trip_forward_backward(self, T, E, k, d, dtype, impl):
         x = self.x.detach().requires_grad_()
