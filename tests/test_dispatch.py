@@ -317,3 +317,36 @@ def test_blocks_gradcheck_float64(generator):
         return sparseroute.unpermute(x_sorted * 2.0, plan, weights)
 
     assert torch.autograd.gradcheck(moe, (x, weights))
+
+
+def vllm_align_reference(topk_ids, block_size, num_experts):
+    """vLLM's moe_align_block_size outputs, slots within an expert in ascending order: per
+    expert its flat slot indices padded with T * k to whole blocks, one expert id per block;
+    then T * k and -1 up to the static lengths."""
+    flat = topk_ids.reshape(-1)
+    ids, blocks = [], []
+    for e in range(num_experts):
+        mine = torch.nonzero(flat == e).reshape(-1)
+        padding = -len(mine) % block_size
+        ids.append(torch.cat([mine, torch.full((padding,), flat.numel())]))
+        blocks += [e] * ((len(mine) + padding) // block_size)
+    post_padded = sum(len(i) for i in ids)
+    length = flat.numel() + num_experts * (block_size - 1)
+    ids.append(torch.full((length - post_padded,), flat.numel()))
+    blocks += [-1] * (-(-length // block_size) - len(blocks))
+    return torch.cat(ids).int(), torch.tensor(blocks, dtype=torch.int32), torch.tensor([post_padded]).int()
+
+
+@given(dispatch_cases(), st.sampled_from([1, 4, 16, 64]))
+def test_moe_align_block_size_is_vllms_layout_in_slot_order(case, block_size):
+    _, experts, num_experts, _ = case
+    ours = sparseroute.moe_align_block_size(experts, block_size, num_experts)
+    for a, b in zip(ours, vllm_align_reference(experts, block_size, num_experts), strict=True):
+        assert a.dtype == torch.int32 and torch.equal(a, b)
+
+
+def test_moe_align_block_size_checks_its_arguments():
+    with pytest.raises(ValueError, match="block_size: expected"):
+        sparseroute.moe_align_block_size(torch.zeros(2, 1, dtype=torch.int64), 0, 4)
+    with pytest.raises(sparseroute.InvalidInputError, match="experts: expected expert ids in"):
+        sparseroute.moe_align_block_size(torch.tensor([[5]]), 4, 4)

@@ -87,6 +87,32 @@ def test_block_aligned_plan_is_the_cpu_plan(num_tokens, k, num_experts, block_si
     assert torch.equal(plan.offsets.cpu(), ref_offsets)
 
 
+def test_moe_align_block_size_is_the_cpu_layout_and_capturable():
+    experts = random_experts(4096, 8, 64, seed=11)
+    gpu = sparseroute.moe_align_block_size(experts.cuda(), 64, 64)
+    cpu = sparseroute.moe_align_block_size(experts, 64, 64)
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.device.type == "cuda" and torch.equal(a.cpu(), b)
+    # Sync-free: it replays in a CUDA graph, following new ids.
+    sparseroute.warm_up_cuda()
+    static_ids = experts.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            sparseroute.moe_align_block_size(static_ids, 64, 64)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = sparseroute.moe_align_block_size(static_ids, 64, 64)
+    fresh = random_experts(4096, 8, 64, seed=12)
+    static_ids.copy_(fresh.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static_out, sparseroute.moe_align_block_size(fresh, 64, 64), strict=True):
+        assert torch.equal(a.cpu(), b)
+
+
 def test_all_tokens_to_one_expert_and_int32_ids():
     experts = torch.full((5000, 2), 3, dtype=torch.int32)
     x = torch.randn(5000, 8)

@@ -391,6 +391,43 @@ def permute(
     return x_sorted, PermutePlan(tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped)
 
 
+def moe_align_block_size(
+    topk_ids: Tensor, block_size: int, num_experts: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A deterministic drop-in for vLLM's ``moe_align_block_size``: the slots of ``topk_ids``
+    sorted by expert, each expert's slots padded to whole blocks of ``block_size``, as
+    block-sparse fused MoE kernels (vLLM's and SGLang's Triton ``fused_moe_kernel``) read them.
+
+    Within an expert the slots are in ascending order (token, then choice), on every device
+    and every run; vLLM ranks them with atomic increments. It is the plan of
+    ``permute(..., block_size=block_size)`` without moving any row, and sync-free on CUDA.
+
+    Args:
+        topk_ids: ``[T, k]`` int64 or int32 expert ids in ``[0, num_experts)``; -1 marks an
+            empty slot, which is left out.
+        block_size: rows per block of the grouped GEMM.
+        num_experts: E.
+
+    Returns:
+        ``(sorted_token_ids, expert_ids, num_tokens_post_padded)``, int32 as vLLM's:
+        ``[T * k + E * (block_size - 1)]`` flat slot indices ``t * k + j`` in expert-major
+        order, padding marked ``T * k``; ``[ceil(len(sorted_token_ids) / block_size)]`` the
+        expert of each block, -1 for blocks past the padded rows; ``[1]`` the number of
+        padded rows.
+    """
+    experts = _check_experts(topk_ids, None)
+    block_size = check_int(block_size, "block_size", minimum=1)
+    num_experts = check_int(num_experts, "num_experts", minimum=1)
+    num_slots = experts.numel()
+    rows = max_permuted_rows(num_slots, num_experts, block_size)
+    # Rows of width 0: the plan alone, no data moved.
+    no_rows = torch.empty(experts.shape[0], 0, device=experts.device)
+    _, plan = permute(no_rows, experts, num_experts, num_rows=rows, block_size=block_size)
+    sorted_token_ids = torch.where(plan.row_to_slot >= 0, plan.row_to_slot, num_slots).to(torch.int32)
+    expert_ids = plan.block_experts(block_size).to(torch.int32)
+    return sorted_token_ids, expert_ids, plan.offsets[-1:].to(torch.int32)
+
+
 def renormalize_kept(weights: Tensor, plan: PermutePlan) -> Tensor:
     """``weights`` with dropped and empty slots zeroed and each token's kept weights divided
     by their sum (at least the dtype's eps): the GShard / DeepSpeed convention of
