@@ -126,3 +126,14 @@ def test_block_aligned_pipeline_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(actual, expected)
     for a, b in zip(actual_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_moe_align_block_size_compiles_without_graph_breaks(backend):
+    experts = torch.rand(50, 8, generator=torch.Generator().manual_seed(6)).argsort(-1)[:, :2]
+    torch._dynamo.reset()
+    compiled = torch.compile(sparseroute.moe_align_block_size, fullgraph=True, backend=backend)
+    for got, expected in zip(
+        compiled(experts, 16, 8), sparseroute.moe_align_block_size(experts, 16, 8), strict=True
+    ):
+        assert torch.equal(got, expected)
