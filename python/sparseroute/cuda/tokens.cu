@@ -21,15 +21,18 @@
 //   sr_token_dots      out[b, p] = dot(grad[b, p], rows[b, c]) at kept positions, 0
 //                      elsewhere: eight threads per dot over fixed lanes, as sr_slot_dots.
 //                      32 dots per block of 256 threads.
-//   sr_select_tokens   one block of 256 threads per sequence (grid-stride over sequences).
-//                      Top C: a radix select (8 bits a pass, 4 passes for float32 keys, 8
-//                      for float64, histograms in shared memory) finds the C-th largest
-//                      score in acc_t (-0.0 == 0.0); positions above it are kept, and of
-//                      those equal to it the lowest. The kept positions are then compacted
-//                      in ascending order by block scans (warp ballots). Threshold mode keeps the positions whose score,
-//                      in float64, is greater than the threshold, the earliest C of them. A
+//   sr_select_tokens   one block per sequence (grid-stride over sequences), of 32 to 1024
+//                      threads by the sequence's length. Top C: a radix select (8 bits a
+//                      pass, 4 passes for float32 keys, 8 for float64; histograms in shared
+//                      memory, added a warp at a time) finds the C-th largest score in acc_t
+//                      (-0.0 == 0.0); positions above it are kept, and of those equal to it
+//                      the lowest. Each warp then compacts one run of positions in
+//                      ascending order (ballots), after one barrier that gives every run its
+//                      first entry. Threshold mode keeps the positions whose score, in
+//                      float64, is greater than the threshold, the earliest C of them. A
 //                      sequence with a NaN score at a valid position, or a length outside
-//                      [0, S], is counted and gets -1 entries and an empty mask.
+//                      [0, S], is counted and gets -1 entries and an empty mask. With
+//                      `kept_scores` it also writes the kept scores (expert choice's gates).
 
 #include "common.cuh"
 
