@@ -265,7 +265,7 @@ def test_block_experts_name_each_blocks_expert():
     _, padded = sparseroute.permute(
         x, experts, 3, num_rows=sparseroute.max_permuted_rows(8, 3, 4), block_size=4
     )
-    assert padded.row_to_slot.shape[0] == 17
+    assert padded.row_to_slot.shape[0] == 20  # 8 slots + 3 * 3 padding, in whole blocks of 4
     assert padded.block_experts(4).tolist() == [0, 2, 2, -1, -1]
     with pytest.raises(ValueError, match="block_size: expected"):
         plan.block_experts(0)
@@ -331,7 +331,7 @@ def vllm_align_reference(topk_ids, block_size, num_experts):
         ids.append(torch.cat([mine, torch.full((padding,), flat.numel())]))
         blocks += [e] * ((len(mine) + padding) // block_size)
     post_padded = sum(len(i) for i in ids)
-    length = flat.numel() + num_experts * (block_size - 1)
+    length = -(-(flat.numel() + num_experts * (block_size - 1)) // block_size) * block_size
     ids.append(torch.full((length - post_padded,), flat.numel()))
     blocks += [-1] * (-(-length // block_size) - len(blocks))
     return torch.cat(ids).int(), torch.tensor(blocks, dtype=torch.int32), torch.tensor([post_padded]).int()

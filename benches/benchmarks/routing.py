@@ -44,7 +44,8 @@ def torch_block_permute(
     x: torch.Tensor, experts: torch.Tensor, num_experts: int, block_size: int
 ) -> torch.Tensor:
     """The rows in expert order, each expert's rows in whole blocks of ``block_size`` (zero
-    padding), in ``T * k + E * (block_size - 1)`` rows (a static bound)."""
+    padding), in ``T * k + E * (block_size - 1)`` rows rounded up to whole blocks (a static
+    bound)."""
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
@@ -52,7 +53,8 @@ def torch_block_permute(
     sorted_experts = flat[order]
     first_row = (torch.cumsum(padded, 0) - padded)[sorted_experts]
     rank = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
-    out = x.new_zeros(flat.numel() + num_experts * (block_size - 1), x.shape[1])
+    rows = -(-(flat.numel() + num_experts * (block_size - 1)) // block_size) * block_size
+    out = x.new_zeros(rows, x.shape[1])
     out[first_row + rank] = x[order // experts.shape[1]]
     return out
 

@@ -87,11 +87,13 @@ def _static_rows(num_experts: int, num_rows: int | None, capacity: int | None, p
 
 
 def max_permuted_rows(num_slots: int, num_experts: int, block_size: int = 1) -> int:
-    """The most rows a plan of ``num_slots`` slots (T * k) over ``num_experts`` experts can
-    fill with each expert's rows in whole blocks of ``block_size``: every slot, plus up to
-    ``block_size - 1`` padding rows per expert. As ``permute``'s ``num_rows`` it gives a
-    static row count (no host synchronisation on CUDA) for any routing."""
-    return num_slots + num_experts * (block_size - 1)
+    """A row count that holds every plan of ``num_slots`` slots (T * k) over ``num_experts``
+    experts with each expert's rows in whole blocks of ``block_size``: every slot, plus up to
+    ``block_size - 1`` padding rows per expert, rounded up to whole blocks (so that the rows
+    reshape into ``[-1, block_size, d]``). As ``permute``'s ``num_rows`` it gives a static
+    row count (no host synchronisation on CUDA) for any routing."""
+    bound = num_slots + num_experts * (block_size - 1)
+    return -(-bound // block_size) * block_size
 
 
 @_eager.custom_op("permute", device_types="cpu")
@@ -410,8 +412,9 @@ def moe_align_block_size(
 
     Returns:
         ``(sorted_token_ids, expert_ids, num_tokens_post_padded)``, int32 as vLLM's:
-        ``[T * k + E * (block_size - 1)]`` flat slot indices ``t * k + j`` in expert-major
-        order, padding marked ``T * k``; ``[ceil(len(sorted_token_ids) / block_size)]`` the
+        ``[max_permuted_rows(T * k, E, block_size)]`` flat slot indices ``t * k + j`` in
+        expert-major order, padding marked ``T * k`` (the length of vLLM's
+        ``pad_sorted_ids=True``); ``[ceil(len(sorted_token_ids) / block_size)]`` the
         expert of each block, -1 for blocks past the padded rows; ``[1]`` the number of
         padded rows.
     """
