@@ -244,7 +244,7 @@ def test_block_aligned_plan_is_the_cpu_plan(
         monkeypatch.setattr(_cuda_ops, "SMALL_PLAN_MAX_SLOTS", -1)
     experts = random_experts(num_tokens, k, num_experts, seed=block_size)
     x = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(1))
-    bound = num_tokens * k + num_experts * (block_size - 1)  # max_permuted_rows
+    bound = num_tokens * k + num_experts * (block_size - 1)  # the bound before whole blocks
     for num_rows in (None, bound):
         permute_on_both((x, experts, num_experts, num_rows, None, None, False, block_size))
     weights = torch.rand(num_tokens, k, generator=torch.Generator().manual_seed(2))
