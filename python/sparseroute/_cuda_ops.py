@@ -34,6 +34,7 @@ from sparseroute._core import InvalidInputError
 from sparseroute._cuda import pointer
 from sparseroute.ops import _eager
 from sparseroute.ops.balance import Z_LOSS_STATS
+from sparseroute.ops.dispatch import plan_rows
 from sparseroute.placement import REPLICA_POLICIES
 
 #: Ops whose one implementation serves both devices: torch code (per-expert cuBLAS matmuls,
@@ -713,8 +714,9 @@ def permute_cuda(
         _on_device(drop_weights, "drop_weights", device, "x")
         if drop_weights.numel() != num_tokens * k:
             raise _invalid("drop_weights", f"{num_tokens * k} weights (T * k)", drop_weights.numel())
-    static_rows = num_experts * capacity if pad_to_capacity and capacity is not None else num_rows
-    rows = num_tokens * k + num_experts * (block_size - 1) if static_rows is None else static_rows
+    static_rows, rows = plan_rows(
+        num_tokens * k, num_experts, num_rows, capacity, pad_to_capacity, block_size
+    )
     experts = experts.to(torch.int64).contiguous()
     with _cuda.launcher(device) as launch:
         if capacity is None:

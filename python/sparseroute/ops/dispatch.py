@@ -96,6 +96,17 @@ def max_permuted_rows(num_slots: int, num_experts: int, block_size: int = 1) -> 
     return -(-bound // block_size) * block_size
 
 
+def plan_rows(
+    num_slots: int, num_experts: int, num_rows: int | None, capacity: int | None, pad: bool, block_size: int
+) -> tuple[int | None, int]:
+    """``(static, built)`` of permute's plan on every device: its row count when that does
+    not depend on the data (None otherwise, see ``_static_rows``), and the rows the plan is
+    built in: that count, or as many as any plan can fill (``max_permuted_rows``), cut to
+    ``offsets[E]`` afterwards."""
+    static = _static_rows(num_experts, num_rows, capacity, pad)
+    return static, max_permuted_rows(num_slots, num_experts, block_size) if static is None else static
+
+
 @_eager.custom_op("permute", device_types="cpu")
 def _permute_op(
     x: Tensor,
@@ -108,8 +119,9 @@ def _permute_op(
     block_size: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_tokens, k = experts.shape
-    static_rows = _static_rows(num_experts, num_rows, capacity, pad_to_capacity)
-    rows = max_permuted_rows(num_tokens * k, num_experts, block_size) if static_rows is None else static_rows
+    static_rows, rows = plan_rows(
+        num_tokens * k, num_experts, num_rows, capacity, pad_to_capacity, block_size
+    )
     tokens_per_expert, tokens_view = _memory.empty_with_view((num_experts,), torch.int64)
     offsets, offsets_view = _memory.empty_with_view((num_experts + 1,), torch.int64)
     row_to_slot, row_to_slot_view = _memory.empty_with_view((rows,), torch.int64)
