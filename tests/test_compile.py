@@ -72,6 +72,21 @@ def moe_pipeline(logits, x, w, num_rows):
     return sparseroute.unpermute(y_sorted, plan, weights)
 
 
+def assert_compiles_to_eager(fn, inputs, backend, *options):
+    """``fn(*inputs, *options)`` compiled with fullgraph=True gives the eager output and the
+    eager gradients with respect to ``inputs``; returns the eager output (detached)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    expected = fn(*inputs, *options)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    actual = compiled(*inputs, *options)
+    actual_grads = torch.autograd.grad(actual.square().sum(), inputs)
+    torch.testing.assert_close(actual, expected)
+    for a, b in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    return expected.detach()
+
+
 @pytest.mark.parametrize("static_rows", [True, False])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_pipeline_compiles_without_graph_breaks(static_rows, backend):
@@ -79,17 +94,7 @@ def test_pipeline_compiles_without_graph_breaks(static_rows, backend):
     logits = torch.randn(32, 8, generator=g, requires_grad=True)
     x = torch.randn(32, 16, generator=g, requires_grad=True)
     w = torch.randn(16, 16, generator=g, requires_grad=True)
-    num_rows = 64 if static_rows else None
-    torch._dynamo.reset()
-    compiled = torch.compile(moe_pipeline, fullgraph=True, backend=backend)
-
-    expected = moe_pipeline(logits, x, w, num_rows)
-    expected_grads = torch.autograd.grad(expected.square().sum(), (logits, x, w))
-    actual = compiled(logits, x, w, num_rows)
-    actual_grads = torch.autograd.grad(actual.square().sum(), (logits, x, w))
-    torch.testing.assert_close(actual, expected)
-    for a, b in zip(actual_grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiles_to_eager(moe_pipeline, (logits, x, w), backend, 64 if static_rows else None)
 
 
 def blocked_pipeline(logits, x, w):
@@ -112,20 +117,12 @@ def test_block_aligned_pipeline_compiles_without_graph_breaks(backend):
     logits = torch.randn(30, 4, generator=g, requires_grad=True)
     x = torch.randn(30, 16, generator=g, requires_grad=True)
     w = torch.randn(4, 16, 16, generator=g, requires_grad=True)
-    torch._dynamo.reset()
-    compiled = torch.compile(blocked_pipeline, fullgraph=True, backend=backend)
-    expected = blocked_pipeline(logits, x, w)
+    expected = assert_compiles_to_eager(blocked_pipeline, (logits, x, w), backend)
     # The same as per-expert matmuls over the plain layout.
     weights, experts = sparseroute.topk_gating(logits.detach(), 2)
     x_sorted, plan = sparseroute.permute(x.detach(), experts, 4)
     rows = [torch.tanh(x_sorted[plan.offsets[e] : plan.offsets[e + 1]] @ w.detach()[e]) for e in range(4)]
-    torch.testing.assert_close(expected.detach(), sparseroute.unpermute(torch.cat(rows), plan, weights))
-    expected_grads = torch.autograd.grad(expected.square().sum(), (logits, x, w))
-    actual = compiled(logits, x, w)
-    actual_grads = torch.autograd.grad(actual.square().sum(), (logits, x, w))
-    torch.testing.assert_close(actual, expected)
-    for a, b in zip(actual_grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(expected, sparseroute.unpermute(torch.cat(rows), plan, weights))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
