@@ -456,6 +456,20 @@ def test_gated_scatter_rounds_once(gpu):
     assert out.item() == torch.tensor(1.0 + 1.5 * 2.0**-9).bfloat16().item()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_len", [3, 8])  # element by element, and in 16-byte words
+def test_gated_scatter_without_a_base_keeps_the_sign_of_a_zero(gpu, dtype, row_len):
+    """gate * y with no base is the product alone, as on the CPU: adding a zero base would
+    turn a -0.0 product into +0.0 (torch.equal does not tell them apart; the bits do)."""
+    y = torch.full((1, 1, row_len), -1.0, dtype=dtype)
+    gate = torch.zeros(1, 1, dtype=_cuda_ops._accumulator(dtype))
+    indices = torch.tensor([[0]])
+    out = _cuda_ops.scatter_tokens_cuda(None, y, indices, gate, 1)
+    cpu = ops.scatter_tokens(None, y, indices, gate, 1)
+    assert torch.signbit(cpu).all()
+    assert torch.equal(torch.signbit(out), torch.signbit(cpu)) and torch.equal(out, cpu)
+
+
 def test_invalid_and_repeated_token_indices_are_counted_and_empty(gpu):
     x = torch.randn(2, 5, 3)
     indices = torch.tensor([[4, 9, 1], [2, 2, -3]])

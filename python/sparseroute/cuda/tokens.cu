@@ -188,27 +188,23 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // One element of a scattered row: `base` where no entry keeps the position (zeros without
-// base), else the entry's row (zeros without rows), or base + gate * row with a gate.
-// The elements come from `b` (the base row, nullptr: zeros) and `y` (the entry's row).
+// base), else the entry's row (zeros without rows), or base + gate * row with a gate. It
+// takes the two elements by value (a zero where there is none to read) so that a row's
+// 16-byte words stay in registers: taking a word's address would put it in local memory.
 struct ScatterRow {
-  const elem_t* base;  // this position's row of base; nullptr without base
+  const elem_t* base;  // the base row to read (nullptr: none, read as zeros)
   const elem_t* row;   // the entry's row of rows; nullptr without an entry or rows
   bool kept;
   bool gated;
   acc_t gate;
 
-  __device__ __forceinline__ elem_t at(const elem_t* b, const elem_t* y, i64 i) const {
-    if (!kept) {
-      return b != nullptr ? b[i] : from_acc(acc_t(0));
+  __device__ __forceinline__ elem_t at(elem_t b, elem_t y) const {
+    if (!kept || !gated) {
+      return kept ? y : b;
     }
-    if (y == nullptr) {
-      return from_acc(acc_t(0));
-    }
-    if (!gated) {
-      return y[i];
-    }
-    const acc_t product = mul_rn(gate, to_acc(y[i]));
-    return from_acc(b != nullptr ? add_rn(to_acc(b[i]), product) : product);
+    const acc_t product = mul_rn(gate, to_acc(y));
+    // Without a base the product alone: adding a zero would turn -0.0 into +0.0.
+    return from_acc(base != nullptr ? add_rn(to_acc(b), product) : product);
   }
 };
 
@@ -217,35 +213,33 @@ extern "C" __global__ void __launch_bounds__(128)
                       i64 row_len, i64 capacity, const int* inverse, const acc_t* gate,
                       elem_t* out, int vectorized) {
   const i64 num_rows = batch * seq_len;
+  const elem_t zero = from_acc(acc_t(0));
   for (i64 r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const int entry = inverse[r];
     elem_t* dst = out + r * row_len;
     ScatterRow s;
-    s.base = base != nullptr ? base + r * row_len : nullptr;
     s.kept = entry >= 0;
     s.row = s.kept && rows != nullptr ? rows + ((r / seq_len) * capacity + entry) * row_len : nullptr;
     s.gated = s.row != nullptr && gate != nullptr;
     s.gate = s.gated ? gate[r] : acc_t(0);
     // The base is read where no entry keeps the position, or under a gate.
-    const elem_t* read_base = !s.kept || s.gated ? s.base : nullptr;
+    s.base = base != nullptr && (!s.kept || s.gated) ? base + r * row_len : nullptr;
     if (vectorized) {
       for (i64 i = threadIdx.x; i < row_len / kPerWord; i += blockDim.x) {
         const i64 at = i * kPerWord;
-        const Word b = read_base != nullptr ? load_word(read_base + at) : zero_word();
+        const Word b = s.base != nullptr ? load_word(s.base + at) : zero_word();
         const Word y = s.row != nullptr ? load_word(s.row + at) : zero_word();
-        const elem_t* b_values = read_base != nullptr ? b.values : nullptr;
-        const elem_t* y_values = s.row != nullptr ? y.values : nullptr;
         Word v;
 #pragma unroll
         for (int q = 0; q < kPerWord; ++q) {
-          v.values[q] = s.at(b_values, y_values, q);
+          v.values[q] = s.at(b.values[q], y.values[q]);
         }
         store_word(dst + at, v);
       }
       continue;
     }
     for (i64 i = threadIdx.x; i < row_len; i += blockDim.x) {
-      dst[i] = s.at(read_base, s.row, i);
+      dst[i] = s.at(s.base != nullptr ? s.base[i] : zero, s.row != nullptr ? s.row[i] : zero);
     }
   }
 }
