@@ -1,7 +1,8 @@
 """The CUDA backend without a GPU: the kernel sources ship in the installed wheel, every
 module compiles through NVRTC for sm_80 and sm_90 with exactly the loader's options and no
-warnings, the order-fixed kernels compile without fused multiply-adds or flush-to-zero, and
-CUDA tensors get the documented errors when CuPy is missing."""
+warnings, no kernel keeps data in local memory, the order-fixed kernels compile without fused
+multiply-adds or flush-to-zero, and CUDA tensors get the documented errors when CuPy is
+missing."""
 
 import base64
 import ctypes
@@ -87,6 +88,52 @@ def test_glue_limits_match_the_kernels_shared_arrays(constant, file, define):
 # --- NVRTC -----------------------------------------------------------------------------------------
 
 
+#: ptxas's resource report (``--ptxas-options=-v``): lines of information, not warnings.
+PTXAS_REPORT_LINE = re.compile(r"^ptxas(\s+info\s+:|\s+\.)")
+PTXAS_KERNEL = re.compile(
+    r"Function properties for (\w+)\n"
+    r"ptxas\s+\.\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n"
+    r"ptxas info\s+: Used (\d+) registers"
+)
+
+
+class ReportingNvrtc:
+    """An NVRTC backend that also asks ptxas for its resource report of every kernel
+    (registers, stack frame, spills), keeps that report apart from the log the loader
+    sees, and compiles each (source, options) once for all the tests of this file."""
+
+    def __init__(self, backend: _cuda.Nvrtc) -> None:
+        self._backend = backend
+        self.name = backend.name
+        self._compiled: dict[tuple, tuple] = {}
+
+    def version(self):
+        return self._backend.version()
+
+    def supported_archs(self):
+        return self._backend.supported_archs()
+
+    def _compile(self, source, name, options, ptx):
+        key = (source, name, tuple(options), ptx)
+        if key not in self._compiled:
+            verbose = list(options) if ptx else [*options, "--ptxas-options=-v"]
+            binary, log = self._backend.compile(source, name, verbose, ptx)
+            lines = log.splitlines()
+            report = "\n".join(line for line in lines if PTXAS_REPORT_LINE.match(line))
+            rest = "\n".join(line for line in lines if not PTXAS_REPORT_LINE.match(line))
+            self._compiled[key] = (binary, rest.strip(), report)
+        return self._compiled[key]
+
+    def compile(self, source, name, options, ptx):
+        binary, log, _ = self._compile(source, name, options, ptx)
+        return binary, log
+
+    def resources(self, module: _cuda.CompiledModule) -> dict[str, tuple[int, int, int, int]]:
+        """kernel -> (stack frame bytes, spill store bytes, spill load bytes, registers)."""
+        _, _, report = self._compile(_cuda.read_source(module.file), module.file, module.options, False)
+        return {m[1]: tuple(int(g) for g in m.groups()[1:]) for m in PTXAS_KERNEL.finditer(report)}
+
+
 @pytest.fixture(scope="module")
 def nvrtc():
     # `make test` sets SPARSEROUTE_REQUIRE_NVRTC: there every kernel must compile, so a
@@ -95,7 +142,7 @@ def nvrtc():
     try:
         import cuda.bindings.nvrtc  # noqa: F401
 
-        return _cuda.nvrtc_backend("cuda.bindings")
+        return ReportingNvrtc(_cuda.nvrtc_backend("cuda.bindings"))
     except ImportError as err:
         if required:
             raise
@@ -111,6 +158,31 @@ def test_module_compiles_without_warnings(nvrtc, file, dtype, arch):
     for kernel in _cuda.kernel_names(file):
         assert kernel.encode() in module.binary, kernel
     assert f"--gpu-architecture={arch}" in module.options and "--std=c++17" in module.options
+
+
+#: Kernels whose stack frame holds the few registers and predicates ptxas saves around its
+#: calls into subroutines (a float slow path in top-k gating, 64-bit integer division in the
+#: one-block plan on sm_80), not data: the most spill-store bytes each may have.
+CALL_SAVES = {"sr_topk_gating_warp": 16, "sr_topk_gating_block": 16, "sr_plan_small": 32}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("file", "dtype"), _cuda.module_keys(), ids=MODULE_IDS)
+def test_kernels_keep_their_data_in_registers(nvrtc, file, dtype, arch):
+    """No kernel for float32, bfloat16 or float16 puts data in local memory (a stack frame,
+    spills): an array whose address is taken, or indexed at run time, lands there, and each
+    access is then a memory round trip, in kernels that are meant to move rows at the
+    bandwidth of the device. Float64 kernels serve gradient checks, not speed: exempt."""
+    module = _cuda.compile_module(file, dtype, arch, nvrtc)
+    resources = nvrtc.resources(module)
+    assert set(resources) == set(_cuda.kernel_names(file))
+    if dtype == torch.float64:
+        return
+    for kernel, (stack, spill_stores, spill_loads, _registers) in resources.items():
+        if kernel in CALL_SAVES:
+            assert spill_stores <= CALL_SAVES[kernel] and stack <= 32, (kernel, stack, spill_stores)
+        else:
+            assert (stack, spill_stores, spill_loads) == (0, 0, 0), kernel
 
 
 @pytest.mark.parametrize("file", ["plan.cu", "rows.cu", "tokens.cu"])
