@@ -1,8 +1,8 @@
 """The CUDA backend without a GPU: the kernel sources ship in the installed wheel, every
 module compiles through NVRTC for sm_80 and sm_90 with exactly the loader's options and no
-warnings, no kernel keeps data in local memory, the order-fixed kernels compile without fused
-multiply-adds or flush-to-zero, and CUDA tensors get the documented errors when CuPy is
-missing."""
+warnings, no kernel keeps data in local memory, the row kernels move 16-byte words, the
+order-fixed kernels compile without fused multiply-adds or flush-to-zero, and CUDA tensors
+get the documented errors when CuPy is missing."""
 
 import base64
 import ctypes
@@ -196,6 +196,30 @@ def test_order_fixed_kernels_have_no_fma_and_no_flush_to_zero(nvrtc, file, dtype
     assert ".entry" in ptx
     assert not re.search(r"\bfma\.", ptx)
     assert ".ftz" not in ptx
+
+
+#: PTX loads and stores of 16 bytes: four 32-bit or two 64-bit values in one access.
+WIDE_ACCESS = r"\.global(\.nc)?\.(v4\.[bfsu]32|v2\.[bfsu]64)\b"
+#: The kernels that move whole rows, by source file, and the rows each reads at once (the
+#: scatter reads the base row and the entry's row).
+ROW_KERNELS = {
+    "rows.cu": {"sr_gather_rows": 1, "sr_combine_rows": 1},
+    "tokens.cu": {"sr_gather_tokens": 1, "sr_scatter_tokens": 2},
+}
+
+
+@pytest.mark.parametrize("file", list(ROW_KERNELS))
+@pytest.mark.parametrize("dtype", list(_cuda.DTYPE_CODES))
+def test_row_kernels_move_16_byte_words(nvrtc, file, dtype):
+    """Each kernel that moves rows has a path that loads every row it reads and stores its
+    output 16 bytes at a time (taken when the rows are aligned): what lets permute and
+    unpermute run near the device's copy bandwidth. A word the compiler splits into narrower
+    accesses fails this."""
+    ptx = _cuda.compile_module(file, dtype, "compute_80", nvrtc).binary.decode()
+    bodies = dict(re.findall(r"\.entry (\w+)\((.*?)(?=\.entry |\Z)", ptx, flags=re.DOTALL))
+    for kernel, rows_read in ROW_KERNELS[file].items():
+        assert len(re.findall(r"\bld" + WIDE_ACCESS, bodies[kernel])) >= rows_read, kernel
+        assert re.search(r"\bst" + WIDE_ACCESS, bodies[kernel]), kernel
 
 
 def test_errors_name_the_source_when_compilation_fails(nvrtc, monkeypatch):
