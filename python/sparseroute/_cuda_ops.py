@@ -15,8 +15,10 @@ the ops that have a real one.
 Every function validates what it can without reading tensor values (the public wrappers have
 already checked types, shapes and dtypes; these checks cover direct ``torch.ops`` calls),
 allocates outputs and workspaces with torch on the input's device, and launches the kernels
-on torch's current stream. Nothing synchronises with the host, except ``permute`` with
-``num_rows=None``, whose output row count is data-dependent and must be read back.
+on torch's current stream. Nothing synchronises with the host, except where a size or a
+stopping point depends on the data: ``permute`` with ``num_rows=None`` reads its row count
+back, ``sinkhorn`` without ``iters`` reads its convergence flag, and the grouped linear
+layers outside torch's grouped GEMM read the offsets to slice the rows.
 """
 
 from __future__ import annotations
@@ -787,7 +789,6 @@ def _per_position(
         return None
     if tensor.numel() != batch * seq_len:
         raise _invalid(name, f"[B, S] = {[batch, seq_len]} elements", tuple(tensor.shape))
-    # Moved when on the CPU: the autograd formula of gather_tokens builds its all-ones gate there.
     return tensor.to(device=device, dtype=_accumulator(dtype)).contiguous()
 
 
@@ -1026,8 +1027,8 @@ SCORE_TOTALS_BY_WARP = 32
 
 
 def _token_mask(mask: Tensor | None, num_tokens: int, device: torch.device) -> Tensor | None:
-    """The [T] token mask as contiguous uint8 on ``device`` (the public wrappers build it on the
-    CPU: it is copied over)."""
+    """The [T] token mask as contiguous uint8 on ``device`` (the public wrappers check that it
+    is there already)."""
     if mask is None:
         return None
     if mask.numel() != num_tokens:
