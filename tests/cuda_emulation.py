@@ -48,6 +48,10 @@ def _build(file: str, dtype: torch.dtype | None) -> ctypes.CDLL:
         f"{table}\n  return -1;\n}}\n"
     )
     defines = [] if dtype is None else [f"-DSR_DTYPE={_cuda.DTYPE_CODES[dtype]}"]
+    import os
+
+    if os.environ.get("SR_TSAN") == "1":
+        defines += ["-fsanitize=thread", "-g"]
     digest = hashlib.sha256(source.encode())
     for path in [HEADER, *(kernel_dir / name for name in (file, *_cuda.HEADERS))]:
         digest.update(path.read_bytes())

@@ -330,6 +330,31 @@ def assert_same(actual, expected, dtype):
             assert torch.equal(a, b)
 
 
+def check_gradcheck(case: Case, device: str) -> None:
+    """gradcheck in float64 of the case's floating outputs at its gradcheck shape."""
+    shape = case.gradcheck_shape
+    tensors = inputs(case, shape, torch.float64, device, seed=1)
+    leaves = differentiable(tensors)
+
+    def floating_outputs(*leaf_values):
+        values = iter(leaf_values)
+        full = [next(values) if t.requires_grad else t for t in tensors]
+        return tuple(o for o in case.run(shape, *full) if o.is_floating_point())
+
+    assert torch.autograd.gradcheck(floating_outputs, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def check_compiles(case: Case, device: str) -> None:
+    """torch.compile(fullgraph=True) of the pipeline: the outputs and gradients of eager."""
+    shape = case.shapes[-1]
+    torch._dynamo.reset()
+    compiled = torch.compile(case.run, fullgraph=True, backend="aot_eager")
+    expected = forward_backward(case, shape, inputs(case, shape, torch.float32, device))
+    actual = forward_backward(case, shape, inputs(case, shape, torch.float32, device), run=compiled)
+    for a, b in zip(actual, expected, strict=True):
+        assert_same(a, b, torch.float32)
+
+
 # --- the contract --------------------------------------------------------------------------------
 
 
@@ -348,27 +373,12 @@ def test_edge_shapes_match_the_cpu(case, shape, dtype):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck_shape], ids=lambda c: c.name)
 def test_gradcheck_in_float64(case):
-    shape = case.gradcheck_shape
-    tensors = inputs(case, shape, torch.float64, "cuda", seed=1)
-    leaves = differentiable(tensors)
-
-    def floating_outputs(*leaf_values):
-        values = iter(leaf_values)
-        full = [next(values) if t.requires_grad else t for t in tensors]
-        return tuple(o for o in case.run(shape, *full) if o.is_floating_point())
-
-    assert torch.autograd.gradcheck(floating_outputs, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+    check_gradcheck(case, "cuda")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_compiles_without_graph_breaks(case):
-    shape = case.shapes[-1]
-    torch._dynamo.reset()
-    compiled = torch.compile(case.run, fullgraph=True, backend="aot_eager")
-    expected = forward_backward(case, shape, inputs(case, shape, torch.float32, "cuda"))
-    actual = forward_backward(case, shape, inputs(case, shape, torch.float32, "cuda"), run=compiled)
-    for a, b in zip(actual, expected, strict=True):
-        assert_same(a, b, torch.float32)
+    check_compiles(case, "cuda")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
