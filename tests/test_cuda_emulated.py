@@ -172,6 +172,23 @@ def test_gating_backward_matches_the_cpu_kernel(gpu, dtype, num_experts, score, 
     torch.testing.assert_close(grad, cpu_grad, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
+def test_gating_backward_counts_bad_expert_ids_and_skips_their_slots(gpu, score, normalize):
+    """An id outside [-1, E) is counted once per token and its slot treated as empty: the
+    gradient is the CPU's for the same ids with -1 there (the CPU raises instead)."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(5, 6, generator=g)
+    _, experts = ops.topk_gating(logits, 3, score, normalize, None, None, None, 1.0)
+    grad_weights = torch.randn(5, 3, generator=g)
+    bad = experts.clone()
+    bad[1, 0], bad[1, 2], bad[3, 1] = 6, -4, 99
+    grad = _cuda_ops.topk_gating_backward_cuda(logits, bad, grad_weights, score, normalize, 1.0)
+    emptied = bad.masked_fill((bad < -1) | (bad >= 6), -1)
+    cpu = ops.topk_gating_backward(logits, emptied, grad_weights, score, normalize, 1.0)
+    torch.testing.assert_close(grad, cpu, rtol=1e-6, atol=1e-6)
+    assert gpu.errors.tolist() == [0, 2, 0, 0, 0, 0, 0, 0]  # tokens 1 and 3
+
+
 def test_gating_empty_batch(gpu):
     weights, experts = _cuda_ops.topk_gating_cuda(*gating_args(torch.empty(0, 8), 2))
     assert weights.shape == experts.shape == (0, 2)
@@ -617,6 +634,24 @@ def test_score_sums_and_gradient_match_the_cpu_kernels(
     assert not gpu.errors.any()
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_score_sums_gradient_skips_and_counts_non_finite_rows(gpu, score):
+    """A token whose logits hold NaN or an infinity gets a zero gradient, as a masked token,
+    and is counted; the others get the CPU's gradient."""
+    logits = balance_logits(9, 5, torch.float32, seed=3)
+    logits[2, 1] = float("nan")
+    logits[6, 4] = float("inf")
+    grad_sums = torch.randn(2, 5, generator=torch.Generator().manual_seed(4))
+    grad = _cuda_ops.score_sums_backward_cuda(logits, score, 5, None, grad_sums)
+    finite = torch.isfinite(logits).all(-1)
+    cpu = ops.score_sums_backward(
+        logits.masked_fill(~finite[:, None], 0.0), score, 5, finite.to(torch.uint8), grad_sums
+    )
+    assert (grad[~finite] == 0).all()
+    torch.testing.assert_close(grad, cpu, **balance_tolerance(torch.float32))
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
+
+
 @pytest.mark.parametrize(
     ("num_tokens", "k", "num_experts", "group_size"),
     [
@@ -825,6 +860,27 @@ def test_expert_choice_backward_matches_the_cpu_kernel(gpu, dtype, num_tokens, n
     else:  # the CPU's probabilities, dot product and roundings
         assert torch.equal(ours, cpu)
     assert not gpu.errors.any()
+
+
+@pytest.mark.parametrize("capacity", [3, 12])
+def test_expert_choice_counts_non_finite_rows_and_gives_them_probability_zero(gpu, capacity):
+    """Rows holding NaN or an infinity are counted and have probability 0 for every expert:
+    chosen only where an expert has no better token (all of them, at capacity = T), with
+    gate 0."""
+    logits = random_logits(12, 4, torch.float32, seed=2)
+    logits[3, 0] = float("nan")
+    logits[7, 2] = float("-inf")
+    gates, indices = _cuda_ops.expert_choice_cuda(logits, capacity)
+    finite = torch.isfinite(logits).all(-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(~finite, 0.0), dim=-1).masked_fill(~finite, 0.0)
+    # Each expert's best tokens, ties to the lower token, listed in ascending token order.
+    order = torch.sort(probs.T, dim=-1, descending=True, stable=True).indices[:, :capacity]
+    expected = order.sort(dim=-1).values
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(gates, probs.T.gather(1, expected))
+    if capacity == 12:
+        assert (gates[:, [3, 7]] == 0).all()
+    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
 
 
 def test_expert_choice_backward_counts_bad_rows_and_indices(gpu):
