@@ -145,7 +145,7 @@ def run_expert_choice(shape, logits):
 
 def make_sinkhorn(shape, dtype, g):
     num_tokens, num_experts, one_expert = shape
-    return (logits_of(num_tokens, num_experts, dtype, g, one_expert).float(),)
+    return (logits_of(num_tokens, num_experts, dtype, g, one_expert),)
 
 
 def run_sinkhorn(shape, logits):
