@@ -186,48 +186,25 @@ def run_replica_map(shape, experts):
     return (placement.replica_map(experts, PLANS[shape[1]], 1, policy="load"),)
 
 
+#: Routing shapes (T, E, k, every token to expert 0): no tokens, one token, one expert, k = E,
+#: odd E, every token to one expert.
+ROUTING_SHAPES = (
+    (0, 8, 2, False),
+    (1, 8, 2, False),
+    (37, 1, 1, False),
+    (37, 8, 8, False),
+    (37, 60, 4, False),
+    (37, 160, 8, False),
+    (37, 16, 2, True),
+)
+
 CASES = [
-    # (T, E, k, every token to expert 0)
-    Case(
-        "topk_gating",
-        make_gating,
-        run_gating,
-        (
-            (0, 8, 2, False),
-            (1, 8, 2, False),
-            (37, 1, 1, False),
-            (37, 8, 8, False),
-            (37, 60, 4, False),
-            (37, 160, 8, False),
-            (37, 16, 2, True),
-        ),
-        (9, 12, 3, False),
-    ),
-    Case(
-        "permute_unpermute",
-        make_dispatch,
-        run_dispatch,
-        (
-            (0, 8, 2, False),
-            (1, 8, 2, False),
-            (37, 1, 1, False),
-            (37, 6, 6, False),
-            (37, 60, 4, False),
-            (37, 160, 8, False),
-            (37, 16, 2, True),
-        ),
-        (9, 6, 2, False),
-    ),
+    Case("topk_gating", make_gating, run_gating, ROUTING_SHAPES, (9, 12, 3, False)),
+    Case("permute_unpermute", make_dispatch, run_dispatch, ROUTING_SHAPES, (9, 6, 2, False)),
     # (B, S, C)
     Case("tokens", make_tokens, run_tokens, ((0, 8, 2), (1, 1, 1), (3, 37, 5), (2, 160, 160)), (2, 9, 3)),
-    # (T, E, k, every token to expert 0)
-    Case(
-        "losses",
-        make_losses,
-        run_losses,
-        ((1, 8, 2, False), (37, 1, 1, False), (37, 60, 4, False), (37, 160, 8, False), (37, 16, 2, True)),
-        (9, 12, 3, False),
-    ),
+    # The losses are means over the tokens: no shape without tokens.
+    Case("losses", make_losses, run_losses, ROUTING_SHAPES[1:], (9, 12, 3, False)),
     # (B, L)
     Case("layer_plan", make_layer_plan, run_layer_plan, ((0, 4), (1, 1), (5, 7)), None),
     # (T, E, every token to expert 0)
