@@ -11,8 +11,10 @@
 // compiled with -ffp-contract=off); expf / exp come from the host's libm.
 //
 // This checks the kernels' logic (indexing, reductions, selection order, plan construction,
-// argument passing) against the CPU kernels. It cannot check timing-dependent behaviour of
-// real hardware (memory-model subtleties beyond barriers, occupancy, performance).
+// argument passing) against the CPU kernels, and, built with ThreadSanitizer
+// (test_cuda_races.py), that no two threads touch the same memory unordered by a barrier or
+// an atomic. It cannot check timing-dependent behaviour of real hardware (memory-model
+// subtleties beyond barriers, occupancy, performance).
 
 #pragma once
 

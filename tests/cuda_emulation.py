@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import pathlib
 import shutil
 import subprocess
@@ -27,6 +28,10 @@ import torch
 from sparseroute import _cuda
 
 HEADER = pathlib.Path(__file__).with_name("cuda_emulation.h")
+#: ``SPARSEROUTE_EMULATION_SANITIZER=thread`` builds the kernels with ThreadSanitizer (the
+#: process must then preload libtsan: see test_cuda_races.py), which reports any access to
+#: shared or global memory that races with another thread's between two barriers.
+SANITIZER = os.environ.get("SPARSEROUTE_EMULATION_SANITIZER", "")
 _lock = threading.Lock()
 _libraries: dict[tuple[str, torch.dtype | None], ctypes.CDLL] = {}
 
@@ -48,10 +53,8 @@ def _build(file: str, dtype: torch.dtype | None) -> ctypes.CDLL:
         f"{table}\n  return -1;\n}}\n"
     )
     defines = [] if dtype is None else [f"-DSR_DTYPE={_cuda.DTYPE_CODES[dtype]}"]
-    import os
-
-    if os.environ.get("SR_TSAN") == "1":
-        defines += ["-fsanitize=thread", "-g"]
+    if SANITIZER:
+        defines += [f"-fsanitize={SANITIZER}", "-g"]
     digest = hashlib.sha256(source.encode())
     for path in [HEADER, *(kernel_dir / name for name in (file, *_cuda.HEADERS))]:
         digest.update(path.read_bytes())
