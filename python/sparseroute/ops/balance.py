@@ -281,7 +281,9 @@ def load_balancing_loss(
     if mask is None:
         valid = torch.full((groups,), float(group_size), dtype=acc, device=logits.device)
         if groups:
-            valid[-1] = float(num_tokens - group_size * (groups - 1))
+            # A fill of a one-element slice: assigning a Python number to an element of a CUDA
+            # tensor copies it from the host, which is not allowed inside CUDA graph capture.
+            valid[-1:].fill_(float(num_tokens - group_size * (groups - 1)))
     else:
         padded = torch.zeros(groups * group_size, dtype=acc, device=logits.device)
         padded[:num_tokens] = mask.to(acc)
