@@ -38,6 +38,8 @@ class Case:
     shapes: tuple[tuple, ...]
     #: The shape of the float64 gradcheck; None: the pipeline has no gradient.
     gradcheck_shape: tuple | None
+    #: The shape of the compile, graph and stream tests.
+    probe: tuple
     capturable: Callable[[torch.dtype], bool] = lambda dtype: True
     dtypes: tuple[torch.dtype, ...] = tuple(FLOAT_DTYPES)
 
@@ -177,13 +179,22 @@ def placement_plan(num_experts: int) -> placement.PlacementPlan:
     return placement.plan_placement(load, 2 * num_experts, 1, 2)
 
 
-#: The plans of the replica_map shapes' expert counts, made before anything is traced
-#: (planning is host work, not part of the op).
-PLANS = {num_experts: placement_plan(num_experts) for num_experts in (1, 4, 60)}
+def on_device(plan: placement.PlacementPlan, device: str) -> placement.PlacementPlan:
+    return plan._replace(
+        logical_to_physical=plan.logical_to_physical.to(device), replica_counts=plan.replica_counts.to(device)
+    )
+
+
+#: The plans of the replica_map shapes' expert counts by device, made before anything is
+#: traced (planning is host work, not part of the op). With its tables on the device, the op
+#: copies nothing from the host: sync-free and capturable.
+PLANS = {"cpu": {num_experts: placement_plan(num_experts) for num_experts in (1, 4, 60)}}
+if torch.cuda.is_available():
+    PLANS["cuda"] = {num_experts: on_device(plan, "cuda") for num_experts, plan in PLANS["cpu"].items()}
 
 
 def run_replica_map(shape, experts):
-    return (placement.replica_map(experts, PLANS[shape[1]], 1, policy="load"),)
+    return (placement.replica_map(experts, PLANS[experts.device.type][shape[1]], 1, policy="load"),)
 
 
 #: Routing shapes (T, E, k, every token to expert 0): no tokens, one token, one expert, k = E,
@@ -198,15 +209,28 @@ ROUTING_SHAPES = (
     (37, 16, 2, True),
 )
 
+# Each case: name, inputs, pipeline, its edge shapes, the shape of its float64 gradcheck (None:
+# no gradient), and the probe shape of the compile, graph and stream tests: one whose outputs
+# and gradients change with the inputs (at the edge shapes, every token going to one expert,
+# or C = S, they barely do).
 CASES = [
-    Case("topk_gating", make_gating, run_gating, ROUTING_SHAPES, (9, 12, 3, False)),
-    Case("permute_unpermute", make_dispatch, run_dispatch, ROUTING_SHAPES, (9, 6, 2, False)),
+    Case("topk_gating", make_gating, run_gating, ROUTING_SHAPES, (9, 12, 3, False), (37, 60, 4, False)),
+    Case(
+        "permute_unpermute", make_dispatch, run_dispatch, ROUTING_SHAPES, (9, 6, 2, False), (37, 60, 4, False)
+    ),
     # (B, S, C)
-    Case("tokens", make_tokens, run_tokens, ((0, 8, 2), (1, 1, 1), (3, 37, 5), (2, 160, 160)), (2, 9, 3)),
+    Case(
+        "tokens",
+        make_tokens,
+        run_tokens,
+        ((0, 8, 2), (1, 1, 1), (3, 37, 5), (2, 160, 160)),
+        (2, 9, 3),
+        (3, 37, 5),
+    ),
     # The losses are means over the tokens: no shape without tokens.
-    Case("losses", make_losses, run_losses, ROUTING_SHAPES[1:], (9, 12, 3, False)),
+    Case("losses", make_losses, run_losses, ROUTING_SHAPES[1:], (9, 12, 3, False), (37, 60, 4, False)),
     # (B, L)
-    Case("layer_plan", make_layer_plan, run_layer_plan, ((0, 4), (1, 1), (5, 7)), None),
+    Case("layer_plan", make_layer_plan, run_layer_plan, ((0, 4), (1, 1), (5, 7)), None, (5, 7)),
     # (T, E, every token to expert 0)
     Case(
         "topp_gating",
@@ -214,6 +238,7 @@ CASES = [
         run_topp,
         ((0, 8, False), (1, 8, False), (37, 1, False), (37, 60, False), (37, 160, False), (37, 16, True)),
         (9, 12, False),
+        (37, 60, False),
     ),
     # (T, E, C, every token to expert 0)
     Case(
@@ -222,6 +247,7 @@ CASES = [
         run_expert_choice,
         ((1, 8, 1, False), (37, 1, 37, False), (37, 60, 5, False), (40, 160, 2, False), (37, 16, 4, True)),
         (9, 12, 3, False),
+        (37, 60, 5, False),
     ),
     # (T, E, every token to expert 0)
     Case(
@@ -230,6 +256,7 @@ CASES = [
         run_sinkhorn,
         ((1, 8, False), (37, 1, False), (37, 60, False), (37, 160, False), (37, 16, True)),
         None,
+        (37, 60, False),
     ),
     # (E, rows of each expert): torch's grouped GEMM in bfloat16 is sync-free; the per-expert
     # loop of the other dtypes reads the offsets.
@@ -239,16 +266,17 @@ CASES = [
         run_grouped_mlp,
         ((1, (8,)), (4, (0, 0, 0, 0)), (5, (3, 0, 8, 1, 0)), (3, (24, 0, 0))),
         (3, (4, 0, 5)),
+        (5, (3, 0, 8, 1, 0)),
         capturable=lambda dtype: dtype == torch.bfloat16,
     ),
-    # (T, E): the plan's tables are copied to the device on each call (not capturable).
+    # (T, E)
     Case(
         "replica_map",
         make_replica_map,
         run_replica_map,
         ((0, 4), (1, 4), (37, 1), (37, 60)),
         None,
-        capturable=lambda dtype: False,
+        (37, 60),
         dtypes=(torch.float32,),
     ),
 ]
@@ -323,7 +351,7 @@ def check_gradcheck(case: Case, device: str) -> None:
 
 def check_compiles(case: Case, device: str) -> None:
     """torch.compile(fullgraph=True) of the pipeline: the outputs and gradients of eager."""
-    shape = case.shapes[-1]
+    shape = case.probe
     torch._dynamo.reset()
     compiled = torch.compile(case.run, fullgraph=True, backend="aot_eager")
     expected = forward_backward(case, shape, inputs(case, shape, torch.float32, device))
@@ -364,7 +392,7 @@ def test_cuda_graph_replays_forward_and_backward(case, dtype):
     if dtype not in case.dtypes or not case.capturable(dtype):
         pytest.skip(f"{case.name} in {dtype} is not sync-free")
     sparseroute.warm_up_cuda()
-    shape = case.shapes[-1]
+    shape = case.probe
     static = inputs(case, shape, dtype, "cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -390,9 +418,12 @@ def test_cuda_graph_replays_forward_and_backward(case, dtype):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_runs_on_the_current_stream(case):
     """Forward and backward on a side stream whose inputs are written only after a long sleep
-    kernel: a kernel launched on any other stream would read them too early."""
-    shape = case.shapes[-1]
-    source = inputs(case, shape, torch.float32, "cuda")
+    kernel: a kernel launched on any other stream would read them too early. Each case in a
+    dtype that runs sync-free where it has one: a host synchronisation would wait out the
+    sleep, and the kernels after it would find their inputs ready on any stream."""
+    shape = case.probe
+    dtype = next((d for d in case.dtypes if case.capturable(d)), torch.float32)
+    source = inputs(case, shape, dtype, "cuda")
     expected = forward_backward(case, shape, source)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -411,7 +442,7 @@ def test_runs_on_the_current_stream(case):
 def opcheck_calls(device: str = "cuda") -> dict[str, tuple]:
     """The custom ops that the op-specific GPU files do not opcheck, with CUDA arguments."""
     g = torch.Generator().manual_seed(4)
-    plan = PLANS[4]
+    plan = PLANS["cpu"][4]
     x = torch.randn(12, 16, generator=g).to(device).requires_grad_()
     weight = torch.randn(3, 8, 16, generator=g).to(device).requires_grad_()
     offsets = torch.tensor([0, 5, 5, 12], device=device)
