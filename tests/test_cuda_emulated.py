@@ -11,6 +11,7 @@ compiler.
 import pytest
 import torch
 
+import invalid_input_cases
 from cuda_emulation import compiler, emulated_cuda
 from sparseroute import _cuda_ops
 
@@ -170,23 +171,6 @@ def test_gating_backward_matches_the_cpu_kernel(gpu, dtype, num_experts, score, 
     assert grad.dtype == cpu_grad.dtype == dtype
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(grad, cpu_grad, rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
-def test_gating_backward_counts_bad_expert_ids_and_skips_their_slots(gpu, score, normalize):
-    """An id outside [-1, E) is counted once per token and its slot treated as empty: the
-    gradient is the CPU's for the same ids with -1 there (the CPU raises instead)."""
-    g = torch.Generator().manual_seed(8)
-    logits = torch.randn(5, 6, generator=g)
-    _, experts = ops.topk_gating(logits, 3, score, normalize, None, None, None, 1.0)
-    grad_weights = torch.randn(5, 3, generator=g)
-    bad = experts.clone()
-    bad[1, 0], bad[1, 2], bad[3, 1] = 6, -4, 99
-    grad = _cuda_ops.topk_gating_backward_cuda(logits, bad, grad_weights, score, normalize, 1.0)
-    emptied = bad.masked_fill((bad < -1) | (bad >= 6), -1)
-    cpu = ops.topk_gating_backward(logits, emptied, grad_weights, score, normalize, 1.0)
-    torch.testing.assert_close(grad, cpu, rtol=1e-6, atol=1e-6)
-    assert gpu.errors.tolist() == [0, 2, 0, 0, 0, 0, 0, 0]  # tokens 1 and 3
 
 
 def test_gating_empty_batch(gpu):
@@ -406,17 +390,6 @@ def test_long_rows_use_16_byte_words(gpu):
     assert torch.equal(odd, ops.gather_rows(x[:, 1:].contiguous(), row_to_slot, 1, None))
 
 
-def test_corrupt_plans_are_counted_and_never_read_out_of_bounds(gpu):
-    x = torch.randn(2, 4)
-    out = _cuda_ops.gather_rows_cuda(x, torch.tensor([0, 7, 1]), 1, None)
-    assert torch.equal(out[1], torch.zeros(4)) and torch.equal(out[0], x[0])
-    combined = _cuda_ops.unpermute_cuda(x, torch.tensor([[1], [5]]), torch.tensor([0, 1]), None)
-    assert torch.equal(combined[0], x[1]) and torch.equal(combined[1], torch.zeros(4))
-    dots = _cuda_ops.slot_dots_cuda(x, x, torch.tensor([[0], [9]]))
-    assert dots[1, 0] == 0
-    assert gpu.errors.tolist() == [0, 0, 3, 0, 0, 0, 0, 0]
-
-
 def test_subnormal_values_survive_the_combine(gpu):
     """No flush-to-zero: the products below float32's normal range stay what the CPU gives."""
     y_sorted = torch.full((2, 4), 1e-30)
@@ -485,23 +458,6 @@ def test_gated_scatter_without_a_base_keeps_the_sign_of_a_zero(gpu, dtype, row_l
     cpu = ops.scatter_tokens(None, y, indices, gate, 1)
     assert torch.signbit(cpu).all()
     assert torch.equal(torch.signbit(out), torch.signbit(cpu)) and torch.equal(out, cpu)
-
-
-def test_invalid_and_repeated_token_indices_are_counted_and_empty(gpu):
-    x = torch.randn(2, 5, 3)
-    indices = torch.tensor([[4, 9, 1], [2, 2, -3]])
-    rows = _cuda_ops.gather_tokens_cuda(x, indices, None)
-    assert torch.equal(rows[0, 0], x[0, 4]) and torch.equal(rows[0, 2], x[0, 1])
-    assert not rows[0, 1].any() and not rows[1].any()
-    assert gpu.errors.tolist() == [0, 0, 0, 0, 3, 0, 0, 0]
-    gpu.errors.zero_()
-    y = torch.randn(2, 3, 3)
-    out = _cuda_ops.scatter_tokens_cuda(x, y, indices, None, 5)
-    assert torch.equal(out[0, 4], y[0, 0]) and torch.equal(out[0, 1], y[0, 2])
-    assert torch.equal(out[1], x[1])  # position 2 is kept twice: kept by neither entry
-    dots = _cuda_ops.token_dots_cuda(x, y, indices)
-    assert dots[1].tolist() == [0.0] * 5
-    assert gpu.errors.tolist() == [0, 0, 0, 0, 6, 0, 0, 0]
 
 
 SELECT_CASES = [
@@ -577,20 +533,6 @@ def test_select_rejects_sequences_its_int32_counts_cannot_hold():
         _cuda_ops._check_select_length(2**31, "scores", "positions per sequence")
 
 
-def test_select_tokens_counts_nan_scores_and_bad_lengths(gpu):
-    scores = torch.randn(4, 6)
-    scores[1, 2] = float("nan")
-    scores[3, 5] = float("nan")  # past its length: fine
-    lengths = torch.tensor([6, 6, 7, 5])
-    indices, mask = _cuda_ops.select_tokens_cuda(scores, 2, "top", 0.0, lengths)
-    assert indices[1].tolist() == [-1, -1] and indices[2].tolist() == [-1, -1]
-    assert not mask[1].any() and not mask[2].any()
-    good = [0, 3]
-    cpu_indices, cpu_mask = ops.select_tokens(scores[good], 2, "top", 0.0, lengths[good])
-    assert torch.equal(indices[good], cpu_indices) and torch.equal(mask[good], cpu_mask)
-    assert gpu.errors.tolist() == [0, 0, 0, 0, 0, 2, 0, 0]
-
-
 # --- load balancing -----------------------------------------------------------------------------
 
 
@@ -632,24 +574,6 @@ def test_score_sums_and_gradient_match_the_cpu_kernels(
     else:
         torch.testing.assert_close(grad, cpu_grad, rtol=tolerance, atol=tolerance)
     assert not gpu.errors.any()
-
-
-@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_score_sums_gradient_skips_and_counts_non_finite_rows(gpu, score):
-    """A token whose logits hold NaN or an infinity gets a zero gradient, as a masked token,
-    and is counted; the others get the CPU's gradient."""
-    logits = balance_logits(9, 5, torch.float32, seed=3)
-    logits[2, 1] = float("nan")
-    logits[6, 4] = float("inf")
-    grad_sums = torch.randn(2, 5, generator=torch.Generator().manual_seed(4))
-    grad = _cuda_ops.score_sums_backward_cuda(logits, score, 5, None, grad_sums)
-    finite = torch.isfinite(logits).all(-1)
-    cpu = ops.score_sums_backward(
-        logits.masked_fill(~finite[:, None], 0.0), score, 5, finite.to(torch.uint8), grad_sums
-    )
-    assert (grad[~finite] == 0).all()
-    torch.testing.assert_close(grad, cpu, **balance_tolerance(torch.float32))
-    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -797,18 +721,6 @@ def test_topp_gating_is_the_cpu_routing(gpu, dtype, num_experts, p, min_k, inclu
     assert not gpu.errors.any()
 
 
-def test_topp_gating_ties_and_non_finite_rows(gpu):
-    logits = tie_heavy(12, 16, torch.float32, seed=3)
-    logits[4, 2] = float("nan")
-    logits[7, 0] = float("inf")
-    weights, experts = _cuda_ops.topp_gating_cuda(logits, 0.5, 1, 16, True, False)
-    good = [t for t in range(12) if t not in (4, 7)]
-    cpu_weights, cpu_experts = ops.topp_gating(logits[good], 0.5, 1, 16, True, False)
-    assert torch.equal(experts[good], cpu_experts) and torch.equal(weights[good], cpu_weights)
-    assert (experts[[4, 7]] == -1).all() and (weights[[4, 7]] == 0).all()
-    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("num_tokens", "num_experts", "capacity"), [(0, 3, 0), (1, 1, 1), (40, 8, 10), (33, 60, 33)]
@@ -862,27 +774,6 @@ def test_expert_choice_backward_matches_the_cpu_kernel(gpu, dtype, num_tokens, n
     assert not gpu.errors.any()
 
 
-@pytest.mark.parametrize("capacity", [3, 12])
-def test_expert_choice_counts_non_finite_rows_and_gives_them_probability_zero(gpu, capacity):
-    """Rows holding NaN or an infinity are counted and have probability 0 for every expert:
-    chosen only where an expert has no better token (all of them, at capacity = T), with
-    gate 0."""
-    logits = random_logits(12, 4, torch.float32, seed=2)
-    logits[3, 0] = float("nan")
-    logits[7, 2] = float("-inf")
-    gates, indices = _cuda_ops.expert_choice_cuda(logits, capacity)
-    finite = torch.isfinite(logits).all(-1, keepdim=True)
-    probs = torch.softmax(logits.masked_fill(~finite, 0.0), dim=-1).masked_fill(~finite, 0.0)
-    # Each expert's best tokens, ties to the lower token, listed in ascending token order.
-    order = torch.sort(probs.T, dim=-1, descending=True, stable=True).indices[:, :capacity]
-    expected = order.sort(dim=-1).values
-    assert torch.equal(indices, expected)
-    torch.testing.assert_close(gates, probs.T.gather(1, expected))
-    if capacity == 12:
-        assert (gates[:, [3, 7]] == 0).all()
-    assert gpu.errors.tolist() == [2, 0, 0, 0, 0, 0, 0, 0]
-
-
 def test_expert_choice_backward_counts_bad_rows_and_indices(gpu):
     logits = random_logits(6, 4, torch.float32, seed=1)
     logits[2, 1] = float("nan")
@@ -931,15 +822,6 @@ def test_sinkhorn_exp_is_the_cpu_exp_over_its_range(gpu):
     ours = _cuda_ops.sinkhorn_cuda(logits, 1, 0.0)
     assert torch.equal(ours, ops.sinkhorn(logits, 1, 0.0))
     assert not gpu.errors.any()
-
-
-def test_sinkhorn_counts_logits_that_overflow(gpu):
-    logits = torch.zeros(4, 3)
-    logits[1, 2] = 90.0
-    logits[2, 0] = float("nan")
-    out = _cuda_ops.sinkhorn_cuda(logits, 5, 1e-4)
-    assert torch.isfinite(out).all()
-    assert gpu.errors[7] >= 1 and gpu.errors.sum() == gpu.errors[7]
 
 
 @pytest.mark.parametrize(
@@ -1034,3 +916,18 @@ def test_gating_lane_count_follows_the_token_count():
     assert lanes(65536, 256) == lanes(1 << 20, 256) == 1
     assert lanes(1, 4096) == lanes(0, 4096) == 32
     assert lanes(1, 64) == 8 and lanes(1, 8) == 1 and lanes(1, 15) == 1 and lanes(1, 16) == 2
+
+
+# --- invalid input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(invalid_input_cases.CASES))
+def test_invalid_input_is_counted_and_handled(gpu, case):
+    """The cases of invalid_input_cases.py (also run on a GPU by tests/gpu/test_gpu_errors.py),
+    with the emulated launcher's counters."""
+
+    def counted(expected):
+        assert gpu.errors.tolist() == expected
+        gpu.errors.zero_()
+
+    invalid_input_cases.CASES[case]("cpu", counted)
