@@ -20,6 +20,7 @@ from torch import Tensor
 
 import sparseroute
 from sparseroute import placement
+from sparseroute.ops._bridge import accumulator_dtype
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ops = torch.ops.sparseroute
@@ -44,11 +45,6 @@ class Case:
     dtypes: tuple[torch.dtype, ...] = tuple(FLOAT_DTYPES)
 
 
-def accumulator(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of weights and gates that go with elements of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def logits_of(num_tokens: int, num_experts: int, dtype: torch.dtype, g: torch.Generator, one_expert=False):
     """Random logits; with ``one_expert`` every token prefers expert 0 by far."""
     logits = torch.randn(num_tokens, num_experts, generator=g)
@@ -60,9 +56,10 @@ def logits_of(num_tokens: int, num_experts: int, dtype: torch.dtype, g: torch.Ge
 # --- the pipelines -------------------------------------------------------------------------------
 
 
-def make_gating(shape, dtype, g):
-    num_tokens, num_experts, _k, one_expert = shape
-    return (logits_of(num_tokens, num_experts, dtype, g, one_expert),)
+def make_logits(shape, dtype, g):
+    """The logits of a shape (T, E, ..., every token to expert 0): gating, top-p, expert
+    choice, Sinkhorn."""
+    return (logits_of(shape[0], shape[1], dtype, g, one_expert=shape[-1]),)
 
 
 def run_gating(shape, logits):
@@ -77,7 +74,7 @@ def make_dispatch(shape, dtype, g):
         experts[t] = 0 if one_expert else torch.randperm(num_experts, generator=g)[:k]
     if one_expert:
         experts[:, 1:] = -1
-    weights = torch.rand(num_tokens, k, generator=g).to(accumulator(dtype))
+    weights = torch.rand(num_tokens, k, generator=g).to(accumulator_dtype(dtype))
     return x, experts, weights
 
 
@@ -98,7 +95,7 @@ def make_tokens(shape, dtype, g):
 def run_tokens(shape, x, scores):
     selection = sparseroute.select_tokens(scores.detach(), shape[2])
     rows = sparseroute.gather_tokens(x, selection.indices)
-    gate = torch.sigmoid(scores.to(accumulator(scores.dtype)))
+    gate = torch.sigmoid(scores.to(accumulator_dtype(scores.dtype)))
     out = sparseroute.scatter_tokens(x, torch.tanh(rows), selection.indices, gate)
     return selection.indices, selection.mask, rows, out
 
@@ -126,28 +123,13 @@ def run_layer_plan(shape, logits):
     return (sparseroute.layer_plan(logits),)
 
 
-def make_topp(shape, dtype, g):
-    num_tokens, num_experts, one_expert = shape
-    return (logits_of(num_tokens, num_experts, dtype, g, one_expert),)
-
-
 def run_topp(shape, logits):
     return sparseroute.topp_gating(logits, 0.7, max_k=min(4, logits.shape[1]))
-
-
-def make_expert_choice(shape, dtype, g):
-    num_tokens, num_experts, _capacity, one_expert = shape
-    return (logits_of(num_tokens, num_experts, dtype, g, one_expert),)
 
 
 def run_expert_choice(shape, logits):
     choice = sparseroute.expert_choice(logits, shape[2])
     return choice.indices, choice.gates, choice.weights
-
-
-def make_sinkhorn(shape, dtype, g):
-    num_tokens, num_experts, one_expert = shape
-    return (logits_of(num_tokens, num_experts, dtype, g, one_expert),)
 
 
 def run_sinkhorn(shape, logits):
@@ -214,7 +196,7 @@ ROUTING_SHAPES = (
 # and gradients change with the inputs (at the edge shapes, every token going to one expert,
 # or C = S, they barely do).
 CASES = [
-    Case("topk_gating", make_gating, run_gating, ROUTING_SHAPES, (9, 12, 3, False), (37, 60, 4, False)),
+    Case("topk_gating", make_logits, run_gating, ROUTING_SHAPES, (9, 12, 3, False), (37, 60, 4, False)),
     Case(
         "permute_unpermute", make_dispatch, run_dispatch, ROUTING_SHAPES, (9, 6, 2, False), (37, 60, 4, False)
     ),
@@ -234,7 +216,7 @@ CASES = [
     # (T, E, every token to expert 0)
     Case(
         "topp_gating",
-        make_topp,
+        make_logits,
         run_topp,
         ((0, 8, False), (1, 8, False), (37, 1, False), (37, 60, False), (37, 160, False), (37, 16, True)),
         (9, 12, False),
@@ -243,7 +225,7 @@ CASES = [
     # (T, E, C, every token to expert 0)
     Case(
         "expert_choice",
-        make_expert_choice,
+        make_logits,
         run_expert_choice,
         ((1, 8, 1, False), (37, 1, 37, False), (37, 60, 5, False), (40, 160, 2, False), (37, 16, 4, True)),
         (9, 12, 3, False),
@@ -252,7 +234,7 @@ CASES = [
     # (T, E, every token to expert 0)
     Case(
         "sinkhorn",
-        make_sinkhorn,
+        make_logits,
         run_sinkhorn,
         ((1, 8, False), (37, 1, False), (37, 60, False), (37, 160, False), (37, 16, True)),
         None,
