@@ -18,7 +18,9 @@ model, ``*_queued_ms``), and for permute and unpermute a torch copy of as many b
 (``copy_graph_ms``, ``of_copy_bandwidth``). Where vLLM is installed, top-k gating is also
 timed against its fused top-k softmax kernel (rows whose ``baseline`` is "vllm fused_topk";
 ``torch_ms`` is then that kernel's time); ``fused_topk_baseline`` in the JSON says whether it
-was found.
+was found. Unless ``--no-kernels``, each row also lists the GPU time of every kernel of
+both sides (``kernels``, ``torch_kernels``: microseconds per call by kernel name, from
+torch.profiler), so that a slow case shows which of its kernels to work on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -95,6 +98,43 @@ def graph_ms(fn: Callable[[], object], repeats: int) -> float | None:
     return round(time_ms(graph.replay, repeats) / GRAPH_CALLS, 4)
 
 
+#: Calls of each side that kernel_times profiles.
+PROFILED_CALLS = 10
+#: Characters of a kernel name kept (torch's are long C++ template names).
+KERNEL_NAME_CHARS = 72
+
+
+def time_by_name(events: Iterable[Any], device_type: Any, calls: int) -> dict[str, float]:
+    """The profiler ``events`` of ``device_type`` summed by name (names cut to
+    KERNEL_NAME_CHARS), in microseconds per call of ``calls``, largest first."""
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.device_type == device_type:
+            name = event.name[:KERNEL_NAME_CHARS]
+            totals[name] = totals.get(name, 0.0) + event.time_range.elapsed_us()
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    return {name: round(us / calls, 2) for name, us in ranked}
+
+
+def kernel_times(fn: Callable[[], object], calls: int = PROFILED_CALLS) -> dict[str, float] | str:
+    """The GPU time of each kernel (and copy or fill) that a call of ``fn`` runs, in
+    microseconds per call, largest first (torch.profiler over ``calls`` calls); the error,
+    as text, where the profiler fails."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        return time_by_name(prof.events(), DeviceType.CUDA, calls)
+    except Exception as err:  # report and go on: the timings stand without it
+        return f"{type(err).__name__}: {err}"
+
+
 def torch_topk(logits, k, score="softmax", bias=None, num_groups=None, topk_groups=None):
     scores = torch.softmax(logits.float(), -1) if score == "softmax" else torch.sigmoid(logits.float())
     keys = scores if bias is None else scores + bias
@@ -152,7 +192,7 @@ def torch_unpermute(y_sorted, order, weights):
     return (y.view(tokens, k, -1).float() * weights.unsqueeze(-1)).sum(1).to(y_sorted.dtype)
 
 
-def cases(repeats: int) -> list[dict[str, object]]:
+def cases(repeats: int, kernels: bool = True) -> list[dict[str, object]]:
     g = torch.Generator(device="cuda").manual_seed(0)
     rows: list[dict[str, object]] = []
 
@@ -198,6 +238,9 @@ def cases(repeats: int) -> list[dict[str, object]]:
             if copy_ms:
                 row["copy_graph_ms"] = copy_ms
                 row["of_copy_bandwidth"] = round(copy_ms / row["sparseroute_graph_ms"], 3)
+        if kernels:
+            row["kernels"] = kernel_times(ours)
+            row["torch_kernels"] = kernel_times(theirs)
         rows.append(row)
 
     fused_name, fused_topk = FUSED_TOPK
@@ -233,6 +276,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
             logits, 8, score="sigmoid", expert_bias=bias, num_groups=8, topk_groups=4
         ),
         lambda: torch_topk(logits, 8, "sigmoid", bias, 8, 4),
+        capturable=True,
     )
     for tokens, experts, k, hidden in [(4096, 8, 2, 4096), (16384, 64, 8, 2048)]:
         x = torch.randn(tokens, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -285,6 +329,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
             shape,
             lambda scores=scores, c=capacity: sparseroute.select_tokens(scores, c),
             lambda scores=scores, c=capacity: torch_select(scores, c),
+            capturable=True,
         )
         indices = sparseroute.select_tokens(scores, capacity).indices
         y = torch.randn(batch, capacity, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -294,12 +339,14 @@ def cases(repeats: int) -> list[dict[str, object]]:
             shape,
             lambda x=x, indices=indices: sparseroute.gather_tokens(x, indices),
             lambda x=x, indices=indices: x.gather(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[2])),
+            capturable=True,
         )
         add(
             "scatter_tokens (gated)",
             shape,
             lambda x=x, y=y, indices=indices, gate=gate: sparseroute.scatter_tokens(x, y, indices, gate=gate),
             lambda x=x, y=y, indices=indices, gate=gate: torch_gated_scatter(x, y, indices, gate),
+            capturable=True,
         )
     # Load balancing: score sums, expert counts, z-loss (torch: softmax + sum, bincount, logsumexp).
     ops = torch.ops.sparseroute
@@ -312,18 +359,21 @@ def cases(repeats: int) -> list[dict[str, object]]:
             shape,
             lambda logits=logits: ops.score_sums(logits, "softmax", logits.shape[0], None),
             lambda logits=logits: torch.softmax(logits.double(), -1).sum(0, keepdim=True),
+            capturable=True,
         )
         add(
             "expert_counts",
             shape,
             lambda ids=ids, e=experts: ops.expert_counts(ids, e, ids.shape[0], None),
             lambda ids=ids, e=experts: torch.bincount(ids.reshape(-1), minlength=e),
+            capturable=True,
         )
         add(
             "z_loss",
             shape,
             lambda logits=logits: sparseroute.z_loss(logits),
             lambda logits=logits: torch.logsumexp(logits.float(), -1).square().mean(),
+            capturable=True,
         )
     # Routing variants at the shape of the CPU targets (T=16384, E=64, k=8).
     logits = torch.randn(16384, 64, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -368,6 +418,7 @@ def cases(repeats: int) -> list[dict[str, object]]:
         "B=4096 L=32 fp32",
         lambda: sparseroute.layer_plan(plan_logits),
         lambda: plan_logits.argmax(-1),
+        capturable=True,
     )
     return rows
 
@@ -486,21 +537,40 @@ def format_row(row: dict[str, object]) -> str:
     )
 
 
+def format_kernels(row: dict[str, object]) -> str:
+    """The kernel breakdown of one row: both sides' kernels, largest first."""
+
+    def side(times: object) -> str:
+        if not isinstance(times, dict):
+            return f"(no breakdown: {times})"
+        return ", ".join(f"{name} {us}" for name, us in times.items()) or "(no kernels)"
+
+    return (
+        f"{row['case']} [{row['shape']}]\n    sparseroute: {side(row.get('kernels'))}\n"
+        f"    {row['baseline']}: {side(row.get('torch_kernels'))}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the timings here as JSON")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel GPU times")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("CUDA is not available: nothing to time")
         return 1
     sparseroute.warm_up_cuda()
-    rows = cases(args.repeats)
+    rows = cases(args.repeats, kernels=not args.no_kernels)
     device = torch.cuda.get_device_name()
     print(f"device: {device}")
     print(f"fused top-k baseline: {FUSED_TOPK[0]}")
     for row in rows:
         print(format_row(row))
+    if not args.no_kernels:
+        print("\nGPU time per call by kernel (us; torch.profiler):")
+        for row in rows:
+            print(format_kernels(row))
     if args.out:
         record = {"device": device, "fused_topk_baseline": FUSED_TOPK[0], "timings": rows}
         with open(args.out, "w") as out:

@@ -43,7 +43,7 @@ commit=$(cat dist/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo u
     --junitxml="$OUT/gpu-tests.xml") 2>&1 | tee "$OUT/pytest.log"
 tests_status=${PIPESTATUS[0]}
 
-timeout 150 "$PYTHON" benches/gpu_bench.py --out "$OUT/timings.json" 2>&1 | tee "$OUT/bench.log"
+timeout 240 "$PYTHON" benches/gpu_bench.py --out "$OUT/timings.json" 2>&1 | tee "$OUT/bench.log"
 bench_status=${PIPESTATUS[0]}
 # Where the host time of a small op goes (appended to bench.log).
 timeout 60 "$PYTHON" benches/gpu_overhead.py --out "$OUT/overhead.json" 2>&1 | tee -a "$OUT/bench.log"

@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 BENCHES = pathlib.Path(__file__).resolve().parent.parent / "benches"
 
@@ -64,3 +65,32 @@ def test_a_missing_fused_kernel_is_named_not_raised(gpu_bench):
         assert name.startswith("vLLM fused_topk not available")
     else:
         assert name == "vllm fused_topk"
+
+
+def test_kernel_breakdown_sums_by_name_and_formats(gpu_bench):
+    # The profiler's events of one device type, summed by name per call: CPU operators here,
+    # kernels on a GPU (the same events, of DeviceType.CUDA).
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            torch.mm(x, x)
+    times = gpu_bench.time_by_name(prof.events(), DeviceType.CPU, 4)
+    assert "aten::mm" in times and times["aten::mm"] > 0
+    assert list(times.values()) == sorted(times.values(), reverse=True)
+    assert gpu_bench.time_by_name(prof.events(), DeviceType.CUDA, 4) == {}
+
+    text = gpu_bench.format_kernels(
+        row(kernels={"sr_topk_gating_team4": 8.1}, torch_kernels="RuntimeError: no profiler")
+    )
+    assert "sparseroute: sr_topk_gating_team4 8.1" in text
+    assert "torch: (no breakdown: RuntimeError: no profiler)" in text
+    assert "(no kernels)" in gpu_bench.format_kernels(row(kernels={}, torch_kernels={}))
+
+
+def test_kernel_times_reports_a_failure_as_text(gpu_bench):
+    if torch.cuda.is_available():
+        pytest.skip("checks the report without a GPU")
+    assert isinstance(gpu_bench.kernel_times(lambda: None), str)
