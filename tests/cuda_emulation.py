@@ -21,6 +21,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +31,10 @@ from sparseroute import _cuda
 HEADER = pathlib.Path(__file__).with_name("cuda_emulation.h")
 #: ``SPARSEROUTE_EMULATION_SANITIZER=thread`` builds the kernels with ThreadSanitizer (the
 #: process must then preload libtsan: see test_cuda_races.py), which reports any access to
-#: shared or global memory that races with another thread's between two barriers.
+#: shared or global memory that races with another thread's between two barriers;
+#: ``address,alignment`` with AddressSanitizer and UBSan's alignment check (preloading libasan:
+#: see test_cuda_memory.py), which report any access outside a tensor or an array, and any
+#: 16-byte word at an address that is not a multiple of 16.
 SANITIZER = os.environ.get("SPARSEROUTE_EMULATION_SANITIZER", "")
 _lock = threading.Lock()
 _libraries: dict[tuple[str, torch.dtype | None], ctypes.CDLL] = {}
@@ -54,7 +58,8 @@ def _build(file: str, dtype: torch.dtype | None) -> ctypes.CDLL:
     )
     defines = [] if dtype is None else [f"-DSR_DTYPE={_cuda.DTYPE_CODES[dtype]}"]
     if SANITIZER:
-        defines += [f"-fsanitize={SANITIZER}", "-g"]
+        # Any report ends the process (the sanitizer options name the log file).
+        defines += [f"-fsanitize={SANITIZER}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
     digest = hashlib.sha256(source.encode())
     for path in [HEADER, *(kernel_dir / name for name in (file, *_cuda.HEADERS))]:
         digest.update(path.read_bytes())
@@ -103,6 +108,37 @@ def library(file: str, dtype: torch.dtype | None) -> ctypes.CDLL:
         return _libraries[key]
 
 
+#: The test running now (its node id from the tests folder), set by conftest.py; while it is
+#: set, each launch is recorded in ``launches_by_test``.
+current_test: str | None = None
+
+
+@dataclass
+class LaunchRecord:
+    """What one test launched: each kind of launch once, and the host threads of them all."""
+
+    #: (kernel, dtype, threads per block, more than one block, the flag arguments): launches
+    #: that take different paths through a kernel's code differ in one of these.
+    kinds: set[tuple[str, str, int, bool, tuple[bool, ...]]] = field(default_factory=set)
+    threads: int = 0
+
+
+launches_by_test: dict[str, LaunchRecord] = {}
+
+
+def covering_tests(records: dict[str, LaunchRecord]) -> list[str]:
+    """A few of the recorded tests that between them make every kind of launch that all of
+    them make: greedily the test with the most kinds not yet made per host thread it starts
+    (the emulation's cost), ties to the earlier test."""
+    left = set().union(*(record.kinds for record in records.values())) if records else set()
+    chosen: list[str] = []
+    while left:
+        test = max(records, key=lambda name: len(records[name].kinds & left) / (records[name].threads + 32))
+        chosen.append(test)
+        left -= records[test].kinds
+    return chosen
+
+
 class EmulatedLauncher:
     """Stands in for ``sparseroute._cuda.Launcher``: same call, kernels run on the host."""
 
@@ -126,6 +162,11 @@ class EmulatedLauncher:
         # Packed by the real launcher's own code: a layout error shows here as on the device.
         pointers = ctypes.c_void_p(_cuda.packed_arguments(file, kernel, args))
         self.launches.append((kernel, grid, block))
+        if current_test is not None:
+            record = launches_by_test.setdefault(current_test, LaunchRecord())
+            flags = tuple(arg for arg in args if isinstance(arg, bool))
+            record.kinds.add((kernel, str(dtype), block, grid > 1, flags))
+            record.threads += grid * block
         status = library(file, dtype).sr_emulated_launch(kernel.encode(), grid, block, pointers)
         if status != 0:
             raise RuntimeError(f"emulated launch of {kernel} failed ({status})")

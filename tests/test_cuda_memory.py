@@ -1,0 +1,138 @@
+"""The CUDA kernels touch no memory outside their tensors, and move 16-byte words only at
+16-byte aligned addresses. On a GPU, a read past a tensor's end returns whatever lies there
+(or faults), a write past it corrupts a neighbour, and a misaligned 16-byte access faults:
+none of it shows in the emulated results on the host, whose threads read the neighbouring
+heap memory silently. So the emulated kernel tests (test_cuda_emulated.py) run again with the
+kernels built under AddressSanitizer and the alignment check of UndefinedBehaviorSanitizer:
+torch's tensors then have poisoned zones around them, the kernels' shared and local arrays
+too, and any access there, or any word at an address that is not a multiple of 16, ends the
+process with a report. It is the host's counterpart of compute-sanitizer's memcheck.
+
+Two positive controls: the select kernel made to read one score past its row, and a token
+gather made to move words of a tensor that starts 2 bytes off alignment.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import cuda_emulation
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+#: Without launch records (test_cuda_emulated.py did not run before in this session), the
+#: whole file runs under the sanitizers: about twice its plain time.
+ALL_EMULATED_TESTS = ["test_cuda_emulated.py"]
+
+
+def memory_tests() -> list[str]:
+    """The emulated tests to rerun: those of this session's run of test_cuda_emulated.py
+    that between them make every kind of launch it made (each kernel, in each element type,
+    block size, one block or more, and combination of flag arguments): about a tenth of its
+    time. Recorded by conftest.py; chosen anew from the tests of the day."""
+    return cuda_emulation.covering_tests(cuda_emulation.launches_by_test) or ALL_EMULATED_TESTS
+
+
+#: The select kernel reading its scores up to and including position `length`: one past the
+#: end of the last row.
+OVERRUN = """
+import pathlib, shutil, sys
+import pytest, torch
+import cuda_emulation
+from sparseroute import _cuda, _cuda_ops
+
+work = pathlib.Path(sys.argv[1])
+shutil.copytree(_cuda.kernel_dir(), work, dirs_exist_ok=True)
+source = (work / "tokens.cu").read_text()
+check = "for (i64 p = threadIdx.x; p < length; p += threads) {"
+assert source.count(check) == 1, "the select kernel changed: update the control"
+(work / "tokens.cu").write_text(source.replace(check, check.replace("p < length", "p <= length")))
+_cuda.kernel_dir = lambda: work
+scores = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
+with pytest.MonkeyPatch.context() as patch, cuda_emulation.emulated_cuda(patch):
+    _cuda_ops.select_tokens_cuda(scores, 10, "top", 0.0, None)
+"""
+
+#: A gather of token rows told to move 16-byte words although its bfloat16 input starts two
+#: bytes past a multiple of 16 (the glue would move elements).
+MISALIGNED = """
+import pytest, torch
+import cuda_emulation
+from sparseroute import _cuda_ops
+
+storage = torch.randn(2 * 6 * 8 + 1).to(torch.bfloat16)
+x = storage[1:].view(2, 6, 8)
+assert x.data_ptr() % 16 != 0 and x.is_contiguous()
+indices = torch.tensor([[0, 3], [1, 5]])
+with pytest.MonkeyPatch.context() as patch, cuda_emulation.emulated_cuda(patch):
+    patch.setattr(_cuda_ops, "_vectorized", lambda row_len, *tensors: True)
+    _cuda_ops.gather_tokens_cuda(x, indices, None)
+"""
+
+
+def runtime(name: str) -> str | None:
+    """A sanitizer runtime library of the emulation's compiler, None without one."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        return None
+    found = subprocess.run(
+        [compiler, f"-print-file-name={name}"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def run_sanitized(command: list[str], logs: pathlib.Path) -> subprocess.CompletedProcess:
+    library = runtime("libasan.so")
+    if library is None or runtime("libubsan.so") is None:
+        pytest.skip("g++ has no AddressSanitizer or UndefinedBehaviorSanitizer runtime")
+    env = dict(
+        os.environ,
+        LD_PRELOAD=library,
+        SPARSEROUTE_EMULATION_SANITIZER="address,alignment",
+        # Python and torch keep memory to the end of the process: no leak report.
+        ASAN_OPTIONS=f"detect_leaks=0 halt_on_error=1 exitcode=67 log_path={logs}/asan",
+        UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1 exitcode=68",
+    )
+    result = subprocess.run(command, env=env, cwd=HERE, capture_output=True, text=True, timeout=1800)
+    if "ASan runtime does not come first" in result.stderr:
+        pytest.skip(f"AddressSanitizer cannot run here: {result.stderr.strip()[:300]}")
+    return result
+
+
+def reports(folder: pathlib.Path, result: subprocess.CompletedProcess) -> str:
+    """The sanitizers' reports: AddressSanitizer's log files, and UBSan's, which it writes to
+    the standard error when it runs inside AddressSanitizer's runtime."""
+    logs = "".join(path.read_text() for path in sorted(folder.glob("asan*")))
+    ubsan = result.stderr[result.stderr.find("runtime error:") :] if "runtime error:" in result.stderr else ""
+    return logs + ubsan
+
+
+def test_the_kernels_stay_inside_their_tensors(tmp_path):
+    tests = memory_tests()
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    result = run_sanitized(command, tmp_path)
+    found = reports(tmp_path, result)
+    assert not found, found[:6000]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if tests != ALL_EMULATED_TESTS:
+        assert f" {len(tests)} passed" in result.stdout, result.stdout[-3000:]
+
+
+def test_a_read_past_a_row_is_reported(tmp_path):
+    work = tmp_path / "kernels"
+    work.mkdir()
+    result = run_sanitized([sys.executable, "-c", OVERRUN, str(work)], tmp_path)
+    found = reports(tmp_path, result)
+    assert result.returncode == 67, result.stderr[-3000:]
+    assert "heap-buffer-overflow" in found and "sr_select_tokens" in found
+
+
+def test_a_misaligned_word_is_reported(tmp_path):
+    result = run_sanitized([sys.executable, "-c", MISALIGNED], tmp_path)
+    found = reports(tmp_path, result)
+    assert result.returncode == 68, result.stderr[-3000:]
+    assert "misaligned address" in found and "requires 16 byte alignment" in found
