@@ -184,3 +184,26 @@ def emulated_cuda(monkeypatch: Any) -> Iterator[EmulatedLauncher]:
 
     monkeypatch.setattr(_cuda, "launcher", fake_launcher)
     yield launcher
+
+
+def sanitizer_runtime(name: str) -> str | None:
+    """A sanitizer runtime library of the emulation's compiler (``libtsan.so``,
+    ``libasan.so``...), None without one."""
+    host_compiler = compiler()
+    if host_compiler is None:
+        return None
+    found = subprocess.run(
+        [host_compiler, f"-print-file-name={name}"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def use_mutated_kernels(work: str, file: str, old: str, new: str) -> None:
+    """The kernel sources from now on: a copy in ``work`` with the one occurrence of ``old``
+    in ``file`` replaced by ``new`` (the sanitizer tests' positive controls)."""
+    folder = pathlib.Path(work)
+    shutil.copytree(_cuda.kernel_dir(), folder, dirs_exist_ok=True)
+    source = (folder / file).read_text()
+    assert source.count(old) == 1, f"{file} changed: update the control that looks for {old!r}"
+    (folder / file).write_text(source.replace(old, new))
+    _cuda.kernel_dir = lambda: folder

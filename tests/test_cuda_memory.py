@@ -15,7 +15,6 @@ gather made to move words of a tensor that starts 2 bytes off alignment.
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 
@@ -34,25 +33,21 @@ def memory_tests() -> list[str]:
     """The emulated tests to rerun: those of this session's run of test_cuda_emulated.py
     that between them make every kind of launch it made (each kernel, in each element type,
     block size, one block or more, and combination of flag arguments): about a tenth of its
-    time. Recorded by conftest.py; chosen anew from the tests of the day."""
+    time. Recorded by conftest.py, so a new test or kernel joins the choice by itself."""
     return cuda_emulation.covering_tests(cuda_emulation.launches_by_test) or ALL_EMULATED_TESTS
 
 
 #: The select kernel reading its scores up to and including position `length`: one past the
 #: end of the last row.
-OVERRUN = """
-import pathlib, shutil, sys
+SCAN = "for (i64 p = threadIdx.x; p < length; p += threads) {"
+OVERRUNNING_SCAN = SCAN.replace("p < length", "p <= length")
+OVERRUN = f"""
+import sys
 import pytest, torch
 import cuda_emulation
-from sparseroute import _cuda, _cuda_ops
+from sparseroute import _cuda_ops
 
-work = pathlib.Path(sys.argv[1])
-shutil.copytree(_cuda.kernel_dir(), work, dirs_exist_ok=True)
-source = (work / "tokens.cu").read_text()
-check = "for (i64 p = threadIdx.x; p < length; p += threads) {"
-assert source.count(check) == 1, "the select kernel changed: update the control"
-(work / "tokens.cu").write_text(source.replace(check, check.replace("p < length", "p <= length")))
-_cuda.kernel_dir = lambda: work
+cuda_emulation.use_mutated_kernels(sys.argv[1], "tokens.cu", {SCAN!r}, {OVERRUNNING_SCAN!r})
 scores = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
 with pytest.MonkeyPatch.context() as patch, cuda_emulation.emulated_cuda(patch):
     _cuda_ops.select_tokens_cuda(scores, 10, "top", 0.0, None)
@@ -75,20 +70,9 @@ with pytest.MonkeyPatch.context() as patch, cuda_emulation.emulated_cuda(patch):
 """
 
 
-def runtime(name: str) -> str | None:
-    """A sanitizer runtime library of the emulation's compiler, None without one."""
-    compiler = shutil.which("g++")
-    if compiler is None:
-        return None
-    found = subprocess.run(
-        [compiler, f"-print-file-name={name}"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return found if os.path.isabs(found) and os.path.exists(found) else None
-
-
 def run_sanitized(command: list[str], logs: pathlib.Path) -> subprocess.CompletedProcess:
-    library = runtime("libasan.so")
-    if library is None or runtime("libubsan.so") is None:
+    library = cuda_emulation.sanitizer_runtime("libasan.so")
+    if library is None or cuda_emulation.sanitizer_runtime("libubsan.so") is None:
         pytest.skip("g++ has no AddressSanitizer or UndefinedBehaviorSanitizer runtime")
     env = dict(
         os.environ,

@@ -12,11 +12,12 @@ thread pools are not instrumented, so ThreadSanitizer could not see how they han
 
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+import cuda_emulation
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -49,38 +50,23 @@ RACE_TESTS = [
 #: The positive control: the select kernel without the barrier between its histogram adds
 #: and the pick of a bin, run over 3000 tokens (12 warps per block; with a few warps the
 #: adds' own atomics tend to order the racing accesses, and ThreadSanitizer sees no race).
-CONTROL = """
-import pathlib, shutil, sys
+BARRIER = "        __syncthreads();\n        if (warp == 0) {\n          choose_bin("
+WITHOUT_BARRIER = BARRIER.replace("        __syncthreads();\n", "")
+CONTROL = f"""
+import sys
 import pytest, torch
 import cuda_emulation
-from sparseroute import _cuda, _cuda_ops
+from sparseroute import _cuda_ops
 
-work = pathlib.Path(sys.argv[1])
-shutil.copytree(_cuda.kernel_dir(), work, dirs_exist_ok=True)
-source = (work / "tokens.cu").read_text()
-barrier = "        __syncthreads();\\n        if (warp == 0) {\\n          choose_bin("
-assert source.count(barrier) == 1, "the select kernel changed: update the control"
-(work / "tokens.cu").write_text(source.replace(barrier, "        if (warp == 0) {\\n          choose_bin("))
-_cuda.kernel_dir = lambda: work
+cuda_emulation.use_mutated_kernels(sys.argv[1], "tokens.cu", {BARRIER!r}, {WITHOUT_BARRIER!r})
 logits = torch.randint(0, 5, (3000, 3), generator=torch.Generator().manual_seed(6)).float()
 with pytest.MonkeyPatch.context() as patch, cuda_emulation.emulated_cuda(patch):
     _cuda_ops.expert_choice_cuda(logits, 1000)
 """
 
 
-def libtsan() -> str | None:
-    """The ThreadSanitizer runtime of the emulation's compiler, None without one."""
-    compiler = shutil.which("g++")
-    if compiler is None:
-        return None
-    found = subprocess.run(
-        [compiler, "-print-file-name=libtsan.so"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return found if os.path.isabs(found) and os.path.exists(found) else None
-
-
 def run_sanitized(command: list[str], reports: pathlib.Path) -> subprocess.CompletedProcess:
-    library = libtsan()
+    library = cuda_emulation.sanitizer_runtime("libtsan.so")
     if library is None:
         pytest.skip("g++ has no ThreadSanitizer runtime (libtsan)")
     env = dict(
