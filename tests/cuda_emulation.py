@@ -130,7 +130,7 @@ def covering_tests(records: dict[str, LaunchRecord]) -> list[str]:
     """A few of the recorded tests that between them make every kind of launch that all of
     them make: greedily the test with the most kinds not yet made per host thread it starts
     (the emulation's cost), ties to the earlier test."""
-    left = set().union(*(record.kinds for record in records.values())) if records else set()
+    left = set().union(*(record.kinds for record in records.values()))
     chosen: list[str] = []
     while left:
         test = max(records, key=lambda name: len(records[name].kinds & left) / (records[name].threads + 32))

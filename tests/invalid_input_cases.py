@@ -14,7 +14,9 @@ from functools import partial
 
 import torch
 
-from sparseroute import _cuda_ops
+from sparseroute import _cuda, _cuda_ops
+
+from kernel_inputs import balance_logits, balance_tolerance, random_logits, tie_heavy_logits
 
 ops = torch.ops.sparseroute
 Counted = Callable[[list[int]], None]
@@ -22,7 +24,7 @@ Counted = Callable[[list[int]], None]
 
 def counts(**kinds: int) -> list[int]:
     """Expected counters: ``counts(kind4=3)`` is three of ERROR_KINDS[4], none of the others."""
-    expected = [0] * 8
+    expected = [0] * len(_cuda.ERROR_KINDS)
     for kind, count in kinds.items():
         expected[int(kind.removeprefix("kind"))] = count
     return expected
@@ -99,7 +101,7 @@ def select_nan_scores_and_bad_lengths(device, counted: Counted) -> None:
 def score_sums_gradient_non_finite_rows(device, counted: Counted, score: str) -> None:
     """A token whose logits hold NaN or an infinity gets a zero gradient, as a masked token,
     and is counted; the others get the CPU's gradient."""
-    logits = (torch.randn(9, 5, generator=torch.Generator().manual_seed(3)) * 3).float()
+    logits = balance_logits(9, 5, torch.float32, seed=3)
     logits[2, 1] = float("nan")
     logits[6, 4] = float("inf")
     grad_sums = torch.randn(2, 5, generator=torch.Generator().manual_seed(4))
@@ -109,14 +111,14 @@ def score_sums_gradient_non_finite_rows(device, counted: Counted, score: str) ->
         logits.masked_fill(~finite[:, None], 0.0), score, 5, finite.to(torch.uint8), grad_sums
     )
     assert (grad[~finite] == 0).all()
-    torch.testing.assert_close(grad, cpu, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad, cpu, **balance_tolerance(torch.float32))
     counted(counts(kind0=2))
 
 
 def topp_ties_and_non_finite_rows(device, counted: Counted) -> None:
     """Top-p with exact ties routes as the CPU; rows holding NaN or an infinity are not routed
     (experts -1, weights 0) and are counted."""
-    logits = torch.randint(0, 5, (12, 16), generator=torch.Generator().manual_seed(3)).float()
+    logits = tie_heavy_logits(12, 16, torch.float32, seed=3)
     logits[4, 2] = float("nan")
     logits[7, 0] = float("inf")
     weights, experts = (
@@ -133,7 +135,7 @@ def expert_choice_non_finite_rows(device, counted: Counted, capacity: int) -> No
     """Rows holding NaN or an infinity are counted and have probability 0 for every expert:
     chosen only where an expert has no better token (all of them, at capacity = T), with
     gate 0."""
-    logits = (torch.randn(12, 4, generator=torch.Generator().manual_seed(2)) * 2).float()
+    logits = random_logits(12, 4, torch.float32, seed=2)
     logits[3, 0] = float("nan")
     logits[7, 2] = float("-inf")
     gates, indices = (t.cpu() for t in _cuda_ops.expert_choice_cuda(logits.to(device), capacity))

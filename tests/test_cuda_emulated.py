@@ -15,6 +15,7 @@ import invalid_input_cases
 from cuda_emulation import compiler, emulated_cuda
 from sparseroute import _cuda_ops
 
+from kernel_inputs import balance_logits, balance_tolerance, random_logits, tie_heavy_logits
 from reference import WEIGHT_TOLERANCE, permute_reference, topk_gating_reference, unpermute_reference
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulation")
@@ -27,11 +28,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 def gpu(monkeypatch):
     with emulated_cuda(monkeypatch) as launcher:
         yield launcher
-
-
-def tie_heavy(num_tokens, num_experts, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 5, (num_tokens, num_experts), generator=g).to(dtype)
 
 
 def gating_args(
@@ -57,7 +53,7 @@ def assert_weights_close(actual, expected, dtype):
 def test_gating_matches_the_cpu_kernel(gpu, monkeypatch, dtype, num_experts, k, score, normalize, team):
     if team == "warp":
         monkeypatch.setattr(_cuda_ops, "LANE_TEAM_MAX_K", 0)
-    logits = tie_heavy(9, num_experts, dtype, seed=num_experts + k)
+    logits = tie_heavy_logits(9, num_experts, dtype, seed=num_experts + k)
     args = gating_args(logits, k, score, normalize, scale=2.5)
     weights, experts = _cuda_ops.topk_gating_cuda(*args)
     cpu_weights, cpu_experts = ops.topk_gating(*args)
@@ -89,7 +85,7 @@ def test_gating_lane_teams_route_as_the_cpu(
     monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
     monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
     # Negative logits, ties, and a row of zeros of both signs (-0 and +0 tie: lower expert first).
-    logits = tie_heavy(37, num_experts, dtype, seed=num_experts * 7 + k) - 2
+    logits = tie_heavy_logits(37, num_experts, dtype, seed=num_experts * 7 + k) - 2
     logits[7] = 0.0
     logits[7, ::3] = -0.0
     logits[5, num_experts // 2] = float("nan")
@@ -115,7 +111,7 @@ def test_gating_lane_teams_route_as_the_cpu(
 )
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_bias_and_group_limit(gpu, dtype, num_experts, groups, topk_groups, k, score):
-    logits = tie_heavy(7, num_experts, dtype, seed=groups)
+    logits = tie_heavy_logits(7, num_experts, dtype, seed=groups)
     g = torch.Generator().manual_seed(k)
     # One bias class (a multiple of 10) per group: no near-ties between groups (see test_gating).
     bias = (torch.randint(0, 3, (groups,), generator=g).double() * 10).repeat_interleave(
@@ -536,15 +532,6 @@ def test_select_rejects_sequences_its_int32_counts_cannot_hold():
 # --- load balancing -----------------------------------------------------------------------------
 
 
-def balance_logits(num_tokens, num_experts, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_tokens, num_experts, generator=g) * 3).to(dtype)
-
-
-def balance_tolerance(dtype):
-    return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize(
@@ -694,11 +681,6 @@ def test_select_tokens_ranks_every_kind_of_value(gpu, dtype):
 # --- routing variants: top-p, expert choice, Sinkhorn --------------------------------------------
 
 
-def random_logits(num_tokens, num_experts, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_tokens, num_experts, generator=g) * 2).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("num_experts", "p"), [(1, 0.5), (8, 0.6), (60, 0.9), (64, 0.3), (160, 0.75)])
 @pytest.mark.parametrize(
@@ -742,7 +724,7 @@ def test_expert_choice_is_the_cpu_choice(gpu, dtype, num_tokens, num_experts, ca
 
 def test_expert_choice_over_many_tokens_is_the_cpu_choice(gpu):
     """Several warps per expert, several steps per digit, ties across the warps' runs."""
-    logits = tie_heavy(3000, 3, torch.float32, seed=6)
+    logits = tie_heavy_logits(3000, 3, torch.float32, seed=6)
     gates, indices = _cuda_ops.expert_choice_cuda(logits, 1000)
     cpu_gates, cpu_indices = ops.expert_choice(logits, 1000)
     assert torch.equal(indices, cpu_indices) and torch.equal(gates, cpu_gates)

@@ -8,17 +8,10 @@ from hypothesis import strategies as st
 
 import sparseroute
 
+from kernel_inputs import tie_heavy_logits
 from reference import WEIGHT_TOLERANCE, topk_gating_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def tie_heavy_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Integer logits in [0, 4]: exact in every dtype, many exact ties, and distinct values
-    (and sums of two scores, for group limits) far apart, so the chosen experts are defined
-    by the tie rule rather than by rounding."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 5, (num_tokens, num_experts), generator=g).to(dtype)
 
 
 @st.composite

@@ -14,13 +14,6 @@ WEIGHT_TOLERANCE = {
 }
 
 
-def tie_heavy_logits(num_tokens, num_experts, dtype, seed):
-    """Integer logits in [0, 4]: exact in every dtype, many exact ties, distinct values far apart
-    (see tests/test_gating.py), so choices are fixed by the tie rule, not by the last bits of exp."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 5, (num_tokens, num_experts), generator=g).to(dtype)
-
-
 def group_bias(num_experts, num_groups, seed):
     """One bias class (a multiple of 10) per group: groups of different classes never tie."""
     g = torch.Generator().manual_seed(seed)

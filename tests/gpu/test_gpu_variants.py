@@ -9,6 +9,7 @@ from gpu_helpers import DTYPES, random_experts, to_acc
 
 import sparseroute
 
+from kernel_inputs import random_logits
 from reference import (
     capacity_plan_reference,
     expert_choice_reference,
@@ -19,11 +20,6 @@ from reference import (
 
 ops = torch.ops.sparseroute
 PLAN_FIELDS = ("tokens_per_expert", "offsets", "row_to_slot", "slot_to_row", "dropped")
-
-
-def random_logits(num_tokens, num_experts, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_tokens, num_experts, generator=g) * 2).to(dtype)
 
 
 # --- capacity dispatch --------------------------------------------------------------------------
