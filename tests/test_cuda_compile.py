@@ -1,8 +1,9 @@
 """The CUDA backend without a GPU: the kernel sources ship in the installed wheel, every
-module compiles through NVRTC for sm_80 and sm_90 with exactly the loader's options and no
-warnings, no kernel keeps data in local memory, the row kernels move 16-byte words, the
-order-fixed kernels compile without fused multiply-adds or flush-to-zero, and CUDA tensors
-get the documented errors when CuPy is missing."""
+module compiles through NVRTC for sm_80 and sm_90 (and each source for sm_75 and sm_120)
+with exactly the loader's options and no warnings, no kernel keeps data in local memory, the
+row kernels move 16-byte words, the order-fixed kernels compile without fused
+multiply-adds or flush-to-zero, and CUDA tensors get the documented errors when CuPy is
+missing."""
 
 import base64
 import ctypes
@@ -158,6 +159,32 @@ def test_module_compiles_without_warnings(nvrtc, file, dtype, arch):
     for kernel in _cuda.kernel_names(file):
         assert kernel.encode() in module.binary, kernel
     assert f"--gpu-architecture={arch}" in module.options and "--std=c++17" in module.options
+
+
+#: The oldest and the newest architecture of NVRTC 13 (Turing's T4, consumer Blackwell): a
+#: user's device may be any between them, and the loader compiles for the device's own. The
+#: kernels include no CUDA headers and use no architecture-specific intrinsics, so whatever
+#: compiles for these two and for ARCHS compiles for every one between.
+EDGE_ARCHS = ["sm_75", "sm_120"]
+
+
+def _one_dtype_per_file() -> list[tuple[str, torch.dtype | None]]:
+    """Each source once: bfloat16 where it is specialised by dtype (its conversions from bits
+    are the most likely to differ by architecture)."""
+    return [(file, dtype) for file, dtype in _cuda.module_keys() if dtype in (None, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("arch", EDGE_ARCHS)
+@pytest.mark.parametrize(
+    ("file", "dtype"), _one_dtype_per_file(), ids=[file for file, _ in _one_dtype_per_file()]
+)
+def test_module_compiles_for_the_oldest_and_newest_architectures(nvrtc, file, dtype, arch):
+    if int(arch.removeprefix("sm_")) not in nvrtc.supported_archs():
+        pytest.skip(f"NVRTC {nvrtc.version()} does not know {arch}")
+    module = _cuda.compile_module(file, dtype, arch, nvrtc)
+    assert module.log == "", module.log
+    for kernel in _cuda.kernel_names(file):
+        assert kernel.encode() in module.binary, kernel
 
 
 #: Kernels whose stack frame holds the few registers and predicates ptxas saves around its
