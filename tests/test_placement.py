@@ -40,6 +40,15 @@ def ref_pack(weights, bins, capacity):
     return bin_of
 
 
+def sequential_sum(values) -> float:
+    """Left to right, each addition rounded, as the Rust kernels add (from Python 3.12 on,
+    the built-in ``sum`` of floats compensates its rounding errors: other bits)."""
+    total = 0.0
+    for value in values:
+        total += value
+    return total
+
+
 def ref_plan_layer(loads, num_slots, num_nodes, gpus_per_node, num_groups, method):
     """One layer: (physical_to_logical, replica_counts, gpu_load) as lists."""
     experts = len(loads)
@@ -50,7 +59,7 @@ def ref_plan_layer(loads, num_slots, num_nodes, gpus_per_node, num_groups, metho
     else:
         groups = num_groups or experts
         size = experts // groups
-        group_load = [sum(loads[g * size : (g + 1) * size]) for g in range(groups)]
+        group_load = [sequential_sum(loads[g * size : (g + 1) * size]) for g in range(groups)]
         node_of = ref_pack(group_load, num_nodes, groups // num_nodes)
         node_experts = [[e for e in range(experts) if node_of[e // size] == n] for n in range(num_nodes)]
         unit_gpus = gpus_per_node
@@ -66,7 +75,8 @@ def ref_plan_layer(loads, num_slots, num_nodes, gpus_per_node, num_groups, metho
             first = (unit * unit_gpus + local) * per_gpu
             slots[first : first + per_gpu] = held
     gpu_load = [
-        sum(loads[e] / counts[e] for e in slots[g * per_gpu : (g + 1) * per_gpu]) for g in range(gpus)
+        sequential_sum(loads[e] / counts[e] for e in slots[g * per_gpu : (g + 1) * per_gpu])
+        for g in range(gpus)
     ]
     return slots, counts, gpu_load
 
