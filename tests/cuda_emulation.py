@@ -32,9 +32,10 @@ HEADER = pathlib.Path(__file__).with_name("cuda_emulation.h")
 #: ``SPARSEROUTE_EMULATION_SANITIZER=thread`` builds the kernels with ThreadSanitizer (the
 #: process must then preload libtsan: see test_cuda_races.py), which reports any access to
 #: shared or global memory that races with another thread's between two barriers;
-#: ``address,alignment`` with AddressSanitizer and UBSan's alignment check (preloading libasan:
-#: see test_cuda_memory.py), which report any access outside a tensor or an array, and any
-#: 16-byte word at an address that is not a multiple of 16.
+#: ``address,undefined,float-cast-overflow`` with AddressSanitizer and UBSan (preloading
+#: libasan: see test_cuda_memory.py), which report any access outside a tensor or an array,
+#: any 16-byte word at an address that is not a multiple of 16, and any operation C++ leaves
+#: undefined (shifts past the width, signed overflow, float-to-integer overflow).
 SANITIZER = os.environ.get("SPARSEROUTE_EMULATION_SANITIZER", "")
 _lock = threading.Lock()
 _libraries: dict[tuple[str, torch.dtype | None], ctypes.CDLL] = {}

@@ -1,15 +1,20 @@
-"""The CUDA kernels touch no memory outside their tensors, and move 16-byte words only at
-16-byte aligned addresses. On a GPU, a read past a tensor's end returns whatever lies there
-(or faults), a write past it corrupts a neighbour, and a misaligned 16-byte access faults:
-none of it shows in the emulated results on the host, whose threads read the neighbouring
-heap memory silently. So the emulated kernel tests (test_cuda_emulated.py) run again with the
-kernels built under AddressSanitizer and the alignment check of UndefinedBehaviorSanitizer:
-torch's tensors then have poisoned zones around them, the kernels' shared and local arrays
-too, and any access there, or any word at an address that is not a multiple of 16, ends the
-process with a report. It is the host's counterpart of compute-sanitizer's memcheck.
+"""The CUDA kernels touch no memory outside their tensors, move 16-byte words only at 16-byte
+aligned addresses, and do nothing that C++ leaves undefined. On a GPU, a read past a tensor's
+end returns whatever lies there (or faults), a write past it corrupts a neighbour, and a
+misaligned 16-byte access faults: none of it shows in the emulated results on the host, whose
+threads read the neighbouring heap memory silently. Undefined operations (a shift by the
+width of its type or more, a signed overflow, a float converted to an integer it does not
+fit) may give the intended result on one compiler and not on another. So the emulated kernel
+tests (test_cuda_emulated.py) run again with the kernels built under AddressSanitizer and
+UndefinedBehaviorSanitizer (its default checks, alignment among them, and float-to-integer
+overflow): torch's tensors then have poisoned zones around them, the kernels' shared and
+local arrays too, and any access there, any word at an address that is not a multiple of
+16, or any undefined operation ends the process with a report. It is the host's counterpart
+of compute-sanitizer's memcheck, and more.
 
-Two positive controls: the select kernel made to read one score past its row, and a token
-gather made to move words of a tensor that starts 2 bytes off alignment.
+Three positive controls: the select kernel made to read one score past its row, a token
+gather made to move words of a tensor that starts 2 bytes off alignment, and the select
+kernel's mask of lower lanes made to shift by 32 in lane 31.
 """
 
 import os
@@ -41,17 +46,31 @@ def memory_tests() -> list[str]:
 #: end of the last row.
 SCAN = "for (i64 p = threadIdx.x; p < length; p += threads) {"
 OVERRUNNING_SCAN = SCAN.replace("p < length", "p <= length")
-OVERRUN = f"""
+
+
+def mutated_select(old: str, new: str) -> str:
+    """A script that runs the select kernel once, with ``old`` replaced by ``new`` in its
+    source (the kernels' copy goes to the folder named by its first argument)."""
+    return f"""
 import sys
 import pytest, torch
 import cuda_emulation
 from sparseroute import _cuda_ops
 
-cuda_emulation.use_mutated_kernels(sys.argv[1], "tokens.cu", {SCAN!r}, {OVERRUNNING_SCAN!r})
+cuda_emulation.use_mutated_kernels(sys.argv[1], "tokens.cu", {old!r}, {new!r})
 scores = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
 with pytest.MonkeyPatch.context() as patch, cuda_emulation.emulated_cuda(patch):
     _cuda_ops.select_tokens_cuda(scores, 10, "top", 0.0, None)
 """
+
+
+OVERRUN = mutated_select(SCAN, OVERRUNNING_SCAN)
+
+#: The compaction's mask of the lanes below a lane, made to take the lane too by shifting one
+#: bit further: in lane 31, 1u << 32, undefined in C++ as in CUDA C++ (the hardware's shift
+#: gives 0 there, a compiler may assume it never happens).
+LANE_MASK = "const unsigned lanes_below = (1u << lane) - 1u;"
+OVERSHIFT = mutated_select(LANE_MASK, LANE_MASK.replace("(1u << lane)", "(1u << (lane + 1u))"))
 
 #: A gather of token rows told to move 16-byte words although its bfloat16 input starts two
 #: bytes past a multiple of 16 (the glue would move elements).
@@ -77,7 +96,7 @@ def run_sanitized(command: list[str], logs: pathlib.Path) -> subprocess.Complete
     env = dict(
         os.environ,
         LD_PRELOAD=library,
-        SPARSEROUTE_EMULATION_SANITIZER="address,alignment",
+        SPARSEROUTE_EMULATION_SANITIZER="address,undefined,float-cast-overflow",
         # Python and torch keep memory to the end of the process: no leak report.
         ASAN_OPTIONS=f"detect_leaks=0 halt_on_error=1 exitcode=67 log_path={logs}/asan",
         UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1 exitcode=68",
@@ -114,6 +133,15 @@ def test_a_read_past_a_row_is_reported(tmp_path):
     found = reports(tmp_path, result)
     assert result.returncode == 67, result.stderr[-3000:]
     assert "heap-buffer-overflow" in found and "sr_select_tokens" in found
+
+
+def test_a_shift_past_the_width_is_reported(tmp_path):
+    work = tmp_path / "kernels"
+    work.mkdir()
+    result = run_sanitized([sys.executable, "-c", OVERSHIFT, str(work)], tmp_path)
+    found = reports(tmp_path, result)
+    assert result.returncode == 68, result.stderr[-3000:]
+    assert "shift exponent 32 is too large" in found and "tokens.cu" in found
 
 
 def test_a_misaligned_word_is_reported(tmp_path):

@@ -445,7 +445,10 @@ def replica_map(experts: Tensor, plan: PlacementPlan, layer: int, *, policy: str
     """
     experts = check_tensor(experts, "experts", ndim=2, layout="[T, k]", dtypes=INDEX_DTYPES)
     plan = _check_plan(plan)
-    layer = check_int(layer, "layer", minimum=0, maximum=plan.num_layers - 1)
+    # The plan's sizes from its fields rather than its properties: torch.compile before
+    # torch 2.11 cannot trace a property of a NamedTuple.
+    num_layers, num_slots = plan.physical_to_logical.shape
+    layer = check_int(layer, "layer", minimum=0, maximum=num_layers - 1)
     if policy not in REPLICA_POLICIES:
         raise ValueError(f"policy: expected one of {REPLICA_POLICIES}, got {policy!r}")
     slots: Tensor = _eager.call(
@@ -453,8 +456,8 @@ def replica_map(experts: Tensor, plan: PlacementPlan, layer: int, *, policy: str
         experts.to(torch.int64),
         plan.logical_to_physical[layer],
         plan.replica_counts[layer],
-        plan.num_slots,
-        plan.slots_per_gpu,
+        num_slots,
+        num_slots // (plan.num_nodes * plan.gpus_per_node),
         policy,
     )
     return slots
