@@ -126,22 +126,21 @@ def test_the_kernels_stay_inside_their_tensors(tmp_path):
         assert re.search(rf"(^|\s){len(tests)} passed", result.stdout), result.stdout[-3000:]
 
 
-def test_a_read_past_a_row_is_reported(tmp_path):
+@pytest.mark.parametrize(
+    ("script", "exit_code", "expected"),
+    [
+        (OVERRUN, 67, ("heap-buffer-overflow", "sr_select_tokens")),
+        (OVERSHIFT, 68, ("shift exponent 32 is too large", "tokens.cu")),
+    ],
+    ids=["read-past-a-row", "shift-past-the-width"],
+)
+def test_a_mutated_select_kernel_is_reported(tmp_path, script, exit_code, expected):
     work = tmp_path / "kernels"
     work.mkdir()
-    result = run_sanitized([sys.executable, "-c", OVERRUN, str(work)], tmp_path)
+    result = run_sanitized([sys.executable, "-c", script, str(work)], tmp_path)
     found = reports(tmp_path, result)
-    assert result.returncode == 67, result.stderr[-3000:]
-    assert "heap-buffer-overflow" in found and "sr_select_tokens" in found
-
-
-def test_a_shift_past_the_width_is_reported(tmp_path):
-    work = tmp_path / "kernels"
-    work.mkdir()
-    result = run_sanitized([sys.executable, "-c", OVERSHIFT, str(work)], tmp_path)
-    found = reports(tmp_path, result)
-    assert result.returncode == 68, result.stderr[-3000:]
-    assert "shift exponent 32 is too large" in found and "tokens.cu" in found
+    assert result.returncode == exit_code, result.stderr[-3000:]
+    assert all(text in found for text in expected), found[:3000]
 
 
 def test_a_misaligned_word_is_reported(tmp_path):
