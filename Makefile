@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.sparseroute-deps
-# The oldest torch that pyproject.toml accepts: `make test-torch-min` tests against it.
-TORCH_MIN := 2.10
+# The oldest torch that pyproject.toml accepts (read from its dependencies): `make
+# test-torch-min` tests against it.
+TORCH_MIN := $(shell sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 MIN_VENV := .venv-torch-min
 WHEEL_STAMP := $(VENV)/.sparseroute-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
