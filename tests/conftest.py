@@ -46,7 +46,7 @@ def generator() -> torch.Generator:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     """Names the running emulated kernel test for cuda_emulation's launch records, from which
-    test_cuda_memory.py picks the tests it reruns under AddressSanitizer."""
+    test_cuda_memory.py picks the tests it reruns under AddressSanitizer and UBSan."""
     if item.path.name != "test_cuda_emulated.py":
         return (yield)
     import cuda_emulation

@@ -168,16 +168,13 @@ def test_module_compiles_without_warnings(nvrtc, file, dtype, arch):
 EDGE_ARCHS = ["sm_75", "sm_120"]
 
 
-def _one_dtype_per_file() -> list[tuple[str, torch.dtype | None]]:
-    """Each source once: bfloat16 where it is specialised by dtype (its conversions from bits
-    are the most likely to differ by architecture)."""
-    return [(file, dtype) for file, dtype in _cuda.module_keys() if dtype in (None, torch.bfloat16)]
+#: Each source once: bfloat16 where it is specialised by dtype (its conversions from bits are
+#: the most likely to differ by architecture).
+EDGE_MODULES = [(file, dtype) for file, dtype in _cuda.module_keys() if dtype in (None, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("arch", EDGE_ARCHS)
-@pytest.mark.parametrize(
-    ("file", "dtype"), _one_dtype_per_file(), ids=[file for file, _ in _one_dtype_per_file()]
-)
+@pytest.mark.parametrize(("file", "dtype"), EDGE_MODULES, ids=[file for file, _ in EDGE_MODULES])
 def test_module_compiles_for_the_oldest_and_newest_architectures(nvrtc, file, dtype, arch):
     if int(arch.removeprefix("sm_")) not in nvrtc.supported_archs():
         pytest.skip(f"NVRTC {nvrtc.version()} does not know {arch}")

@@ -266,19 +266,12 @@ CASE_IDS = [case.name for case in CASES]
 SHAPES = [(case, shape) for case in CASES for shape in case.shapes]
 SHAPE_IDS = [f"{case.name}-{shape}" for case, shape in SHAPES]
 #: (case, shape, dtype) for every dtype a case takes: the edge-shape comparisons.
-TYPED_SHAPES = [
-    (case, shape, dtype) for case, shape in SHAPES for dtype in FLOAT_DTYPES if dtype in case.dtypes
-]
+TYPED_SHAPES = [(case, shape, dtype) for case, shape in SHAPES for dtype in case.dtypes]
 TYPED_SHAPE_IDS = [
     f"{case.name}-{shape}-{str(dtype).removeprefix('torch.')}" for case, shape, dtype in TYPED_SHAPES
 ]
 #: (case, dtype) for every dtype in which a case is sync-free: the CUDA-graph replays.
-CAPTURABLE = [
-    (case, dtype)
-    for case in CASES
-    for dtype in FLOAT_DTYPES
-    if dtype in case.dtypes and case.capturable(dtype)
-]
+CAPTURABLE = [(case, dtype) for case in CASES for dtype in case.dtypes if case.capturable(dtype)]
 CAPTURABLE_IDS = [f"{case.name}-{str(dtype).removeprefix('torch.')}" for case, dtype in CAPTURABLE]
 
 
