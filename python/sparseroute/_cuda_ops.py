@@ -35,6 +35,7 @@ from sparseroute import _cuda
 from sparseroute._core import InvalidInputError
 from sparseroute._cuda import pointer
 from sparseroute.ops import _eager
+from sparseroute.ops._bridge import accumulator_dtype, as_dtype
 from sparseroute.ops.balance import Z_LOSS_STATS
 from sparseroute.ops.dispatch import plan_rows
 from sparseroute.placement import REPLICA_POLICIES
@@ -106,10 +107,6 @@ MAX_ROW_BLOCKS = 1 << 18
 EXPERT_COUNT_CHUNK = 2048
 #: Slots of the error buffer that the Python glue adds to (see _cuda.ERROR_KINDS).
 ERROR_DROP_WEIGHTS = 6
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _invalid(name: str, expected: str, got: object) -> InvalidInputError:
@@ -197,7 +194,7 @@ def topk_gating_cuda(
         if k > reachable:
             raise _invalid("k", f"at most topk_groups * E / num_groups = {reachable} experts", f"k = {k}")
         groups, kept_groups = num_groups, topk_groups
-    acc = _accumulator(dtype)
+    acc = accumulator_dtype(dtype)
     device = logits.device
     logits = logits.contiguous()
     bias = None
@@ -282,8 +279,8 @@ def topk_gating_backward_cuda(
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if num_tokens == 0 or num_experts == 0:
         return grad_logits
-    experts = experts.to(torch.int64).contiguous()
-    grad_weights = grad_weights.to(_accumulator(dtype)).contiguous()
+    experts = as_dtype(experts, torch.int64).contiguous()
+    grad_weights = as_dtype(grad_weights, accumulator_dtype(dtype)).contiguous()
     with _cuda.launcher(device) as launch:
         launch(
             "gating.cu",
@@ -321,7 +318,7 @@ def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> T
     dtype = _element_dtype(x, "x")
     device = x.device
     x = x.contiguous()
-    row_to_slot = row_to_slot.to(torch.int64).contiguous()
+    row_to_slot = as_dtype(row_to_slot, torch.int64).contiguous()
     num_rows = row_to_slot.shape[0]
     row_len = x.shape[1]
     out = torch.empty(num_rows, row_len, dtype=dtype, device=device)
@@ -333,7 +330,7 @@ def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> T
         _on_device(weights, "weights", device, "x")
         if weights.numel() != x.shape[0] * k:
             raise _invalid("weights", f"{x.shape[0] * k} elements", weights.numel())
-        weights = weights.to(_accumulator(dtype)).contiguous()
+        weights = as_dtype(weights, accumulator_dtype(dtype)).contiguous()
     with _cuda.launcher(device) as launch:
         launch(
             "rows.cu",
@@ -380,12 +377,12 @@ def unpermute_cuda(
         return out
     if k < 1:
         raise _invalid("k", "at least 1", 0)
-    slot_to_row = slot_to_row.to(torch.int64).contiguous()
+    slot_to_row = as_dtype(slot_to_row, torch.int64).contiguous()
     if weights is not None:
         _on_device(weights, "weights", device, "y_sorted")
         if weights.numel() != num_tokens * k:
             raise _invalid("weights", f"{num_tokens * k} elements", weights.numel())
-        weights = weights.to(_accumulator(dtype)).contiguous()
+        weights = as_dtype(weights, accumulator_dtype(dtype)).contiguous()
     with _cuda.launcher(device) as launch:
         launch(
             "rows.cu",
@@ -418,14 +415,14 @@ def slot_dots_cuda(grad_y: Tensor, y_sorted: Tensor, slot_to_row: Tensor) -> Ten
         raise TypeError(f"grad_y: expected dtype {dtype} (the dtype of y_sorted), got {grad_y.dtype}")
     num_tokens, k = slot_to_row.shape
     num_rows, row_len = y_sorted.shape
-    out = torch.zeros(num_tokens, k, dtype=_accumulator(dtype), device=device)
+    out = torch.zeros(num_tokens, k, dtype=accumulator_dtype(dtype), device=device)
     if num_tokens * k == 0:
         return out
     if tuple(grad_y.shape) != (num_tokens, row_len):
         raise _invalid("grad_y", f"shape [T, d] = {[num_tokens, row_len]}", list(grad_y.shape))
     grad_y = grad_y.contiguous()
     y_sorted = y_sorted.contiguous()
-    slot_to_row = slot_to_row.to(torch.int64).contiguous()
+    slot_to_row = as_dtype(slot_to_row, torch.int64).contiguous()
     with _cuda.launcher(device) as launch:
         launch(
             "rows.cu",
@@ -575,7 +572,7 @@ def group_layout_cuda(offsets: Tensor, num_rows: int) -> tuple[Tensor, Tensor, T
             1,
             1024,
             (
-                pointer(offsets.to(torch.int64).contiguous()),
+                pointer(as_dtype(offsets, torch.int64).contiguous()),
                 num_experts,
                 num_rows,
                 pointer(ends),
@@ -719,7 +716,7 @@ def permute_cuda(
     static_rows, rows = plan_rows(
         num_tokens * k, num_experts, num_rows, capacity, pad_to_capacity, block_size
     )
-    experts = experts.to(torch.int64).contiguous()
+    experts = as_dtype(experts, torch.int64).contiguous()
     with _cuda.launcher(device) as launch:
         if capacity is None:
             tokens_per_expert, offsets, row_to_slot, slot_to_row = _dropless_plan(
@@ -754,7 +751,7 @@ def _token_indices(indices: Tensor, device: torch.device, batch: int, seq_len: i
         )
     if indices.shape[1] > max(seq_len, 0) or indices.shape[1] >= 2**31:
         raise _invalid("indices", f"at most S = {seq_len} entries per sequence", tuple(indices.shape))
-    return indices.to(torch.int64).contiguous()
+    return as_dtype(indices, torch.int64).contiguous()
 
 
 def _token_inverse(launch: Any, dtype: torch.dtype, indices: Tensor, seq_len: int) -> Tensor:
@@ -789,7 +786,7 @@ def _per_position(
         return None
     if tensor.numel() != batch * seq_len:
         raise _invalid(name, f"[B, S] = {[batch, seq_len]} elements", tuple(tensor.shape))
-    return tensor.to(device=device, dtype=_accumulator(dtype)).contiguous()
+    return tensor.to(device=device, dtype=accumulator_dtype(dtype)).contiguous()
 
 
 def gather_tokens_cuda(x: Tensor, indices: Tensor, scale: Tensor | None) -> Tensor:
@@ -900,7 +897,7 @@ def token_dots_cuda(grad: Tensor, y: Tensor, indices: Tensor) -> Tensor:
         raise TypeError(f"y: expected dtype {dtype} (the dtype of grad), got {y.dtype}")
     if tuple(y.shape) != (batch, capacity, row_len):
         raise _invalid("y", f"shape [B, C, d] = {[batch, capacity, row_len]}", list(y.shape))
-    out = torch.zeros(batch, seq_len, dtype=_accumulator(dtype), device=device)
+    out = torch.zeros(batch, seq_len, dtype=accumulator_dtype(dtype), device=device)
     if batch * seq_len == 0 or capacity == 0:
         return out
     grad = grad.contiguous()
@@ -947,7 +944,7 @@ def select_tokens_cuda(
         _on_device(lengths, "lengths", device, "scores")
         if tuple(lengths.shape) != (batch,):
             raise ValueError(f"lengths: expected shape [B] = [{batch}], got {list(lengths.shape)}")
-        lengths = lengths.to(torch.int64).contiguous()
+        lengths = as_dtype(lengths, torch.int64).contiguous()
     indices = torch.empty(batch, capacity, dtype=torch.int64, device=device)
     mask = torch.empty(batch, seq_len, dtype=torch.bool, device=device)
     if batch == 0 or seq_len == 0:
@@ -1059,14 +1056,14 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
     device = logits.device
     groups = -(-num_tokens // group_size)
     if num_tokens == 0:
-        return torch.zeros(groups, num_experts, dtype=_accumulator(dtype), device=device)
+        return torch.zeros(groups, num_experts, dtype=accumulator_dtype(dtype), device=device)
     # Every sum is written by sr_score_totals, in the accumulator type: no zero fill and no
     # conversion (two launches fewer).
-    sums = torch.empty(groups, num_experts, dtype=_accumulator(dtype), device=device)
+    sums = torch.empty(groups, num_experts, dtype=accumulator_dtype(dtype), device=device)
     logits = logits.contiguous()
     mask = _token_mask(mask, num_tokens, device)
     segments = min((group_size - 1) // SCORE_SEGMENT_TOKENS + 2, -(-num_tokens // SCORE_SEGMENT_TOKENS))
-    scores = torch.empty(num_tokens, num_experts, dtype=_accumulator(dtype), device=device)
+    scores = torch.empty(num_tokens, num_experts, dtype=accumulator_dtype(dtype), device=device)
     partials = torch.empty(groups * segments, num_experts, dtype=torch.float64, device=device)
     sigmoid = score == "sigmoid"
     with _cuda.launcher(device) as launch:
@@ -1128,7 +1125,7 @@ def score_sums_backward_cuda(
         return grad_logits
     logits = logits.contiguous()
     mask = _token_mask(mask, num_tokens, device)
-    grad_sums = grad_sums.to(_accumulator(dtype)).contiguous()
+    grad_sums = as_dtype(grad_sums, accumulator_dtype(dtype)).contiguous()
     with _cuda.launcher(device) as launch:
         launch(
             "balance.cu",
@@ -1163,7 +1160,7 @@ def expert_counts_cuda(experts: Tensor, num_experts: int, group_size: int, mask:
     counts = torch.zeros(groups, num_experts, dtype=torch.int64, device=device)
     if num_tokens * k == 0:
         return counts
-    experts = experts.to(torch.int64).contiguous()
+    experts = as_dtype(experts, torch.int64).contiguous()
     mask = _token_mask(mask, num_tokens, device)
     # Larger groups are one group; clamped, group_size * k cannot overflow in the kernel.
     group_size = min(group_size, num_tokens)
@@ -1192,7 +1189,7 @@ def expert_counts_cuda(experts: Tensor, num_experts: int, group_size: int, mask:
 def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     dtype, num_tokens, num_experts = _balance_logits(logits, None)
     device = logits.device
-    acc = _accumulator(dtype)
+    acc = accumulator_dtype(dtype)
     loss = torch.zeros((), dtype=acc, device=device)
     stats = torch.empty(num_tokens, Z_LOSS_STATS, dtype=acc, device=device)
     if num_tokens == 0:
@@ -1255,7 +1252,7 @@ def topp_gating_cuda(
         raise _invalid("min_k", f"0 <= min_k <= max_k = {max_k}", min_k)
     device = logits.device
     logits = logits.contiguous()
-    weights = torch.empty(num_tokens, max_k, dtype=_accumulator(dtype), device=device)
+    weights = torch.empty(num_tokens, max_k, dtype=accumulator_dtype(dtype), device=device)
     experts = torch.empty(num_tokens, max_k, dtype=torch.int64, device=device)
     with _cuda.launcher(device) as launch:
         launch(
@@ -1284,7 +1281,7 @@ def topp_gating_cuda(
 def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor) -> Tensor:
     """``[E, T]``: the softmax over experts of each token, expert-major (the CPU's bits)."""
     num_tokens, num_experts = logits.shape
-    probs = torch.empty(num_experts, num_tokens, dtype=_accumulator(logits.dtype), device=logits.device)
+    probs = torch.empty(num_experts, num_tokens, dtype=accumulator_dtype(logits.dtype), device=logits.device)
     launch(
         "expert_choice.cu",
         logits.dtype,
@@ -1304,7 +1301,7 @@ def expert_choice_cuda(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     _check_select_length(num_tokens, "logits", "tokens")
     device = logits.device
     indices = torch.empty(num_experts, capacity, dtype=torch.int64, device=device)
-    gates = torch.empty(num_experts, capacity, dtype=_accumulator(logits.dtype), device=device)
+    gates = torch.empty(num_experts, capacity, dtype=accumulator_dtype(logits.dtype), device=device)
     if num_tokens == 0:
         return gates, indices
     with _cuda.launcher(device) as launch:
@@ -1327,12 +1324,12 @@ def expert_choice_backward_cuda(logits: Tensor, indices: Tensor, grad_gates: Ten
     grad_logits = torch.empty(num_tokens, num_experts, dtype=dtype, device=device)
     if num_tokens == 0:
         return grad_logits
-    acc = _accumulator(dtype)
+    acc = accumulator_dtype(dtype)
     # gates[e, c] = p[indices[e, c], e]: with g the gates' gradient in the [T, E] slot layout,
     # dL/dl_t = p_t * (g_t - <p_t, g_t>), token by token.
     placed = torch.zeros(num_tokens, num_experts, dtype=acc, device=device)
     with _cuda.launcher(device) as launch:
-        _place_choices(launch, indices, grad_gates.to(acc), num_tokens, None, placed)
+        _place_choices(launch, indices, as_dtype(grad_gates, acc), num_tokens, None, placed)
         launch(
             "expert_choice.cu",
             dtype,
@@ -1371,7 +1368,7 @@ def _place_choices(
         min(-(-(num_experts * capacity) // 256), MAX_ROW_BLOCKS),
         256,
         (
-            pointer(indices.to(torch.int64).contiguous()),
+            pointer(as_dtype(indices, torch.int64).contiguous()),
             pointer(values.contiguous()),
             num_experts,
             capacity,
@@ -1417,7 +1414,7 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
     out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=device)
     if num_tokens == 0:
         return out
-    logits = logits.to(torch.float32).contiguous()
+    logits = as_dtype(logits, torch.float32).contiguous()
     num_blocks = -(-num_tokens // SINKHORN_BLOCK)
     d0 = torch.empty(num_tokens, dtype=torch.float32, device=device)
     d1 = torch.ones(num_experts, dtype=torch.float32, device=device)
@@ -1489,7 +1486,7 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
 def z_loss_backward_cuda(logits: Tensor, stats: Tensor, grad: Tensor) -> Tensor:
     dtype, num_tokens, num_experts = _balance_logits(logits, None)
     device = logits.device
-    acc = _accumulator(dtype)
+    acc = accumulator_dtype(dtype)
     _on_device(stats, "stats", device, "logits")
     _on_device(grad, "grad", device, "logits")
     if tuple(stats.shape) != (num_tokens, Z_LOSS_STATS) or stats.dtype != acc:
@@ -1501,7 +1498,7 @@ def z_loss_backward_cuda(logits: Tensor, stats: Tensor, grad: Tensor) -> Tensor:
     logits = logits.contiguous()
     stats = stats.contiguous()
     # The upstream gradient stays on the device: no host sync.
-    grad = grad.to(acc).reshape(1)
+    grad = as_dtype(grad, acc).reshape(1)
     with _cuda.launcher(device) as launch:
         launch(
             "balance.cu",
@@ -1569,7 +1566,7 @@ def replica_map_cuda(
         raise _invalid("slots_per_gpu", f"a divisor of num_slots = {num_slots} (>= 1)", slots_per_gpu)
     if policy not in REPLICA_POLICIES:
         raise _invalid("policy", f"one of {REPLICA_POLICIES}", repr(policy))
-    experts = experts.to(torch.int64).contiguous()
+    experts = as_dtype(experts, torch.int64).contiguous()
     table = logical_to_physical.to(device=device, dtype=torch.int64).contiguous()
     counts = replica_counts.to(device=device, dtype=torch.int64).contiguous()
     out = torch.empty_like(experts)

@@ -17,7 +17,7 @@ from torch import Tensor
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
 from sparseroute.ops import _eager
-from sparseroute.ops._bridge import accumulator_dtype, numpy_view
+from sparseroute.ops._bridge import accumulator_dtype, as_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
 from sparseroute.ops.dispatch import PermutePlan
 from sparseroute.ops.gating import SCORE_FUNCTIONS
@@ -48,7 +48,7 @@ def _score_sums_op(logits: Tensor, score: str, group_size: int, mask: Tensor | N
         numpy_view(sums),
         get_num_threads(),
     )
-    return sums.to(accumulator_dtype(logits.dtype))
+    return as_dtype(sums, accumulator_dtype(logits.dtype))
 
 
 @_score_sums_op.register_fake
@@ -67,7 +67,7 @@ def _score_sums_backward_op(
         score,
         group_size,
         _mask_view(mask),
-        numpy_view(grad_sums.to(accumulator_dtype(logits.dtype)).contiguous()),
+        numpy_view(as_dtype(grad_sums, accumulator_dtype(logits.dtype)).contiguous()),
         numpy_view(grad_logits),
         get_num_threads(),
     )
@@ -276,7 +276,7 @@ def load_balancing_loss(
     k = experts.shape[1]
     acc = accumulator_dtype(logits.dtype)
     sums = _eager.call("score_sums", logits, score, group_size, mask)
-    counts = _eager.call("expert_counts", experts.to(torch.int64), num_experts, group_size, mask)
+    counts = _eager.call("expert_counts", as_dtype(experts, torch.int64), num_experts, group_size, mask)
     groups = sums.shape[0]
     if mask is None:
         valid = torch.full((groups,), float(group_size), dtype=acc, device=logits.device)
@@ -337,7 +337,7 @@ def routing_stats(experts: Tensor, num_experts: int, plan: PermutePlan | None = 
     experts = check_tensor(experts, "experts", ndim=2, layout="[T, k]", dtypes=INDEX_DTYPES)
     num_experts = check_int(num_experts, "num_experts", minimum=1)
     counts = _eager.call(
-        "expert_counts", experts.to(torch.int64), num_experts, max(experts.shape[0], 1), None
+        "expert_counts", as_dtype(experts, torch.int64), num_experts, max(experts.shape[0], 1), None
     ).sum(dim=0)
     load = counts.to(torch.float64)
     total = float(load.sum())

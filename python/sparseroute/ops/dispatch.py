@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
 from sparseroute.ops import _eager
-from sparseroute.ops._bridge import accumulator_dtype, numpy_view
+from sparseroute.ops._bridge import accumulator_dtype, as_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_same, check_tensor
 
 
@@ -61,12 +62,20 @@ class PermutePlan(NamedTuple):
         return torch.where(starts < self.offsets[-1], experts, -1)
 
 
-def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None, threads: int) -> Tensor:
-    """The rows of ``x`` in plan order (the kernel behind permute and unpermute's gradient)."""
+def _gather(
+    x: Tensor,
+    row_to_slot: Tensor | np.ndarray,
+    k: int,
+    weights: Tensor | None,
+    threads: int,
+) -> Tensor:
+    """The rows of ``x`` in plan order (the kernel behind permute and unpermute's gradient).
+    ``row_to_slot`` may be the numpy array a plan was written through (permute passes it:
+    a tensor's view would cost a microsecond more)."""
     out, out_view = _memory.empty_with_view((row_to_slot.shape[0], x.shape[1]), x.dtype)
     _core.gather_rows(
         numpy_view(x.contiguous()),
-        numpy_view(row_to_slot.contiguous()),
+        row_to_slot if isinstance(row_to_slot, np.ndarray) else numpy_view(row_to_slot.contiguous()),
         k,
         None if weights is None else numpy_view(weights.contiguous()),
         out_view,
@@ -149,7 +158,8 @@ def _permute_op(
         )
     if static_rows is None and routed < rows:
         row_to_slot = row_to_slot[:routed].clone()
-    x_sorted = _gather(x, row_to_slot, k, None, threads)
+        row_to_slot_view = row_to_slot_view[:routed]
+    x_sorted = _gather(x, row_to_slot_view, k, None, threads)
     return x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped
 
 
@@ -279,7 +289,7 @@ def _check_experts(experts: object, num_tokens: int | None) -> Tensor:
         raise ValueError(
             f"experts: expected at least one slot per token (k >= 1), got shape {tuple(experts.shape)}"
         )
-    return experts.to(torch.int64)
+    return as_dtype(experts, torch.int64)
 
 
 DROP_POLICIES = ("position", "probs")
@@ -398,7 +408,7 @@ def permute(
                     f"weights: expected shape [T, k] = {list(experts.shape)} (the shape of experts), "
                     f"got {list(weights.shape)}"
                 )
-            drop_weights = weights.detach().to(torch.float32)
+            drop_weights = as_dtype(weights.detach(), torch.float32)
     x_sorted, tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = _eager.call(
         "permute", x, experts, num_experts, num_rows, capacity, drop_weights, pad_to_capacity, block_size
     )
@@ -501,7 +511,7 @@ def unpermute(
                 f"weights: expected shape [T, k] = {list(slot_to_row.shape)} (the plan's slots), "
                 f"got {list(weights.shape)}"
             )
-        weights = weights.to(accumulator_dtype(y_sorted.dtype))
+        weights = as_dtype(weights, accumulator_dtype(y_sorted.dtype))
         if renormalize_after_drop:
             weights = renormalize_kept(weights, plan)
     elif renormalize_after_drop:

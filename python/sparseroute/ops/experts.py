@@ -31,6 +31,7 @@ from torch import Tensor
 from sparseroute import _memory
 from sparseroute._core import InvalidInputError
 from sparseroute.ops import _eager
+from sparseroute.ops._bridge import as_dtype
 from sparseroute.ops._checks import FLOAT_DTYPES, check_tensor
 
 #: Activations ``grouped_mlp`` accepts by name (the names transformers' configs use).
@@ -341,7 +342,7 @@ def _check_offsets(offsets: object, num_experts: int) -> Tensor:
             f"offsets: expected E + 1 = {num_experts + 1} entries (E from the weight's first "
             f"dimension), got {offsets.shape[0]}"
         )
-    return offsets.to(torch.int64)
+    return as_dtype(offsets, torch.int64)
 
 
 def grouped_linear(

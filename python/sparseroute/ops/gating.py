@@ -15,7 +15,7 @@ from torch import Tensor
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
 from sparseroute.ops import _eager
-from sparseroute.ops._bridge import accumulator_dtype, numpy_view
+from sparseroute.ops._bridge import accumulator_dtype, as_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, check_int, check_tensor
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -78,7 +78,7 @@ def _topk_gating_backward_op(
     _core.topk_gating_backward(
         numpy_view(logits),
         numpy_view(experts.contiguous()),
-        numpy_view(grad_weights.contiguous().to(accumulator_dtype(logits.dtype))),
+        numpy_view(as_dtype(grad_weights.contiguous(), accumulator_dtype(logits.dtype))),
         numpy_view(grad_logits),
         score,
         normalize,
@@ -193,7 +193,7 @@ def topk_gating(
             raise ValueError(
                 f"expert_bias: expected shape [E] = [{num_experts}], got {tuple(expert_bias.shape)}"
             )
-        expert_bias = expert_bias.detach().to(accumulator_dtype(logits.dtype))
+        expert_bias = as_dtype(expert_bias.detach(), accumulator_dtype(logits.dtype))
     if (num_groups is None) != (topk_groups is None):
         missing = "topk_groups" if topk_groups is None else "num_groups"
         raise ValueError(f"{missing}: expected an int when the other group argument is given, got None")
@@ -412,7 +412,7 @@ def _expert_choice_backward_op(logits: Tensor, indices: Tensor, grad_gates: Tens
     _core.expert_choice_backward(
         numpy_view(logits),
         numpy_view(indices.contiguous()),
-        numpy_view(grad_gates.contiguous().to(accumulator_dtype(logits.dtype))),
+        numpy_view(as_dtype(grad_gates.contiguous(), accumulator_dtype(logits.dtype))),
         numpy_view(grad_logits),
         get_num_threads(),
     )

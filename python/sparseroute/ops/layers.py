@@ -14,7 +14,7 @@ from torch import Tensor
 
 from sparseroute import _core
 from sparseroute.ops import _eager
-from sparseroute.ops._bridge import numpy_view
+from sparseroute.ops._bridge import as_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
 
 SKIP, EXECUTE, REPEAT = 0, 1, 2
@@ -101,7 +101,7 @@ def bucket_by_plan(plans: Tensor, *, max_batch: int | None = None) -> PlanBucket
     plans = check_tensor(plans, "plans", ndim=2, layout="[B, L]", dtypes=INDEX_DTYPES)
     if max_batch is not None:
         max_batch = check_int(max_batch, "max_batch", minimum=1)
-    plans = plans.to(torch.int64).contiguous()
+    plans = as_dtype(plans, torch.int64).contiguous()
     order, offsets, group = (torch.from_numpy(a) for a in _core.bucket_by_plan(numpy_view(plans), max_batch))
     # Batches come group by group, groups numbered in order: a group's first batch starts
     # with its first request.

@@ -23,7 +23,7 @@ from torch import Tensor
 from sparseroute import _core, _memory
 from sparseroute._threads import get_num_threads
 from sparseroute.ops import _eager
-from sparseroute.ops._bridge import accumulator_dtype, numpy_view
+from sparseroute.ops._bridge import accumulator_dtype, as_dtype, numpy_view
 from sparseroute.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 FRACTION_ROUNDING_SLACK = 1e-9
@@ -74,7 +74,7 @@ def _gather_tokens_op(x: Tensor, indices: Tensor, scale: Tensor | None) -> Tenso
     _core.gather_tokens(
         numpy_view(x.contiguous()),
         numpy_view(indices.contiguous()),
-        None if scale is None else numpy_view(scale.to(accumulator_dtype(x.dtype)).contiguous()),
+        None if scale is None else numpy_view(as_dtype(scale, accumulator_dtype(x.dtype)).contiguous()),
         numpy_view(out),
         get_num_threads(),
     )
@@ -134,7 +134,7 @@ def _scatter_tokens_op(
         None if x is None else numpy_view(x.contiguous()),
         None if y is None else numpy_view(y.contiguous()),
         numpy_view(indices.contiguous()),
-        None if gate is None else numpy_view(gate.to(accumulator_dtype(dtype)).contiguous()),
+        None if gate is None else numpy_view(as_dtype(gate, accumulator_dtype(dtype)).contiguous()),
         numpy_view(out),
         get_num_threads(),
     )
@@ -374,7 +374,7 @@ def select_tokens(
             raise ValueError(
                 f"lengths: expected shape [B] = [{batch}] (the rows of scores), got {list(lengths.shape)}"
             )
-        lengths = lengths.to(torch.int64)
+        lengths = as_dtype(lengths, torch.int64)
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
             raise ValueError(f"threshold: expected a float (not NaN) or None, got {threshold!r}")
@@ -398,7 +398,7 @@ def _check_indices(indices: object, batch: int, seq_len: int) -> Tensor:
             f"indices: expected at most S = {seq_len} entries per sequence (distinct positions), "
             f"got shape {tuple(indices.shape)}"
         )
-    return indices.to(torch.int64)
+    return as_dtype(indices, torch.int64)
 
 
 def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
