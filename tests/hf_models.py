@@ -283,17 +283,118 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         "HYV4VLTextModel",
         dict(n_routed_experts=8, **TOP2, **GROUPS, **SPARSE, n_shared_experts=1, pad_token_id=0),
     ),
+    "lara_mini": (
+        "LaraMiniConfig",
+        "LaraMiniForCausalLM",
+        dict(
+            num_experts=8,
+            **TOP2,
+            shared_expert_intermediate_size=64,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        ),
+    ),
+    "flint": (
+        "FlintConfig",
+        "FlintForCausalLM",
+        dict(
+            num_experts=8,
+            **TOP2,
+            shared_expert_intermediate_size=64,
+            mlp_only_layers=[],
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "mistral_large4": (
+        "MistralLarge4TextConfig",
+        "MistralLarge4TextModel",
+        dict(
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            **TOP2,
+            **GROUPS,
+            **SPARSE,
+            first_k_dense_replace=0,
+            n_shared_experts=1,
+            **MLA,
+            **DSA,
+        ),
+    ),
+    "beam": (
+        "BeamConfig",
+        "BeamForCausalLM",
+        dict(num_experts=8, **TOP2, **GROUPS, **SPARSE, layer_types=["sliding_attention", "full_attention"]),
+    ),
+    "axk2": (
+        "AXK2Config",
+        "AXK2ForCausalLM",
+        dict(num_key_value_heads=4, n_routed_experts=8, **TOP2, **SPARSE, n_shared_experts=1, **MLA, **DSA),
+    ),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(num_local_experts=8, **TOP2)),
+    "minimax_m3_vl": (
+        "MiniMaxM3VLTextConfig",
+        "MiniMaxM3VLTextModel",
+        dict(num_local_experts=8, **TOP2, shared_intermediate_size=64, **SPARSE),
+    ),
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(num_experts=8, **TOP2, num_shared_experts=1, **SPARSE)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(n_routed_experts=8, **TOP2, first_k_dense_replace=0, n_shared_experts=1, **MLA),
+    ),
+    "deepseek_ocr2": (
+        "DeepseekOcr2TextConfig",
+        "DeepseekOcr2TextModel",
+        dict(n_routed_experts=8, **TOP2, n_shared_experts=1, **SPARSE),
+    ),
+    "unlimited_ocr": (
+        "UnlimitedOcrTextConfig",
+        "UnlimitedOcrTextModel",
+        dict(
+            n_routed_experts=8,
+            **TOP2,
+            n_shared_experts=1,
+            **SPARSE,
+            layer_types=["full_attention", "full_attention"],
+        ),
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0),
+    ),
+    "cohere2_moe": (
+        "Cohere2MoeConfig",
+        "Cohere2MoeForCausalLM",
+        dict(num_experts=8, **TOP2, layer_types=["sliding_attention", "full_attention"], **SPARSE),
+    ),
+    "laguna": (
+        "LagunaConfig",
+        "LagunaForCausalLM",
+        dict(
+            num_experts=8,
+            **TOP2,
+            shared_expert_intermediate_size=64,
+            **SPARSE,
+            layer_types=["full_attention", "full_attention"],
+            num_attention_heads_per_layer=[4, 4],
+        ),
+    ),
     # No router rule (sparsemixer routing): the experts are switched, the router left alone.
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=8, **TOP2)),
 }
 
 
-def build(family: str, *, seed: int = 0) -> torch.nn.Module:
+def build(family: str, *, seed: int = 0, config: dict | None = None) -> torch.nn.Module:
     """A float32 model of ``family`` in eval mode with random weights (router weights,
-    selection biases and expert weights all random, so routing is non-trivial)."""
+    selection biases and expert weights all random, so routing is non-trivial); ``config``
+    overrides values of the family's tiny configuration."""
     config_name, model_name, values = FAMILIES[family]
     module = importlib.import_module(f"transformers.models.{family}")
-    config_values = {**COMMON, **values}
+    config_values = {**COMMON, **values, **(config or {})}
     if "kv_lora_rank" in config_values:
         del config_values["head_dim"]
     config = getattr(module, config_name)(**config_values)

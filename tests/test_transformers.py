@@ -139,7 +139,9 @@ def test_patched_model_matches_eager(family):
         assert p_weights.dtype == weights.dtype
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "laguna"]
+)
 def test_patched_bfloat16_model_is_within_bfloat16_tolerance(family):
     eager = build(family).to(torch.bfloat16)
     patched = copy.deepcopy(eager)
@@ -219,6 +221,36 @@ def test_a_rule_that_does_not_match_is_declined(monkeypatch):
     with pytest.warns(UserWarning, match="MixtralTopKRouter .* rule does not match the original"):
         sparseroute.patch(model)
     assert not any(hasattr(m, _ROUTER_FLAG) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "needs"),
+    [
+        # DeepSeek-V2 scores a group by its best expert: not topk_gating's group score.
+        ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1), "topk_method"),
+        # Cohere2-MoE's sigmoid option computes scores in the model's dtype.
+        ("cohere2_moe", dict(expert_selection_fn="sigmoid"), "expert_selection_fn"),
+        ("laguna", dict(moe_router_logit_softcapping=30.0), "router_logit_softcapping"),
+        # AXK2 fills excluded groups' keys with 0 rather than excluding them.
+        ("axk2", dict(n_group=2, topk_group=1), "num_group"),
+    ],
+)
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_router_configured_outside_its_rule_is_declined(family, config, needs, verify):
+    """A rule that needs router options (``RouterRule.conditions``) is not used where the
+    router has others, with or without verification; the experts are still switched, and
+    the model computes what eager computes."""
+    eager = build(family, config=config)
+    patched = copy.deepcopy(eager)
+    with pytest.warns(UserWarning, match=f"its rule needs {needs} = "):
+        assert sparseroute.patch(patched, verify=verify) == eager.config.num_hidden_layers
+    assert not any(hasattr(m, _ROUTER_FLAG) for m in patched.modules())
+    input_ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    logits_e, grads_e, _, probe = run(eager, input_ids)
+    logits_p, grads_p, _, _ = run(patched, input_ids, probe)
+    assert_close_relative(logits_p, logits_e, 1e-5, "model output")
+    for name, grad in grads_e.items():
+        assert_close_relative(grads_p[name], grad, 1e-5, f"gradient of {name}")
 
 
 def test_expert_parallel_sentinels_contribute_nothing():

@@ -10,11 +10,16 @@ parameters for one router class, plus how it computes its logits and which dtype
 its weights in; the patched forward keeps the logits computation exactly as it was, because
 transformers records them for the load-balancing loss.
 
-Classes whose math differs (a different epsilon, a bias added in logit space, a sparsemixer,
-an MLP router, a bias passed in by the block, a scale applied outside the router) have no
-rule and are left alone. ``patch`` also checks every rule against the original forward on
-random weights before using it (``verify_rule``), so a future change of a router class makes
-the patch decline rather than compute something else.
+An epsilon of 1e-20 added to the sum of the k selected scores, or left out, changes no
+float32 weight unless that sum is below about 1e-12 (all k scores vanishingly small), so
+rules ignore that difference. Classes whose math differs (a larger epsilon, such as LFM2's
+1e-6, a bias added in logit space, a sparsemixer, an MLP router, scores in the model's
+dtype, a score function other than softmax and sigmoid) have no rule and are left alone,
+and so are routers configured outside their rule's formula (a rule may require attribute
+values, e.g. DeepSeek-V2's ``topk_method="greedy"``).
+``patch`` also checks every rule against the original forward on random weights before
+using it (``verify_rule``), so a future change of a router class makes the patch decline
+rather than compute something else.
 """
 
 from __future__ import annotations
@@ -40,14 +45,19 @@ class RouterRule:
         normalize: True / False, or the name of the router's boolean attribute that decides.
         logits: how the router computes its logits: "model" (``F.linear`` in the model's
             dtype), "model_then_fp32" (the same, then ``.float()``), "fp32" (inputs and
-            weight cast to float32 first).
+            weight cast to float32 first), "weight_dtype" (inputs cast to the weight's dtype).
         weights_dtype: the dtype of the weights it returns: "float32", "logits" (its logits'
             dtype) or "hidden" (its input's dtype).
         linear_bias: whether ``F.linear`` adds the router's ``bias``.
-        expert_bias: the router attribute holding the selection-only bias, if any.
+        expert_bias: the router attribute holding the selection-only bias, if any (a dotted
+            path for a submodule's attribute; its values are read flat, as ``[E]``).
+        expert_bias_argument: whether the MoE block passes that bias to the router's forward
+            as its second argument instead.
         groups: whether the router limits selection to ``topk_group`` of ``num_group``
             groups (attributes of those names).
         scale: the router attribute holding the factor applied to the weights, if any.
+        conditions: ``(attribute, value)`` pairs the router must have for this formula to be
+            its math (options of the router that the rule does not express).
     """
 
     score: str
@@ -56,8 +66,10 @@ class RouterRule:
     weights_dtype: str
     linear_bias: bool = False
     expert_bias: str | None = None
+    expert_bias_argument: bool = False
     groups: bool = False
     scale: str | None = None
+    conditions: tuple[tuple[str, object], ...] = ()
 
 
 # softmax, top-k, always renormalised, float32 weights.
@@ -78,6 +90,20 @@ _DEEPSEEK_V3 = RouterRule(
 )
 # Top-k on the logits, then softmax over the k selected: the renormalised softmax top-k.
 _GRANITE = RouterRule("softmax", True, "model_then_fp32", "hidden")
+# MiniMax-M3-VL: sigmoid scores of logits computed in the weight's dtype, the
+# router's selection bias, always renormalised. (MiniMax-M2: the same, its block passing
+# the bias.)
+_MINIMAX_M3 = RouterRule("sigmoid", True, "weight_dtype", "float32", expert_bias="e_score_correction_bias")
+# DeepSeek-V2 "greedy": float32 softmax, top-k, no renormalisation, scale. (Its
+# "group_limited_greedy" scores a group by its best expert, which topk_gating does not.)
+_DEEPSEEK_V2 = RouterRule(
+    "softmax",
+    False,
+    "fp32",
+    "float32",
+    scale="routed_scaling_factor",
+    conditions=(("topk_method", "greedy"),),
+)
 
 RULES: dict[str, RouterRule] = {
     "MixtralTopKRouter": _MIXTRAL,
@@ -118,33 +144,108 @@ RULES: dict[str, RouterRule] = {
     "HYV4VLTopkRouter": _DEEPSEEK_V3,
     "KimiLinearTopkRouter": _DEEPSEEK_V3,
     "NemotronHTopkRouter": _DEEPSEEK_V3,
+    "BeamTopKRouter": RouterRule(
+        "sigmoid",
+        "norm_topk_prob",
+        "fp32",
+        "float32",
+        expert_bias="e_score_correction_bias",
+        groups=True,
+    ),
+    # AXK2 fills the scores of excluded groups with 0 rather than excluding them, which
+    # differs once a bias makes keys negative: only its group-free form has a rule.
+    "AXK2TopkRouter": RouterRule(
+        "sigmoid",
+        "norm_topk_prob",
+        "fp32",
+        "float32",
+        expert_bias="e_score_correction_bias",
+        scale="routed_scaling_factor",
+        conditions=(("num_group", None),),
+    ),
+    "MistralLarge4TextTopkRouter": RouterRule(
+        "softmax", True, "fp32", "float32", groups=True, scale="routed_scaling_factor"
+    ),
+    "MiniMaxM2TopKRouter": RouterRule("sigmoid", True, "weight_dtype", "float32", expert_bias_argument=True),
+    "MiniMaxM3VLTopKRouter": _MINIMAX_M3,
+    "HYV3TopKRouter": RouterRule(
+        "sigmoid", True, "fp32", "float32", expert_bias_argument=True, scale="router_scaling_factor"
+    ),
+    "FlintTopKRouter": RouterRule("sigmoid", "norm_topk_prob", "fp32", "float32"),
+    "LaraMiniTopKRouter": RouterRule("softmax", "norm_topk_prob", "fp32", "hidden"),
+    "Ernie4_5_MoeTopKRouter": RouterRule(
+        "softmax", True, "fp32", "hidden", expert_bias="moe_statics.e_score_correction_bias"
+    ),
+    "LagunaTopKRouter": RouterRule(
+        "sigmoid",
+        True,
+        "model_then_fp32",
+        "hidden",
+        expert_bias="e_score_correction_bias",
+        conditions=(("router_logit_softcapping", 0.0),),
+    ),
+    # Top-k on the logits, then softmax over the k selected; its sigmoid option computes
+    # the scores in the model's dtype.
+    "Cohere2MoeTopKRouter": RouterRule(
+        "softmax", True, "model", "hidden", conditions=(("expert_selection_fn", "softmax"),)
+    ),
+    "DeepseekV2TopkRouter": _DEEPSEEK_V2,
+    "DeepseekOcr2TextTopkRouter": _DEEPSEEK_V2,
+    "UnlimitedOcrTextTopkRouter": _DEEPSEEK_V2,
 }
+
+
+def unmet_condition(router: Any, rule: RouterRule) -> str | None:
+    """Which of ``rule.conditions`` the router does not meet (None: all met)."""
+    for attribute, value in rule.conditions:
+        actual = getattr(router, attribute, None)
+        if actual != value:
+            return f"its rule needs {attribute} = {value!r}, the router has {actual!r}"
+    return None
+
+
+def _attribute(module: Any, path: str) -> Any:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
 
 
 def _router_logits(router: Any, x: Tensor, rule: RouterRule) -> Tensor:
     bias = router.bias if rule.linear_bias else None
     if rule.logits == "fp32":
         return F.linear(x.float(), router.weight.float(), None if bias is None else bias.float())
+    if rule.logits == "weight_dtype":
+        x = x.to(router.weight.dtype)
     logits = F.linear(x, router.weight, bias)
     return logits.float() if rule.logits == "model_then_fp32" else logits
 
 
 def make_forward(rule: RouterRule) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
-    """The replacement ``forward(hidden_states) -> (logits, weights, indices)`` for ``rule``."""
+    """The replacement ``forward(hidden_states) -> (logits, weights, indices)`` for ``rule``
+    (``forward(hidden_states, expert_bias)`` where the block passes the bias)."""
 
-    def forward(self: Any, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self: Any, hidden_states: Tensor, expert_bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         x = hidden_states.reshape(-1, self.weight.shape[1])
         logits = _router_logits(self, x, rule)
         normalize = (
             rule.normalize if isinstance(rule.normalize, bool) else bool(getattr(self, rule.normalize))
         )
-        expert_bias = getattr(self, rule.expert_bias) if rule.expert_bias else None
+        if rule.expert_bias_argument:
+            if expert_bias is None:
+                raise TypeError(
+                    f"{type(self).__name__}.forward: expected the selection bias as its second "
+                    "argument (the MoE block passes it), got None"
+                )
+        elif rule.expert_bias:
+            expert_bias = _attribute(self, rule.expert_bias)
         weights, experts = topk_gating(
             logits,
             self.top_k,
             score=rule.score,
             normalize=normalize,
-            expert_bias=None if expert_bias is None else expert_bias.float(),
+            expert_bias=None if expert_bias is None else expert_bias.float().reshape(-1),
             num_groups=self.num_group if rule.groups else None,
             topk_groups=self.topk_group if rule.groups else None,
             scale=float(getattr(self, rule.scale)) if rule.scale else 1.0,
@@ -173,11 +274,17 @@ def verify_rule(router: torch.nn.Module, rule: RouterRule, original: Callable[..
                 std = weight.shape[1] ** -0.5 if tensor.dim() > 1 else 0.1
                 tensor.copy_(torch.randn(tensor.shape, generator=generator, device=tensor.device) * std)
         x = torch.randn(64, weight.shape[1], generator=generator, device=weight.device)
+        # (A bias passed by the block: random, like the router's own buffers.)
+        extra = (
+            (torch.randn(weight.shape[0], generator=generator, device=weight.device) * 0.1,)
+            if rule.expert_bias_argument
+            else ()
+        )
         try:
-            expected = original(probe, x)
+            expected = original(probe, x, *extra)
         except Exception as error:  # the original forward needs something this probe lacks
             return f"its forward failed on a probe input ({type(error).__name__}: {error})"
-        actual = make_forward(rule)(probe, x)
+        actual = make_forward(rule)(probe, x, *extra)
     if not (isinstance(expected, tuple) and len(expected) == 3):
         return "its forward does not return (logits, weights, indices)"
     logits, weights, experts = expected

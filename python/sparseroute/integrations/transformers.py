@@ -197,7 +197,7 @@ def patch(model: torch.nn.Module, *, routers: bool = True, verify: bool = True) 
     """
     import warnings
 
-    from sparseroute.integrations.routers import RULES, make_forward, verify_rule
+    from sparseroute.integrations.routers import RULES, make_forward, unmet_condition, verify_rule
 
     experts_modules = [m for m in model.modules() if _is_experts_module(m)]
     if not experts_modules:
@@ -221,6 +221,10 @@ def patch(model: torch.nn.Module, *, routers: bool = True, verify: bool = True) 
                 declined.setdefault(cls.__name__, f"no rule for this router class (at {name})")
                 continue
             if getattr(router, _ROUTER_FLAG, None) is rule:
+                continue
+            unmet = unmet_condition(router, rule)
+            if unmet is not None:
+                declined.setdefault(cls.__name__, f"{unmet} (at {name})")
                 continue
             if verify:
                 if cls not in verified:
