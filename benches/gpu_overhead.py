@@ -56,11 +56,11 @@ def main() -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     logits = torch.randn(16384, 64, device=device, dtype=torch.bfloat16)
     trained = logits.detach().clone().requires_grad_()
-    op_args = (logits, 8, "softmax", True, None, None, None, 1.0)
+    op_args = (logits, 8, "softmax", True, None, None, None, 2, 1.0)
     module = _cuda.load_module(device.index, "gating.cu", torch.bfloat16)
     errors = _cuda.error_counters(device.index)
     # sr_topk_gating_warp's arguments for T = 0: a launch that does no work.
-    empty_args = (_cuda.pointer(logits), 0, 64, 8, 0, 1, 0, 0, 0, 0, 1.0, 0, 0, _cuda.pointer(errors))
+    empty_args = (_cuda.pointer(logits), 0, 64, 8, 0, 1, 0, 0, 0, 2, 0, 1.0, 0, 0, _cuda.pointer(errors))
     # The same through a CuPy RawKernel (the launch route before sparseroute's own), whose
     # arguments must be numpy scalars of explicit widths.
     cupy = _cuda.cupy_module()
@@ -97,7 +97,7 @@ def main() -> int:
             lambda: _cuda_ops.topk_gating_cuda(*op_args), calls
         ),
         "_cuda.launcher context alone": host_us(launcher_only, calls),
-        "one launch through the launcher (14 arguments)": host_us(one_launch, calls),
+        "one launch through the launcher (15 arguments)": host_us(one_launch, calls),
         "one CuPy RawKernel launch (the route before)": host_us(cupy_launch, calls),
         "two torch.empty outputs": host_us(allocations, calls),
         "torch.softmax (one torch op, for scale)": host_us(lambda: torch.softmax(logits, -1), calls),

@@ -35,7 +35,7 @@ def gating_gradient_bad_expert_ids(device, counted: Counted, score: str, normali
     gradient is the CPU's for the same ids with -1 there (the CPU raises instead)."""
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(5, 6, generator=g)
-    _, experts = ops.topk_gating(logits, 3, score, normalize, None, None, None, 1.0)
+    _, experts = ops.topk_gating(logits, 3, score, normalize, None, None, None, 2, 1.0)
     grad_weights = torch.randn(5, 3, generator=g)
     bad = experts.clone()
     bad[1, 0], bad[1, 2], bad[3, 1] = 6, -4, 99

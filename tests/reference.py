@@ -26,6 +26,7 @@ def topk_gating_reference(
     expert_bias: Tensor | None = None,
     num_groups: int | None = None,
     topk_groups: int | None = None,
+    group_score_k: int = 2,
     scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable with respect to ``logits`` (through the weights)."""
@@ -44,7 +45,11 @@ def topk_gating_reference(
     if num_groups is not None:
         group_size = num_experts // num_groups
         grouped = keys.view(num_tokens, num_groups, group_size)
-        group_scores = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)
+        best_keys = grouped.topk(min(group_score_k, group_size), dim=-1).values
+        # Added best first from zero, one at a time (torch's sum may pair them otherwise).
+        group_scores = torch.zeros_like(best_keys[..., 0])
+        for i in range(best_keys.shape[-1]):
+            group_scores = group_scores + best_keys[..., i]
         best_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
         allowed = torch.zeros(num_tokens, num_groups, dtype=torch.bool)
         allowed.scatter_(1, best_groups, True)

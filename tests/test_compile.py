@@ -15,10 +15,11 @@ def gating_args():
     logits = torch.randn(9, 12, generator=g, requires_grad=True)
     bias = torch.randn(12, generator=g) * 0.1
     return [
-        (logits, 3, "softmax", True, None, None, None, 1.0),
-        (logits, 4, "sigmoid", True, bias, 4, 2, 2.5),
-        (logits.detach().double().requires_grad_(), 2, "softmax", False, None, None, None, 1.0),
-        (torch.randn(0, 5, requires_grad=True), 2, "softmax", True, None, None, None, 1.0),
+        (logits, 3, "softmax", True, None, None, None, 2, 1.0),
+        (logits, 4, "sigmoid", True, bias, 4, 2, 2, 2.5),
+        (logits, 4, "softmax", False, None, 4, 2, 1, 2.5),
+        (logits.detach().double().requires_grad_(), 2, "softmax", False, None, None, None, 2, 1.0),
+        (torch.randn(0, 5, requires_grad=True), 2, "softmax", True, None, None, None, 2, 1.0),
     ]
 
 

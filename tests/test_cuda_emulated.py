@@ -14,6 +14,7 @@ import torch
 import invalid_input_cases
 from cuda_emulation import compiler, emulated_cuda
 from sparseroute import _cuda_ops
+from sparseroute.ops._bridge import accumulator_dtype
 
 from kernel_inputs import balance_logits, balance_tolerance, random_logits, tie_heavy_logits
 from reference import WEIGHT_TOLERANCE, permute_reference, topk_gating_reference, unpermute_reference
@@ -31,9 +32,17 @@ def gpu(monkeypatch):
 
 
 def gating_args(
-    logits, k, score="softmax", normalize=True, bias=None, groups=None, topk_groups=None, scale=1.0
+    logits,
+    k,
+    score="softmax",
+    normalize=True,
+    bias=None,
+    groups=None,
+    topk_groups=None,
+    scale=1.0,
+    group_score_k=2,
 ):
-    return (logits, k, score, normalize, bias, groups, topk_groups, scale)
+    return (logits, k, score, normalize, bias, groups, topk_groups, group_score_k, scale)
 
 
 def assert_weights_close(actual, expected, dtype):
@@ -110,18 +119,22 @@ def test_gating_lane_teams_route_as_the_cpu(
     ("num_experts", "groups", "topk_groups", "k"), [(12, 4, 2, 3), (64, 8, 3, 8), (640, 8, 4, 8)]
 )
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_bias_and_group_limit(gpu, dtype, num_experts, groups, topk_groups, k, score):
+@pytest.mark.parametrize("group_score_k", [1, 2, 3])
+def test_bias_and_group_limit(gpu, dtype, num_experts, groups, topk_groups, k, score, group_score_k):
+    """Groups scored by their best one, two or three keys (three: one pass per key, and all
+    of a three-expert group), with and without a bias."""
     logits = tie_heavy_logits(7, num_experts, dtype, seed=groups)
     g = torch.Generator().manual_seed(k)
     # One bias class (a multiple of 10) per group: no near-ties between groups (see test_gating).
     bias = (torch.randint(0, 3, (groups,), generator=g).double() * 10).repeat_interleave(
         num_experts // groups
     )
-    args = gating_args(logits, k, score, True, bias.to(dtype), groups, topk_groups, 1.5)
-    weights, experts = _cuda_ops.topk_gating_cuda(*args)
-    cpu_weights, cpu_experts = ops.topk_gating(*args)
-    assert torch.equal(experts, cpu_experts)
-    assert_weights_close(weights, cpu_weights, dtype)
+    for expert_bias in (bias.to(dtype), None):
+        args = gating_args(logits, k, score, True, expert_bias, groups, topk_groups, 1.5, group_score_k)
+        weights, experts = _cuda_ops.topk_gating_cuda(*args)
+        cpu_weights, cpu_experts = ops.topk_gating(*args)
+        assert torch.equal(experts, cpu_experts)
+        assert_weights_close(weights, cpu_weights, dtype)
 
 
 def test_deepseek_v3_style_routing(gpu):
@@ -158,9 +171,9 @@ def test_gating_backward_matches_the_cpu_kernel(gpu, dtype, num_experts, score, 
     g = torch.Generator().manual_seed(num_experts)
     logits = torch.randn(5, num_experts, generator=g).to(dtype)
     k = 3
-    _, experts = ops.topk_gating(logits, k, score, normalize, None, None, None, 1.0)
+    _, experts = ops.topk_gating(logits, k, score, normalize, None, None, None, 2, 1.0)
     experts[2, 1] = -1  # an empty slot (top-p layouts have them)
-    grad_weights = torch.randn(5, k, generator=g, dtype=torch.float64).to(_cuda_ops._accumulator(dtype))
+    grad_weights = torch.randn(5, k, generator=g, dtype=torch.float64).to(accumulator_dtype(dtype))
     args = (logits, experts, grad_weights, score, normalize, 1.7)
     grad = _cuda_ops.topk_gating_backward_cuda(*args)
     cpu_grad = ops.topk_gating_backward(*args)
@@ -364,7 +377,7 @@ def test_row_kernels_match_the_cpu_kernels_bit_for_bit(gpu, dtype, row_len):
         x, experts, num_experts, num_tokens * k, None, None, False
     )
     y_sorted = torch.randn(num_tokens * k, row_len, generator=g).to(dtype)
-    weights = torch.rand(num_tokens, k, generator=g, dtype=torch.float64).to(_cuda_ops._accumulator(dtype))
+    weights = torch.rand(num_tokens, k, generator=g, dtype=torch.float64).to(accumulator_dtype(dtype))
     for w in (None, weights):
         combined = _cuda_ops.unpermute_cuda(y_sorted, slot_to_row, row_to_slot, w)
         assert torch.equal(combined, ops.unpermute(y_sorted, slot_to_row, row_to_slot, w))
@@ -419,7 +432,7 @@ def test_token_row_kernels_match_the_cpu_kernels_bit_for_bit(gpu, dtype, batch, 
     indices = token_indices(batch, seq_len, capacity, seed=row_len)
     x = torch.randn(batch, seq_len, row_len, generator=g).to(dtype)
     y = torch.randn(batch, capacity, row_len, generator=g).to(dtype)
-    gate = torch.rand(batch, seq_len, generator=g, dtype=torch.float64).to(_cuda_ops._accumulator(dtype))
+    gate = torch.rand(batch, seq_len, generator=g, dtype=torch.float64).to(accumulator_dtype(dtype))
     for scale in (None, gate):
         rows = _cuda_ops.gather_tokens_cuda(x, indices, scale)
         assert torch.equal(rows, ops.gather_tokens(x, indices, scale))
@@ -448,7 +461,7 @@ def test_gated_scatter_without_a_base_keeps_the_sign_of_a_zero(gpu, dtype, row_l
     """gate * y with no base is the product alone, as on the CPU: adding a zero base would
     turn a -0.0 product into +0.0 (torch.equal does not tell them apart; the bits do)."""
     y = torch.full((1, 1, row_len), -1.0, dtype=dtype)
-    gate = torch.zeros(1, 1, dtype=_cuda_ops._accumulator(dtype))
+    gate = torch.zeros(1, 1, dtype=accumulator_dtype(dtype))
     indices = torch.tensor([[0]])
     out = _cuda_ops.scatter_tokens_cuda(None, y, indices, gate, 1)
     cpu = ops.scatter_tokens(None, y, indices, gate, 1)

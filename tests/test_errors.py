@@ -51,6 +51,11 @@ def raises(exc, pattern):
             "topk_groups: expected 1 <= topk_groups <= 4",
         ),
         (
+            lambda: sparseroute.topk_gating(LOGITS, 2, num_groups=4, topk_groups=2, group_score_k=0),
+            ValueError,
+            "group_score_k: expected 1 <= group_score_k, got 0",
+        ),
+        (
             lambda: sparseroute.topk_gating(LOGITS, 5, num_groups=4, topk_groups=2),
             ValueError,
             "k: expected at most topk_groups * E / num_groups = 4 experts",

@@ -31,6 +31,7 @@ def gating_cases(draw):
         min_groups = -(-k // group_size)
         options["num_groups"] = num_groups
         options["topk_groups"] = draw(st.integers(min_groups, num_groups))
+        options["group_score_k"] = draw(st.integers(1, 4))
     if draw(st.booleans()):
         # Multiples of 10: a bias class never ties with another (scores lie in [0, 1]).
         # With groups, one bias per group: otherwise two groups can hold the same keys

@@ -22,6 +22,7 @@ def per_token_reference(layer: SparseMoE, x: torch.Tensor) -> torch.Tensor:
         expert_bias=layer.expert_bias,
         num_groups=layer.num_groups,
         topk_groups=layer.topk_groups,
+        group_score_k=layer.group_score_k,
         scale=layer.scale,
     )
     rows = []
@@ -43,6 +44,7 @@ def per_token_reference(layer: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     [
         dict(),
         dict(score="sigmoid", expert_bias=True, num_groups=4, topk_groups=2, scale=2.5),
+        dict(num_groups=4, topk_groups=2, group_score_k=1),
         dict(gated=False, normalize=False),
         dict(shared_expert_size=12),
     ],

@@ -88,7 +88,25 @@ def eager_rounding_variants(eager: torch.nn.Module, input_ids: torch.Tensor, pro
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_patched_model_matches_eager(family):
-    eager = build(family)
+    assert_patched_matches_eager(family)
+
+
+#: Router options that select another rule of the same class: (family, config values).
+RULE_VARIANTS = [
+    # DeepSeek-V2's group-limited greedy routing: groups scored by their best expert.
+    ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2)),
+]
+
+
+@pytest.mark.parametrize(("family", "config"), RULE_VARIANTS, ids=[f for f, _ in RULE_VARIANTS])
+def test_patched_variant_matches_eager(family, config):
+    assert_patched_matches_eager(family, config)
+
+
+def assert_patched_matches_eager(family: str, config: dict | None = None) -> None:
+    """Patch a tiny ``family`` model (``config``: values over its tiny configuration) and
+    compare it with eager: outputs and gradients, routers' logits, experts and dtypes."""
+    eager = build(family, config=config)
     patched = copy.deepcopy(eager)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -226,8 +244,6 @@ def test_a_rule_that_does_not_match_is_declined(monkeypatch):
 @pytest.mark.parametrize(
     ("family", "config", "needs"),
     [
-        # DeepSeek-V2 scores a group by its best expert: not topk_gating's group score.
-        ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1), "topk_method"),
         # Cohere2-MoE's sigmoid option computes scores in the model's dtype.
         ("cohere2_moe", dict(expert_selection_fn="sigmoid"), "expert_selection_fn"),
         ("laguna", dict(moe_router_logit_softcapping=30.0), "router_logit_softcapping"),

@@ -70,6 +70,7 @@ def topk_gating(
     expert_bias: npt.NDArray[np.floating] | None,
     num_groups: int | None,
     topk_groups: int | None,
+    group_score_k: int,
     scale: float,
     threads: int,
 ) -> None: ...

@@ -169,6 +169,7 @@ def topk_gating_cuda(
     expert_bias: Tensor | None,
     num_groups: int | None,
     topk_groups: int | None,
+    group_score_k: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     dtype = _check_logits(logits)
@@ -193,6 +194,8 @@ def topk_gating_cuda(
         reachable = topk_groups * (num_experts // num_groups)
         if k > reachable:
             raise _invalid("k", f"at most topk_groups * E / num_groups = {reachable} experts", f"k = {k}")
+        if group_score_k < 1:
+            raise _invalid("group_score_k", "at least 1", group_score_k)
         groups, kept_groups = num_groups, topk_groups
     acc = accumulator_dtype(dtype)
     device = logits.device
@@ -250,6 +253,7 @@ def topk_gating_cuda(
                 pointer(bias),
                 groups,
                 kept_groups,
+                group_score_k,
                 pointer(group_scores),
                 scale,
                 pointer(weights),

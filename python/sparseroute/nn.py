@@ -61,8 +61,8 @@ class SparseMoE(nn.Module):
         ffn_size: F, the hidden width of each expert.
         num_experts: E.
         k: experts per token.
-        score, normalize, num_groups, topk_groups, scale: router options, as in
-            ``topk_gating``.
+        score, normalize, num_groups, topk_groups, group_score_k, scale: router options, as
+            in ``topk_gating``.
         expert_bias: keep a float32 ``[E]`` buffer ``expert_bias`` (zeros) added to the scores
             for selection only (auxiliary-loss-free balancing, as in DeepSeek-V3); update it
             between steps.
@@ -95,6 +95,7 @@ class SparseMoE(nn.Module):
         normalize: bool = True,
         num_groups: int | None = None,
         topk_groups: int | None = None,
+        group_score_k: int = 2,
         scale: float = 1.0,
         expert_bias: bool = False,
         activation: str = "silu",
@@ -133,7 +134,7 @@ class SparseMoE(nn.Module):
         self.pad_to_capacity, self.renormalize_after_drop = pad_to_capacity, renormalize_after_drop
         self.hidden_size, self.ffn_size, self.num_experts, self.k = hidden_size, ffn_size, num_experts, k
         self.score, self.normalize, self.scale = score, normalize, scale
-        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_groups, self.topk_groups, self.group_score_k = num_groups, topk_groups, group_score_k
         self.activation, self.gated = activation, gated
         self.router = nn.Linear(hidden_size, num_experts, bias=False, dtype=dtype, device=device)
         up_size = 2 * ffn_size if gated else ffn_size
@@ -194,6 +195,7 @@ class SparseMoE(nn.Module):
             expert_bias=self.expert_bias,
             num_groups=self.num_groups,
             topk_groups=self.topk_groups,
+            group_score_k=self.group_score_k,
             scale=self.scale,
         )
         capacity = None

@@ -93,6 +93,27 @@ def test_bias_and_group_limit(dtype, num_experts, num_groups, topk_groups, k, sc
     assert_same_routing(gpu, cpu, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_experts", "num_groups", "topk_groups", "k"), [(12, 4, 2, 3), (256, 8, 4, 8)])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("group_score_k", [1, 3])
+def test_groups_scored_by_one_or_three_keys(
+    dtype, num_experts, num_groups, topk_groups, k, score, group_score_k
+):
+    """A group's score from its best key (DeepSeek-V2's group-limited greedy routing) or its
+    three best (one pass per key in the kernel; all of a three-expert group)."""
+    logits = tie_heavy_logits(29, num_experts, dtype, seed=num_groups + k + group_score_k)
+    options = {
+        "score": score,
+        "num_groups": num_groups,
+        "topk_groups": topk_groups,
+        "group_score_k": group_score_k,
+        "expert_bias": group_bias(num_experts, num_groups, seed=k).cuda(),
+    }
+    gpu, cpu = route_both(logits, k, **options)
+    assert_same_routing(gpu, cpu, dtype)
+
+
 def test_bias_without_groups():
     logits = tie_heavy_logits(50, 64, torch.float32, seed=4)
     bias = (torch.arange(64) % 3).float() * 10

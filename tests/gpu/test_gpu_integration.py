@@ -20,12 +20,15 @@ def gating_args():
     logits = torch.randn(9, 12, generator=g).cuda().requires_grad_()
     bias = (torch.randn(12, generator=g) * 0.1).cuda()
     return [
-        (logits, 3, "softmax", True, None, None, None, 1.0),
-        (logits, 4, "sigmoid", True, bias, 4, 2, 2.5),
-        (logits.detach().double().requires_grad_(), 2, "softmax", False, None, None, None, 1.0),
-        (logits.detach().bfloat16().requires_grad_(), 2, "sigmoid", False, None, None, None, 1.0),
-        (torch.randn(0, 5, device="cuda", requires_grad=True), 2, "softmax", True, None, None, None, 1.0),
-        (torch.randn(7, 700, device="cuda", requires_grad=True), 5, "softmax", True, None, None, None, 1.0),
+        (logits, 3, "softmax", True, None, None, None, 2, 1.0),
+        (logits, 4, "sigmoid", True, bias, 4, 2, 2, 2.5),
+        (logits.detach().double().requires_grad_(), 2, "softmax", False, None, None, None, 2, 1.0),
+        (logits.detach().bfloat16().requires_grad_(), 2, "sigmoid", False, None, None, None, 2, 1.0),
+        (torch.randn(0, 5, device="cuda", requires_grad=True), 2, "softmax", True, None, None, None, 2, 1.0),
+        (
+            torch.randn(7, 700, device="cuda", requires_grad=True),
+            *(5, "softmax", True, None, None, None, 2, 1.0),
+        ),
     ]
 
 

@@ -31,6 +31,7 @@ struct GatingArgs {
   const acc_t* bias;  // [E] or null
   int num_groups;     // 0: no group limit
   int topk_groups;
+  int group_score_k;  // how many of a group's best keys sum to its score
   acc_t* group_scores;  // [T, num_groups] workspace (only with a group limit)
   acc_t scale;
   acc_t* weights;  // [T, k]
@@ -103,26 +104,55 @@ __device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& s
     return a.bias != nullptr ? add_rn(s, a.bias[e]) : s;
   };
 
-  // Group limit: group scores (sum of the two best keys), then the topk_groups-th best group.
+  // Group limit: group scores (the sum of a group's group_score_k best keys, all of them in a
+  // smaller group, added best first from zero), then the topk_groups-th best group.
   const int group_size = a.num_groups > 0 ? num_experts / a.num_groups : num_experts;
   acc_t* group_scores = a.group_scores + t * static_cast<i64>(a.num_groups > 0 ? a.num_groups : 0);
   acc_t group_key = neg_infinity<acc_t>();
   int group_index = 0;
   if (a.num_groups > 0) {
+    const int summed = a.group_score_k < group_size ? a.group_score_k : group_size;
     for (int g = lane; g < a.num_groups; g += NT) {
-      acc_t best = neg_infinity<acc_t>();
-      acc_t second = neg_infinity<acc_t>();
-      for (int i = 0; i < group_size; ++i) {
-        const acc_t key = key_of(g * group_size + i);
-        if (key > best) {
-          second = best;
-          best = key;
-        } else if (key > second) {
-          second = key;
+      const int first = g * group_size;
+      acc_t sum = acc_t(0);
+      if (summed <= 2) {
+        // The one or two best keys, in one pass.
+        acc_t best = neg_infinity<acc_t>();
+        acc_t second = neg_infinity<acc_t>();
+        for (int i = 0; i < group_size; ++i) {
+          const acc_t key = key_of(first + i);
+          if (key > best) {
+            second = best;
+            best = key;
+          } else if (key > second) {
+            second = key;
+          }
+        }
+        sum = add_rn(sum, best);
+        if (summed == 2) {
+          sum = add_rn(sum, second);
+        }
+      } else {
+        // More keys: one pass per key, each taking the best pair after the previous one.
+        acc_t previous_key = neg_infinity<acc_t>();
+        int previous_index = 0;
+        for (int r = 0; r < summed; ++r) {
+          acc_t best_key = neg_infinity<acc_t>();
+          int best_index = 0x7fffffff;
+          for (int e = first; e < first + group_size; ++e) {
+            const acc_t key = key_of(e);
+            const bool after_previous = r == 0 || pair_before(previous_key, previous_index, key, e);
+            if (after_previous && pair_before(key, e, best_key, best_index)) {
+              best_key = key;
+              best_index = e;
+            }
+          }
+          sum = add_rn(sum, best_key);
+          previous_key = best_key;
+          previous_index = best_index;
         }
       }
-      const acc_t first_sum = add_rn(acc_t(0), best);
-      group_scores[g] = group_size >= 2 ? add_rn(first_sum, second) : first_sum;
+      group_scores[g] = sum;
     }
     team_sync<NT>();
     for (int round = 0; round < a.topk_groups; ++round) {
@@ -690,11 +720,12 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
 
 #define SR_GATING_PARAMS                                                                        \
   const elem_t *logits, i64 num_tokens, int num_experts, int k, int sigmoid, int normalize,     \
-      const acc_t *bias, int num_groups, int topk_groups, acc_t *group_scores, double scale,    \
-      acc_t *weights, i64 *experts, int *errors
+      const acc_t *bias, int num_groups, int topk_groups, int group_score_k,                    \
+      acc_t *group_scores, double scale, acc_t *weights, i64 *experts, int *errors
 #define SR_GATING_ARGS                                                                          \
   GatingArgs{logits, num_tokens, num_experts, k, sigmoid, normalize, bias, num_groups,          \
-             topk_groups, group_scores, static_cast<acc_t>(scale), weights, experts, errors}
+             topk_groups, group_score_k, group_scores, static_cast<acc_t>(scale), weights,      \
+             experts, errors}
 
 extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_warp(SR_GATING_PARAMS) {
   __shared__ Scratch<32> scratch[4];

@@ -55,6 +55,8 @@ class RouterRule:
             as its second argument instead.
         groups: whether the router limits selection to ``topk_group`` of ``num_group``
             groups (attributes of those names).
+        group_score_k: how many of a group's best keys make its score (``topk_gating``'s
+            argument of that name).
         scale: the router attribute holding the factor applied to the weights, if any.
         conditions: ``(attribute, value)`` pairs the router must have for this formula to be
             its math (options of the router that the rule does not express).
@@ -68,6 +70,7 @@ class RouterRule:
     expert_bias: str | None = None
     expert_bias_argument: bool = False
     groups: bool = False
+    group_score_k: int = 2
     scale: str | None = None
     conditions: tuple[tuple[str, object], ...] = ()
 
@@ -94,18 +97,32 @@ _GRANITE = RouterRule("softmax", True, "model_then_fp32", "hidden")
 # router's selection bias, always renormalised. (MiniMax-M2: the same, its block passing
 # the bias.)
 _MINIMAX_M3 = RouterRule("sigmoid", True, "weight_dtype", "float32", expert_bias="e_score_correction_bias")
-# DeepSeek-V2 "greedy": float32 softmax, top-k, no renormalisation, scale. (Its
-# "group_limited_greedy" scores a group by its best expert, which topk_gating does not.)
-_DEEPSEEK_V2 = RouterRule(
-    "softmax",
-    False,
-    "fp32",
-    "float32",
-    scale="routed_scaling_factor",
-    conditions=(("topk_method", "greedy"),),
+# DeepSeek-V2: float32 softmax, top-k, no renormalisation, scale; "group_limited_greedy"
+# first keeps the topk_group groups whose best expert scores highest.
+_DEEPSEEK_V2 = (
+    RouterRule(
+        "softmax",
+        False,
+        "fp32",
+        "float32",
+        scale="routed_scaling_factor",
+        conditions=(("topk_method", "greedy"),),
+    ),
+    RouterRule(
+        "softmax",
+        False,
+        "fp32",
+        "float32",
+        groups=True,
+        group_score_k=1,
+        scale="routed_scaling_factor",
+        conditions=(("topk_method", "group_limited_greedy"),),
+    ),
 )
 
-RULES: dict[str, RouterRule] = {
+#: Each router class's rule, or rules for routers whose options select other formulas (the
+#: first whose ``conditions`` the router meets applies; see ``rule_for``).
+RULES: dict[str, RouterRule | tuple[RouterRule, ...]] = {
     "MixtralTopKRouter": _MIXTRAL,
     "MiniMaxTopKRouter": _MIXTRAL,
     "Qwen2MoeTopKRouter": _QWEN,
@@ -195,13 +212,25 @@ RULES: dict[str, RouterRule] = {
 }
 
 
-def unmet_condition(router: Any, rule: RouterRule) -> str | None:
+def _unmet_condition(router: Any, rule: RouterRule) -> str | None:
     """Which of ``rule.conditions`` the router does not meet (None: all met)."""
     for attribute, value in rule.conditions:
         actual = getattr(router, attribute, None)
         if actual != value:
-            return f"its rule needs {attribute} = {value!r}, the router has {actual!r}"
+            return f"{attribute} = {value!r}, the router has {actual!r}"
     return None
+
+
+def rule_for(router: Any, rules: RouterRule | tuple[RouterRule, ...]) -> tuple[RouterRule | None, str]:
+    """The first of ``rules`` (a class's entry in ``RULES``) whose conditions ``router``
+    meets, or None and what they need."""
+    unmet = []
+    for rule in rules if isinstance(rules, tuple) else (rules,):
+        problem = _unmet_condition(router, rule)
+        if problem is None:
+            return rule, ""
+        unmet.append(problem)
+    return None, "its rule needs " + "; or ".join(unmet)
 
 
 def _attribute(module: Any, path: str) -> Any:
@@ -248,6 +277,7 @@ def make_forward(rule: RouterRule) -> Callable[..., tuple[Tensor, Tensor, Tensor
             expert_bias=None if expert_bias is None else expert_bias.float().reshape(-1),
             num_groups=self.num_group if rule.groups else None,
             topk_groups=self.topk_group if rule.groups else None,
+            group_score_k=rule.group_score_k,
             scale=float(getattr(self, rule.scale)) if rule.scale else 1.0,
         )
         if rule.weights_dtype == "logits":

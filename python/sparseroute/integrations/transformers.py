@@ -197,7 +197,7 @@ def patch(model: torch.nn.Module, *, routers: bool = True, verify: bool = True) 
     """
     import warnings
 
-    from sparseroute.integrations.routers import RULES, make_forward, unmet_condition, verify_rule
+    from sparseroute.integrations.routers import RULES, RouterRule, make_forward, rule_for, verify_rule
 
     experts_modules = [m for m in model.modules() if _is_experts_module(m)]
     if not experts_modules:
@@ -213,23 +213,23 @@ def patch(model: torch.nn.Module, *, routers: bool = True, verify: bool = True) 
 
     if routers:
         declined: dict[str, str] = {}
-        verified: dict[type, str | None] = {}
+        verified: dict[tuple[type, RouterRule], str | None] = {}
         for name, router in _router_candidates(model).items():
             cls = type(router)
-            rule = RULES.get(cls.__name__)
-            if rule is None:
+            rules = RULES.get(cls.__name__)
+            if rules is None:
                 declined.setdefault(cls.__name__, f"no rule for this router class (at {name})")
+                continue
+            rule, unmet = rule_for(router, rules)
+            if rule is None:
+                declined.setdefault(cls.__name__, f"{unmet} (at {name})")
                 continue
             if getattr(router, _ROUTER_FLAG, None) is rule:
                 continue
-            unmet = unmet_condition(router, rule)
-            if unmet is not None:
-                declined.setdefault(cls.__name__, f"{unmet} (at {name})")
-                continue
             if verify:
-                if cls not in verified:
-                    verified[cls] = verify_rule(router, rule, cls.forward)
-                problem = verified[cls]
+                if (cls, rule) not in verified:
+                    verified[cls, rule] = verify_rule(router, rule, cls.forward)
+                problem = verified[cls, rule]
                 if problem is not None:
                     declined.setdefault(cls.__name__, f"its rule does not match the original: {problem}")
                     continue

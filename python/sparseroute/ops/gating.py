@@ -30,6 +30,7 @@ def _topk_gating_op(
     expert_bias: Tensor | None,
     num_groups: int | None,
     topk_groups: int | None,
+    group_score_k: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     logits = logits.contiguous()
@@ -46,6 +47,7 @@ def _topk_gating_op(
         None if expert_bias is None else numpy_view(expert_bias.contiguous()),
         num_groups,
         topk_groups,
+        group_score_k,
         scale,
         get_num_threads(),
     )
@@ -61,6 +63,7 @@ def _(
     expert_bias: Tensor | None,
     num_groups: int | None,
     topk_groups: int | None,
+    group_score_k: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     num_tokens = logits.shape[0]
@@ -96,7 +99,7 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-    logits, _k, score, normalize, _bias, _groups, _topk_groups, scale = inputs
+    logits, _k, score, normalize, _bias, _groups, _topk_groups, _group_score_k, scale = inputs
     _weights, experts = output
     ctx.save_for_backward(logits, experts)
     ctx.score, ctx.normalize, ctx.scale = score, normalize, scale
@@ -107,7 +110,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
 
 def _backward(ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor | None) -> tuple[Any, ...]:
     if grad_weights is None:
-        return (None,) * 8
+        return (None,) * 9
     logits, experts = ctx.saved_tensors
     grad_logits = _eager.call(
         "topk_gating_backward",
@@ -118,7 +121,7 @@ def _backward(ctx: Any, grad_weights: Tensor | None, _grad_experts: Tensor | Non
         ctx.normalize,
         ctx.scale,
     )
-    return grad_logits, None, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None, None
 
 
 _eager.register_autograd(_topk_gating_op, _backward, setup_context=_setup_context)
@@ -133,6 +136,7 @@ def topk_gating(
     expert_bias: Tensor | None = None,
     num_groups: int | None = None,
     topk_groups: int | None = None,
+    group_score_k: int = 2,
     scale: float = 1.0,
     jitter_eps: float = 0.0,
     gumbel_noise: bool = False,
@@ -150,9 +154,13 @@ def topk_gating(
         expert_bias: ``[E]`` added to the scores for *selection only* (DeepSeek-V3's
             auxiliary-loss-free balancing); the weights stay unbiased. No gradient.
         num_groups, topk_groups: group-limited routing. The experts form ``num_groups``
-            equal consecutive groups; a group scores the sum of its two best selection
-            scores (its one score when a group has a single expert); only the
-            ``topk_groups`` best groups compete. Give both or neither.
+            equal consecutive groups; a group scores the sum of its ``group_score_k`` best
+            selection scores (all of them when it has fewer); only the ``topk_groups`` best
+            groups compete. Give both or neither.
+        group_score_k: how many of a group's best selection scores make its score: 2
+            (DeepSeek-V3, and vLLM's and SGLang's grouped top-k with a bias), 1 (the best
+            one: DeepSeek-V2's ``group_limited_greedy``, vLLM's and SGLang's without a
+            bias), or ``k // topk_groups`` (Megatron-Core). Used only with groups.
         scale: multiplies the weights after normalisation (``routed_scaling_factor``).
         jitter_eps: exploration noise: multiply the logits by ``U(1 - eps, 1 + eps)``, drawn
             per element (Switch Transformers applies this to the router's input; use
@@ -204,6 +212,7 @@ def topk_gating(
                 f"num_groups: expected a divisor of the number of experts E = {num_experts}, got {num_groups}"
             )
         topk_groups = check_int(topk_groups, "topk_groups", minimum=1, maximum=num_groups)
+        group_score_k = check_int(group_score_k, "group_score_k", minimum=1)
         reachable = topk_groups * (num_experts // num_groups)
         if k > reachable:
             raise ValueError(
@@ -220,12 +229,20 @@ def topk_gating(
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
         acc = accumulator_dtype(logits.dtype)
         noisy = logits.detach().to(acc) + gumbel.to(acc)
-        _, experts = _eager.call(
-            "topk_gating", noisy, k, score, normalize, expert_bias, num_groups, topk_groups, 1.0
-        )
+        args = (k, score, normalize, expert_bias, num_groups, topk_groups, group_score_k, 1.0)
+        _, experts = _eager.call("topk_gating", noisy, *args)
         return _weights_of(logits, experts, score, normalize, float(scale)), experts
     weights, experts = _eager.call(
-        "topk_gating", logits, k, score, normalize, expert_bias, num_groups, topk_groups, float(scale)
+        "topk_gating",
+        logits,
+        k,
+        score,
+        normalize,
+        expert_bias,
+        num_groups,
+        topk_groups,
+        group_score_k,
+        float(scale),
     )
     return weights, experts
 

@@ -45,7 +45,7 @@ proptest! {
         let topk_groups = k.div_ceil(group_size).max(1).min(num_groups);
         let cfg = GatingConfig {
             num_experts: experts, k, score: ScoreFunction::Sigmoid, normalize: true,
-            groups: Some(GroupLimit { num_groups, topk_groups }), scale: 1.0,
+            groups: Some(GroupLimit { num_groups, topk_groups, score_k: 1 + tokens % 3 }), scale: 1.0,
         };
         let mut weights = vec![0.0f32; tokens * k];
         let mut ids = vec![0i64; tokens * k];

@@ -26,12 +26,14 @@ fn gating_config(
     normalize: bool,
     num_groups: Option<usize>,
     topk_groups: Option<usize>,
+    group_score_k: usize,
     scale: f64,
 ) -> PyResult<GatingConfig> {
+    let score_k = group_score_k;
     let groups = match (num_groups, topk_groups) {
         (None, None) => None,
-        (Some(num_groups), Some(topk_groups)) => Some(GroupLimit { num_groups, topk_groups }),
-        (Some(num_groups), None) => Some(GroupLimit { num_groups, topk_groups: num_groups }),
+        (Some(num_groups), Some(topk_groups)) => Some(GroupLimit { num_groups, topk_groups, score_k }),
+        (Some(num_groups), None) => Some(GroupLimit { num_groups, topk_groups: num_groups, score_k }),
         (None, Some(_)) => {
             return Err(pyo3::exceptions::PyValueError::new_err(
                 "topk_groups: requires num_groups to be given as well",
@@ -46,7 +48,7 @@ fn gating_config(
 
 /// Top-k gating forward: fills `weights` [T, k] and `experts` [T, k] from `logits` [T, E].
 #[pyfunction]
-#[pyo3(signature = (logits, weights, experts, k, score, normalize, expert_bias, num_groups, topk_groups, scale, threads))]
+#[pyo3(signature = (logits, weights, experts, k, score, normalize, expert_bias, num_groups, topk_groups, group_score_k, scale, threads))]
 pub fn topk_gating(
     py: Python<'_>,
     logits: &Bound<'_, PyAny>,
@@ -58,6 +60,7 @@ pub fn topk_gating(
     expert_bias: Option<&Bound<'_, PyAny>>,
     num_groups: Option<usize>,
     topk_groups: Option<usize>,
+    group_score_k: usize,
     scale: f64,
     threads: usize,
 ) -> PyResult<()> {
@@ -65,7 +68,7 @@ pub fn topk_gating(
         type A = <L as sparseroute_core::Element>::Acc;
         let logits = readonly::<<L as crate::arrays::Carried>::Word>(logits, "logits")?;
         let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
-        let cfg = gating_config(num_experts, k, score, normalize, num_groups, topk_groups, scale)?;
+        let cfg = gating_config(num_experts, k, score, normalize, num_groups, topk_groups, group_score_k, scale)?;
         let bias = expert_bias.map(|b| readonly::<A>(b, "expert_bias")).transpose()?;
         let mut weights = readwrite::<A>(weights, "weights")?;
         let mut experts = readwrite::<i64>(experts, "experts")?;
@@ -97,7 +100,7 @@ pub fn topk_gating_backward(
         let experts = readonly::<i64>(experts, "experts")?;
         let [num_tokens, num_experts] = shape::<_, 2>(&logits, "logits")?;
         let [_, k] = shape::<_, 2>(&experts, "experts")?;
-        let cfg = gating_config(num_experts, k, score, normalize, None, None, scale)?;
+        let cfg = gating_config(num_experts, k, score, normalize, None, None, 2, scale)?;
         let grad_weights = readonly::<A>(grad_weights, "grad_weights")?;
         let mut grad_logits = readwrite::<<L as crate::arrays::Carried>::Word>(grad_logits, "grad_logits")?;
         let logits = slice::<L>(&logits, "logits")?;

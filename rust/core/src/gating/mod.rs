@@ -7,8 +7,8 @@
 //!   itself. Both score functions are strictly increasing, so ordering by logits is the exact
 //!   order of the scores, free of the false ties that rounding the scores can create.
 //! - group limit: experts form `num_groups` equal consecutive groups; a group's score is the
-//!   sum of its two best keys (its one key when a group has one expert); only the
-//!   `topk_groups` best groups compete.
+//!   sum of its `score_k` best keys (all of them when the group has fewer), added best first
+//!   from zero; only the `topk_groups` best groups compete.
 //! - the k best keys in descending order; equal keys: lower expert index first.
 //! - weights are the unbiased scores at the chosen experts. Normalised softmax weights are
 //!   `exp(l_j - m) / sum_i exp(l_i - m)` over the chosen experts (`m` their largest logit:
@@ -53,6 +53,10 @@ impl FromStr for ScoreFunction {
 pub struct GroupLimit {
     pub num_groups: usize,
     pub topk_groups: usize,
+    /// How many of a group's best keys sum to its score: 2 for DeepSeek-V3, 1 (the best
+    /// key) for DeepSeek-V2's group-limited greedy routing, `k / topk_groups` for
+    /// Megatron-Core.
+    pub score_k: usize,
 }
 
 /// Everything that defines a top-k gating call besides its tensors.
@@ -78,7 +82,7 @@ impl GatingConfig {
         if !self.scale.is_finite() {
             return Err(CoreError::invalid("scale", "a finite number", format!("{}", self.scale)));
         }
-        if let Some(GroupLimit { num_groups, topk_groups }) = self.groups {
+        if let Some(GroupLimit { num_groups, topk_groups, score_k }) = self.groups {
             if num_groups == 0 || !e.is_multiple_of(num_groups) {
                 return Err(CoreError::invalid(
                     "num_groups",
@@ -92,6 +96,9 @@ impl GatingConfig {
                     format!("1 <= topk_groups <= num_groups = {num_groups}"),
                     format!("{topk_groups}"),
                 ));
+            }
+            if score_k == 0 {
+                return Err(CoreError::invalid("group_score_k", "at least 1", format!("{score_k}")));
             }
             let reachable = topk_groups * (e / num_groups);
             if self.k > reachable {
@@ -133,14 +140,15 @@ impl<A: Accumulator> Scratch<A> {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = avx512;
         let groups = cfg.groups.map_or(0, |g| g.num_groups);
-        let topk_groups = cfg.groups.map_or(1, |g| g.topk_groups);
+        let group_top =
+            cfg.groups.map_or(2, |g| g.topk_groups.max(g.score_k.min(cfg.num_experts / g.num_groups)));
         Scratch {
             chosen: Vec::with_capacity(cfg.k),
             lane: SingleLane { logits: Vec::with_capacity(cfg.k), weights: Vec::with_capacity(cfg.k) },
             keys: Vec::with_capacity(cfg.num_experts),
             logits: Vec::with_capacity(cfg.num_experts),
             top: TopK::new(cfg.k),
-            group_top: TopK::new(topk_groups.max(2)),
+            group_top: TopK::new(group_top),
             group_keys: Vec::with_capacity(groups),
             group_allowed: Vec::with_capacity(groups),
             #[cfg(target_arch = "x86_64")]
@@ -568,11 +576,11 @@ fn select_on_scores<L: Element>(
     }
     match cfg.groups {
         None => top.select(keys, cfg.k, |_| true),
-        Some(GroupLimit { num_groups, topk_groups }) => {
+        Some(GroupLimit { num_groups, topk_groups, score_k }) => {
             let group_size = cfg.num_experts / num_groups;
             group_keys.clear();
             for group in keys.chunks_exact(group_size) {
-                group_top.select(group, group_size.min(2), |_| true);
+                group_top.select(group, group_size.min(score_k), |_| true);
                 group_keys.push(group_top.sum());
             }
             group_top.select(group_keys, topk_groups, |_| true);
@@ -1556,8 +1564,16 @@ mod tests {
         // Groups {0,1}: top-2 sum 0.9+0.8; {2,3}: 0.99+0.01. The best single expert (2) is in
         // the losing group when only one group is kept.
         let mut c = cfg(4, 2, ScoreFunction::Sigmoid, true);
-        c.groups = Some(GroupLimit { num_groups: 2, topk_groups: 1 });
+        c.groups = Some(GroupLimit { num_groups: 2, topk_groups: 1, score_k: 2 });
         let logits: Vec<f32> = [0.9f32, 0.8, 0.99, 0.01].iter().map(|p| (p / (1.0 - p)).ln()).collect();
+        let (_, ids) = run(&logits, None, &c);
+        assert_eq!(ids, vec![0, 1]);
+        // Scored by their best key alone (score_k = 1), {2,3} wins: 0.99 > 0.9.
+        c.groups = Some(GroupLimit { num_groups: 2, topk_groups: 1, score_k: 1 });
+        let (_, ids) = run(&logits, None, &c);
+        assert_eq!(ids, vec![2, 3]);
+        // Scored by more keys than a group has: all of them, 0.9+0.8 against 0.99+0.01.
+        c.groups = Some(GroupLimit { num_groups: 2, topk_groups: 1, score_k: 5 });
         let (_, ids) = run(&logits, None, &c);
         assert_eq!(ids, vec![0, 1]);
     }
@@ -1567,8 +1583,10 @@ mod tests {
         let err = cfg(4, 5, ScoreFunction::Softmax, true).validate().unwrap_err();
         assert!(err.to_string().starts_with("k:"), "{err}");
         let mut c = cfg(6, 2, ScoreFunction::Softmax, true);
-        c.groups = Some(GroupLimit { num_groups: 4, topk_groups: 1 });
+        c.groups = Some(GroupLimit { num_groups: 4, topk_groups: 1, score_k: 2 });
         assert!(c.validate().unwrap_err().to_string().starts_with("num_groups:"));
+        c.groups = Some(GroupLimit { num_groups: 2, topk_groups: 1, score_k: 0 });
+        assert!(c.validate().unwrap_err().to_string().starts_with("group_score_k:"));
         let err = "relu".parse::<ScoreFunction>().unwrap_err();
         assert!(err.to_string().starts_with("score:"));
     }
