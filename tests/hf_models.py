@@ -366,6 +366,16 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         "Ernie4_5_MoeForCausalLM",
         dict(moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0),
     ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        dict(num_experts=8, moe_topk=2, num_shared_expert=1, moe_intermediate_size=32),
+    ),
+    "afmoe": (
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        dict(num_experts=8, **TOP2, num_shared_experts=1, num_dense_layers=0, route_scale=2.5),
+    ),
     "cohere2_moe": (
         "Cohere2MoeConfig",
         "Cohere2MoeForCausalLM",

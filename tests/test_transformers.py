@@ -17,17 +17,18 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 
 import sparseroute  # noqa: E402
 from sparseroute.integrations.routers import RULES  # noqa: E402
-from sparseroute.integrations.transformers import _ROUTER_FLAG, experts_forward  # noqa: E402
+from sparseroute.integrations.transformers import (  # noqa: E402
+    _ROUTER_FLAG,
+    _router_candidates,
+    experts_forward,
+)
 
 from hf_models import FAMILIES, build  # noqa: E402
 
 
 def routers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if type(module).__name__.endswith(("Router", "TopkRouter")) and hasattr(module, "weight")
-    }
+    """The routers of the model's MoE blocks (as patch finds them)."""
+    return _router_candidates(model)
 
 
 def run(model: torch.nn.Module, input_ids: torch.Tensor, probe: torch.Tensor | None = None):
@@ -158,7 +159,18 @@ def assert_patched_matches_eager(family: str, config: dict | None = None) -> Non
 
 
 @pytest.mark.parametrize(
-    "family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "minimax_m2", "ernie4_5_moe", "laguna"]
+    "family",
+    [
+        "mixtral",
+        "qwen2_moe",
+        "deepseek_v3",
+        "gpt_oss",
+        "minimax_m2",
+        "ernie4_5_moe",
+        "laguna",
+        "hunyuan_v1_moe",
+        "afmoe",
+    ],
 )
 def test_patched_bfloat16_model_is_within_bfloat16_tolerance(family):
     eager = build(family).to(torch.bfloat16)

@@ -49,6 +49,9 @@ class RouterRule:
         weights_dtype: the dtype of the weights it returns: "float32", "logits" (its logits'
             dtype) or "hidden" (its input's dtype).
         linear_bias: whether ``F.linear`` adds the router's ``bias``.
+        weight: the router attribute holding its ``[E, H]`` weight (a dotted path for a
+            submodule's, e.g. ``"gate.weight"`` for an ``nn.Linear`` named gate, whose
+            ``bias`` is then the one ``linear_bias`` adds).
         expert_bias: the router attribute holding the selection-only bias, if any (a dotted
             path for a submodule's attribute; its values are read flat, as ``[E]``).
         expert_bias_argument: whether the MoE block passes that bias to the router's forward
@@ -58,6 +61,8 @@ class RouterRule:
         group_score_k: how many of a group's best keys make its score (``topk_gating``'s
             argument of that name).
         scale: the router attribute holding the factor applied to the weights, if any.
+        batched_input: whether the router takes ``[B, S, H]`` hidden states (its block does
+            not flatten them first); the check of the rule then probes it with such.
         conditions: ``(attribute, value)`` pairs the router must have for this formula to be
             its math (options of the router that the rule does not express).
     """
@@ -67,11 +72,13 @@ class RouterRule:
     logits: str
     weights_dtype: str
     linear_bias: bool = False
+    weight: str = "weight"
     expert_bias: str | None = None
     expert_bias_argument: bool = False
     groups: bool = False
     group_score_k: int = 2
     scale: str | None = None
+    batched_input: bool = False
     conditions: tuple[tuple[str, object], ...] = ()
 
 
@@ -203,6 +210,18 @@ RULES: dict[str, RouterRule | tuple[RouterRule, ...]] = {
     ),
     # Top-k on the logits, then softmax over the k selected; its sigmoid option computes
     # the scores in the model's dtype.
+    # Its linear layer's weight is kept in float32: then the inputs are cast to it.
+    "HunYuanMoEV1Gate": RouterRule("softmax", True, "weight_dtype", "logits", weight="wg.weight"),
+    "AfmoeTokenChoiceRouter": RouterRule(
+        "sigmoid",
+        True,
+        "model_then_fp32",
+        "float32",
+        weight="gate.weight",
+        expert_bias_argument=True,
+        scale="route_scale",
+        batched_input=True,
+    ),
     "Cohere2MoeTopKRouter": RouterRule(
         "softmax", True, "model", "hidden", conditions=(("expert_selection_fn", "softmax"),)
     ),
@@ -240,12 +259,15 @@ def _attribute(module: Any, path: str) -> Any:
 
 
 def _router_logits(router: Any, x: Tensor, rule: RouterRule) -> Tensor:
-    bias = router.bias if rule.linear_bias else None
+    owner, _, name = rule.weight.rpartition(".")
+    layer = _attribute(router, owner) if owner else router
+    weight = getattr(layer, name)
+    bias = layer.bias if rule.linear_bias else None
     if rule.logits == "fp32":
-        return F.linear(x.float(), router.weight.float(), None if bias is None else bias.float())
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     if rule.logits == "weight_dtype":
-        x = x.to(router.weight.dtype)
-    logits = F.linear(x, router.weight, bias)
+        x = x.to(weight.dtype)
+    logits = F.linear(x, weight, bias)
     return logits.float() if rule.logits == "model_then_fp32" else logits
 
 
@@ -256,7 +278,7 @@ def make_forward(rule: RouterRule) -> Callable[..., tuple[Tensor, Tensor, Tensor
     def forward(
         self: Any, hidden_states: Tensor, expert_bias: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        x = hidden_states.reshape(-1, self.weight.shape[1])
+        x = hidden_states.reshape(-1, _attribute(self, rule.weight).shape[1])
         logits = _router_logits(self, x, rule)
         normalize = (
             rule.normalize if isinstance(rule.normalize, bool) else bool(getattr(self, rule.normalize))
@@ -293,9 +315,12 @@ def verify_rule(router: torch.nn.Module, rule: RouterRule, original: Callable[..
     """Compare ``rule``'s forward with the router's ``original`` forward on a copy of the
     router with random weights and random inputs. Returns None when they agree (identical
     logits and expert sets, weights within float32 rounding), else what differed."""
-    weight = getattr(router, "weight", None)
+    try:
+        weight = _attribute(router, rule.weight)
+    except AttributeError:
+        weight = None
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.is_meta:
-        return "the router has no materialised [num_experts, hidden] weight"
+        return f"the router has no materialised [num_experts, hidden] weight at {rule.weight}"
     probe = copy.deepcopy(router).float()
     generator = torch.Generator(device=weight.device).manual_seed(0)
     with torch.no_grad():
@@ -304,6 +329,8 @@ def verify_rule(router: torch.nn.Module, rule: RouterRule, original: Callable[..
                 std = weight.shape[1] ** -0.5 if tensor.dim() > 1 else 0.1
                 tensor.copy_(torch.randn(tensor.shape, generator=generator, device=tensor.device) * std)
         x = torch.randn(64, weight.shape[1], generator=generator, device=weight.device)
+        if rule.batched_input:
+            x = x.unsqueeze(0)
         # (A bias passed by the block: random, like the router's own buffers.)
         extra = (
             (torch.randn(weight.shape[0], generator=generator, device=weight.device) * 0.1,)
