@@ -137,6 +137,18 @@ def test_bias_and_group_limit(gpu, dtype, num_experts, groups, topk_groups, k, s
         assert_weights_close(weights, cpu_weights, dtype)
 
 
+def test_groups_scored_by_more_keys_than_they_have(gpu):
+    """A group_score_k beyond any int32 (every key of a group) reaches the kernel in range."""
+    logits = random_logits(9, 12, torch.float32, seed=3)
+    args = gating_args(logits, 3, "softmax", True, None, 4, 2, 1.0, 2**40)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    cpu_weights, cpu_experts = ops.topk_gating(*args)
+    assert torch.equal(experts, cpu_experts)
+    every_key = gating_args(logits, 3, "softmax", True, None, 4, 2, 1.0, 3)
+    assert torch.equal(experts, ops.topk_gating(*every_key)[1])
+    assert_weights_close(weights, cpu_weights, torch.float32)
+
+
 def test_deepseek_v3_style_routing(gpu):
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(16, 256, generator=g)

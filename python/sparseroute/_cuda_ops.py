@@ -253,7 +253,8 @@ def topk_gating_cuda(
                 pointer(bias),
                 groups,
                 kept_groups,
-                group_score_k,
+                # (All of a group's keys when it has fewer: the kernel's int stays in range.)
+                min(group_score_k, num_experts // groups) if groups else 2,
                 pointer(group_scores),
                 scale,
                 pointer(weights),

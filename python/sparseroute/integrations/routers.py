@@ -208,8 +208,6 @@ RULES: dict[str, RouterRule | tuple[RouterRule, ...]] = {
         expert_bias="e_score_correction_bias",
         conditions=(("router_logit_softcapping", 0.0),),
     ),
-    # Top-k on the logits, then softmax over the k selected; its sigmoid option computes
-    # the scores in the model's dtype.
     # Its linear layer's weight is kept in float32: then the inputs are cast to it.
     "HunYuanMoEV1Gate": RouterRule("softmax", True, "weight_dtype", "logits", weight="wg.weight"),
     "AfmoeTokenChoiceRouter": RouterRule(
@@ -222,6 +220,8 @@ RULES: dict[str, RouterRule | tuple[RouterRule, ...]] = {
         scale="route_scale",
         batched_input=True,
     ),
+    # Top-k on the logits, then softmax over the k selected; its sigmoid option computes
+    # the scores in the model's dtype.
     "Cohere2MoeTopKRouter": RouterRule(
         "softmax", True, "model", "hidden", conditions=(("expert_selection_fn", "softmax"),)
     ),
