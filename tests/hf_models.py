@@ -286,16 +286,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "lara_mini": (
         "LaraMiniConfig",
         "LaraMiniForCausalLM",
-        dict(
-            num_experts=8,
-            **TOP2,
-            shared_expert_intermediate_size=64,
-            layer_types=["linear_attention", "full_attention"],
-            linear_num_value_heads=4,
-            linear_num_key_heads=2,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-        ),
+        dict(num_experts=8, **TOP2, shared_expert_intermediate_size=64, **LINEAR_ATTENTION),
     ),
     "flint": (
         "FlintConfig",

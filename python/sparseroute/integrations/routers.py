@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -168,25 +168,11 @@ RULES: dict[str, RouterRule | tuple[RouterRule, ...]] = {
     "HYV4VLTopkRouter": _DEEPSEEK_V3,
     "KimiLinearTopkRouter": _DEEPSEEK_V3,
     "NemotronHTopkRouter": _DEEPSEEK_V3,
-    "BeamTopKRouter": RouterRule(
-        "sigmoid",
-        "norm_topk_prob",
-        "fp32",
-        "float32",
-        expert_bias="e_score_correction_bias",
-        groups=True,
-    ),
+    # Beam's block applies the scaling factor, not its router.
+    "BeamTopKRouter": replace(_DEEPSEEK_V3, scale=None),
     # AXK2 fills the scores of excluded groups with 0 rather than excluding them, which
     # differs once a bias makes keys negative: only its group-free form has a rule.
-    "AXK2TopkRouter": RouterRule(
-        "sigmoid",
-        "norm_topk_prob",
-        "fp32",
-        "float32",
-        expert_bias="e_score_correction_bias",
-        scale="routed_scaling_factor",
-        conditions=(("num_group", None),),
-    ),
+    "AXK2TopkRouter": replace(_DEEPSEEK_V3, groups=False, conditions=(("num_group", None),)),
     "MistralLarge4TextTopkRouter": RouterRule(
         "softmax", True, "fp32", "float32", groups=True, scale="routed_scaling_factor"
     ),
