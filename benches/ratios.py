@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from benchmarks.depth import LayerPlans, MixtureOfDepths
 from benchmarks.moe_block import MoEBlock
-from benchmarks.routing import DecodeStep, Dispatch, Gating
+from benchmarks.routing import DecodeStep, Dispatch, Gating, GroupLimitedGating
 from benchmarks.variants import BalanceLoss, Capacity, ExpertChoiceAndSinkhorn, TopP
 
 GATING_TARGETS = {8: 5.0, 256: 10.0}  # E -> required speed-up of the fp32 forward pass
@@ -173,6 +173,9 @@ def routing_ratios(args: argparse.Namespace) -> None:
                     target = GATING_TARGETS.get(num_experts) if fp32_forward else None
                     name = "gating " + method.removeprefix("time_").replace("_", "+")
                     print_row(name, (tokens, num_experts, k, "-"), dtype, times, target)
+    for dtype in ("fp32", "bf16"):
+        times = ratio(GroupLimitedGating, "time_forward", (tokens, dtype), args.repeats)
+        print_row("gating forward, DeepSeek-V3 groups and bias", (tokens, 256, 8, "-"), dtype, times, None)
 
     shapes = [(64, 2, 1024)] if args.quick else [(64, 2, 1024), (64, 8, 2048)]
     for dtype in ("fp32", "bf16"):

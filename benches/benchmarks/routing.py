@@ -31,6 +31,24 @@ def torch_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 
+def torch_deepseek_v3_gating(
+    logits: torch.Tensor, bias: torch.Tensor, k: int, num_groups: int, topk_groups: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's DeepSeek-V3 router after its logits: sigmoid scores, the selection bias,
+    groups scored by their two best, the best topk_groups kept, top-k, renormalised, scaled."""
+    num_tokens, num_experts = logits.shape
+    scores = logits.float().sigmoid()
+    keys = scores + bias
+    group_scores = keys.view(num_tokens, num_groups, -1).topk(2, dim=-1)[0].sum(dim=-1)
+    kept = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, kept, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, num_experts // num_groups).reshape(num_tokens, -1)
+    keys = keys.masked_fill(~expert_mask.bool(), float("-inf"))
+    experts = torch.topk(keys, k=k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, experts)
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scale, experts
+
+
 def torch_permute(x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(experts.reshape(-1), stable=True)
     return x.index_select(0, order // experts.shape[1]), order
@@ -99,6 +117,30 @@ class Gating:
         logits = self.logits.detach().requires_grad_()
         weights, _ = self.fn(logits, k)
         weights.backward(self.grad)
+
+
+class GroupLimitedGating:
+    """DeepSeek-V3's routing (E = 256, k = 8, sigmoid, selection bias, 8 groups of which 4
+    compete, scale 2.5) against its Hugging Face router code."""
+
+    params = ([4096, 16384], list(DTYPES), IMPLS)
+    param_names = ["T", "dtype", "impl"]
+    repeat = (3, 10, 20.0)
+    number = 1
+    warmup_time = 0.1
+
+    def setup(self, T, dtype, impl):
+        logits, _ = routed(T, 256, 8)
+        self.logits = logits.to(DTYPES[dtype])
+        self.bias = torch.randn(256, generator=torch.Generator().manual_seed(3)) * 0.01
+
+    def time_forward(self, T, dtype, impl):
+        if impl == "torch":
+            torch_deepseek_v3_gating(self.logits, self.bias, 8, 8, 4, 2.5)
+        else:
+            sparseroute.topk_gating(
+                self.logits, 8, score="sigmoid", expert_bias=self.bias, num_groups=8, topk_groups=4, scale=2.5
+            )
 
 
 class Dispatch:

@@ -414,6 +414,75 @@ pub(super) unsafe fn kth_largest16(a: __m256, b: __m256, k: usize) -> f32 {
     }
 }
 
+/// Sigmoid selection keys of one row, eight experts at a time: `keys[e] = 1 / (1 +
+/// fast_exp(-logits[e]))`, plus `bias[e]` when given. The portable kernel's operations in
+/// the same order (`exp8` is `fast_exp` lane by lane), so the same bits.
+///
+/// # Safety
+/// AVX2 is available; `keys`, `logits` and `bias` (when given) have the same length.
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]
+pub(super) unsafe fn sigmoid_keys(logits: &[f32], bias: Option<&[f32]>, keys: &mut [f32]) {
+    let whole = logits.len() / 8 * 8;
+    // SAFETY: every load and store covers 8 values at i < whole <= len of each slice.
+    unsafe {
+        let one = _mm256_set1_ps(1.0);
+        let sign = _mm256_set1_ps(-0.0);
+        for i in (0..whole).step_by(8) {
+            let x = _mm256_loadu_ps(logits.as_ptr().add(i));
+            let mut key = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, sign))));
+            if let Some(bias) = bias {
+                key = _mm256_add_ps(key, _mm256_loadu_ps(bias.as_ptr().add(i)));
+            }
+            _mm256_storeu_ps(keys.as_mut_ptr().add(i), key);
+        }
+    }
+    for i in whole..logits.len() {
+        let key = 1.0 / (1.0 + crate::element::fast_exp_f32(-logits[i]));
+        keys[i] = bias.map_or(key, |bias| key + bias[i]);
+    }
+}
+
+/// [`super::group_score`] of each group of `group_size` keys with one or two keys per score
+/// (`two`): each lane keeps the two best of its share of a group (max and min, no
+/// branches), then three exchanges between lanes merge the lanes' pairs (the best of two
+/// pairs, and the best of the rest). The same values, added in the same order, so the same
+/// bits.
+///
+/// # Safety
+/// AVX2 is available; `group_size` is a multiple of 8 and `out` holds `keys.len() /
+/// group_size` values.
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi1")]
+pub(super) unsafe fn group_scores(keys: &[f32], group_size: usize, two: bool, out: &mut [f32]) {
+    /// Merges each lane's (best, second) with that of the lane `swap` puts there.
+    #[inline(always)]
+    unsafe fn merge(best: __m256, second: __m256, swap: impl Fn(__m256) -> __m256) -> (__m256, __m256) {
+        let (other_best, other_second) = (swap(best), swap(second));
+        // SAFETY: register-only AVX operations.
+        unsafe {
+            let second = _mm256_max_ps(_mm256_max_ps(second, other_second), _mm256_min_ps(best, other_best));
+            (_mm256_max_ps(best, other_best), second)
+        }
+    }
+    for (group, score) in keys.chunks_exact(group_size).zip(out.iter_mut()) {
+        // SAFETY: each load reads one whole block of eight keys; the rest is register-only.
+        let (best, second) = unsafe {
+            let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut second = best;
+            for block in group.chunks_exact(8) {
+                let x = _mm256_loadu_ps(block.as_ptr());
+                second = _mm256_max_ps(second, _mm256_min_ps(best, x));
+                best = _mm256_max_ps(best, x);
+            }
+            let (best, second) = merge(best, second, |v| _mm256_permute2f128_ps::<0x01>(v, v));
+            let (best, second) = merge(best, second, |v| _mm256_permute_ps::<0x4e>(v));
+            let (best, second) = merge(best, second, |v| _mm256_permute_ps::<0xb1>(v));
+            (_mm256_cvtss_f32(best), _mm256_cvtss_f32(second))
+        };
+        let sum = 0.0 + best;
+        *score = if two { sum + second } else { sum };
+    }
+}
+
 /// [`super::select_on_logits`] for one row of at least 32 experts and `k <= 16`: the row
 /// `rows[start .. start + len]`, writing the chosen experts, best first, to `chosen[..k]`.
 /// Returns false if the row holds NaN or an infinity.

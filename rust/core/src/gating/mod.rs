@@ -132,6 +132,8 @@ struct Scratch<A: Accumulator> {
     candidates: avx2::Candidates,
     /// 16-bit logits of eight tokens widened to f32 (the AVX2 token-parallel path).
     column: Vec<f32>,
+    /// Selection on scores may use the AVX2 kernels (see [`select_on_scores`]).
+    simd_keys: bool,
 }
 
 impl<A: Accumulator> Scratch<A> {
@@ -154,6 +156,7 @@ impl<A: Accumulator> Scratch<A> {
             #[cfg(target_arch = "x86_64")]
             candidates: avx2::Candidates::new(cfg.num_experts, cfg.k, avx512),
             column: Vec::new(),
+            simd_keys: false,
         }
     }
 }
@@ -549,6 +552,13 @@ fn select_on_logits<L: Element>(row: &[L], k: usize, top: &mut TopK<L::Acc>) -> 
 }
 
 /// Selection on `score + bias`, optionally group-limited: needs every expert's score.
+/// Writes the chosen experts, best first, to `scratch.chosen`.
+///
+/// With `scratch.simd_keys` (AVX2, float32 keys, and no bias so negative that a key could
+/// equal `f32::MIN`), sigmoid keys are computed eight at a time, the experts of excluded
+/// groups get the key `f32::MIN` (below every other key, so never among the k best while k
+/// experts remain), and the k best are chosen by the AVX2 selection of
+/// [`select_on_logits`]'s kernel: the same experts in the same order as the portable path.
 fn select_on_scores<L: Element>(
     row: &[L],
     token: usize,
@@ -556,43 +566,128 @@ fn select_on_scores<L: Element>(
     cfg: &GatingConfig,
     scratch: &mut Scratch<L::Acc>,
 ) -> Result<()> {
-    let Scratch { keys, logits, top, group_top, group_keys, group_allowed, .. } = scratch;
+    let Scratch { keys, logits, top, group_top, group_keys, group_allowed, chosen, .. } = scratch;
     load_logits(row, token, logits)?;
+    keys.clear();
+    keys.resize(row.len(), L::Acc::zero());
     match cfg.score {
         ScoreFunction::Softmax => {
-            keys.clear();
-            keys.resize(row.len(), L::Acc::zero());
             softmax_row_on(row, keys, crate::simd::avx2_enabled());
-        }
-        ScoreFunction::Sigmoid => {
-            keys.clear();
-            keys.extend(logits.iter().map(|&l| sigmoid(l)));
-        }
-    }
-    if let Some(bias) = bias {
-        for (key, &b) in keys.iter_mut().zip(bias) {
-            *key = *key + b;
-        }
-    }
-    match cfg.groups {
-        None => top.select(keys, cfg.k, |_| true),
-        Some(GroupLimit { num_groups, topk_groups, score_k }) => {
-            let group_size = cfg.num_experts / num_groups;
-            group_keys.clear();
-            for group in keys.chunks_exact(group_size) {
-                group_top.select(group, group_size.min(score_k), |_| true);
-                group_keys.push(group_top.sum());
+            if let Some(bias) = bias {
+                for (key, &b) in keys.iter_mut().zip(bias) {
+                    *key = *key + b;
+                }
             }
-            group_top.select(group_keys, topk_groups, |_| true);
-            group_allowed.clear();
-            group_allowed.resize(num_groups, false);
-            for g in group_top.indices() {
-                group_allowed[g] = true;
+        }
+        ScoreFunction::Sigmoid => sigmoid_keys_on(logits, bias, keys, scratch.simd_keys),
+    }
+    let group_size = cfg.groups.map_or(cfg.num_experts, |g| cfg.num_experts / g.num_groups);
+    if let Some(GroupLimit { num_groups, topk_groups, score_k }) = cfg.groups {
+        group_keys.clear();
+        group_keys.resize(num_groups, L::Acc::zero());
+        let mut scored = false;
+        #[cfg(target_arch = "x86_64")]
+        if scratch.simd_keys && group_size.is_multiple_of(LANES) && score_k <= 2 {
+            if let (Some(keys), Some(out)) = (L::Acc::as_f32(keys), L::Acc::as_f32_mut(group_keys)) {
+                // SAFETY: `simd_keys` implies AVX2 (see `topk_gating_on`); groups are whole
+                // blocks of eight and `out` holds one score per group.
+                unsafe { avx2::group_scores(keys, group_size, score_k == 2, out) };
+                scored = true;
             }
-            top.select(keys, cfg.k, |e| group_allowed[e / group_size]);
+        }
+        if !scored {
+            for (group, out) in keys.chunks_exact(group_size).zip(group_keys.iter_mut()) {
+                *out = group_score(group, score_k, group_top);
+            }
+        }
+        group_top.select(group_keys, topk_groups, |_| true);
+        group_allowed.clear();
+        group_allowed.resize(num_groups, false);
+        for g in group_top.indices() {
+            group_allowed[g] = true;
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if scratch.simd_keys && cfg.num_experts >= 4 * LANES && cfg.k <= 2 * LANES {
+        if let Some(keys) = L::Acc::as_f32_mut(keys) {
+            if cfg.groups.is_some() {
+                for (group, &allowed) in keys.chunks_exact_mut(group_size).zip(group_allowed.iter()) {
+                    if !allowed {
+                        group.fill(f32::MIN);
+                    }
+                }
+            }
+            let mut ids = [0u32; 16];
+            // SAFETY: `simd_keys` implies the CPU features (see `topk_gating_on`); the keys
+            // are one row of E >= 32 values, k <= 16, and `candidates` was made for E.
+            let finite = unsafe {
+                avx2::select_on_logits(
+                    Storage::F32(keys),
+                    0,
+                    cfg.num_experts,
+                    cfg.k,
+                    &mut scratch.candidates,
+                    &mut ids,
+                )
+            };
+            if finite {
+                chosen.clear();
+                chosen.extend(ids[..cfg.k].iter().map(|&i| i as usize));
+                return Ok(());
+            }
+        }
+    }
+    if cfg.groups.is_some() {
+        top.select(keys, cfg.k, |e| group_allowed[e / group_size]);
+    } else {
+        top.select(keys, cfg.k, |_| true);
+    }
+    chosen.clear();
+    chosen.extend(top.indices());
     Ok(())
+}
+
+/// `keys[e] = sigmoid(logits[e])`, plus `bias[e]` when given; eight at a time with `simd`
+/// (the same bits).
+fn sigmoid_keys_on<A: Accumulator>(logits: &[A], bias: Option<&[A]>, keys: &mut [A], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let bias32 = match bias {
+            None => Some(None),
+            Some(bias) => A::as_f32(bias).map(Some),
+        };
+        if let (Some(logits), Some(bias), Some(keys)) = (A::as_f32(logits), bias32, A::as_f32_mut(&mut *keys))
+        {
+            // SAFETY: `simd` implies AVX2 (see `topk_gating_on`); the three slices hold E values.
+            unsafe { avx2::sigmoid_keys(logits, bias, keys) };
+            return;
+        }
+    }
+    let _ = simd;
+    for (e, (key, &l)) in keys.iter_mut().zip(logits).enumerate() {
+        let score = sigmoid(l);
+        *key = bias.map_or(score, |bias| score + bias[e]);
+    }
+}
+
+/// A group's score: the sum of its `score_k` best keys (all of them when it has fewer),
+/// added best first from zero. One pass for one or two keys, [`TopK`] above.
+fn group_score<A: Accumulator>(group: &[A], score_k: usize, top: &mut TopK<A>) -> A {
+    if score_k <= 2 {
+        let (mut best, mut second) = (A::neg_infinity(), A::neg_infinity());
+        for &key in group {
+            if key > best {
+                second = best;
+                best = key;
+            } else if key > second {
+                second = key;
+            }
+        }
+        let sum = A::zero() + best;
+        return if score_k == 2 && group.len() >= 2 { sum + second } else { sum };
+    }
+    top.select(group, group.len().min(score_k), |_| true);
+    top.sum()
 }
 
 /// The AVX2 kernels' view of the logits, when those kernels may run on them.
@@ -638,11 +733,11 @@ fn route_token<L: Element>(
                 if !select_on_logits(row, cfg.k, &mut scratch.top) {
                     return Err(non_finite_error(row, token));
                 }
+                scratch.chosen.clear();
+                scratch.chosen.extend(scratch.top.indices());
             } else {
                 select_on_scores(row, token, bias, cfg, scratch)?;
             }
-            scratch.chosen.clear();
-            scratch.chosen.extend(scratch.top.indices());
         }
     }
     let chosen = &scratch.chosen;
@@ -703,8 +798,14 @@ fn topk_gating_on<L: Element>(
     let block = tokens_per_task(e).next_multiple_of(TOKEN_LANES);
     let avx512 = avx512 && simd.is_some() && avx512_selects(e);
     let lanes = lane_kernel(cfg, simd.is_some(), avx512, bias.is_none());
+    // Selection on scores by the AVX2 kernels: float32 keys, and (with groups, whose excluded
+    // experts get the key f32::MIN) no bias that could make a key equal f32::MIN.
+    let floor = <L::Acc as Float>::min_value() / (L::Acc::one() + L::Acc::one());
+    let simd_keys =
+        simd.is_some() && (cfg.groups.is_none() || bias.is_none_or(|b| b.iter().all(|&v| v > floor)));
     let init = || {
         let mut scratch = Scratch::new(cfg, avx512);
+        scratch.simd_keys = simd_keys;
         if simd.is_some() && lanes != LaneKernel::None {
             scratch.column.resize(TOKEN_LANES * e, 0.0);
         }
@@ -1708,12 +1809,22 @@ mod tests {
     /// Runs the portable kernels, the AVX2 ones and (where the CPU has it) AVX-512
     /// selection on the same logits: the same error or the same bits.
     fn compare_paths<L: Element>(logits: &[L], tokens: usize, cfg: &GatingConfig) {
+        compare_paths_with_bias(logits, tokens, None, cfg);
+    }
+
+    /// [`compare_paths`] with a selection bias.
+    fn compare_paths_with_bias<L: Element>(
+        logits: &[L],
+        tokens: usize,
+        bias: Option<&[L::Acc]>,
+        cfg: &GatingConfig,
+    ) {
         let Some(simd) = simd_rows(logits) else { return };
         let k = cfg.k;
         let run = |view: Option<Storage<'_>>, avx512: bool| {
             let mut w = vec![L::Acc::zero(); tokens * k];
             let mut ids = vec![0i64; tokens * k];
-            let result = topk_gating_on(logits, view, avx512, tokens, None, cfg, &mut w, &mut ids);
+            let result = topk_gating_on(logits, view, avx512, tokens, bias, cfg, &mut w, &mut ids);
             (result.map_err(|e| e.to_string()), w, ids)
         };
         let portable = run(None, false);
@@ -1763,6 +1874,45 @@ mod tests {
                     let mut bad = logits.clone();
                     bad[(tokens / 2) * e + e / 2] = if seed % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
                     compare_paths(&bad, tokens, &cfg);
+                }
+            }
+        }
+    }
+
+    /// Selection on scores (a bias, a group limit or both): the AVX2 keys and selection
+    /// against the portable kernels, with groups scored by one to three keys, biases with
+    /// ties between groups, and a bias so negative that the kernels must not mask with
+    /// f32::MIN (the portable path then runs).
+    #[test]
+    fn simd_selection_on_scores_matches_the_portable_one_bit_for_bit() {
+        let tokens = 21;
+        let mut seed = 1000;
+        for (e, num_groups, topk_groups, k) in
+            [(32, 4, 2, 3), (64, 8, 3, 8), (256, 8, 4, 8), (60, 6, 2, 16), (33, 3, 1, 2)]
+        {
+            for score in [ScoreFunction::Softmax, ScoreFunction::Sigmoid] {
+                for score_k in [1, 2, 3] {
+                    seed += 1;
+                    let logits = tricky_logits(tokens * e, seed);
+                    let classes: Vec<f32> =
+                        (0..e).map(|x| ((x / (e / num_groups) * 7) % 3) as f32 * 10.0).collect();
+                    let small: Vec<f32> = tricky_logits(e, seed + 1).iter().map(|v| v * 0.01).collect();
+                    let mut floor = small.clone();
+                    floor[e / 2] = f32::MIN;
+                    let groups = Some(GroupLimit { num_groups, topk_groups, score_k });
+                    for (groups, bias) in [
+                        (None, Some(&small)),
+                        (groups, None),
+                        (groups, Some(&classes)),
+                        (groups, Some(&small)),
+                        (groups, Some(&floor)),
+                    ] {
+                        let cfg =
+                            GatingConfig { num_experts: e, k, score, normalize: true, groups, scale: 1.5 };
+                        compare_paths_with_bias(&logits, tokens, bias.map(|b| b.as_slice()), &cfg);
+                        let bf: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                        compare_paths_with_bias(&bf, tokens, bias.map(|b| b.as_slice()), &cfg);
+                    }
                 }
             }
         }
