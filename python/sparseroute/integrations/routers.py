@@ -244,11 +244,15 @@ def _attribute(module: Any, path: str) -> Any:
     return module
 
 
-def _router_logits(router: Any, x: Tensor, rule: RouterRule) -> Tensor:
+def _linear(router: Any, rule: RouterRule) -> tuple[Tensor, Tensor | None]:
+    """The router's weight (at ``rule.weight``) and, with ``rule.linear_bias``, the bias of
+    the same module."""
     owner, _, name = rule.weight.rpartition(".")
     layer = _attribute(router, owner) if owner else router
-    weight = getattr(layer, name)
-    bias = layer.bias if rule.linear_bias else None
+    return getattr(layer, name), (layer.bias if rule.linear_bias else None)
+
+
+def _router_logits(x: Tensor, weight: Tensor, bias: Tensor | None, rule: RouterRule) -> Tensor:
     if rule.logits == "fp32":
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     if rule.logits == "weight_dtype":
@@ -264,8 +268,9 @@ def make_forward(rule: RouterRule) -> Callable[..., tuple[Tensor, Tensor, Tensor
     def forward(
         self: Any, hidden_states: Tensor, expert_bias: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        x = hidden_states.reshape(-1, _attribute(self, rule.weight).shape[1])
-        logits = _router_logits(self, x, rule)
+        weight, bias = _linear(self, rule)
+        x = hidden_states.reshape(-1, weight.shape[1])
+        logits = _router_logits(x, weight, bias, rule)
         normalize = (
             rule.normalize if isinstance(rule.normalize, bool) else bool(getattr(self, rule.normalize))
         )

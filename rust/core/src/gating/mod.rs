@@ -137,8 +137,8 @@ struct Scratch<A: Accumulator> {
 }
 
 impl<A: Accumulator> Scratch<A> {
-    /// Working memory for one thread; `avx512`: see [`topk_gating_on`].
-    fn new(cfg: &GatingConfig, avx512: bool) -> Self {
+    /// Working memory for one thread; `avx512` and `simd_keys`: see [`topk_gating_on`].
+    fn new(cfg: &GatingConfig, avx512: bool, simd_keys: bool) -> Self {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = avx512;
         let groups = cfg.groups.map_or(0, |g| g.num_groups);
@@ -156,7 +156,7 @@ impl<A: Accumulator> Scratch<A> {
             #[cfg(target_arch = "x86_64")]
             candidates: avx2::Candidates::new(cfg.num_experts, cfg.k, avx512),
             column: Vec::new(),
-            simd_keys: false,
+            simd_keys,
         }
     }
 }
@@ -804,8 +804,7 @@ fn topk_gating_on<L: Element>(
     let simd_keys =
         simd.is_some() && (cfg.groups.is_none() || bias.is_none_or(|b| b.iter().all(|&v| v > floor)));
     let init = || {
-        let mut scratch = Scratch::new(cfg, avx512);
-        scratch.simd_keys = simd_keys;
+        let mut scratch = Scratch::new(cfg, avx512, simd_keys);
         if simd.is_some() && lanes != LaneKernel::None {
             scratch.column.resize(TOKEN_LANES * e, 0.0);
         }
