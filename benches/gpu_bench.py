@@ -4,8 +4,8 @@
 
 Each case times both sides with CUDA events (median of ``--repeats`` runs after warm-up, in
 milliseconds) on the current device, and prints a table; ``--out`` writes the rows as JSON.
-The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ group mask), a
-stable argsort + index_select for permute (also against permute with rows in blocks of 128),
+The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ bias, group
+mask), a stable argsort + index_select for permute (also against permute with rows in blocks of 128),
 and a gather + weighted sum for unpermute; for the token ops topk + sort, gather and a
 gathered x + gate * y scattered back; for the balance ops softmax + sum, bincount, logsumexp;
 argmax for layer_plan; Megatron-style forms of capacity dispatch, top-p, expert choice (topk
@@ -89,13 +89,14 @@ def capture_graph(fn: Callable[[], object], calls: int = 1) -> torch.cuda.CUDAGr
 GRAPH_CALLS = 10
 
 
-def graph_ms(fn: Callable[[], object], repeats: int) -> float | None:
+def graph_ms(fn: Callable[[], object], repeats: int, label: str = "") -> float | None:
     """The GPU time of one call of ``fn``: time_ms of a replay of a CUDA graph of GRAPH_CALLS
-    calls, divided by GRAPH_CALLS; None, with the reason printed, when the capture fails."""
+    calls, divided by GRAPH_CALLS; None, with the reason printed (after ``label``), when the
+    capture fails."""
     try:
         graph = capture_graph(fn, GRAPH_CALLS)
     except Exception as err:  # report and go on: the eager timings stand without it
-        print(f"graph capture failed: {type(err).__name__}: {err}")
+        print(f"graph capture failed{label}: {type(err).__name__}: {err}")
         return None
     return round(time_ms(graph.replay, repeats) / GRAPH_CALLS, 4)
 
@@ -224,11 +225,14 @@ def cases(repeats: int) -> tuple[list[dict[str, object]], list[Profiled]]:
             "speedup": round(theirs_ms / ours_ms, 2),
             # The GPU time alone (a CUDA graph replay of the op, per call) for sync-free ops: the
             # difference to sparseroute_ms is host work per call.
-            "sparseroute_graph_ms": graph_ms(ours, repeats) if capturable else None,
+            "sparseroute_graph_ms": (
+                graph_ms(ours, repeats, f" ({name}, sparseroute)") if capturable else None
+            ),
         }
         if capturable:
-            # The baseline's GPU time alone too, where it can be captured: GPU against GPU.
-            theirs_graph = graph_ms(theirs, repeats)
+            # The baseline's GPU time alone too, where it can be captured (torch's bincount, for
+            # one, reads its result's size back): GPU against GPU.
+            theirs_graph = graph_ms(theirs, repeats, f" ({name}, {baseline})")
             row["torch_graph_ms"] = theirs_graph
             if theirs_graph and row["sparseroute_graph_ms"]:
                 row["graph_speedup"] = round(theirs_graph / row["sparseroute_graph_ms"], 2)
@@ -278,10 +282,22 @@ def cases(repeats: int) -> tuple[list[dict[str, object]], list[Profiled]]:
     add(
         "topk_gating deepseek-v3 (sigmoid, bias, 8 groups / 4)",
         "T=16384 E=256 k=8 fp32",
-        lambda: sparseroute.topk_gating(
+        # (Defaults bind these tensors: the kernel breakdown calls the lambdas after `logits`
+        # is rebound below.)
+        lambda logits=logits, bias=bias: sparseroute.topk_gating(
             logits, 8, score="sigmoid", expert_bias=bias, num_groups=8, topk_groups=4
         ),
-        lambda: torch_topk(logits, 8, "sigmoid", bias, 8, 4),
+        lambda logits=logits, bias=bias: torch_topk(logits, 8, "sigmoid", bias, 8, 4),
+        capturable=True,
+    )
+    # A selection bias without groups, at an expert count no power of two (GLM-4.5's router).
+    glm_logits = torch.randn(16384, 160, device="cuda", generator=g)
+    glm_bias = torch.randn(160, device="cuda", generator=g) * 0.01
+    add(
+        "topk_gating sigmoid, bias",
+        "T=16384 E=160 k=8 fp32",
+        lambda: sparseroute.topk_gating(glm_logits, 8, score="sigmoid", expert_bias=glm_bias),
+        lambda: torch_topk(glm_logits, 8, "sigmoid", glm_bias),
         capturable=True,
     )
     for tokens, experts, k, hidden in [(4096, 8, 2, 4096), (16384, 64, 8, 2048)]:

@@ -10,8 +10,11 @@
 // (sr_topk_gating_block) above. Any E and any k: each of the k selection rounds finds the best
 // (key, expert) pair that comes after the previous round's pair in selection order (higher key
 // first, equal keys lower expert first), so the k experts come out in order and ties can never
-// select an expert twice. Keys are recomputed from the logits in every round; nothing scales
-// with E in registers or shared memory.
+// select an expert twice. The warp kernel computes each key once into shared memory (E is at
+// most 512 there) and, with a group limit, marks the keys of excluded groups -inf, so that the
+// group scores and the selection rounds only read and compare; the block kernel recomputes
+// keys from the logits where it needs them, so nothing there scales with E in registers or
+// shared memory.
 //
 // Rows holding NaN or an infinity (in the logits, or in expert_bias + scores) are not routed:
 // their experts are -1 and their weights 0, and the row is counted in the error buffer that
@@ -46,8 +49,14 @@ struct Scratch {
   int flags[NT / 32];
 };
 
+// The experts whose keys the warp kernel caches in shared memory: all of them (its rows have
+// at most WARP_TEAM_MAX_EXPERTS = 512 experts, _cuda_ops.py).
+constexpr int kKeyCacheExperts = 512;
+
+// Routes token t. `key_cache` (null, or room for E keys shared by the team) holds the keys
+// once computed, where the route needs keys.
 template <int NT>
-__device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& sm) {
+__device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& sm, acc_t* key_cache) {
   const int num_experts = a.num_experts;
   const int k = a.k;
   const elem_t* row = a.logits + t * static_cast<i64>(num_experts);
@@ -89,12 +98,9 @@ __device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& s
     row_sum = team_reduce<NT>(partial, SumOp(), sm.values);
   }
 
-  // The selection key of expert e: its logit, or its score plus its bias.
-  auto key_of = [&](int e) -> acc_t {
+  // The selection key of expert e, computed from the logits: its score plus its bias.
+  auto computed_key = [&](int e) -> acc_t {
     const acc_t v = to_acc(row[e]);
-    if (!use_keys) {
-      return v;
-    }
     acc_t s;
     if (a.sigmoid) {
       s = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-v)));
@@ -102,6 +108,20 @@ __device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& s
       s = div_rn(exp_acc(sub_rn(v, row_max)), row_sum);
     }
     return a.bias != nullptr ? add_rn(s, a.bias[e]) : s;
+  };
+  const bool cached = use_keys && key_cache != nullptr;
+  if (cached) {
+    for (int e = lane; e < num_experts; e += NT) {
+      key_cache[e] = computed_key(e);
+    }
+    team_sync<NT>();
+  }
+  // The selection key of expert e: its logit, or its score plus its bias.
+  auto key_of = [&](int e) -> acc_t {
+    if (!use_keys) {
+      return to_acc(row[e]);
+    }
+    return cached ? key_cache[e] : computed_key(e);
   };
 
   // Group limit: group scores (the sum of a group's group_score_k best keys, all of them in a
@@ -173,13 +193,23 @@ __device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& s
   }
   // Expert e competes when its group is one of the topk_groups best: its group's pair does not
   // come after the topk_groups-th best group's pair.
-  auto allowed = [&](int e) -> bool {
-    if (a.num_groups <= 0) {
-      return true;
-    }
+  auto in_kept_group = [&](int e) -> bool {
     const int g = e / group_size;
     return !pair_before(group_key, group_index, group_scores[g], g);
   };
+  const bool mask_cached = cached && a.num_groups > 0;
+  if (mask_cached) {
+    // The other groups' keys become -inf: at least k keys of kept groups are finite (the row
+    // and the bias are, and the host checks k <= topk_groups * group size), so the k rounds
+    // below never reach a -inf key, and they need not look at groups.
+    for (int e = lane; e < num_experts; e += NT) {
+      if (!in_kept_group(e)) {
+        key_cache[e] = neg_infinity<acc_t>();
+      }
+    }
+    team_sync<NT>();
+  }
+  auto allowed = [&](int e) -> bool { return a.num_groups <= 0 || mask_cached || in_kept_group(e); };
 
   // Selection: k rounds, each taking the best pair after the previous round's pair.
   acc_t previous_key = neg_infinity<acc_t>();
@@ -731,10 +761,13 @@ extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_warp(SR_GATING_
   __shared__ Scratch<32> scratch[4];
   const int warp = static_cast<int>(threadIdx.x >> 5);
   const i64 t = static_cast<i64>(blockIdx.x) * 4 + warp;
+  __shared__ acc_t key_cache[4][kKeyCacheExperts];
   if (t >= num_tokens) {
     return;
   }
-  route_token<32>(SR_GATING_ARGS, t, static_cast<int>(threadIdx.x & 31), scratch[warp]);
+  // (E <= kKeyCacheExperts: the host sends larger rows to sr_topk_gating_block.)
+  acc_t* keys = num_experts <= kKeyCacheExperts ? key_cache[warp] : nullptr;
+  route_token<32>(SR_GATING_ARGS, t, static_cast<int>(threadIdx.x & 31), scratch[warp], keys);
 }
 
 extern "C" __global__ void __launch_bounds__(256) sr_topk_gating_block(SR_GATING_PARAMS) {
@@ -743,7 +776,7 @@ extern "C" __global__ void __launch_bounds__(256) sr_topk_gating_block(SR_GATING
   if (t >= num_tokens) {
     return;
   }
-  route_token<256>(SR_GATING_ARGS, t, static_cast<int>(threadIdx.x), scratch);
+  route_token<256>(SR_GATING_ARGS, t, static_cast<int>(threadIdx.x), scratch, nullptr);
 }
 
 #define SR_BACKWARD_PARAMS                                                                     \
