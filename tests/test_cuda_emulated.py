@@ -137,6 +137,43 @@ def test_bias_and_group_limit(gpu, dtype, num_experts, groups, topk_groups, k, s
         assert_weights_close(weights, cpu_weights, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    ("num_experts", "groups", "topk_groups", "k"),
+    [
+        (6, 2, 1, 3),  # 16 lanes per group, more than the group has experts
+        (60, 4, 2, 16),  # 8 lanes per group; 16 pairs per lane
+        (256, 8, 4, 8),  # DeepSeek-V3: 4 lanes per group
+        (96, 16, 4, 20),  # 2 lanes per group; k > 16: the selection rounds over masked keys
+        (32, 32, 6, 5),  # more groups than 16: a lane per group; groups of one expert
+        (160, None, None, 1),  # a bias alone (GLM-4.5's width): 2 pairs per lane
+        (24, None, None, 17),  # a bias alone, k > 16
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("group_score_k", [1, 2, 3])
+def test_the_warp_routes_cached_keys_as_the_cpu(
+    gpu, dtype, num_experts, groups, topk_groups, k, group_score_k
+):
+    """The warp kernel's cached keys: group scores from several lanes per group, excluded
+    groups' keys -inf, selection from the lanes' sorted pairs (k <= 16) or by rounds, with
+    negative keys (a bias below minus the scores), exact ties within groups and across them."""
+    logits = tie_heavy_logits(9, num_experts, dtype, seed=num_experts + k)
+    g = torch.Generator().manual_seed(num_experts)
+    classes = groups or num_experts
+    # Negative keys of one class (a multiple of 10) per group: ties between groups are exact.
+    bias = (torch.randint(0, 3, (classes,), generator=g).double() * 10 - 35).repeat_interleave(
+        num_experts // classes
+    )
+    expert_bias = bias.to(accumulator_dtype(dtype))
+    args = gating_args(logits, k, "sigmoid", True, expert_bias, groups, topk_groups, 1.5, group_score_k)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    cpu_weights, cpu_experts = ops.topk_gating(*args)
+    assert gpu.launches[-1][0] == "sr_topk_gating_warp"
+    assert torch.equal(experts, cpu_experts)
+    assert_weights_close(weights, cpu_weights, dtype)
+
+
 def test_groups_scored_by_more_keys_than_they_have(gpu):
     """A group_score_k beyond any int32 (every key of a group) reaches the kernel in range."""
     logits = random_logits(9, 12, torch.float32, seed=3)

@@ -53,6 +53,10 @@ struct Scratch {
 // at most WARP_TEAM_MAX_EXPERTS = 512 experts, _cuda_ops.py).
 constexpr int kKeyCacheExperts = 512;
 
+template <int M>
+__device__ void select_cached_keys(const acc_t* keys, const elem_t* row, int num_experts, int k, int lane,
+                                   acc_t* weights, i64* experts);
+
 // Routes token t. `key_cache` (null, or room for E keys shared by the team) holds the keys
 // once computed, where the route needs keys.
 template <int NT>
@@ -132,7 +136,53 @@ __device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& s
   int group_index = 0;
   if (a.num_groups > 0) {
     const int summed = a.group_score_k < group_size ? a.group_score_k : group_size;
-    for (int g = lane; g < a.num_groups; g += NT) {
+    bool scored = false;
+    if constexpr (NT == 32) {
+      if (cached && summed <= 2 && a.num_groups <= 16) {
+        // Several lanes per group (32 / num_groups, rounded down to a power of two): each
+        // takes the best two of its share of the group's cached keys, and a butterfly within
+        // the group's lanes merges them. The two best values do not depend on which lane
+        // found them, so the score is the one-pass score below.
+        int lanes_per_group = 16;
+        while (lanes_per_group * a.num_groups > 32) {
+          lanes_per_group >>= 1;
+        }
+        const int g = lane / lanes_per_group;
+        acc_t best = neg_infinity<acc_t>();
+        acc_t second = neg_infinity<acc_t>();
+        if (g < a.num_groups) {
+          const acc_t* group_keys = key_cache + g * group_size;
+          for (int i = lane % lanes_per_group; i < group_size; i += lanes_per_group) {
+            const acc_t key = group_keys[i];
+            if (key > best) {
+              second = best;
+              best = key;
+            } else if (key > second) {
+              second = key;
+            }
+          }
+        }
+        for (int offset = lanes_per_group >> 1; offset > 0; offset >>= 1) {
+          // The best two of both lanes' best two: the larger best, then the larger of the
+          // smaller best and the larger second.
+          const acc_t other_best = __shfl_xor_sync(SR_FULL_MASK, best, offset);
+          const acc_t other_second = __shfl_xor_sync(SR_FULL_MASK, second, offset);
+          const acc_t smaller_best = other_best > best ? best : other_best;
+          const acc_t larger_second = other_second > second ? other_second : second;
+          best = other_best > best ? other_best : best;
+          second = larger_second > smaller_best ? larger_second : smaller_best;
+        }
+        if (g < a.num_groups && lane % lanes_per_group == 0) {
+          acc_t sum = add_rn(acc_t(0), best);
+          if (summed == 2) {
+            sum = add_rn(sum, second);
+          }
+          group_scores[g] = sum;
+        }
+        scored = true;
+      }
+    }
+    for (int g = lane; g < a.num_groups && !scored; g += NT) {
       const int first = g * group_size;
       acc_t sum = acc_t(0);
       if (summed <= 2) {
@@ -211,10 +261,26 @@ __device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& s
   }
   auto allowed = [&](int e) -> bool { return a.num_groups <= 0 || mask_cached || in_kept_group(e); };
 
-  // Selection: k rounds, each taking the best pair after the previous round's pair.
+  // Selection: from the lanes' sorted pairs where a warp holds the keys, else k rounds, each
+  // taking the best pair after the previous round's pair.
+  bool selected = false;
+  if constexpr (NT == 32) {
+    if (cached && k <= 16) {
+      if (k <= 2) {
+        select_cached_keys<2>(key_cache, row, num_experts, k, lane, weights, experts);
+      } else if (k <= 4) {
+        select_cached_keys<4>(key_cache, row, num_experts, k, lane, weights, experts);
+      } else if (k <= 8) {
+        select_cached_keys<8>(key_cache, row, num_experts, k, lane, weights, experts);
+      } else {
+        select_cached_keys<16>(key_cache, row, num_experts, k, lane, weights, experts);
+      }
+      selected = true;
+    }
+  }
   acc_t previous_key = neg_infinity<acc_t>();
   int previous_index = 0;
-  for (int r = 0; r < k; ++r) {
+  for (int r = 0; r < k && !selected; ++r) {
     acc_t best_key = neg_infinity<acc_t>();
     int best_index = 0x7fffffff;
     for (int e = lane; e < num_experts; e += NT) {
@@ -468,7 +534,6 @@ __device__ __forceinline__ pair_t make_pair(elem_t value, int expert) {
   return (ordered << bits) | (all - static_cast<pair_t>(expert));
 }
 __device__ __forceinline__ pair_t empty_pair() { return 0; }  // below every pair of a real logit
-__device__ __forceinline__ bool pair_first(pair_t a, pair_t b) { return a > b; }
 __device__ __forceinline__ int pair_expert(pair_t p) {
   constexpr pair_t all = (pair_t(1) << kPairIndexBits) - 1;
   return static_cast<int>(all - (p & all));
@@ -501,6 +566,38 @@ __device__ __forceinline__ pair_t lanes_xor(pair_t p, int offset, unsigned team_
   return pair_t{__shfl_xor_sync(team_mask, p.key, offset), __shfl_xor_sync(team_mask, p.expert, offset)};
 }
 #endif
+#if SR_DTYPE != 3
+// Pairs as integers (pair_t, key_pair_t): the larger comes first.
+template <class P>
+__device__ __forceinline__ bool pair_first(P a, P b) {
+  return a > b;
+}
+#endif
+
+// Keys (acc_t: score plus bias) and their expert as pairs, for the keyed route: a float key
+// and the complement of the expert in 64 bits, made as make_pair makes float32 logit pairs
+// (so that -inf, too, comes before the empty pair 0); float64 keys as (key, expert).
+#if SR_DTYPE == 3
+typedef pair_t key_pair_t;
+__device__ __forceinline__ key_pair_t make_key_pair(acc_t key, int expert) { return pair_t{key, expert}; }
+__device__ __forceinline__ key_pair_t empty_key_pair() { return empty_pair(); }
+__device__ __forceinline__ int key_pair_expert(key_pair_t p) { return p.expert; }
+#else
+typedef u64 key_pair_t;
+__device__ __forceinline__ key_pair_t make_key_pair(float key, int expert) {
+  constexpr u64 sign = 0x80000000ull;
+  constexpr u64 all = 0xffffffffull;
+  u64 b = __float_as_uint(key);
+  b = b == sign ? u64(0) : b;  // -0 is +0
+  const u64 ordered = (b & sign) ? (~b & all) : (b | sign);
+  return (ordered << 32) | (all - static_cast<u64>(expert));
+}
+__device__ __forceinline__ key_pair_t empty_key_pair() { return 0; }
+__device__ __forceinline__ int key_pair_expert(key_pair_t p) {
+  return static_cast<int>(0xffffffffull - (p & 0xffffffffull));
+}
+#endif
+
 // The value of the lane `offset` away (xor) within the team.
 template <class T>
 __device__ __forceinline__ T lanes_xor(T value, int offset, unsigned team_mask) {
@@ -510,9 +607,10 @@ __device__ __forceinline__ T lanes_xor(T value, int offset, unsigned team_mask) 
 // ---- sorting networks over pairs ------------------------------------------------------------
 // Branch-free (selects only) and fully unrolled, so that the arrays stay in registers.
 
-__device__ __forceinline__ void order_two(pair_t& first, pair_t& second) {
+template <class P>
+__device__ __forceinline__ void order_two(P& first, P& second) {
   const bool swap = pair_first(second, first);
-  const pair_t a = first;
+  const P a = first;
   first = swap ? second : a;
   second = swap ? a : second;
 }
@@ -739,6 +837,52 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
     if (j < k && j % lanes == lane) {
       experts[j] = pair_expert(best[j]);
       weights[j] = value[j];
+    }
+  }
+}
+
+// ---- the keyed route's selection from the warp's key cache --------------------------------
+// route_token's k selection rounds, for a warp whose keys are cached and k <= M: each lane
+// keeps its M best (key, expert) pairs of experts lane, lane + 32, ... sorted in registers (as
+// the lane-team kernel does with logits), and k butterfly rounds over the lanes' first pairs
+// take the token's k best in selection order; the winner's lane pops it. Slot r is written by
+// lane r % 32 with the chosen expert's logit, as the rounds leave it.
+template <int M>
+__device__ void select_cached_keys(const acc_t* keys, const elem_t* row, int num_experts, int k, int lane,
+                                   acc_t* weights, i64* experts) {
+  key_pair_t best[M];
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    best[j] = empty_key_pair();
+  }
+  for (int e = lane; e < num_experts; e += 32) {
+    key_pair_t p = make_key_pair(keys[e], e);
+    if (!pair_first(p, best[M - 1])) {
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      order_two(best[j], p);
+    }
+  }
+  for (int r = 0; r < k; ++r) {
+    key_pair_t winner = best[0];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const key_pair_t other = lanes_xor(winner, offset, SR_FULL_MASK);
+      winner = pair_first(other, winner) ? other : winner;
+    }
+    const int expert = key_pair_expert(winner);
+    const bool pop = key_pair_expert(best[0]) == expert;
+#pragma unroll
+    for (int j = 0; j + 1 < M; ++j) {
+      best[j] = pop ? best[j + 1] : best[j];
+    }
+    best[M - 1] = pop ? empty_key_pair() : best[M - 1];
+    if (lane == r % 32) {
+      // At least k keys are finite (route_token), so the winner is always a real expert.
+      experts[r] = expert;
+      weights[r] = to_acc(row[expert]);
     }
   }
 }
