@@ -11,10 +11,10 @@
 // (key, expert) pair that comes after the previous round's pair in selection order (higher key
 // first, equal keys lower expert first), so the k experts come out in order and ties can never
 // select an expert twice. The warp kernel computes each key once into shared memory (E is at
-// most 512 there) and, with a group limit, marks the keys of excluded groups -inf, so that the
-// group scores and the selection rounds only read and compare; the block kernel recomputes
-// keys from the logits where it needs them, so nothing there scales with E in registers or
-// shared memory.
+// most 512 there), scores a group with several lanes, marks the keys of excluded groups -inf,
+// and for k <= 16 selects from each lane's sorted (key, expert) pairs (select_cached_keys), so
+// that after the keys it only reads and compares; the block kernel recomputes keys from the
+// logits where it needs them, so nothing there scales with E in registers or shared memory.
 //
 // Rows holding NaN or an infinity (in the logits, or in expert_bias + scores) are not routed:
 // their experts are -1 and their weights 0, and the row is counted in the error buffer that
