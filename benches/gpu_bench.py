@@ -277,29 +277,25 @@ def cases(repeats: int) -> tuple[list[dict[str, object]], list[Profiled]]:
                 capturable=True,
                 baseline=baseline,
             )
-    logits = torch.randn(16384, 256, device="cuda", generator=g)
-    bias = torch.randn(256, device="cuda", generator=g) * 0.01
-    add(
-        "topk_gating deepseek-v3 (sigmoid, bias, 8 groups / 4)",
-        "T=16384 E=256 k=8 fp32",
-        # (Defaults bind these tensors: the kernel breakdown calls the lambdas after `logits`
-        # is rebound below.)
-        lambda logits=logits, bias=bias: sparseroute.topk_gating(
-            logits, 8, score="sigmoid", expert_bias=bias, num_groups=8, topk_groups=4
-        ),
-        lambda logits=logits, bias=bias: torch_topk(logits, 8, "sigmoid", bias, 8, 4),
-        capturable=True,
-    )
-    # A selection bias without groups, at an expert count no power of two (GLM-4.5's router).
-    glm_logits = torch.randn(16384, 160, device="cuda", generator=g)
-    glm_bias = torch.randn(160, device="cuda", generator=g) * 0.01
-    add(
-        "topk_gating sigmoid, bias",
-        "T=16384 E=160 k=8 fp32",
-        lambda: sparseroute.topk_gating(glm_logits, 8, score="sigmoid", expert_bias=glm_bias),
-        lambda: torch_topk(glm_logits, 8, "sigmoid", glm_bias),
-        capturable=True,
-    )
+    # Keyed routes, in fp32 as the models' routers compute them: DeepSeek-V3's (sigmoid, a
+    # selection bias, 8 groups of which 4 compete) and a bias alone at an expert count no
+    # power of two (GLM-4.5's). Defaults bind the tensors: the kernel breakdown calls these
+    # lambdas after the loop has moved on.
+    for case, experts, groups in [
+        ("topk_gating deepseek-v3 (sigmoid, bias, 8 groups / 4)", 256, (8, 4)),
+        ("topk_gating sigmoid, bias", 160, (None, None)),
+    ]:
+        logits = torch.randn(16384, experts, device="cuda", generator=g)
+        bias = torch.randn(experts, device="cuda", generator=g) * 0.01
+        add(
+            case,
+            f"T=16384 E={experts} k=8 fp32",
+            lambda logits=logits, bias=bias, groups=groups: sparseroute.topk_gating(
+                logits, 8, score="sigmoid", expert_bias=bias, num_groups=groups[0], topk_groups=groups[1]
+            ),
+            lambda logits=logits, bias=bias, groups=groups: torch_topk(logits, 8, "sigmoid", bias, *groups),
+            capturable=True,
+        )
     for tokens, experts, k, hidden in [(4096, 8, 2, 4096), (16384, 64, 8, 2048)]:
         x = torch.randn(tokens, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
         ids = torch.randint(0, experts, (tokens, k), device="cuda", generator=g)
