@@ -192,6 +192,20 @@ def test_tensor_subclasses_take_the_dispatcher(monkeypatch):
     _refusing_dispatcher(monkeypatch)
     with pytest.raises(AssertionError, match="dispatcher"):
         sparseroute.topk_gating(torch.randn(8, 6).as_subclass(Tagged), 2)
+    # In an optional tensor argument too.
+    with pytest.raises(AssertionError, match="dispatcher"):
+        sparseroute.topk_gating(torch.randn(8, 6), 2, expert_bias=torch.zeros(6).as_subclass(Tagged))
+
+
+def test_each_call_looks_at_the_schema_tensor_arguments():
+    """The direct route checks the arguments that the op's schema types Tensor or
+    Optional[Tensor], and only those: every one of them, for every op."""
+    assert _eager._OPS
+    for name, entry in _eager._OPS.items():
+        schema = getattr(torch.ops.sparseroute, name).default._schema
+        tensors = [i for i, a in enumerate(schema.arguments) if "Tensor" in str(a.type)]
+        assert entry.tensor_positions == tuple(tensors), name
+        assert tensors, name
 
 
 def test_gradients_flow_only_where_they_should():

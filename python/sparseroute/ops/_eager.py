@@ -43,11 +43,15 @@ _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 class _Op:
     """What the direct route needs of one custom op: its kernel per device type, its autograd
     formula (None without one) and, made on first use, that formula around each kernel as a
-    ``torch.autograd.Function``; and the dispatcher's entry."""
+    ``torch.autograd.Function``; the positions of its tensor arguments; and the dispatcher's
+    entry."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.kernels: dict[str, Callable[..., Any]] = {}
+        # The arguments whose schema type is Tensor or Optional[Tensor] (set with the op):
+        # only those can hold a tensor, so only those are looked at on each call.
+        self.tensor_positions: tuple[int, ...] = ()
         self.autograd: tuple[Callable[..., Any], Callable[..., Any]] | None = None
         self.functions: dict[str, type[torch.autograd.Function]] = {}
         self.dispatcher: Callable[..., Any] | None = None
@@ -99,10 +103,21 @@ def custom_op(name: str, *, device_types: str | Sequence[str]) -> Callable[[_Fn]
         entry = _OPS.setdefault(name, _Op(name))
         for device_type in (device_types,) if isinstance(device_types, str) else device_types:
             entry.kernels[device_type] = kernel
+        entry.tensor_positions = _tensor_positions(name)
         _NAME_OF[id(op)] = name
         return op
 
     return define
+
+
+def _tensor_positions(name: str) -> tuple[int, ...]:
+    """The positions of op ``name``'s Tensor and Optional[Tensor] arguments, from its schema."""
+    schema = getattr(getattr(torch.ops, NAMESPACE), name).default._schema
+    return tuple(
+        position
+        for position, argument in enumerate(schema.arguments)
+        if str(argument.type) in ("Tensor", "Optional[Tensor]")
+    )
 
 
 def register_autograd(
@@ -147,7 +162,7 @@ def call(name: str, *args: Any) -> Any:
         return getattr(getattr(torch.ops, NAMESPACE), name)(*args)
     entry = _OPS[name]
     if _DIRECT and _plain_eager():
-        found = _device_and_grad(args)
+        found = _device_and_grad(args, entry.tensor_positions)
         if found is not None:
             device_type, needs_grad = found
             kernel = entry.kernels.get(device_type)
@@ -161,20 +176,24 @@ def call(name: str, *args: Any) -> Any:
     return entry.dispatcher(*args)
 
 
-def _device_and_grad(args: tuple[Any, ...]) -> tuple[str, bool] | None:
-    """The one device type of the tensors in ``args`` and whether any requires a gradient;
-    None for a tensor subclass, tensors on several device types, or no tensor."""
+def _device_and_grad(args: tuple[Any, ...], positions: tuple[int, ...]) -> tuple[str, bool] | None:
+    """The one device type of the tensors at ``positions`` of ``args`` (the op's tensor
+    arguments; None is skipped) and whether any requires a gradient; None for anything else
+    there (a tensor subclass, or not a tensor: the dispatcher then reports it), tensors on
+    several device types, or no tensor."""
     device_type = None
     needs_grad = False
-    for arg in args:
-        if isinstance(arg, Tensor):
-            if type(arg) not in _PLAIN_TENSORS:
-                return None
-            # (is_cuda and is_cpu are flags; .device builds an object: a tenth of the cost.)
-            this_type = "cuda" if arg.is_cuda else "cpu" if arg.is_cpu else arg.device.type
-            if device_type is None:
-                device_type = this_type
-            elif this_type != device_type:
-                return None
-            needs_grad = needs_grad or arg.requires_grad
+    for position in positions:
+        arg = args[position]
+        if arg is None:
+            continue
+        if type(arg) not in _PLAIN_TENSORS:
+            return None
+        # (is_cuda and is_cpu are flags; .device builds an object: a tenth of the cost.)
+        this_type = "cuda" if arg.is_cuda else "cpu" if arg.is_cpu else arg.device.type
+        if device_type is None:
+            device_type = this_type
+        elif this_type != device_type:
+            return None
+        needs_grad = needs_grad or arg.requires_grad
     return None if device_type is None else (device_type, needs_grad)
