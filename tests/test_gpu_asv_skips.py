@@ -22,7 +22,7 @@ def test_without_cuda_every_gpu_benchmark_is_skipped():
     finally:
         sys.path.remove(str(BENCHES))
     classes = [v for n, v in vars(suite).items() if inspect.isclass(v) and n.startswith("Gpu")]
-    assert len(classes) == 4
+    assert len(classes) == 5
     for benchmark_class in classes:
         first = [values[0] for values in benchmark_class.params]
         with pytest.raises(NotImplementedError, match="no CUDA device"):

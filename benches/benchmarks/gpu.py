@@ -1,6 +1,7 @@
 """asv benchmarks on a CUDA device: sparseroute's CUDA kernels next to the torch code they
 replace, with the torch baselines of the CPU suites (routing.py, variants.py) and the same
-Hugging Face MoE blocks (moe_block.py), in bfloat16 at T = 16384 (2048 for the blocks).
+Hugging Face MoE blocks (moe_block.py), in bfloat16 at T = 16384 (2048 for the blocks; the
+DeepSeek-V3 routing in float32).
 
 Every timed call ends with ``torch.cuda.synchronize()``, so a sample is one call's host work
 and its GPU time, as a training step meets the op. ``benches/gpu_bench.py`` adds what asv
@@ -16,7 +17,15 @@ import torch
 import sparseroute
 
 from .moe_block import SHAPES, build_block
-from .routing import BLOCK_ROWS, IMPLS, torch_block_permute, torch_gating, torch_permute, torch_unpermute
+from .routing import (
+    BLOCK_ROWS,
+    IMPLS,
+    torch_block_permute,
+    torch_deepseek_v3_gating,
+    torch_gating,
+    torch_permute,
+    torch_unpermute,
+)
 from .variants import torch_expert_choice, torch_mixtral_loss, torch_sinkhorn, torch_topp
 
 TOKENS = 16384
@@ -58,6 +67,33 @@ class GpuGating:
         logits = self.logits.detach().requires_grad_()
         weights, _ = self.fn(logits, k)
         weights.backward(self.grad)
+        torch.cuda.synchronize()
+
+
+class GpuGroupLimitedGating:
+    """DeepSeek-V3's routing (E = 256, k = 8, sigmoid, selection bias, 8 groups of which 4
+    compete, scale 2.5) on the GPU, against its Hugging Face router code, forward. float32
+    logits, as the model's router computes them."""
+
+    params = (IMPLS,)
+    param_names = ["impl"]
+    repeat = (3, 50, 20.0)
+    number = 1
+
+    def setup(self, impl):
+        cuda_ready()
+        self.logits = router_logits(TOKENS, 256).float()
+        self.bias = (
+            torch.randn(256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)) * 0.01
+        )
+
+    def time_forward(self, impl):
+        if impl == "torch":
+            torch_deepseek_v3_gating(self.logits, self.bias, 8, 8, 4, 2.5)
+        else:
+            sparseroute.topk_gating(
+                self.logits, 8, score="sigmoid", expert_bias=self.bias, num_groups=8, topk_groups=4, scale=2.5
+            )
         torch.cuda.synchronize()
 
 

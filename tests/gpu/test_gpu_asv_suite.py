@@ -22,7 +22,7 @@ def gpu_suite():
         sys.path.remove(str(BENCHES))
 
 
-SUITE_CLASSES = ["GpuGating", "GpuDispatch", "GpuVariants", "GpuMoEBlock"]
+SUITE_CLASSES = ["GpuGating", "GpuGroupLimitedGating", "GpuDispatch", "GpuVariants", "GpuMoEBlock"]
 
 
 @pytest.mark.parametrize("name", SUITE_CLASSES)
