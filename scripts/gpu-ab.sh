@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU time of the CUDA kernel sources of other commits against the wheel's, side by side.
+#
+# On the build machine (no GPU needed), from the repository root:
+#     make wheel && bash scripts/gpu-ab.sh prepare REV [REV ...]
+# writes dist/ab/NAME/ ($AB_DIR/NAME/), the kernel sources (python/sparseroute/cuda) of each
+# REV, NAME its short commit. Their kernels must take the arguments that the wheel's host code passes:
+# a kernel whose parameters changed between the commits fails to launch, naming itself.
+# On the GPU machine, from a copy of the repository root that includes dist/:
+#     bash scripts/gpu-ab.sh run [CASE_GROUP ...]
+# installs the wheel once, copies the installation for each dist/ab/NAME with that commit's
+# sources in place, and runs benches/gpu_ab.py (GPU time alone per case) in each in turn:
+# NAME ..., then the wheel's own as "wheel", two rounds, into $OUT/ab.log (default
+# ./gpu-ab-out). Case groups: see benches/gpu_ab.py (default: all).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+AB_DIR="${AB_DIR:-dist/ab}"
+
+case "${1:-}" in
+prepare)
+    shift
+    [ "$#" -gt 0 ] || { echo "gpu-ab: name at least one commit" >&2; exit 2; }
+    rm -rf "$AB_DIR"
+    for rev in "$@"; do
+        name=$(git rev-parse --short "$rev")
+        mkdir -p "$AB_DIR/$name"
+        for source in $(git ls-tree --name-only "$rev" python/sparseroute/cuda/); do
+            git show "$rev:$source" > "$AB_DIR/$name/$(basename "$source")"
+        done
+        echo "$AB_DIR/$name: $(ls "$AB_DIR/$name" | wc -l) kernel sources of $rev"
+    done
+    ;;
+run)
+    shift
+    OUT="${OUT:-$PWD/gpu-ab-out}"
+    mkdir -p "$OUT"
+    wheel=$(ls -t dist/sparseroute-*.whl 2>/dev/null | head -n 1)
+    [ -n "$wheel" ] || { echo "gpu-ab: no wheel in dist/; run 'make wheel' first" >&2; exit 2; }
+    root=$(mktemp -d)
+    "$PYTHON" -m pip install --quiet --no-deps --no-index --target "$root/wheel" "$wheel"
+    labels=()
+    for sources in "$AB_DIR"/*/; do
+        [ -d "$sources" ] || continue
+        name=$(basename "$sources")
+        cp -r "$root/wheel" "$root/$name"
+        cp "$sources"*.cu* "$root/$name/sparseroute/cuda/"
+        labels+=("$name")
+    done
+    labels+=(wheel)
+    for round in 1 2; do
+        for label in "${labels[@]}"; do
+            # From benches/, so that gpu_ab.py finds gpu_bench; each set compiles into its own
+            # cache. A set that fails (a kernel whose parameters changed) is reported, not fatal.
+            if ! (cd benches && PYTHONPATH="$root/$label" SPARSEROUTE_CACHE_DIR="$root/cache-$label" \
+                "$PYTHON" gpu_ab.py "$label" "$@") 2>&1 | tee -a "$OUT/ab.log"; then
+                echo "gpu-ab: $label failed" | tee -a "$OUT/ab.log"
+            fi
+        done
+    done
+    ;;
+*)
+    echo "usage: bash scripts/gpu-ab.sh prepare REV [REV ...] | run [CASE_GROUP ...]" >&2
+    exit 2
+    ;;
+esac
