@@ -16,6 +16,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+case "$PYTHON" in
+*/*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;;  # run from benches/ too
+esac
 AB_DIR="${AB_DIR:-dist/ab}"
 
 case "${1:-}" in
@@ -36,6 +39,7 @@ run)
     shift
     OUT="${OUT:-$PWD/gpu-ab-out}"
     mkdir -p "$OUT"
+    : > "$OUT/ab.log"
     wheel=$(ls -t dist/sparseroute-*.whl 2>/dev/null | head -n 1)
     [ -n "$wheel" ] || { echo "gpu-ab: no wheel in dist/; run 'make wheel' first" >&2; exit 2; }
     root=$(mktemp -d)
