@@ -153,11 +153,13 @@ def test_bias_and_group_limit(gpu, dtype, num_experts, groups, topk_groups, k, s
 )
 @pytest.mark.parametrize("group_score_k", [1, 2, 3])
 def test_the_warp_routes_cached_keys_as_the_cpu(
-    gpu, dtype, num_experts, groups, topk_groups, k, group_score_k
+    gpu, monkeypatch, dtype, num_experts, groups, topk_groups, k, group_score_k
 ):
     """The warp kernel's cached keys: group scores from several lanes per group, excluded
     groups' keys -inf, selection from the lanes' sorted pairs (k <= 16) or by rounds, with
-    negative keys (a bias below minus the scores), exact ties within groups and across them."""
+    negative keys (a bias below minus the scores), exact ties within groups and across them.
+    (A bias alone goes to the keyed lane teams unless they are switched off, as here.)"""
+    monkeypatch.setattr(_cuda_ops, "LANE_TEAM_MAX_K", 0)
     logits = tie_heavy_logits(9, num_experts, dtype, seed=num_experts + k)
     g = torch.Generator().manual_seed(num_experts)
     classes = groups or num_experts
@@ -172,6 +174,78 @@ def test_the_warp_routes_cached_keys_as_the_cpu(
     assert gpu.launches[-1][0] == "sr_topk_gating_warp"
     assert torch.equal(experts, cpu_experts)
     assert_weights_close(weights, cpu_weights, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("experts_per_lane", [1, 3, 8])
+@pytest.mark.parametrize(("num_experts", "k"), [(8, 8), (24, 5), (160, 8), (60, 16)], ids=str)
+@pytest.mark.parametrize(
+    ("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True), ("sigmoid", False)]
+)
+def test_keyed_lane_teams_route_as_the_cpu(
+    gpu, monkeypatch, dtype, experts_per_lane, num_experts, k, score, normalize
+):
+    """A selection bias without groups: every keyed team width (1 to 32 lanes, several teams
+    per warp, a last warp partly used) routes like the CPU, with negative keys, exact ties
+    of keys, a zero row of both signs and a non-finite row among finite ones."""
+    monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
+    monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
+    logits = tie_heavy_logits(37, num_experts, dtype, seed=num_experts * 5 + k) - 2
+    logits[7] = 0.0
+    logits[7, ::3] = -0.0
+    logits[5, num_experts // 2] = float("nan")
+    g = torch.Generator().manual_seed(num_experts + k)
+    # Classes 10 apart, below minus the scores: negative keys, ties only between equal logits.
+    bias = (torch.randint(0, 3, (num_experts,), generator=g).double() * 10 - 35).to(accumulator_dtype(dtype))
+    args = gating_args(logits, k, score, normalize, bias, scale=2.5)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    width = next(m for m in (2, 4, 8, 16) if m >= k)
+    assert gpu.launches[-1][0] == f"sr_topk_gating_keyed_team{width}"
+    assert gpu.errors[0].item() == 1  # the NaN row, counted once
+    assert torch.equal(experts[5], torch.full((k,), -1)) and not weights[5].any()
+    finite = torch.ones(37, dtype=torch.bool)
+    finite[5] = False
+    cpu_weights, cpu_experts = ops.topk_gating(
+        *gating_args(logits[finite], k, score, normalize, bias, scale=2.5)
+    )
+    assert torch.equal(experts[finite], cpu_experts)
+    assert_weights_close(weights[finite], cpu_weights, dtype)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_one_group_routes_by_score_in_a_keyed_team(gpu, score):
+    """One group (and no bias) selects by score, not by logit: distinct logits whose scores
+    round to the same value tie, and the lower expert goes first, as on the CPU."""
+    logits = torch.tensor([[30.0, 30.5, 31.0, -5.0], [20.0, 21.0, 22.0, 23.0]])
+    args = gating_args(logits, 2, score, True, None, 1, 1, 1.0)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    assert gpu.launches[-1][0] == "sr_topk_gating_keyed_team2"
+    cpu_weights, cpu_experts = ops.topk_gating(*args)
+    assert torch.equal(experts, cpu_experts)
+    assert_weights_close(weights, cpu_weights, torch.float32)
+
+
+def test_keyed_softmax_weights_are_stable_when_the_bias_picks_a_small_logit(gpu):
+    """The bias puts a small logit first: the softmax over the chosen logits must still be
+    taken from their largest (exp(100) overflows float32)."""
+    logits = torch.tensor([[0.0, 100.0, 50.0, 1.0]])
+    bias = torch.tensor([1000.0, 0.0, 0.0, 0.0])
+    args = gating_args(logits, 2, "softmax", True, bias)
+    weights, experts = _cuda_ops.topk_gating_cuda(*args)
+    assert gpu.launches[-1][0] == "sr_topk_gating_keyed_team2"
+    assert experts.tolist() == [[0, 1]]
+    assert torch.isfinite(weights).all()
+    assert_weights_close(weights, ops.topk_gating(*args)[0], torch.float32)
+
+
+def test_a_non_finite_bias_leaves_every_row_unrouted(gpu):
+    logits = random_logits(6, 16, torch.float32, seed=4)
+    bias = torch.zeros(16)
+    bias[3] = float("inf")
+    weights, experts = _cuda_ops.topk_gating_cuda(*gating_args(logits, 4, "sigmoid", True, bias))
+    assert gpu.launches[-1][0] == "sr_topk_gating_keyed_team4"
+    assert (experts == -1).all() and not weights.any()
+    assert gpu.errors[0].item() == 6
 
 
 def test_groups_scored_by_more_keys_than_they_have(gpu):

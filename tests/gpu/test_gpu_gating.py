@@ -121,6 +121,24 @@ def test_bias_without_groups():
     assert_same_routing(gpu, cpu, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("experts_per_lane", [1, 4, 16, 10_000])
+@pytest.mark.parametrize(("num_experts", "k"), [(8, 2), (64, 8), (160, 8), (384, 8), (512, 16)])
+@pytest.mark.parametrize(("score", "normalize"), [("softmax", True), ("softmax", False), ("sigmoid", True)])
+def test_every_keyed_lane_team_width_routes_as_the_cpu(
+    monkeypatch, dtype, experts_per_lane, num_experts, k, score, normalize
+):
+    """A selection bias without groups (GLM-4.5, MiniMax-M2, Kimi-K2's one group): keyed lane
+    teams of 1 to 32 lanes, the CPU's experts bit for bit, negative keys included."""
+    monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
+    monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
+    logits = tie_heavy_logits(1001, num_experts, dtype, seed=num_experts + experts_per_lane)
+    g = torch.Generator().manual_seed(num_experts + k)
+    bias = torch.randint(0, 3, (num_experts,), generator=g).float() * 10 - 25
+    gpu, cpu = route_both(logits, k, score=score, normalize=normalize, expert_bias=bias.cuda(), scale=0.5)
+    assert_same_routing(gpu, cpu, dtype)
+
+
 def test_deepseek_v3_style_routing_in_float64():
     """Random logits, a small bias, group limit, sigmoid, normalisation and scaling together.
     float64: GPU and CPU keys agree to ~1e-16, so no near-tie can split them."""

@@ -4,8 +4,10 @@
 //
 // Without expert_bias or a group limit, and for k <= 16, a team of 1 to 32 lanes routes one
 // token (sr_topk_gating_team*, below): selection compares the logits, which each lane keeps
-// sorted in registers as it reads its share of the row, and the lanes merge. Otherwise,
-// one team of threads routes one token: a warp (sr_topk_gating_warp, four tokens per
+// sorted in registers as it reads its share of the row, and the lanes merge. With a bias but
+// no group limit (k <= 16), keyed lane teams (sr_topk_gating_keyed_team*) do the same over the
+// keys, score plus bias. Otherwise, one team of threads routes one token: a warp
+// (sr_topk_gating_warp, four tokens per
 // 128-thread block) for up to a few hundred experts, a 256-thread block
 // (sr_topk_gating_block) above. Any E and any k: each of the k selection rounds finds the best
 // (key, expert) pair that comes after the previous round's pair in selection order (higher key
@@ -841,6 +843,148 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
   }
 }
 
+// ---- a few lanes per token, keyed: selection by score (plus a bias), no group limit --------
+// route_token_team's scheme over keys instead of logits, for a selection bias without a group
+// limit (or one group: the same selection). A first pass checks the row (and the bias) and,
+// for softmax scores, finds the row's largest logit and sums its exponentials (each lane its
+// experts in order, then a butterfly: the same bits in every lane); a second computes each key
+// as route_token does and keeps the lane's M best (key, expert) pairs sorted in registers; k
+// merge rounds follow. The weights come from the chosen experts' logits, as route_token's do:
+// the keys only select.
+template <int M>
+__device__ __forceinline__ void route_token_team_keyed(const elem_t* row, const acc_t* bias, int num_experts,
+                                                       int k, int sigmoid, int normalize, acc_t scale,
+                                                       int lanes, int lane, unsigned team_mask,
+                                                       acc_t* weights, i64* experts, int* errors) {
+  int finite = 1;
+  acc_t row_max = neg_infinity<acc_t>();
+  for (int e = lane; e < num_experts; e += lanes) {
+    const acc_t v = to_acc(row[e]);
+    finite &= is_finite(v) && (bias == nullptr || is_finite(bias[e])) ? 1 : 0;
+    row_max = v > row_max ? v : row_max;
+  }
+  for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+    finite &= lanes_xor(finite, offset, team_mask);
+    const acc_t other = lanes_xor(row_max, offset, team_mask);
+    row_max = other > row_max ? other : row_max;
+  }
+  if (!finite) {
+    for (int r = lane; r < k; r += lanes) {
+      experts[r] = -1;
+      weights[r] = acc_t(0);
+    }
+    if (lane == 0) {
+      atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+    }
+    return;
+  }
+  acc_t row_sum = acc_t(1);
+  if (!sigmoid) {
+    acc_t partial = acc_t(0);
+    for (int e = lane; e < num_experts; e += lanes) {
+      partial = add_rn(partial, exp_acc(sub_rn(to_acc(row[e]), row_max)));
+    }
+    for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+      partial = add_rn(partial, lanes_xor(partial, offset, team_mask));
+    }
+    row_sum = partial;
+  }
+
+  key_pair_t best[M];
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    best[j] = empty_key_pair();
+  }
+  for (int e = lane; e < num_experts; e += lanes) {
+    const acc_t v = to_acc(row[e]);
+    const acc_t score = sigmoid ? div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-v)))
+                                : div_rn(exp_acc(sub_rn(v, row_max)), row_sum);
+    key_pair_t p = make_key_pair(bias != nullptr ? add_rn(score, bias[e]) : score, e);
+    if (!pair_first(p, best[M - 1])) {
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      order_two(best[j], p);
+    }
+  }
+  if (lanes > 1) {
+    // Merge: round r takes the first of the lanes' first pairs; its lane pops it.
+    key_pair_t chosen[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      chosen[r] = empty_key_pair();
+      if (r < k) {
+        key_pair_t winner = best[0];
+        for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+          const key_pair_t other = lanes_xor(winner, offset, team_mask);
+          winner = pair_first(other, winner) ? other : winner;
+        }
+        chosen[r] = winner;
+        const bool pop = key_pair_expert(best[0]) == key_pair_expert(winner);
+#pragma unroll
+        for (int j = 0; j + 1 < M; ++j) {
+          best[j] = pop ? best[j + 1] : best[j];
+        }
+        best[M - 1] = pop ? empty_key_pair() : best[M - 1];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      best[j] = chosen[j];
+    }
+  }
+  // The chosen experts' logits (every lane holds all k), then the weights as route_token's.
+  acc_t logit[M];
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    logit[j] = j < k ? to_acc(row[key_pair_expert(best[j])]) : acc_t(0);
+  }
+  acc_t value[M];
+  if (!sigmoid && normalize) {
+    acc_t chosen_max = logit[0];
+#pragma unroll
+    for (int j = 1; j < M; ++j) {
+      chosen_max = j < k && logit[j] > chosen_max ? logit[j] : chosen_max;
+    }
+    acc_t total = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = exp_acc(sub_rn(logit[j], chosen_max));
+      total = j < k ? add_rn(total, value[j]) : total;
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(div_rn(value[j], total), scale);
+    }
+  } else if (!sigmoid) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(div_rn(exp_acc(sub_rn(logit[j], row_max)), row_sum), scale);
+    }
+  } else {
+    acc_t total = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-logit[j])));
+      total = j < k ? add_rn(total, value[j]) : total;
+    }
+    total = add_rn(total, acc_t(1e-20));
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(normalize ? div_rn(value[j], total) : value[j], scale);
+    }
+  }
+  // Lane l writes slots l, l + lanes, ...
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    if (j < k && j % lanes == lane) {
+      experts[j] = key_pair_expert(best[j]);
+      weights[j] = value[j];
+    }
+  }
+}
+
 // ---- the keyed route's selection from the warp's key cache --------------------------------
 // route_token's k selection rounds, for a warp whose keys are cached and k <= M: each lane
 // keeps its M best (key, expert) pairs of experts lane, lane + 32, ... sorted in registers (as
@@ -957,14 +1101,17 @@ extern "C" __global__ void __launch_bounds__(256) sr_topk_gating_backward_block(
 #define SR_TEAM_PARAMS                                                                       \
   const elem_t *logits, i64 num_tokens, int num_experts, int k, int sigmoid, int normalize,  \
       double scale, int vectorized, int lanes, acc_t *weights, i64 *experts, int *errors
-#define SR_TEAM_BODY(M)                                                                      \
+// The team of this thread: its lane, its token t, and the mask of its lanes within the warp.
+#define SR_TEAM_PROLOGUE                                                                     \
   const int lane = static_cast<int>(threadIdx.x) & (lanes - 1);                              \
   const i64 t = static_cast<i64>(blockIdx.x) * (blockDim.x / lanes) + threadIdx.x / lanes;  \
   if (t >= num_tokens) {                                                                     \
     return; /* the whole team: its lanes share t */                                          \
   }                                                                                          \
   const unsigned team_mask =                                                                 \
-      lanes == 32 ? SR_FULL_MASK : ((1u << lanes) - 1u) << ((threadIdx.x & 31) & ~(lanes - 1)); \
+      lanes == 32 ? SR_FULL_MASK : ((1u << lanes) - 1u) << ((threadIdx.x & 31) & ~(lanes - 1));
+#define SR_TEAM_BODY(M)                                                                      \
+  SR_TEAM_PROLOGUE                                                                           \
   route_token_team<M>(logits + t * num_experts, num_experts, k, sigmoid, normalize,          \
                       static_cast<acc_t>(scale), vectorized, lanes, lane, team_mask,         \
                       weights + t * k, experts + t * k, errors);
@@ -973,3 +1120,26 @@ extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team2(SR_TEAM_P
 extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team4(SR_TEAM_PARAMS) { SR_TEAM_BODY(4) }
 extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team8(SR_TEAM_PARAMS) { SR_TEAM_BODY(8) }
 extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_team16(SR_TEAM_PARAMS) { SR_TEAM_BODY(16) }
+
+// The keyed lane teams (route_token_team_keyed): `bias` [E] or null (one group, no bias).
+#define SR_KEYED_TEAM_PARAMS                                                                 \
+  const elem_t *logits, i64 num_tokens, int num_experts, int k, int sigmoid, int normalize,  \
+      const acc_t *bias, double scale, int lanes, acc_t *weights, i64 *experts, int *errors
+#define SR_KEYED_TEAM_BODY(M)                                                                \
+  SR_TEAM_PROLOGUE                                                                           \
+  route_token_team_keyed<M>(logits + t * num_experts, bias, num_experts, k, sigmoid, normalize, \
+                            static_cast<acc_t>(scale), lanes, lane, team_mask, weights + t * k, \
+                            experts + t * k, errors);
+
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_keyed_team2(SR_KEYED_TEAM_PARAMS) {
+  SR_KEYED_TEAM_BODY(2)
+}
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_keyed_team4(SR_KEYED_TEAM_PARAMS) {
+  SR_KEYED_TEAM_BODY(4)
+}
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_keyed_team8(SR_KEYED_TEAM_PARAMS) {
+  SR_KEYED_TEAM_BODY(8)
+}
+extern "C" __global__ void __launch_bounds__(128) sr_topk_gating_keyed_team16(SR_KEYED_TEAM_PARAMS) {
+  SR_KEYED_TEAM_BODY(16)
+}
