@@ -210,59 +210,27 @@ def topk_gating_cuda(
     experts = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
     if num_tokens == 0:
         return weights, experts
-    if groups <= 1 and (bias is not None or groups == 1) and k <= LANE_TEAM_MAX_K:
-        # Selection compares keys (scores plus the bias; one group selects as none): a keyed
-        # lane team per token (see gating.cu).
+    # Selection by score (plus the bias) without a group limit (one group selects as none),
+    # or by logit: a lane team per token (see gating.cu), for k <= 16.
+    by_key = groups <= 1 and (bias is not None or groups == 1)
+    by_logit = bias is None and not groups and num_experts <= PAIR_MAX_EXPERTS
+    if k <= LANE_TEAM_MAX_K and (by_key or by_logit):
         width = next(m for m in (2, 4, 8, 16) if m >= k)
         lanes = gating_lanes(num_tokens, num_experts)
+        options: tuple[Any, ...]
+        if by_key:
+            kernel, options = f"sr_topk_gating_keyed_team{width}", (pointer(bias), scale, lanes)
+        else:
+            kernel, options = f"sr_topk_gating_team{width}", (scale, _vectorized(num_experts, logits), lanes)
+        row = (pointer(logits), num_tokens, num_experts, k, score == "sigmoid", normalize)
         with _cuda.launcher(device) as launch:
             launch(
                 "gating.cu",
                 dtype,
-                f"sr_topk_gating_keyed_team{width}",
+                kernel,
                 -(-num_tokens * lanes // 128),
                 128,
-                (
-                    pointer(logits),
-                    num_tokens,
-                    num_experts,
-                    k,
-                    score == "sigmoid",
-                    normalize,
-                    pointer(bias),
-                    scale,
-                    lanes,
-                    pointer(weights),
-                    pointer(experts),
-                    pointer(launch.errors),
-                ),
-            )
-        return weights, experts
-    if bias is None and not groups and k <= LANE_TEAM_MAX_K and num_experts <= PAIR_MAX_EXPERTS:
-        # Selection compares logits: a lane team per token (see gating.cu).
-        width = next(m for m in (2, 4, 8, 16) if m >= k)
-        lanes = gating_lanes(num_tokens, num_experts)
-        with _cuda.launcher(device) as launch:
-            launch(
-                "gating.cu",
-                dtype,
-                f"sr_topk_gating_team{width}",
-                -(-num_tokens * lanes // 128),
-                128,
-                (
-                    pointer(logits),
-                    num_tokens,
-                    num_experts,
-                    k,
-                    score == "sigmoid",
-                    normalize,
-                    scale,
-                    _vectorized(num_experts, logits),
-                    lanes,
-                    pointer(weights),
-                    pointer(experts),
-                    pointer(launch.errors),
-                ),
+                (*row, *options, pointer(weights), pointer(experts), pointer(launch.errors)),
             )
         return weights, experts
     group_scores = torch.empty(num_tokens, groups, dtype=acc, device=device) if groups else None

@@ -850,7 +850,9 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
 // experts in order, then a butterfly: the same bits in every lane); a second computes each key
 // as route_token does and keeps the lane's M best (key, expert) pairs sorted in registers; k
 // merge rounds follow. The weights come from the chosen experts' logits, as route_token's do:
-// the keys only select.
+// the keys only select. (The merge and the weights repeat route_token_team's rather than share
+// helpers with it: shared helpers changed that kernel's register allocation, 56 -> 64
+// registers for bfloat16 at M = 16.)
 template <int M>
 __device__ __forceinline__ void route_token_team_keyed(const elem_t* row, const acc_t* bias, int num_experts,
                                                        int k, int sigmoid, int normalize, acc_t scale,
