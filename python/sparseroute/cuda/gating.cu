@@ -660,6 +660,95 @@ __device__ __forceinline__ void merge_sorted_pairs(pair_t* best, const pair_t* f
   }
 }
 
+// ---- what the lane lists share: offering a pair, merging the lanes' lists, the weights ----
+
+// Offers pair p to a lane's sorted list best[0..M): it enters when it comes before the last
+// kept pair, and sinks (at each place the earlier of the two stays, the other moves on).
+template <int M, class P>
+__device__ __forceinline__ void offer_pair(P* best, P p) {
+  if (!pair_first(p, best[M - 1])) {
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    order_two(best[j], p);
+  }
+}
+
+// Merges a team's sorted lists: round r takes the first of the lanes' first pairs (a
+// butterfly over the team) and the lane that held it pops it (a lane's list holds an expert
+// once; `expert_of` reads a pair's expert). Afterwards every lane's best[0..k) holds the
+// token's k best pairs in order.
+template <int M, class P, class ExpertOf>
+__device__ __forceinline__ void merge_team_lists(P* best, int k, int lanes, unsigned team_mask, P empty,
+                                                 ExpertOf expert_of) {
+  P chosen[M];
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+    chosen[r] = empty;
+    if (r < k) {
+      P winner = best[0];
+      for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+        const P other = lanes_xor(winner, offset, team_mask);
+        winner = pair_first(other, winner) ? other : winner;
+      }
+      chosen[r] = winner;
+      const bool pop = expert_of(best[0]) == expert_of(winner);
+#pragma unroll
+      for (int j = 0; j + 1 < M; ++j) {
+        best[j] = pop ? best[j + 1] : best[j];
+      }
+      best[M - 1] = pop ? empty : best[M - 1];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    best[j] = chosen[j];
+  }
+}
+
+// The weights value[0..k) of the chosen logits logit[0..k) (slots past k are ignored), as
+// route_token computes them: normalised softmax over the chosen (from their largest,
+// chosen_max()); softmax over the row (its largest logit row_max, and row_sum(), the sum of
+// its exponentials); sigmoid scores, normalised by their sum + 1e-20 or not. Then the scale.
+// chosen_max and row_sum are called only where they are needed.
+template <int M, class ChosenMax, class RowSum>
+__device__ __forceinline__ void chosen_weights(const acc_t* logit, int k, int sigmoid, int normalize,
+                                               acc_t scale, ChosenMax chosen_max_of, acc_t row_max,
+                                               RowSum row_sum, acc_t* value) {
+  if (!sigmoid && normalize) {
+    const acc_t chosen_max = chosen_max_of();
+    acc_t total = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = exp_acc(sub_rn(logit[j], chosen_max));
+      total = j < k ? add_rn(total, value[j]) : total;
+    }
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(div_rn(value[j], total), scale);
+    }
+  } else if (!sigmoid) {
+    const acc_t sum = row_sum();
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(div_rn(exp_acc(sub_rn(logit[j], row_max)), sum), scale);
+    }
+  } else {
+    acc_t total = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-logit[j])));
+      total = j < k ? add_rn(total, value[j]) : total;
+    }
+    total = add_rn(total, acc_t(1e-20));
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      value[j] = mul_rn(normalize ? div_rn(value[j], total) : value[j], scale);
+    }
+  }
+}
+
 // ---- a few lanes per token: selection by logit (no expert_bias, no group limit) ------------
 // A team of `lanes` threads (1, 2, 4, 8, 16 or 32, aligned within the warp) routes one token.
 // Lane l reads its share of the row in expert order (16-byte words l, l + lanes, ... when
@@ -686,15 +775,7 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
   int finite = 1;
   auto offer = [&](elem_t value, int e) {
     finite &= is_finite(to_acc(value)) ? 1 : 0;
-    pair_t p = make_pair(value, e);
-    if (!pair_first(p, best[M - 1])) {
-      return;
-    }
-    // The new pair sinks: at each place the earlier of the two stays, the other moves on.
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      order_two(best[j], p);
-    }
+    offer_pair<M>(best, make_pair(value, e));
   };
   constexpr int per_word = 16 / static_cast<int>(sizeof(elem_t));
   union Word {
@@ -762,77 +843,28 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
     return;
   }
   if (lanes > 1) {
-    // Merge: round r takes the first of the lanes' first pairs; its lane pops it. Afterwards
-    // every lane's list holds the token's k best pairs in order.
-    pair_t chosen[M];
-#pragma unroll
-    for (int r = 0; r < M; ++r) {
-      chosen[r] = empty_pair();
-      if (r < k) {
-        pair_t winner = best[0];
-        for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
-          const pair_t other = lanes_xor(winner, offset, team_mask);
-          winner = pair_first(other, winner) ? other : winner;
-        }
-        chosen[r] = winner;
-        const bool pop = pair_expert(best[0]) == pair_expert(winner);
-#pragma unroll
-        for (int j = 0; j + 1 < M; ++j) {
-          best[j] = pop ? best[j + 1] : best[j];
-        }
-        best[M - 1] = pop ? empty_pair() : best[M - 1];
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      best[j] = chosen[j];
-    }
+    merge_team_lists<M>(best, k, lanes, team_mask, empty_pair(), [](pair_t p) { return pair_expert(p); });
   }
   acc_t key[M];
 #pragma unroll
   for (int j = 0; j < M; ++j) {
     key[j] = j < k ? pair_logit(best[j]) : acc_t(0);
   }
-  acc_t value[M];
-  if (!sigmoid && normalize) {
-    // Softmax over the chosen logits; key[0] is their largest.
-    acc_t total = acc_t(0);
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = exp_acc(sub_rn(key[j], key[0]));
-      total = j < k ? add_rn(total, value[j]) : total;
-    }
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = mul_rn(div_rn(value[j], total), scale);
-    }
-  } else if (!sigmoid) {
-    // Softmax over all experts: key[0] is the row's largest logit; a second pass sums (each
-    // lane its experts in order, then the lanes by a butterfly, the same bits in every lane).
-    acc_t row_sum = acc_t(0);
+  // key[0] is the largest chosen logit, and the row's largest. The softmax over all experts
+  // takes a second pass for its sum (each lane its experts in order, then the lanes by a
+  // butterfly, the same bits in every lane).
+  auto row_sum = [&]() -> acc_t {
+    acc_t sum = acc_t(0);
     for (int e = lane; e < num_experts; e += lanes) {
-      row_sum = add_rn(row_sum, exp_acc(sub_rn(to_acc(row[e]), key[0])));
+      sum = add_rn(sum, exp_acc(sub_rn(to_acc(row[e]), key[0])));
     }
     for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
-      row_sum = add_rn(row_sum, lanes_xor(row_sum, offset, team_mask));
+      sum = add_rn(sum, lanes_xor(sum, offset, team_mask));
     }
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = mul_rn(div_rn(exp_acc(sub_rn(key[j], key[0])), row_sum), scale);
-    }
-  } else {
-    acc_t total = acc_t(0);
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-key[j])));
-      total = j < k ? add_rn(total, value[j]) : total;
-    }
-    total = add_rn(total, acc_t(1e-20));
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = mul_rn(normalize ? div_rn(value[j], total) : value[j], scale);
-    }
-  }
+    return sum;
+  };
+  acc_t value[M];
+  chosen_weights<M>(key, k, sigmoid, normalize, scale, [&] { return key[0]; }, key[0], row_sum, value);
   // Lane l writes slots l, l + lanes, ...
 #pragma unroll
   for (int j = 0; j < M; ++j) {
@@ -850,9 +882,7 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
 // experts in order, then a butterfly: the same bits in every lane); a second computes each key
 // as route_token does and keeps the lane's M best (key, expert) pairs sorted in registers; k
 // merge rounds follow. The weights come from the chosen experts' logits, as route_token's do:
-// the keys only select. (The merge and the weights repeat route_token_team's rather than share
-// helpers with it: shared helpers changed that kernel's register allocation, 56 -> 64
-// registers for bfloat16 at M = 16.)
+// the keys only select.
 template <int M>
 __device__ __forceinline__ void route_token_team_keyed(const elem_t* row, const acc_t* bias, int num_experts,
                                                        int k, int sigmoid, int normalize, acc_t scale,
@@ -901,82 +931,29 @@ __device__ __forceinline__ void route_token_team_keyed(const elem_t* row, const 
     const acc_t v = to_acc(row[e]);
     const acc_t score = sigmoid ? div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-v)))
                                 : div_rn(exp_acc(sub_rn(v, row_max)), row_sum);
-    key_pair_t p = make_key_pair(bias != nullptr ? add_rn(score, bias[e]) : score, e);
-    if (!pair_first(p, best[M - 1])) {
-      continue;
-    }
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      order_two(best[j], p);
-    }
+    offer_pair<M>(best, make_key_pair(bias != nullptr ? add_rn(score, bias[e]) : score, e));
   }
   if (lanes > 1) {
-    // Merge: round r takes the first of the lanes' first pairs; its lane pops it.
-    key_pair_t chosen[M];
-#pragma unroll
-    for (int r = 0; r < M; ++r) {
-      chosen[r] = empty_key_pair();
-      if (r < k) {
-        key_pair_t winner = best[0];
-        for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
-          const key_pair_t other = lanes_xor(winner, offset, team_mask);
-          winner = pair_first(other, winner) ? other : winner;
-        }
-        chosen[r] = winner;
-        const bool pop = key_pair_expert(best[0]) == key_pair_expert(winner);
-#pragma unroll
-        for (int j = 0; j + 1 < M; ++j) {
-          best[j] = pop ? best[j + 1] : best[j];
-        }
-        best[M - 1] = pop ? empty_key_pair() : best[M - 1];
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      best[j] = chosen[j];
-    }
+    merge_team_lists<M>(best, k, lanes, team_mask, empty_key_pair(),
+                        [](key_pair_t p) { return key_pair_expert(p); });
   }
-  // The chosen experts' logits (every lane holds all k), then the weights as route_token's.
+  // The chosen experts' logits (every lane holds all k). The bias may have put a smaller one
+  // first: their largest is searched.
   acc_t logit[M];
 #pragma unroll
   for (int j = 0; j < M; ++j) {
     logit[j] = j < k ? to_acc(row[key_pair_expert(best[j])]) : acc_t(0);
   }
-  acc_t value[M];
-  if (!sigmoid && normalize) {
-    acc_t chosen_max = logit[0];
+  auto chosen_max = [&]() -> acc_t {
+    acc_t largest = logit[0];
 #pragma unroll
     for (int j = 1; j < M; ++j) {
-      chosen_max = j < k && logit[j] > chosen_max ? logit[j] : chosen_max;
+      largest = j < k && logit[j] > largest ? logit[j] : largest;
     }
-    acc_t total = acc_t(0);
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = exp_acc(sub_rn(logit[j], chosen_max));
-      total = j < k ? add_rn(total, value[j]) : total;
-    }
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = mul_rn(div_rn(value[j], total), scale);
-    }
-  } else if (!sigmoid) {
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = mul_rn(div_rn(exp_acc(sub_rn(logit[j], row_max)), row_sum), scale);
-    }
-  } else {
-    acc_t total = acc_t(0);
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = div_rn(acc_t(1), add_rn(acc_t(1), exp_acc(-logit[j])));
-      total = j < k ? add_rn(total, value[j]) : total;
-    }
-    total = add_rn(total, acc_t(1e-20));
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      value[j] = mul_rn(normalize ? div_rn(value[j], total) : value[j], scale);
-    }
-  }
+    return largest;
+  };
+  acc_t value[M];
+  chosen_weights<M>(logit, k, sigmoid, normalize, scale, chosen_max, row_max, [&] { return row_sum; }, value);
   // Lane l writes slots l, l + lanes, ...
 #pragma unroll
   for (int j = 0; j < M; ++j) {
@@ -1002,14 +979,7 @@ __device__ void select_cached_keys(const acc_t* keys, const elem_t* row, int num
     best[j] = empty_key_pair();
   }
   for (int e = lane; e < num_experts; e += 32) {
-    key_pair_t p = make_key_pair(keys[e], e);
-    if (!pair_first(p, best[M - 1])) {
-      continue;
-    }
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      order_two(best[j], p);
-    }
+    offer_pair<M>(best, make_key_pair(keys[e], e));
   }
   for (int r = 0; r < k; ++r) {
     key_pair_t winner = best[0];
