@@ -82,6 +82,29 @@ def test_gating_matches_the_cpu_kernel(gpu, monkeypatch, dtype, num_experts, k, 
     assert gpu.launches[-1][0] == expected_kernel
 
 
+def lane_team_logits(monkeypatch, experts_per_lane, num_experts, dtype, seed):
+    """37 rows of logits for the lane-team tests (a last warp only partly used), routed with as
+    many lanes per token as leave each lane ``experts_per_lane`` experts: negative logits,
+    ties, row 7 zeros of both signs (-0 and +0 tie: lower expert first), row 5 holding a NaN."""
+    monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
+    monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
+    logits = tie_heavy_logits(37, num_experts, dtype, seed=seed) - 2
+    logits[7] = 0.0
+    logits[7, ::3] = -0.0
+    logits[5, num_experts // 2] = float("nan")
+    return logits
+
+
+def finite_rows_after_the_nan_row(gpu, weights, experts, k):
+    """Checks that row 5 of lane_team_logits (its NaN) was counted once and not routed;
+    returns the mask of the other rows."""
+    assert gpu.errors[0].item() == 1
+    assert torch.equal(experts[5], torch.full((k,), -1)) and not weights[5].any()
+    finite = torch.ones(experts.shape[0], dtype=torch.bool)
+    finite[5] = False
+    return finite
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts_per_lane", [1, 3, 8])
 @pytest.mark.parametrize(("num_experts", "k"), [(8, 8), (24, 5), (64, 8), (60, 16)], ids=lambda v: str(v))
@@ -91,22 +114,13 @@ def test_gating_lane_teams_route_as_the_cpu(
 ):
     """Every team width routes like the CPU: 2 to 32 lanes per token, several teams per warp,
     a last warp only partly used (37 tokens), and a non-finite row among finite ones."""
-    monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
-    monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
-    # Negative logits, ties, and a row of zeros of both signs (-0 and +0 tie: lower expert first).
-    logits = tie_heavy_logits(37, num_experts, dtype, seed=num_experts * 7 + k) - 2
-    logits[7] = 0.0
-    logits[7, ::3] = -0.0
-    logits[5, num_experts // 2] = float("nan")
+    logits = lane_team_logits(monkeypatch, experts_per_lane, num_experts, dtype, seed=num_experts * 7 + k)
     args = gating_args(logits, k, score, normalize, scale=2.5)
     weights, experts = _cuda_ops.topk_gating_cuda(*args)
     lanes = _cuda_ops.gating_lanes(37, num_experts)
     assert lanes == min(32, 1 << (num_experts // experts_per_lane).bit_length() - 1)
     assert gpu.launches[-1][0] == f"sr_topk_gating_team{next(m for m in (2, 4, 8, 16) if m >= k)}"
-    assert gpu.errors[0].item() == 1  # the NaN row, counted once
-    assert torch.equal(experts[5], torch.full((k,), -1)) and not weights[5].any()
-    finite = torch.ones(37, dtype=torch.bool)
-    finite[5] = False
+    finite = finite_rows_after_the_nan_row(gpu, weights, experts, k)
     ref_weights, ref_experts = topk_gating_reference(
         logits[finite], k, score=score, normalize=normalize, scale=2.5
     )
@@ -188,12 +202,7 @@ def test_keyed_lane_teams_route_as_the_cpu(
     """A selection bias without groups: every keyed team width (1 to 32 lanes, several teams
     per warp, a last warp partly used) routes like the CPU, with negative keys, exact ties
     of keys, a zero row of both signs and a non-finite row among finite ones."""
-    monkeypatch.setattr(_cuda_ops, "GATING_TARGET_THREADS", 1 << 30)
-    monkeypatch.setattr(_cuda_ops, "GATING_MIN_EXPERTS_PER_LANE", experts_per_lane)
-    logits = tie_heavy_logits(37, num_experts, dtype, seed=num_experts * 5 + k) - 2
-    logits[7] = 0.0
-    logits[7, ::3] = -0.0
-    logits[5, num_experts // 2] = float("nan")
+    logits = lane_team_logits(monkeypatch, experts_per_lane, num_experts, dtype, seed=num_experts * 5 + k)
     g = torch.Generator().manual_seed(num_experts + k)
     # Classes 10 apart, below minus the scores: negative keys, ties only between equal logits.
     bias = (torch.randint(0, 3, (num_experts,), generator=g).double() * 10 - 35).to(accumulator_dtype(dtype))
@@ -201,10 +210,7 @@ def test_keyed_lane_teams_route_as_the_cpu(
     weights, experts = _cuda_ops.topk_gating_cuda(*args)
     width = next(m for m in (2, 4, 8, 16) if m >= k)
     assert gpu.launches[-1][0] == f"sr_topk_gating_keyed_team{width}"
-    assert gpu.errors[0].item() == 1  # the NaN row, counted once
-    assert torch.equal(experts[5], torch.full((k,), -1)) and not weights[5].any()
-    finite = torch.ones(37, dtype=torch.bool)
-    finite[5] = False
+    finite = finite_rows_after_the_nan_row(gpu, weights, experts, k)
     cpu_weights, cpu_experts = ops.topk_gating(
         *gating_args(logits[finite], k, score, normalize, bias, scale=2.5)
     )
