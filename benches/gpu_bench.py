@@ -5,8 +5,8 @@
 Each case times both sides with CUDA events (median of ``--repeats`` runs after warm-up, in
 milliseconds) on the current device, and prints a table; ``--out`` writes the rows as JSON.
 The torch baselines are the usual hand-written forms: softmax/sigmoid + topk (+ bias, group
-mask), a stable argsort + index_select for permute (also against permute with rows in blocks of 128),
-and a gather + weighted sum for unpermute; for the token ops topk + sort, gather and a
+mask), a stable argsort + index_select for permute (also against permute with rows in blocks
+of 128), and a gather + weighted sum for unpermute; for the token ops topk + sort, gather and a
 gathered x + gate * y scattered back; for the balance ops softmax + sum, bincount, logsumexp;
 argmax for layer_plan; Megatron-style forms of capacity dispatch, top-p, expert choice (topk
 per expert) and Sinkhorn; and one transformers MoE block (Mixtral, OLMoE shapes) with its own

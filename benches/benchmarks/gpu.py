@@ -20,8 +20,8 @@ from .moe_block import SHAPES, build_block
 from .routing import (
     BLOCK_ROWS,
     IMPLS,
+    deepseek_v3_gating,
     torch_block_permute,
-    torch_deepseek_v3_gating,
     torch_gating,
     torch_permute,
     torch_unpermute,
@@ -88,12 +88,7 @@ class GpuGroupLimitedGating:
         )
 
     def time_forward(self, impl):
-        if impl == "torch":
-            torch_deepseek_v3_gating(self.logits, self.bias, 8, 8, 4, 2.5)
-        else:
-            sparseroute.topk_gating(
-                self.logits, 8, score="sigmoid", expert_bias=self.bias, num_groups=8, topk_groups=4, scale=2.5
-            )
+        deepseek_v3_gating(impl, self.logits, self.bias)
         torch.cuda.synchronize()
 
 

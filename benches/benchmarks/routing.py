@@ -49,6 +49,16 @@ def torch_deepseek_v3_gating(
     return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scale, experts
 
 
+def deepseek_v3_gating(impl: str, logits: torch.Tensor, bias: torch.Tensor) -> object:
+    """DeepSeek-V3's routing (E = 256, k = 8, sigmoid, selection bias, 8 groups of which 4
+    compete, scale 2.5) by ``impl``: its Hugging Face router code, or sparseroute."""
+    if impl == "torch":
+        return torch_deepseek_v3_gating(logits, bias, 8, 8, 4, 2.5)
+    return sparseroute.topk_gating(
+        logits, 8, score="sigmoid", expert_bias=bias, num_groups=8, topk_groups=4, scale=2.5
+    )
+
+
 def torch_permute(x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(experts.reshape(-1), stable=True)
     return x.index_select(0, order // experts.shape[1]), order
@@ -135,12 +145,7 @@ class GroupLimitedGating:
         self.bias = torch.randn(256, generator=torch.Generator().manual_seed(3)) * 0.01
 
     def time_forward(self, T, dtype, impl):
-        if impl == "torch":
-            torch_deepseek_v3_gating(self.logits, self.bias, 8, 8, 4, 2.5)
-        else:
-            sparseroute.topk_gating(
-                self.logits, 8, score="sigmoid", expert_bias=self.bias, num_groups=8, topk_groups=4, scale=2.5
-            )
+        deepseek_v3_gating(impl, self.logits, self.bias)
 
 
 class Dispatch:
