@@ -1893,6 +1893,7 @@ mod tests {
                 for score_k in [1, 2, 3] {
                     seed += 1;
                     let logits = tricky_logits(tokens * e, seed);
+                    let bf: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
                     let classes: Vec<f32> =
                         (0..e).map(|x| ((x / (e / num_groups) * 7) % 3) as f32 * 10.0).collect();
                     let small: Vec<f32> = tricky_logits(e, seed + 1).iter().map(|v| v * 0.01).collect();
@@ -1909,7 +1910,6 @@ mod tests {
                         let cfg =
                             GatingConfig { num_experts: e, k, score, normalize: true, groups, scale: 1.5 };
                         compare_paths_with_bias(&logits, tokens, bias.map(|b| b.as_slice()), &cfg);
-                        let bf: Vec<half::bf16> = logits.iter().map(|&v| half::bf16::from_f32(v)).collect();
                         compare_paths_with_bias(&bf, tokens, bias.map(|b| b.as_slice()), &cfg);
                     }
                 }
