@@ -44,6 +44,19 @@ struct GatingArgs {
   int* errors;
 };
 
+// A row that holds NaN or an infinity is not routed: its k slots get expert -1 and weight 0
+// (slot r written by lane r of `lanes`, r + lanes, ...), and lane 0 counts the row.
+__device__ __forceinline__ void leave_unrouted(i64* experts, acc_t* weights, int k, int lane, int lanes,
+                                               int* errors) {
+  for (int r = lane; r < k; r += lanes) {
+    experts[r] = -1;
+    weights[r] = acc_t(0);
+  }
+  if (lane == 0) {
+    atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
+  }
+}
+
 template <int NT>
 struct Scratch {
   acc_t values[NT / 32];
@@ -83,13 +96,7 @@ __device__ void route_token(const GatingArgs& a, i64 t, int lane, Scratch<NT>& s
   }
   finite = team_reduce<NT>(finite, MinIntOp(), sm.flags);
   if (!finite) {
-    for (int r = lane; r < k; r += NT) {
-      experts[r] = -1;
-      weights[r] = acc_t(0);
-    }
-    if (lane == 0) {
-      atomicAdd(&a.errors[SR_ERR_NON_FINITE_LOGITS], 1);
-    }
+    leave_unrouted(experts, weights, k, lane, NT, a.errors);
     return;
   }
 
@@ -833,13 +840,7 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
     finite &= lanes_xor(finite, offset, team_mask);
   }
   if (!finite) {
-    for (int r = lane; r < k; r += lanes) {
-      experts[r] = -1;
-      weights[r] = acc_t(0);
-    }
-    if (lane == 0) {
-      atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
-    }
+    leave_unrouted(experts, weights, k, lane, lanes, errors);
     return;
   }
   if (lanes > 1) {
@@ -901,13 +902,7 @@ __device__ __forceinline__ void route_token_team_keyed(const elem_t* row, const 
     row_max = other > row_max ? other : row_max;
   }
   if (!finite) {
-    for (int r = lane; r < k; r += lanes) {
-      experts[r] = -1;
-      weights[r] = acc_t(0);
-    }
-    if (lane == 0) {
-      atomicAdd(&errors[SR_ERR_NON_FINITE_LOGITS], 1);
-    }
+    leave_unrouted(experts, weights, k, lane, lanes, errors);
     return;
   }
   acc_t row_sum = acc_t(1);
