@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sparseroute import _cuda
+from sparseroute import _cuda, _cuda_ops
 
 HEADER = pathlib.Path(__file__).with_name("cuda_emulation.h")
 #: ``SPARSEROUTE_EMULATION_SANITIZER=thread`` builds the kernels with ThreadSanitizer (the
@@ -173,9 +173,44 @@ class EmulatedLauncher:
             raise RuntimeError(f"emulated launch of {kernel} failed ({status})")
 
 
+#: What the glue's uninitialised allocations hold under the emulation, by kind of dtype: a
+#: device allocation holds whatever was there before, which on the host is often zeros.
+_POISON = {"float": float("nan"), "bool": True, "int": 0x5A5A5A5A5A5A5A5A}
+
+
+def _poisoned(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point():
+        return tensor.fill_(_POISON["float"])
+    if tensor.dtype == torch.bool:
+        return tensor.fill_(_POISON["bool"])
+    if not tensor.is_complex():
+        info = torch.iinfo(tensor.dtype)
+        tensor.fill_(_POISON["int"] & info.max if info.min < 0 else _POISON["int"] % (info.max + 1))
+    return tensor
+
+
+class _PoisoningTorch:
+    """``torch`` as the CUDA glue sees it under the emulation: ``empty`` and ``empty_like``
+    return tensors filled with garbage (NaN, True, 0x5A5A...), so that an output a kernel
+    leaves partly unwritten fails the tests instead of passing on the host's zeroed pages."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def empty(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _poisoned(self._module.empty(*args, **kwargs))
+
+    def empty_like(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _poisoned(self._module.empty_like(*args, **kwargs))
+
+
 @contextmanager
 def emulated_cuda(monkeypatch: Any) -> Iterator[EmulatedLauncher]:
-    """Within the block, sparseroute's CUDA glue launches on the host emulation."""
+    """Within the block, sparseroute's CUDA glue launches on the host emulation, and its
+    uninitialised allocations hold garbage (see ``_PoisoningTorch``)."""
     launcher = EmulatedLauncher()
 
     @contextmanager
@@ -184,6 +219,7 @@ def emulated_cuda(monkeypatch: Any) -> Iterator[EmulatedLauncher]:
         yield launcher
 
     monkeypatch.setattr(_cuda, "launcher", fake_launcher)
+    monkeypatch.setattr(_cuda_ops, "torch", _PoisoningTorch(torch))
     yield launcher
 
 

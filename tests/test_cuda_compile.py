@@ -186,12 +186,11 @@ def test_module_compiles_for_the_oldest_and_newest_architectures(nvrtc, file, dt
 
 #: Kernels whose stack frame holds the few registers and predicates ptxas saves around its
 #: calls into subroutines (a float slow path in top-k gating, here the division of each
-#: key's score, 64-bit integer division in the one-block plan on sm_80), not data: the most
-#: spill-store bytes each may have. The saves run only when the call does.
+#: key's score), not data: the most spill-store bytes each may have. The saves run only when
+#: the call does.
 CALL_SAVES = {
     "sr_topk_gating_warp": 16,
     "sr_topk_gating_block": 16,
-    "sr_plan_small": 32,
     **{f"sr_topk_gating_keyed_team{m}": 32 for m in (2, 4, 8, 16)},
 }
 

@@ -407,6 +407,36 @@ def test_permute_plan_over_many_chunks(gpu, monkeypatch):
     assert count_launch[1] == 7  # 25 chunks of 40 slots, four warps per block
 
 
+@pytest.mark.parametrize(
+    ("kernels", "num_tokens", "chunk_slots", "min_chunks"),
+    [
+        ("one block", 5000, None, None),  # 313 slots per warp: a whole batch of 8 steps, then part of one
+        ("chunked", 3000, 1024, 1),  # 6 chunks of 1000 slots: four batches each
+        ("chunked", 2000, 40, None),  # 100 chunks: each expert's column takes four warp steps
+    ],
+)
+def test_permute_plan_over_long_chunks_and_many_chunks(
+    gpu, monkeypatch, kernels, num_tokens, chunk_slots, min_chunks
+):
+    """Chunks longer than one batch of loads (SR_PLAN_BATCH steps of 32 slots) and more chunks
+    than a warp has lanes: the batches must chain in slot order, and the column walks of
+    sr_plan_totals and sr_plan_cursors must carry from one 32 chunks to the next. With
+    padding rows, spare rows past the plan and empty slots."""
+    if kernels == "chunked":
+        monkeypatch.setattr(_cuda_ops, "SMALL_PLAN_MAX_SLOTS", -1)
+    if chunk_slots is not None:
+        monkeypatch.setattr(_cuda_ops, "PLAN_CHUNK_SLOTS", chunk_slots)
+    if min_chunks is not None:
+        monkeypatch.setattr(_cuda_ops, "PLAN_MIN_CHUNKS", min_chunks)
+    experts = random_experts(num_tokens, 2, 8, seed=num_tokens, empty=0.1)
+    x = torch.randn(num_tokens, 4, generator=torch.Generator().manual_seed(3))
+    for block_size, num_rows in ((1, None), (1, 2 * num_tokens + 100), (16, 2 * num_tokens + 8 * 15)):
+        permute_on_both((x, experts, 8, num_rows, None, None, False, block_size))
+    assert not gpu.errors.any()
+    names = {launch[0] for launch in gpu.launches}
+    assert ("sr_plan_small" in names) == (kernels == "one block")
+
+
 def test_permute_plan_chunking_respects_the_workspace_bound():
     chunks, chunk = _cuda_ops.plan_chunks(1 << 20, 100_000)
     assert chunks * 100_000 <= _cuda_ops.PLAN_WORKSPACE_ENTRIES and chunks * chunk >= 1 << 20

@@ -463,11 +463,18 @@ def plan_chunks(num_slots: int, num_experts: int) -> tuple[int, int]:
 
 
 def _dropless_plan(
-    launch: _cuda.Launcher, experts: Tensor, num_experts: int, rows: int, block_size: int = 1
+    launch: _cuda.Launcher,
+    experts: Tensor,
+    num_experts: int,
+    rows: int,
+    block_size: int = 1,
+    dropped: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(tokens_per_expert, offsets, row_to_slot [rows], slot_to_row)`` of the dropless plan of
     ``experts`` (int64, contiguous), each expert's rows in whole blocks of ``block_size``; -1
-    in the rows that hold no slot (padding, and past ``offsets[E]``)."""
+    in the rows that hold no slot (padding, and past ``offsets[E]``). The plan kernels write
+    every entry of their outputs, and zeros into ``dropped`` ([E] int64, if given: the drop
+    counts of a dropless permute), so that none of them needs a fill kernel first."""
     device = experts.device
     num_tokens, k = experts.shape
     num_slots = num_tokens * k
@@ -492,15 +499,20 @@ def _dropless_plan(
                 pointer(offsets),
                 pointer(row_to_slot),
                 pointer(slot_to_row),
+                pointer(dropped),
                 pointer(launch.errors),
             ),
         )
         return tokens_per_expert, offsets, row_to_slot, slot_to_row
-    row_to_slot = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    row_to_slot = torch.empty(rows, dtype=torch.int64, device=device)
     chunks, chunk = plan_chunks(num_slots, num_experts)
     # Each chunk's warp zeroes its row of the workspace before counting.
     counts = torch.empty(max(chunks, 1) * num_experts, dtype=torch.int64, device=device)
-    expert_blocks = -(-num_experts // 256)
+    # A warp per expert, eight per block of sr_plan_totals and sr_plan_cursors; the latter's
+    # threads also fill the rows past the plan, which may be all of them (eight rows or more
+    # per thread).
+    expert_blocks = -(-num_experts // 8)
+    cursor_blocks = max(expert_blocks, min(-(-rows // (256 * 8)), MAX_ROW_BLOCKS))
     plan: list[tuple[str, int, int, tuple[Any, ...]]] = [
         (
             "sr_plan_count",
@@ -525,9 +537,18 @@ def _dropless_plan(
         ("sr_plan_scan", 1, 1024, (pointer(tokens_per_expert), num_experts, block_size, pointer(offsets))),
         (
             "sr_plan_cursors",
-            expert_blocks,
+            cursor_blocks,
             256,
-            (pointer(counts), chunks, num_experts, pointer(offsets)),
+            (
+                pointer(counts),
+                chunks,
+                num_experts,
+                pointer(tokens_per_expert),
+                pointer(offsets),
+                rows,
+                pointer(row_to_slot),
+                pointer(dropped),
+            ),
         ),
         (
             "sr_plan_scatter",
@@ -720,10 +741,10 @@ def permute_cuda(
     experts = as_dtype(experts, torch.int64).contiguous()
     with _cuda.launcher(device) as launch:
         if capacity is None:
+            dropped = torch.empty(num_experts, dtype=torch.int64, device=device)
             tokens_per_expert, offsets, row_to_slot, slot_to_row = _dropless_plan(
-                launch, experts, num_experts, rows, block_size
+                launch, experts, num_experts, rows, block_size, dropped
             )
-            dropped = torch.zeros(num_experts, dtype=torch.int64, device=device)
         else:
             tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped = _capacity_plan(
                 launch, experts, num_experts, capacity, drop_weights, pad_to_capacity, rows, block_size

@@ -5,10 +5,13 @@
 // The S = T * k slots are cut into consecutive chunks, one warp per chunk:
 //   sr_plan_count    per-chunk histograms, counts[c, e] (an int64 workspace; each warp zeroes
 //                    its chunk's row first)
-//   sr_plan_totals   tokens_per_expert[e] = sum over chunks of counts[c, e]
+//   sr_plan_totals   tokens_per_expert[e] = sum over chunks of counts[c, e] (a warp per expert)
 //   sr_plan_scan     offsets = exclusive prefix sums of tokens_per_expert, each rounded up to
 //                    whole blocks of block_size rows (1: as they are; one block)
-//   sr_plan_cursors  counts[c, e] becomes the first row of chunk c's slots of expert e
+//   sr_plan_cursors  counts[c, e] becomes the first row of chunk c's slots of expert e (a warp
+//                    per expert, scanning over the chunks); it also writes the -1 of the rows
+//                    that hold no slot (padding, and past the plan) and the dropless plan's
+//                    zero drop counts, so that no output needs a fill before the plan
 //   sr_plan_scatter  each warp walks its chunk in slot order, 32 slots at a time; slots of the
 //                    same expert in a step are ranked by lane (__match_any_sync), so the row
 //                    of a slot is its expert's cursor plus its rank: a stable counting sort.
@@ -16,10 +19,16 @@
 // the workspace in shared memory: one launch instead of five, which is most of their time.
 // No atomics decide an order anywhere; each chunk's row of the workspace belongs to one warp.
 //
+// A warp reads its chunk's ids SR_PLAN_BATCH steps at a time, every load of the batch in
+// flight at once: each step's work is a few instructions, so a walk that waited for one
+// step's load before the next paid one memory latency per 32 slots, most of a plan's time.
+//
 // Invalid expert ids (not -1 and outside [0, E)) are treated as empty slots and counted in the
 // error buffer; so are slots that do not fit in num_rows rows (their slot_to_row is -1).
 
 #include "common.cuh"
+
+#define SR_PLAN_BATCH 8
 
 // Slot s goes to `row` (-1: nowhere): both maps record it. A row past num_rows leaves the
 // slot unrouted and sets `overflow` (the caller counts it as SR_ERR_NUM_ROWS).
@@ -35,6 +44,27 @@ __device__ __forceinline__ void place_slot(i64 s, i64 row, i64 num_rows, i64* ro
   }
 }
 
+// The expert ids of this lane's slots base + 32 * j + lane (j < SR_PLAN_BATCH) of a chunk
+// that ends at `end`: -1 past it, and -1 for an invalid id. Returns the number of invalid
+// ids in the whole batch (every lane gets the answer).
+__device__ __forceinline__ int load_batch(const i64* experts, i64 base, i64 end, int num_experts, int lane,
+                                          int (&ids)[SR_PLAN_BATCH]) {
+  i64 raw[SR_PLAN_BATCH];
+#pragma unroll
+  for (int j = 0; j < SR_PLAN_BATCH; ++j) {
+    const i64 s = base + 32 * j + lane;
+    raw[j] = s < end ? experts[s] : -1;
+  }
+  int invalid = 0;
+#pragma unroll
+  for (int j = 0; j < SR_PLAN_BATCH; ++j) {
+    const bool bad = raw[j] < -1 || raw[j] >= num_experts;
+    invalid += __popc(__ballot_sync(SR_FULL_MASK, bad));
+    ids[j] = bad ? -1 : static_cast<int>(raw[j]);
+  }
+  return invalid;
+}
+
 // One warp's histogram of slots [begin, end) into mine[0, E), which it zeroes first; returns
 // the number of invalid ids among them (every lane gets the answer).
 __device__ __forceinline__ int warp_count_chunk(const i64* experts, i64 begin, i64 end, int num_experts, int lane,
@@ -44,20 +74,21 @@ __device__ __forceinline__ int warp_count_chunk(const i64* experts, i64 begin, i
   }
   __syncwarp();
   int invalid = 0;
-  // Each step loads the next step's ids before it works on its own (-1 past the chunk).
-  i64 next = begin + lane < end ? experts[begin + lane] : -1;
-  for (i64 base = begin; base < end; base += 32) {
-    const i64 s = base + lane;
-    i64 e = next;
-    next = s + 32 < end ? experts[s + 32] : -1;
-    const bool bad = e < -1 || e >= num_experts;
-    e = bad ? -1 : e;
-    invalid += __popc(__ballot_sync(SR_FULL_MASK, bad));
-    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
-    if (e >= 0 && lane == __ffs(peers) - 1) {
-      mine[e] += __popc(peers);
+  for (i64 base = begin; base < end; base += 32 * SR_PLAN_BATCH) {
+    int ids[SR_PLAN_BATCH];
+    invalid += load_batch(experts, base, end, num_experts, lane, ids);
+#pragma unroll
+    for (int j = 0; j < SR_PLAN_BATCH; ++j) {
+      if (base + 32 * j >= end) {
+        break;  // the same for every lane
+      }
+      const int e = ids[j];
+      const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
+      if (e >= 0 && lane == __ffs(peers) - 1) {
+        mine[e] += __popc(peers);
+      }
+      __syncwarp();
     }
-    __syncwarp();
   }
   return invalid;
 }
@@ -69,29 +100,32 @@ __device__ __forceinline__ int warp_scatter_chunk(const i64* experts, i64 begin,
                                                   i64* mine, i64 num_rows, i64* row_to_slot, i64* slot_to_row) {
   const unsigned lanes_below = (1u << lane) - 1u;
   int overflowed = 0;
-  i64 next = begin + lane < end ? experts[begin + lane] : -1;
-  for (i64 base = begin; base < end; base += 32) {
-    int overflow = 0;
-    const i64 s = base + lane;
-    i64 e = next;
-    next = s + 32 < end ? experts[s + 32] : -1;
-    if (e < -1 || e >= num_experts) {
-      e = -1;
+  for (i64 base = begin; base < end; base += 32 * SR_PLAN_BATCH) {
+    int ids[SR_PLAN_BATCH];
+    load_batch(experts, base, end, num_experts, lane, ids);  // the count step counted the invalid
+#pragma unroll
+    for (int j = 0; j < SR_PLAN_BATCH; ++j) {
+      if (base + 32 * j >= end) {
+        break;  // the same for every lane
+      }
+      const i64 s = base + 32 * j + lane;
+      const int e = ids[j];
+      const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
+      i64 row = -1;
+      if (e >= 0) {
+        row = mine[e] + __popc(peers & lanes_below);
+      }
+      __syncwarp();  // every peer has read the cursor
+      if (e >= 0 && lane == __ffs(peers) - 1) {
+        mine[e] += __popc(peers);
+      }
+      int overflow = 0;
+      if (s < end) {
+        place_slot(s, row, num_rows, row_to_slot, slot_to_row, overflow);
+      }
+      overflowed += __popc(__ballot_sync(SR_FULL_MASK, overflow));
+      __syncwarp();  // the cursor update is visible to the next step
     }
-    const unsigned peers = __match_any_sync(SR_FULL_MASK, e);
-    i64 row = -1;
-    if (e >= 0) {
-      row = mine[e] + __popc(peers & lanes_below);
-    }
-    __syncwarp();  // every peer has read the cursor
-    if (e >= 0 && lane == __ffs(peers) - 1) {
-      mine[e] += __popc(peers);
-    }
-    if (s < end) {
-      place_slot(s, row, num_rows, row_to_slot, slot_to_row, overflow);
-    }
-    overflowed += __popc(__ballot_sync(SR_FULL_MASK, overflow));
-    __syncwarp();  // the cursor update is visible to the next step
   }
   return overflowed;
 }
@@ -102,22 +136,45 @@ __device__ __forceinline__ void chunk_bounds(i64 c, i64 chunk, i64 num_slots, i6
   end = begin + chunk < num_slots ? begin + chunk : num_slots;
 }
 
-// Expert e's slots over all chunks of the [chunks, E] counts.
-__device__ __forceinline__ i64 expert_total(const i64* counts, i64 num_chunks, int num_experts, int e) {
+// Inclusive prefix sums over the lanes of a warp.
+__device__ __forceinline__ i64 warp_inclusive_sum(i64 value, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const i64 other = __shfl_up_sync(SR_FULL_MASK, value, offset);
+    value += lane >= offset ? other : 0;
+  }
+  return value;
+}
+
+// One warp walks column e of the [num_chunks, E] counts, 32 chunks at a time. With
+// `to_cursors`, counts[c, e] becomes the first row of chunk c's slots of e, counted from
+// `first`, the expert's first row (otherwise the column is only summed). Returns the expert's
+// total (every lane gets it).
+__device__ __forceinline__ i64 warp_expert_column(i64* counts, i64 num_chunks, int num_experts, int e, int lane,
+                                                  bool to_cursors, i64 first) {
+  i64 before = first;
   i64 total = 0;
-  for (i64 c = 0; c < num_chunks; ++c) {
-    total += counts[c * num_experts + e];
+  for (i64 base = 0; base < num_chunks; base += 32) {
+    const i64 c = base + lane;
+    const i64 n = c < num_chunks ? counts[c * num_experts + e] : 0;
+    const i64 inclusive = warp_inclusive_sum(n, lane);
+    if (to_cursors && c < num_chunks) {
+      counts[c * num_experts + e] = before + inclusive - n;
+    }
+    const i64 step = __shfl_sync(SR_FULL_MASK, inclusive, 31);
+    before += step;
+    total += step;
   }
   return total;
 }
 
-// counts[c, e] becomes the first row of chunk c's slots of expert e, from `first`, the
-// expert's first row.
-__device__ __forceinline__ void expert_cursors(i64* counts, i64 num_chunks, int num_experts, int e, i64 first) {
-  for (i64 c = 0; c < num_chunks; ++c) {
-    const i64 n = counts[c * num_experts + e];
-    counts[c * num_experts + e] = first;
-    first += n;
+// The rows of expert e that hold no slot, [start + tokens, min(end, num_rows)) (its padding up
+// to whole blocks), get -1; the warp's lanes take every 32nd.
+__device__ __forceinline__ void fill_padding(i64 start, i64 tokens, i64 end, i64 num_rows, int lane,
+                                             i64* row_to_slot) {
+  end = end < num_rows ? end : num_rows;
+  for (i64 row = start + tokens + lane; row < end; row += 32) {
+    row_to_slot[row] = -1;
   }
 }
 
@@ -139,13 +196,18 @@ extern "C" __global__ void __launch_bounds__(128)
   }
 }
 
+// A warp per expert (eight per block).
 extern "C" __global__ void __launch_bounds__(256)
-    sr_plan_totals(const i64* counts, i64 num_chunks, int num_experts, i64* tokens_per_expert) {
-  const i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+    sr_plan_totals(i64* counts, i64 num_chunks, int num_experts, i64* tokens_per_expert) {
+  const i64 e = (static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (e >= num_experts) {
     return;
   }
-  tokens_per_expert[e] = expert_total(counts, num_chunks, num_experts, static_cast<int>(e));
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const i64 total = warp_expert_column(counts, num_chunks, num_experts, static_cast<int>(e), lane, false, 0);
+  if (lane == 0) {
+    tokens_per_expert[e] = total;
+  }
 }
 
 // offsets = exclusive prefix sums of tokens_per_expert, each rounded up to whole blocks of
@@ -160,24 +222,13 @@ __device__ __forceinline__ void block_scan_offsets(const i64* tokens_per_expert,
   for (int base = 0; base < num_experts; base += 1024) {
     const int e = base + static_cast<int>(threadIdx.x);
     const i64 count = e < num_experts ? (tokens_per_expert[e] + block_size - 1) / block_size * block_size : 0;
-    i64 inclusive = count;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const i64 other = __shfl_up_sync(SR_FULL_MASK, inclusive, offset);
-      inclusive += lane >= offset ? other : 0;
-    }
+    const i64 inclusive = warp_inclusive_sum(count, lane);
     if (lane == 31) {
       warp_totals[warp] = inclusive;
     }
     __syncthreads();
     if (warp == 0) {
-      i64 total = warp_totals[lane];
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const i64 other = __shfl_up_sync(SR_FULL_MASK, total, offset);
-        total += lane >= offset ? other : 0;
-      }
-      warp_totals[lane] = total;
+      warp_totals[lane] = warp_inclusive_sum(warp_totals[lane], lane);
     }
     __syncthreads();
     const i64 before_warp = warp > 0 ? warp_totals[warp - 1] : 0;
@@ -197,13 +248,27 @@ extern "C" __global__ void __launch_bounds__(1024)
   block_scan_offsets(tokens_per_expert, num_experts, block_size, offsets);
 }
 
+// A warp per expert (eight per block) turns its column of counts into cursors and writes its
+// padding rows' -1 and its zero drop count (null `dropped`: none); every thread of the grid
+// takes a share of the rows past the plan, [offsets[E], num_rows).
 extern "C" __global__ void __launch_bounds__(256)
-    sr_plan_cursors(i64* counts, i64 num_chunks, int num_experts, const i64* offsets) {
-  const i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+    sr_plan_cursors(i64* counts, i64 num_chunks, int num_experts, const i64* tokens_per_expert,
+                    const i64* offsets, i64 num_rows, i64* row_to_slot, i64* dropped) {
+  const i64 thread = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const i64 threads = static_cast<i64>(gridDim.x) * blockDim.x;
+  for (i64 row = offsets[num_experts] + thread; row < num_rows; row += threads) {
+    row_to_slot[row] = -1;
+  }
+  const i64 e = thread >> 5;
   if (e >= num_experts) {
     return;
   }
-  expert_cursors(counts, num_chunks, num_experts, static_cast<int>(e), offsets[e]);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  warp_expert_column(counts, num_chunks, num_experts, static_cast<int>(e), lane, true, offsets[e]);
+  fill_padding(offsets[e], tokens_per_expert[e], offsets[e + 1], num_rows, lane, row_to_slot);
+  if (dropped != nullptr && lane == 0) {
+    dropped[e] = 0;
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -226,15 +291,19 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // The whole plan in one block of 1024 threads (32 warps, 32 chunks) for at most
-// SR_SMALL_PLAN_EXPERTS experts: the [32, E] workspace lives in shared memory, and the steps
-// of the kernels above follow each other with __syncthreads. It also writes the -1 of the
-// rows that hold no slot: past the plan, and each expert's padding up to whole blocks (the
-// chunked path has torch fill row_to_slot first).
+// SR_SMALL_PLAN_EXPERTS experts. The [32, E] workspace, the totals and the offsets live in
+// shared memory, and the steps of the kernels above follow each other with __syncthreads:
+// warp w takes the columns of experts w, w + 32, ... (a lane per chunk), and warp 0 scans
+// the at most 128 totals, four per lane. It writes every row of row_to_slot and, unless null,
+// the zero drop counts.
 #define SR_SMALL_PLAN_EXPERTS 128
 extern "C" __global__ void __launch_bounds__(1024)
     sr_plan_small(const i64* experts, i64 num_slots, int num_experts, i64 block_size, i64 num_rows,
-                  i64* tokens_per_expert, i64* offsets, i64* row_to_slot, i64* slot_to_row, int* errors) {
+                  i64* tokens_per_expert, i64* offsets, i64* row_to_slot, i64* slot_to_row, i64* dropped,
+                  int* errors) {
   __shared__ i64 counts[32 * SR_SMALL_PLAN_EXPERTS];
+  __shared__ i64 totals[SR_SMALL_PLAN_EXPERTS];
+  __shared__ i64 starts[SR_SMALL_PLAN_EXPERTS + 1];
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int warp = static_cast<int>(threadIdx.x >> 5);
   i64 begin;
@@ -246,26 +315,56 @@ extern "C" __global__ void __launch_bounds__(1024)
     atomicAdd(&errors[SR_ERR_EXPERT_ID], invalid);
   }
   __syncthreads();
-  const int e = static_cast<int>(threadIdx.x);
-  if (e < num_experts) {
-    tokens_per_expert[e] = expert_total(counts, 32, num_experts, e);
-  }
-  __syncthreads();  // tokens_per_expert is complete (global writes are visible in the block)
-  block_scan_offsets(tokens_per_expert, num_experts, block_size, offsets);
-  __syncthreads();
-  // The rows past the plan and each expert's padding hold no slot (the scatter writes all
-  // the others).
-  for (i64 row = offsets[num_experts] + threadIdx.x; row < num_rows; row += blockDim.x) {
-    row_to_slot[row] = -1;
-  }
-  if (e < num_experts) {
-    const i64 end = offsets[e + 1] < num_rows ? offsets[e + 1] : num_rows;
-    for (i64 row = offsets[e] + tokens_per_expert[e]; row < end; ++row) {
-      row_to_slot[row] = -1;
+  // Each column becomes its chunks' first rows relative to the expert's first row.
+  for (int e = warp; e < num_experts; e += 32) {
+    const i64 total = warp_expert_column(counts, 32, num_experts, e, lane, true, 0);
+    if (lane == 0) {
+      totals[e] = total;
     }
   }
+  __syncthreads();
+  if (warp == 0) {
+    i64 rounded[SR_SMALL_PLAN_EXPERTS / 32];
+    i64 sum = 0;
+#pragma unroll
+    for (int j = 0; j < SR_SMALL_PLAN_EXPERTS / 32; ++j) {
+      const int e = lane * (SR_SMALL_PLAN_EXPERTS / 32) + j;
+      rounded[j] = e < num_experts ? (totals[e] + block_size - 1) / block_size * block_size : 0;
+      sum += rounded[j];
+    }
+    const i64 inclusive = warp_inclusive_sum(sum, lane);
+    i64 start = inclusive - sum;
+#pragma unroll
+    for (int j = 0; j < SR_SMALL_PLAN_EXPERTS / 32; ++j) {
+      const int e = lane * (SR_SMALL_PLAN_EXPERTS / 32) + j;
+      if (e < num_experts) {
+        starts[e] = start;
+      }
+      start += rounded[j];
+    }
+    if (lane == 31) {
+      starts[num_experts] = inclusive;
+    }
+  }
+  __syncthreads();
+  for (int entry = threadIdx.x; entry < 32 * num_experts; entry += blockDim.x) {
+    counts[entry] += starts[entry % num_experts];
+  }
+  const int e = static_cast<int>(threadIdx.x);
+  if (e <= num_experts) {
+    offsets[e] = starts[e];
+  }
   if (e < num_experts) {
-    expert_cursors(counts, 32, num_experts, e, offsets[e]);
+    tokens_per_expert[e] = totals[e];
+    if (dropped != nullptr) {
+      dropped[e] = 0;
+    }
+  }
+  for (i64 row = starts[num_experts] + threadIdx.x; row < num_rows; row += blockDim.x) {
+    row_to_slot[row] = -1;
+  }
+  for (int padded = warp; padded < num_experts; padded += 32) {
+    fill_padding(starts[padded], totals[padded], starts[padded + 1], num_rows, lane, row_to_slot);
   }
   __syncthreads();
   const int overflow =
