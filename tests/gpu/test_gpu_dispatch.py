@@ -87,6 +87,35 @@ def test_block_aligned_plan_is_the_cpu_plan(num_tokens, k, num_experts, block_si
     assert torch.equal(plan.offsets.cpu(), ref_offsets)
 
 
+def leave_garbage(sizes):
+    """Allocates int64 tensors of these sizes filled with garbage, then frees them all: torch's
+    caching allocator hands those blocks to the next allocations of the same sizes, as memory
+    freed earlier in a long run would be, so an output entry a kernel leaves unwritten shows."""
+    garbage = [torch.full((size,), 0x5A5A5A5A5A5A5A5A, dtype=torch.int64, device="cuda") for size in sizes]
+    torch.cuda.synchronize()
+    del garbage
+
+
+@pytest.mark.parametrize(("num_tokens", "k", "num_experts"), [(1000, 2, 8), (4096, 8, 64)])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_plan_kernels_write_every_output_entry(num_tokens, k, num_experts, block_size):
+    """The plan kernels write every row of row_to_slot (the -1 of padding and of the rows past
+    the plan) and the dropless drop counts themselves, with no fill before them: over memory
+    that held garbage, the one-block (1000 tokens) and chunked plans are still the CPU's."""
+    experts = random_experts(num_tokens, k, num_experts, seed=block_size, empty=0.2)
+    x = torch.randn(num_tokens, 8)
+    rows = sparseroute.max_permuted_rows(num_tokens * k, num_experts, block_size) + 40
+    cpu_sorted, cpu_plan = sparseroute.permute(x, experts, num_experts, num_rows=rows, block_size=block_size)
+    gpu_x, gpu_experts = x.cuda(), experts.cuda()
+    for _ in range(3):
+        leave_garbage([num_experts] * 4 + [num_experts + 1, rows, num_tokens * k] + [num_experts * 64] * 2)
+        gpu_sorted, plan = sparseroute.permute(
+            gpu_x, gpu_experts, num_experts, num_rows=rows, block_size=block_size
+        )
+        assert_same_plan(plan, cpu_plan)
+        assert torch.equal(gpu_sorted.cpu(), cpu_sorted)
+
+
 def test_moe_align_block_size_is_the_cpu_layout_and_capturable():
     experts = random_experts(4096, 8, 64, seed=11)
     gpu = sparseroute.moe_align_block_size(experts.cuda(), 64, 64)
