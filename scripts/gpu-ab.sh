@@ -5,7 +5,10 @@
 #     make wheel && bash scripts/gpu-ab.sh prepare REV [REV ...]
 # writes dist/ab/NAME/ ($AB_DIR/NAME/), the kernel sources (python/sparseroute/cuda) of each
 # REV, NAME its short commit. Their kernels must take the arguments that the wheel's host code passes:
-# a kernel whose parameters changed between the commits fails to launch, naming itself.
+# a kernel whose parameters changed between the commits (or that is missing) fails to launch,
+# naming itself: its cases read "capture failed", a group whose setup launches it says that its
+# inputs were not built, and the other groups still run. (At 6a6a926 the plan kernels took other
+# arguments, and the keyed lane teams did not exist: compare those with the gpu-check records.)
 # On the GPU machine, from a copy of the repository root that includes dist/:
 #     bash scripts/gpu-ab.sh run [CASE_GROUP ...]
 # installs the wheel once, copies the installation for each dist/ab/NAME with that commit's

@@ -49,6 +49,28 @@ def test_without_cuda_nothing_is_timed(gpu_ab, capsys):
     assert "CUDA is not available" in capsys.readouterr().out
 
 
+def test_a_group_that_cannot_be_built_leaves_the_others_running(gpu_ab, capsys):
+    """A set of kernel sources whose kernels take other parameters fails where a group's
+    setup launches one: that group says so, and the others are still timed."""
+
+    def broken() -> list:
+        raise TypeError("sr_plan_small: the arguments do not fit its parameters")
+
+    groups = {"broken": broken, "fine": lambda: [("op", "T=1", lambda: 1)]}
+    timed = []
+
+    def time_ms(call, name):
+        timed.append(name)
+        return 0.0125 if call() == 1 else None
+
+    gpu_ab.run_groups("old", groups, ["broken", "fine"], time_ms)
+    lines = capsys.readouterr().out.splitlines()
+    error = "TypeError: sr_plan_small: the arguments do not fit its parameters"
+    assert lines[0] == f"old        broken: inputs not built: {error}"
+    assert lines[1].split() == ["old", "op", "T=1", "12.50", "us"]
+    assert timed == [" (op)"]
+
+
 def git_checkout() -> bool:
     if shutil.which("git") is None:
         return False
