@@ -45,8 +45,8 @@ __device__ __forceinline__ void place_slot(i64 s, i64 row, i64 num_rows, i64* ro
 }
 
 // The expert ids of this lane's slots base + 32 * j + lane (j < SR_PLAN_BATCH) of a chunk
-// that ends at `end`: -1 past it, and -1 for an invalid id. Returns the number of invalid
-// ids in the whole batch (every lane gets the answer).
+// that ends at `end`: -1 past it, and -1 for an invalid id. Returns the number of invalid ids
+// among this lane's slots (no warp-wide step: only the count pass needs the number).
 __device__ __forceinline__ int load_batch(const i64* experts, i64 base, i64 end, int num_experts, int lane,
                                           int (&ids)[SR_PLAN_BATCH]) {
   i64 raw[SR_PLAN_BATCH];
@@ -59,7 +59,7 @@ __device__ __forceinline__ int load_batch(const i64* experts, i64 base, i64 end,
 #pragma unroll
   for (int j = 0; j < SR_PLAN_BATCH; ++j) {
     const bool bad = raw[j] < -1 || raw[j] >= num_experts;
-    invalid += __popc(__ballot_sync(SR_FULL_MASK, bad));
+    invalid += bad ? 1 : 0;
     ids[j] = bad ? -1 : static_cast<int>(raw[j]);
   }
   return invalid;
@@ -90,6 +90,11 @@ __device__ __forceinline__ int warp_count_chunk(const i64* experts, i64 begin, i
       __syncwarp();
     }
   }
+  // The lanes' counts summed by a butterfly: every lane gets the total.
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    invalid += __shfl_xor_sync(SR_FULL_MASK, invalid, offset);
+  }
   return invalid;
 }
 
@@ -102,7 +107,7 @@ __device__ __forceinline__ int warp_scatter_chunk(const i64* experts, i64 begin,
   int overflowed = 0;
   for (i64 base = begin; base < end; base += 32 * SR_PLAN_BATCH) {
     int ids[SR_PLAN_BATCH];
-    load_batch(experts, base, end, num_experts, lane, ids);  // the count step counted the invalid
+    load_batch(experts, base, end, num_experts, lane, ids);  // the count pass counted the invalid
 #pragma unroll
     for (int j = 0; j < SR_PLAN_BATCH; ++j) {
       if (base + 32 * j >= end) {
@@ -210,6 +215,11 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
+// An expert's rows: its count of slots rounded up to whole blocks of block_size rows.
+__device__ __forceinline__ i64 whole_blocks(i64 count, i64 block_size) {
+  return (count + block_size - 1) / block_size * block_size;
+}
+
 // offsets = exclusive prefix sums of tokens_per_expert, each rounded up to whole blocks of
 // block_size rows, by one block of 1024 threads: tiles of 1024 experts, scanned with warp
 // shuffles.
@@ -221,7 +231,7 @@ __device__ __forceinline__ void block_scan_offsets(const i64* tokens_per_expert,
   i64 carry = 0;
   for (int base = 0; base < num_experts; base += 1024) {
     const int e = base + static_cast<int>(threadIdx.x);
-    const i64 count = e < num_experts ? (tokens_per_expert[e] + block_size - 1) / block_size * block_size : 0;
+    const i64 count = e < num_experts ? whole_blocks(tokens_per_expert[e], block_size) : 0;
     const i64 inclusive = warp_inclusive_sum(count, lane);
     if (lane == 31) {
       warp_totals[warp] = inclusive;
@@ -329,7 +339,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 #pragma unroll
     for (int j = 0; j < SR_SMALL_PLAN_EXPERTS / 32; ++j) {
       const int e = lane * (SR_SMALL_PLAN_EXPERTS / 32) + j;
-      rounded[j] = e < num_experts ? (totals[e] + block_size - 1) / block_size * block_size : 0;
+      rounded[j] = e < num_experts ? whole_blocks(totals[e], block_size) : 0;
       sum += rounded[j];
     }
     const i64 inclusive = warp_inclusive_sum(sum, lane);
