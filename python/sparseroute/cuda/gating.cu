@@ -769,6 +769,21 @@ __device__ __forceinline__ void chosen_weights(const acc_t* logit, int k, int si
 // few, at the price of the merge (k rounds of log2(lanes) shuffles). The selection and the
 // weights of the k chosen logits do not depend on the number of lanes; only the softmax
 // denominator without normalisation is summed in a lane-dependent order (within an ulp).
+// The softmax denominator of a team's row: exp(row[e] - row_max) summed by each lane over its
+// experts e = lane, lane + lanes, ... in order, then over the lanes by a butterfly (the same
+// bits in every lane).
+__device__ __forceinline__ acc_t team_exp_sum(const elem_t* row, int num_experts, acc_t row_max, int lanes, int lane,
+                                              unsigned team_mask) {
+  acc_t sum = acc_t(0);
+  for (int e = lane; e < num_experts; e += lanes) {
+    sum = add_rn(sum, exp_acc(sub_rn(to_acc(row[e]), row_max)));
+  }
+  for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+    sum = add_rn(sum, lanes_xor(sum, offset, team_mask));
+  }
+  return sum;
+}
+
 template <int M>
 __device__ __forceinline__ void route_token_team(const elem_t* row, int num_experts, int k, int sigmoid,
                                                  int normalize, acc_t scale, int vectorized, int lanes,
@@ -852,18 +867,8 @@ __device__ __forceinline__ void route_token_team(const elem_t* row, int num_expe
     key[j] = j < k ? pair_logit(best[j]) : acc_t(0);
   }
   // key[0] is the largest chosen logit, and the row's largest. The softmax over all experts
-  // takes a second pass for its sum (each lane its experts in order, then the lanes by a
-  // butterfly, the same bits in every lane).
-  auto row_sum = [&]() -> acc_t {
-    acc_t sum = acc_t(0);
-    for (int e = lane; e < num_experts; e += lanes) {
-      sum = add_rn(sum, exp_acc(sub_rn(to_acc(row[e]), key[0])));
-    }
-    for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
-      sum = add_rn(sum, lanes_xor(sum, offset, team_mask));
-    }
-    return sum;
-  };
+  // takes a second pass for its sum.
+  auto row_sum = [&]() -> acc_t { return team_exp_sum(row, num_experts, key[0], lanes, lane, team_mask); };
   acc_t value[M];
   chosen_weights<M>(key, k, sigmoid, normalize, scale, [&] { return key[0]; }, key[0], row_sum, value);
   // Lane l writes slots l, l + lanes, ...
@@ -905,17 +910,7 @@ __device__ __forceinline__ void route_token_team_keyed(const elem_t* row, const 
     leave_unrouted(experts, weights, k, lane, lanes, errors);
     return;
   }
-  acc_t row_sum = acc_t(1);
-  if (!sigmoid) {
-    acc_t partial = acc_t(0);
-    for (int e = lane; e < num_experts; e += lanes) {
-      partial = add_rn(partial, exp_acc(sub_rn(to_acc(row[e]), row_max)));
-    }
-    for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
-      partial = add_rn(partial, lanes_xor(partial, offset, team_mask));
-    }
-    row_sum = partial;
-  }
+  const acc_t row_sum = sigmoid ? acc_t(1) : team_exp_sum(row, num_experts, row_max, lanes, lane, team_mask);
 
   key_pair_t best[M];
 #pragma unroll
