@@ -324,6 +324,51 @@ def test_gating_checks_its_arguments(gpu):
         _cuda_ops.topk_gating_cuda(*gating_args(torch.zeros(2, 6), 2, groups=4, topk_groups=1))
 
 
+def test_gating_launch_is_chosen_once_per_call_signature(gpu, monkeypatch):
+    """The kernel and the launch shape are chosen, and the arguments checked, on a call
+    signature's first call; its later calls reuse them, while what may differ from call to call
+    (the alignment of the logits, the scale) is read on each, and invalid arguments raise on
+    every call."""
+    monkeypatch.setattr(_cuda_ops, "_gating_launches", {})
+    chosen = []
+    choose = _cuda_ops._gating_launch
+    monkeypatch.setattr(_cuda_ops, "_gating_launch", lambda *args: chosen.append(args[1:]) or choose(*args))
+    launched = []
+    launch = type(gpu).__call__
+    monkeypatch.setattr(
+        type(gpu), "__call__", lambda self, *args: launched.append(args[5]) or launch(self, *args)
+    )
+    logits = tie_heavy_logits(9, 64, torch.bfloat16, seed=1)
+    unaligned = torch.empty(9 * 64 + 1, dtype=torch.bfloat16)[1:].view(9, 64)  # 2 bytes past a word
+    unaligned.copy_(logits)
+    for x, scale in [(logits, 1.0), (unaligned, 2.5), (logits, 2.5)]:
+        weights, experts = _cuda_ops.topk_gating_cuda(*gating_args(x, 8, scale=scale))
+        cpu_weights, cpu_experts = ops.topk_gating(*gating_args(x, 8, scale=scale))
+        assert torch.equal(experts, cpu_experts)
+        assert_weights_close(weights, cpu_weights, torch.bfloat16)
+    assert len(chosen) == 1
+    # sr_topk_gating_team8's arguments after the row's six: the scale, then words or pairs.
+    assert [(args[6], args[7]) for args in launched] == [(1.0, True), (2.5, False), (2.5, True)]
+    with pytest.raises(ValueError, match="scale: expected a finite number"):
+        _cuda_ops.topk_gating_cuda(*gating_args(logits, 8, scale=float("nan")))
+    _cuda_ops.topk_gating_cuda(*gating_args(logits[:5], 8))  # another shape: chosen again
+    assert len(chosen) == 2
+    for _ in range(2):
+        with pytest.raises(ValueError, match="k: expected 1 <= k <= E = 64"):
+            _cuda_ops.topk_gating_cuda(*gating_args(logits, 65))
+    assert len(chosen) == 4 and len(_cuda_ops._gating_launches) == 2
+
+
+def test_gating_launches_kept_are_bounded(gpu, monkeypatch):
+    monkeypatch.setattr(_cuda_ops, "_gating_launches", {})
+    monkeypatch.setattr(_cuda_ops, "MAX_CACHED_LAUNCHES", 3)
+    for num_tokens in range(1, 8):
+        logits = tie_heavy_logits(num_tokens, 16, torch.float32, seed=num_tokens)
+        _, experts = _cuda_ops.topk_gating_cuda(*gating_args(logits, 2))
+        assert torch.equal(experts, ops.topk_gating(*gating_args(logits, 2))[1])
+        assert 1 <= len(_cuda_ops._gating_launches) <= 3
+
+
 # --- permute ------------------------------------------------------------------------------------
 
 

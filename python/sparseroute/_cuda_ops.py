@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -161,25 +161,44 @@ def gating_lanes(num_tokens: int, num_experts: int) -> int:
     return lanes
 
 
-def topk_gating_cuda(
+class _GatingLaunch(NamedTuple):
+    """How one call signature of top-k gating runs (see ``_gating_launch``)."""
+
+    kernel: str
+    grid: int
+    block: int
+    #: "team" (sr_topk_gating_team*: by logit), "keyed_team" (by key), or "token" (a warp or
+    #: a block per token: group limits, and a bias with k > 16).
+    route: str
+    #: Lanes per token of the team kernels.
+    lanes: int
+    #: Whether a row of logits is whole 16-byte words (the team kernel then also needs an
+    #: aligned base, checked per call).
+    row_in_words: bool
+    #: The group limit as the token kernels take it (0, 0, 2 without one).
+    groups: int
+    kept_groups: int
+    group_score_k: int
+
+
+def _gating_launch(
     logits: Tensor,
     k: int,
     score: str,
-    normalize: bool,
-    expert_bias: Tensor | None,
+    has_bias: bool,
     num_groups: int | None,
     topk_groups: int | None,
     group_score_k: int,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    dtype = _check_logits(logits)
+) -> _GatingLaunch:
+    """Checks what top-k gating's arguments must satisfy apart from the tensors' values and
+    devices, and picks its kernel and launch shape: everything that depends only on the
+    call signature (see ``topk_gating_cuda``)."""
+    _check_logits(logits)
     num_tokens, num_experts = logits.shape
     if not 1 <= k <= num_experts:
         raise _invalid("k", f"1 <= k <= E = {num_experts}", f"k = {k}")
     if score not in ("softmax", "sigmoid"):
         raise _invalid("score", "'softmax' or 'sigmoid'", repr(score))
-    if not math.isfinite(scale):
-        raise _invalid("scale", "a finite number", scale)
     groups = 0
     kept_groups = 0
     if num_groups is not None or topk_groups is not None:
@@ -197,6 +216,71 @@ def topk_gating_cuda(
         if group_score_k < 1:
             raise _invalid("group_score_k", "at least 1", group_score_k)
         groups, kept_groups = num_groups, topk_groups
+    row_in_words = num_experts * logits.element_size() % 16 == 0
+    # Selection by score (plus the bias) without a group limit (one group selects as none),
+    # or by logit: a lane team per token (see gating.cu), for k <= 16.
+    by_key = groups <= 1 and (has_bias or groups == 1)
+    by_logit = not has_bias and not groups and num_experts <= PAIR_MAX_EXPERTS
+    if k <= LANE_TEAM_MAX_K and (by_key or by_logit):
+        width = next(m for m in (2, 4, 8, 16) if m >= k)
+        lanes = gating_lanes(num_tokens, num_experts)
+        route = "keyed_team" if by_key else "team"
+        kernel = f"sr_topk_gating_{route}{width}"
+        return _GatingLaunch(kernel, -(-num_tokens * lanes // 128), 128, route, lanes, row_in_words, 0, 0, 2)
+    kernel, grid, block = _token_teams(num_tokens, num_experts, "sr_topk_gating_warp", "sr_topk_gating_block")
+    # (All of a group's keys when it has fewer: the kernel's int stays in range.)
+    scored = min(group_score_k, num_experts // groups) if groups else 2
+    return _GatingLaunch(kernel, grid, block, "token", 0, row_in_words, groups, kept_groups, scored)
+
+
+#: The launch of every top-k gating call signature seen (dtype, shape, k, score, whether
+#: there is a bias, the group arguments), with the tuning that chose it: a model calls the
+#: op with a few signatures over and over, and checking the arguments and choosing the kernel
+#: again on each call took a third of the glue's host time (13.0 against 8.8 µs a call with
+#: the launch left out, on a CPU). Cleared when it grows past MAX_CACHED_LAUNCHES.
+_gating_launches: dict[tuple[Any, ...], _GatingLaunch] = {}
+MAX_CACHED_LAUNCHES = 4096
+
+
+def topk_gating_cuda(
+    logits: Tensor,
+    k: int,
+    score: str,
+    normalize: bool,
+    expert_bias: Tensor | None,
+    num_groups: int | None,
+    topk_groups: int | None,
+    group_score_k: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    # The tuning constants are in the key so that changing them (the lane-width benchmark,
+    # tests that force a route) takes effect at once.
+    signature = (
+        logits.dtype,
+        logits.shape,
+        k,
+        score,
+        expert_bias is None,
+        num_groups,
+        topk_groups,
+        group_score_k,
+        LANE_TEAM_MAX_K,
+        GATING_TARGET_THREADS,
+        GATING_MIN_EXPERTS_PER_LANE,
+        gating_lanes,
+    )
+    launch_shape = _gating_launches.get(signature)
+    if launch_shape is None:
+        launch_shape = _gating_launch(
+            logits, k, score, expert_bias is not None, num_groups, topk_groups, group_score_k
+        )
+        if len(_gating_launches) >= MAX_CACHED_LAUNCHES:
+            _gating_launches.clear()
+        _gating_launches[signature] = launch_shape
+    if not math.isfinite(scale):
+        raise _invalid("scale", "a finite number", scale)
+    dtype = logits.dtype
+    num_tokens, num_experts = logits.shape
     acc = accumulator_dtype(dtype)
     device = logits.device
     logits = logits.contiguous()
@@ -210,53 +294,25 @@ def topk_gating_cuda(
     experts = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
     if num_tokens == 0:
         return weights, experts
-    # Selection by score (plus the bias) without a group limit (one group selects as none),
-    # or by logit: a lane team per token (see gating.cu), for k <= 16.
-    by_key = groups <= 1 and (bias is not None or groups == 1)
-    by_logit = bias is None and not groups and num_experts <= PAIR_MAX_EXPERTS
-    if k <= LANE_TEAM_MAX_K and (by_key or by_logit):
-        width = next(m for m in (2, 4, 8, 16) if m >= k)
-        lanes = gating_lanes(num_tokens, num_experts)
-        options: tuple[Any, ...]
-        if by_key:
-            kernel, options = f"sr_topk_gating_keyed_team{width}", (pointer(bias), scale, lanes)
-        else:
-            kernel, options = f"sr_topk_gating_team{width}", (scale, _vectorized(num_experts, logits), lanes)
-        row = (pointer(logits), num_tokens, num_experts, k, score == "sigmoid", normalize)
-        with _cuda.launcher(device) as launch:
-            launch(
-                "gating.cu",
-                dtype,
-                kernel,
-                -(-num_tokens * lanes // 128),
-                128,
-                (*row, *options, pointer(weights), pointer(experts), pointer(launch.errors)),
-            )
-        return weights, experts
+    kernel, grid, block, route, lanes, row_in_words, groups, kept_groups, scored = launch_shape
+    logits_at = logits.data_ptr()
+    row = (logits_at, num_tokens, num_experts, k, score == "sigmoid", normalize)
     group_scores = torch.empty(num_tokens, groups, dtype=acc, device=device) if groups else None
     with _cuda.launcher(device) as launch:
+        options: tuple[Any, ...]
+        if route == "team":
+            options = (scale, row_in_words and logits_at % 16 == 0, lanes)
+        elif route == "keyed_team":
+            options = (pointer(bias), scale, lanes)
+        else:
+            options = (pointer(bias), groups, kept_groups, scored, pointer(group_scores), scale)
         launch(
             "gating.cu",
             dtype,
-            *_token_teams(num_tokens, num_experts, "sr_topk_gating_warp", "sr_topk_gating_block"),
-            (
-                pointer(logits),
-                num_tokens,
-                num_experts,
-                k,
-                score == "sigmoid",
-                normalize,
-                pointer(bias),
-                groups,
-                kept_groups,
-                # (All of a group's keys when it has fewer: the kernel's int stays in range.)
-                min(group_score_k, num_experts // groups) if groups else 2,
-                pointer(group_scores),
-                scale,
-                pointer(weights),
-                pointer(experts),
-                pointer(launch.errors),
-            ),
+            kernel,
+            grid,
+            block,
+            (*row, *options, weights.data_ptr(), experts.data_ptr(), launch.errors.data_ptr()),
         )
     return weights, experts
 
