@@ -769,6 +769,7 @@ __device__ __forceinline__ void chosen_weights(const acc_t* logit, int k, int si
 // few, at the price of the merge (k rounds of log2(lanes) shuffles). The selection and the
 // weights of the k chosen logits do not depend on the number of lanes; only the softmax
 // denominator without normalisation is summed in a lane-dependent order (within an ulp).
+
 // The softmax denominator of a team's row: exp(row[e] - row_max) summed by each lane over its
 // experts e = lane, lane + lanes, ... in order, then over the lanes by a butterfly (the same
 // bits in every lane).
