@@ -70,14 +70,16 @@ def main() -> int:
     raw_args = tuple(widths[code](arg) for code, arg in zip(codes, empty_args, strict=True))
     # CuPy's launch reads only the raw stream's ``ptr``.
     stream = SimpleNamespace(ptr=torch.cuda.current_stream().cuda_stream)
-    open_launcher = _cuda.launcher(device).__enter__()
+    launch = _cuda.launcher(device)
 
     def launcher_only() -> None:
         with _cuda.launcher(device):
             pass
 
     def one_launch() -> None:
-        open_launcher("gating.cu", torch.bfloat16, "sr_topk_gating_warp", 1, 128, empty_args)
+        # Outside a ``with`` block, as the glue of a one-launch op calls it: the launch reads
+        # the stream and checks the context itself.
+        launch("gating.cu", torch.bfloat16, "sr_topk_gating_warp", 1, 128, empty_args)
 
     def cupy_launch() -> None:
         raw_kernel((1,), (128,), raw_args, stream=stream)

@@ -145,7 +145,14 @@ class EmulatedLauncher:
 
     def __init__(self) -> None:
         self.errors = torch.zeros(len(_cuda.ERROR_KINDS), dtype=torch.int32)
+        self.error_pointer = self.errors.data_ptr()
         self.launches: list[tuple[str, int, int]] = []
+
+    def __enter__(self) -> EmulatedLauncher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def __call__(
         self,
@@ -213,10 +220,9 @@ def emulated_cuda(monkeypatch: Any) -> Iterator[EmulatedLauncher]:
     uninitialised allocations hold garbage (see ``_PoisoningTorch``)."""
     launcher = EmulatedLauncher()
 
-    @contextmanager
-    def fake_launcher(device: torch.device) -> Iterator[EmulatedLauncher]:
+    def fake_launcher(device: torch.device) -> EmulatedLauncher:
         assert device.type == "cpu", "the emulation runs with CPU tensors"
-        yield launcher
+        return launcher
 
     monkeypatch.setattr(_cuda, "launcher", fake_launcher)
     monkeypatch.setattr(_cuda_ops, "torch", _PoisoningTorch(torch))

@@ -403,6 +403,133 @@ def test_each_thread_packs_into_its_own_buffer():
     assert there and there[0] != here
 
 
+# --- the launcher, against a recording driver ----------------------------------------------------
+
+
+class _RecordingDriver:
+    """The three driver calls the launcher makes, recorded: which context is current, the
+    switches, and each launch with the values its kernelParams held when it was made."""
+
+    def __init__(self, current):
+        self.current = current
+        self.switches = []
+        self.launches = []
+        self.fail = False
+
+    def ctxGetCurrent(self):  # CuPy's driver binding names these three
+        return self.current
+
+    def ctxSetCurrent(self, context):
+        self.switches.append(context)
+        self.current = context
+
+    def launchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        if self.fail:
+            raise RuntimeError("launch failed")
+        codes = _cuda.kernel_signatures("sinkhorn.cu")["sr_sinkhorn_cost"]
+        values = _unpacked(params, codes)[0]
+        self.launches.append((function, (gx, gy, gz), (bx, by, bz), shared, stream, self.current, values))
+
+
+DEVICE_CONTEXT = 0xC0
+OTHER_CONTEXT = 0x0E
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    """The launcher of cuda:3 on a recording driver, with a fresh launcher per thread."""
+    recording = _RecordingDriver(OTHER_CONTEXT)
+    loads = []
+
+    def load_module(index, file, dtype):
+        loads.append((index, file, dtype))
+        return _cuda.LoadedModule("sm_90", pathlib.Path(file), {"sr_sinkhorn_cost": 0xF00 + len(loads)})
+
+    errors = torch.zeros(len(_cuda.ERROR_KINDS), dtype=torch.int32)
+    monkeypatch.setattr(_cuda, "_cupy_driver", lambda: recording)
+    monkeypatch.setattr(_cuda, "device_context", lambda index: DEVICE_CONTEXT)
+    monkeypatch.setattr(_cuda, "error_counters", lambda index: errors)
+    monkeypatch.setattr(_cuda, "load_module", load_module)
+    monkeypatch.setattr(_cuda, "_current_raw_stream", lambda index: 0x5000 + index)
+    monkeypatch.setattr(_cuda, "_thread_state", threading.local())
+    recording.loads = loads
+    recording.errors = errors
+    return recording
+
+
+CUDA3 = torch.device("cuda", 3)
+
+
+def _cost_launch(launch, tokens):
+    launch("sinkhorn.cu", torch.float32, "sr_sinkhorn_cost", 7, 128, (1, tokens, 2, launch.error_pointer))
+
+
+def test_a_launch_in_a_block_runs_on_the_current_stream_in_the_device_context(driver):
+    with _cuda.launcher(CUDA3) as launch:
+        _cost_launch(launch, 16)
+        _cost_launch(launch, 17)
+        assert driver.current == DEVICE_CONTEXT
+    assert driver.current == OTHER_CONTEXT, "the thread's context is restored on leaving"
+    assert driver.switches == [DEVICE_CONTEXT, OTHER_CONTEXT]
+    pointer = driver.errors.data_ptr()
+    assert driver.launches == [
+        (0xF01, (7, 1, 1), (128, 1, 1), 0, 0x5003, DEVICE_CONTEXT, [1, 16, 2, pointer]),
+        (0xF01, (7, 1, 1), (128, 1, 1), 0, 0x5003, DEVICE_CONTEXT, [1, 17, 2, pointer]),
+    ]
+    assert driver.loads == [(3, "sinkhorn.cu", torch.float32)], "the kernel is looked up once"
+
+
+def test_a_launch_outside_a_block_switches_the_context_for_itself_alone(driver):
+    launch = _cuda.launcher(CUDA3)
+    _cost_launch(launch, 16)
+    assert driver.launches[0][4:6] == (0x5003, DEVICE_CONTEXT)
+    assert driver.switches == [DEVICE_CONTEXT, OTHER_CONTEXT]
+    driver.fail = True
+    with pytest.raises(RuntimeError, match="launch failed"):
+        _cost_launch(launch, 16)
+    assert driver.current == OTHER_CONTEXT, "restored after a failed launch too"
+
+
+def test_no_switch_when_the_device_context_is_current(driver):
+    driver.current = DEVICE_CONTEXT
+    launch = _cuda.launcher(CUDA3)
+    _cost_launch(launch, 16)
+    with launch:
+        _cost_launch(launch, 16)
+    assert len(driver.launches) == 2
+    assert driver.switches == []
+
+
+def test_entering_the_launcher_again_restores_the_context_at_the_outermost_exit(driver):
+    with _cuda.launcher(CUDA3) as outer:
+        with _cuda.launcher(CUDA3) as inner:
+            assert inner is outer
+            _cost_launch(inner, 16)
+        assert driver.current == DEVICE_CONTEXT
+        _cost_launch(outer, 16)
+    assert driver.current == OTHER_CONTEXT
+    assert driver.switches == [DEVICE_CONTEXT, OTHER_CONTEXT]
+    assert [launch[5] for launch in driver.launches] == [DEVICE_CONTEXT, DEVICE_CONTEXT]
+
+
+def test_an_empty_grid_launches_nothing(driver):
+    launch = _cuda.launcher(CUDA3)
+    launch("sinkhorn.cu", torch.float32, "sr_sinkhorn_cost", 0, 128, (1, 16, 2, launch.error_pointer))
+    assert driver.launches == [] and driver.switches == []
+
+
+def test_each_thread_has_a_launcher_of_its_own(driver):
+    here = _cuda.launcher(CUDA3)
+    assert _cuda.launcher(CUDA3) is here
+    assert _cuda.launcher(torch.device("cuda", 2)) is not here
+    there = []
+    thread = threading.Thread(target=lambda: there.append(_cuda.launcher(CUDA3)))
+    thread.start()
+    thread.join()
+    assert there and there[0] is not here
+    assert here.error_pointer == driver.errors.data_ptr()
+
+
 # --- errors without CuPy or without a GPU ---------------------------------------------------------
 
 

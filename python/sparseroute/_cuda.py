@@ -641,10 +641,8 @@ class PackedArguments:
 _thread_state = threading.local()
 
 
-def packed_arguments(file: str, kernel: str, args: Sequence[Any]) -> int:
-    """``args`` of ``kernel`` (of source ``file``) packed for ``cuLaunchKernel``: the address
-    of its ``kernelParams`` array, valid until this thread packs arguments for ``kernel``
-    again."""
+def _packer(file: str, kernel: str) -> PackedArguments:
+    """This thread's ``PackedArguments`` of ``kernel`` (of source ``file``)."""
     try:
         cache: dict[str, PackedArguments] = _thread_state.arguments
     except AttributeError:
@@ -652,35 +650,69 @@ def packed_arguments(file: str, kernel: str, args: Sequence[Any]) -> int:
     packed = cache.get(kernel)
     if packed is None:
         packed = cache[kernel] = PackedArguments(kernel, kernel_signatures(file)[kernel])
-    return packed.pack(args)
+    return packed
+
+
+def packed_arguments(file: str, kernel: str, args: Sequence[Any]) -> int:
+    """``args`` of ``kernel`` (of source ``file``) packed for ``cuLaunchKernel``: the address
+    of its ``kernelParams`` array, valid until this thread packs arguments for ``kernel``
+    again."""
+    return _packer(file, kernel).pack(args)
 
 
 class Launcher:
-    """Launches kernels on one device, on torch's current stream there. Use it as a context
-    (``with launcher(device) as launch: launch(...)``): entering reads the current stream and
-    makes the device's context current in this thread if it is not (a thread that has not used
-    CUDA has none, whatever its current device), and leaving restores the thread's context."""
+    """Launches kernels on one device, on torch's current stream there, with the device's
+    context current in this thread (a thread that has not used CUDA has none, whatever its
+    current device). ``launch(...)`` alone reads the stream and makes the context current for
+    that launch; an op of several launches shares one ``with launcher(device) as launch:``
+    block, which does both once on entering and restores the thread's context on leaving (the
+    outermost exit, when blocks nest).
 
-    __slots__ = ("_context", "_driver", "_restore", "_stream", "errors", "index")
+    There is one launcher per (thread, device) (see ``launcher``): it keeps each kernel's
+    function handle and packed-argument buffer, so that a launch costs one dictionary lookup
+    besides packing the arguments and the driver call (a small op's host time is mostly such
+    work: ``benches/gpu_overhead.py``)."""
+
+    __slots__ = (
+        "_context",
+        "_depth",
+        "_driver",
+        "_kernels",
+        "_launch",
+        "_restore",
+        "_stream",
+        "error_pointer",
+        "errors",
+        "index",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
+        #: The device's error counters (see ``error_counters``) and their address, which
+        #: the kernels take as their last argument.
         self.errors = error_counters(index)
+        self.error_pointer = self.errors.data_ptr()
         self._driver = _cupy_driver()
+        self._launch = self._driver.launchKernel
         self._context = device_context(index)
         self._stream = 0
+        self._depth = 0
         self._restore: int | None = None
+        self._kernels: dict[tuple[str, torch.dtype | None, str], tuple[Any, PackedArguments]] = {}
 
     def __enter__(self) -> Launcher:
         self._stream = _current_raw_stream(self.index)
-        current = self._driver.ctxGetCurrent()
-        if current != self._context:
-            self._driver.ctxSetCurrent(self._context)
-            self._restore = current
+        if self._depth == 0:
+            current = self._driver.ctxGetCurrent()
+            if current != self._context:
+                self._driver.ctxSetCurrent(self._context)
+                self._restore = current
+        self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._restore is not None:
+        self._depth -= 1
+        if self._depth == 0 and self._restore is not None:
             restore, self._restore = self._restore, None
             self._driver.ctxSetCurrent(restore)
 
@@ -694,26 +726,44 @@ class Launcher:
         args: Sequence[Any],
         shared_mem: int = 0,
     ) -> None:
+        """Launches ``kernel`` (of module ``file`` for ``dtype``) on ``grid`` blocks of
+        ``block`` threads with ``args``. Outside a ``with`` block, the launch reads the
+        current stream and makes the context current for itself alone: an op of one launch
+        needs no block."""
         if grid <= 0:
             return
-        function = load_module(self.index, file, dtype).functions[kernel]
-        self._driver.launchKernel(
-            function,
-            grid,
-            1,
-            1,
-            block,
-            1,
-            1,
-            shared_mem,
-            self._stream,
-            packed_arguments(file, kernel, args),
-            0,
-        )
+        found = self._kernels.get((file, dtype, kernel))
+        if found is None:
+            function = load_module(self.index, file, dtype).functions[kernel]
+            found = self._kernels[file, dtype, kernel] = (function, _packer(file, kernel))
+        function, packer = found
+        params = packer.pack(args)
+        if self._depth:
+            self._launch(function, grid, 1, 1, block, 1, 1, shared_mem, self._stream, params, 0)
+            return
+        stream = _current_raw_stream(self.index)
+        current = self._driver.ctxGetCurrent()
+        if current == self._context:
+            self._launch(function, grid, 1, 1, block, 1, 1, shared_mem, stream, params, 0)
+            return
+        self._driver.ctxSetCurrent(self._context)
+        try:
+            self._launch(function, grid, 1, 1, block, 1, 1, shared_mem, stream, params, 0)
+        finally:
+            self._driver.ctxSetCurrent(current)
 
 
 def launcher(device: torch.device) -> Launcher:
-    """A ``Launcher`` for ``device`` (a context manager; see ``Launcher``)."""
+    """This thread's ``Launcher`` for ``device`` (a context manager; see ``Launcher``)."""
     # A tensor's device names its index: no need to build another device object.
     index = device.index if device.type == "cuda" and device.index is not None else None
-    return Launcher(_device_index(device) if index is None else index)
+    if index is None:
+        index = _device_index(device)
+    try:
+        return _thread_state.launchers[index]  # type: ignore[no-any-return]
+    except AttributeError:
+        _thread_state.launchers = {}
+    except KeyError:
+        pass
+    made = _thread_state.launchers[index] = Launcher(index)
+    return made

@@ -298,22 +298,22 @@ def topk_gating_cuda(
     logits_at = logits.data_ptr()
     row = (logits_at, num_tokens, num_experts, k, score == "sigmoid", normalize)
     group_scores = torch.empty(num_tokens, groups, dtype=acc, device=device) if groups else None
-    with _cuda.launcher(device) as launch:
-        options: tuple[Any, ...]
-        if route == "team":
-            options = (scale, row_in_words and logits_at % 16 == 0, lanes)
-        elif route == "keyed_team":
-            options = (pointer(bias), scale, lanes)
-        else:
-            options = (pointer(bias), groups, kept_groups, scored, pointer(group_scores), scale)
-        launch(
-            "gating.cu",
-            dtype,
-            kernel,
-            grid,
-            block,
-            (*row, *options, weights.data_ptr(), experts.data_ptr(), launch.errors.data_ptr()),
-        )
+    options: tuple[Any, ...]
+    if route == "team":
+        options = (scale, row_in_words and logits_at % 16 == 0, lanes)
+    elif route == "keyed_team":
+        options = (pointer(bias), scale, lanes)
+    else:
+        options = (pointer(bias), groups, kept_groups, scored, pointer(group_scores), scale)
+    launch = _cuda.launcher(device)
+    launch(
+        "gating.cu",
+        dtype,
+        kernel,
+        grid,
+        block,
+        (*row, *options, weights.data_ptr(), experts.data_ptr(), launch.error_pointer),
+    )
     return weights, experts
 
 
@@ -338,27 +338,27 @@ def topk_gating_backward_cuda(
         return grad_logits
     experts = as_dtype(experts, torch.int64).contiguous()
     grad_weights = as_dtype(grad_weights, accumulator_dtype(dtype)).contiguous()
-    with _cuda.launcher(device) as launch:
-        launch(
-            "gating.cu",
-            dtype,
-            *_token_teams(
-                num_tokens, num_experts, "sr_topk_gating_backward_warp", "sr_topk_gating_backward_block"
-            ),
-            (
-                pointer(logits),
-                num_tokens,
-                num_experts,
-                k,
-                pointer(experts),
-                pointer(grad_weights),
-                score == "sigmoid",
-                normalize,
-                scale,
-                pointer(grad_logits),
-                pointer(launch.errors),
-            ),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "gating.cu",
+        dtype,
+        *_token_teams(
+            num_tokens, num_experts, "sr_topk_gating_backward_warp", "sr_topk_gating_backward_block"
+        ),
+        (
+            pointer(logits),
+            num_tokens,
+            num_experts,
+            k,
+            pointer(experts),
+            pointer(grad_weights),
+            score == "sigmoid",
+            normalize,
+            scale,
+            pointer(grad_logits),
+            launch.error_pointer,
+        ),
+    )
     return grad_logits
 
 
@@ -388,26 +388,26 @@ def _gather(x: Tensor, row_to_slot: Tensor, k: int, weights: Tensor | None) -> T
         if weights.numel() != x.shape[0] * k:
             raise _invalid("weights", f"{x.shape[0] * k} elements", weights.numel())
         weights = as_dtype(weights, accumulator_dtype(dtype)).contiguous()
-    with _cuda.launcher(device) as launch:
-        launch(
-            "rows.cu",
-            dtype,
-            "sr_gather_rows",
-            min(num_rows, MAX_ROW_BLOCKS),
-            128,
-            (
-                pointer(x),
-                x.shape[0],
-                row_len,
-                pointer(row_to_slot),
-                num_rows,
-                k,
-                pointer(weights),
-                pointer(out),
-                _vectorized(row_len, x, out),
-                pointer(launch.errors),
-            ),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "rows.cu",
+        dtype,
+        "sr_gather_rows",
+        min(num_rows, MAX_ROW_BLOCKS),
+        128,
+        (
+            pointer(x),
+            x.shape[0],
+            row_len,
+            pointer(row_to_slot),
+            num_rows,
+            k,
+            pointer(weights),
+            pointer(out),
+            _vectorized(row_len, x, out),
+            launch.error_pointer,
+        ),
+    )
     return out
 
 
@@ -440,26 +440,26 @@ def unpermute_cuda(
         if weights.numel() != num_tokens * k:
             raise _invalid("weights", f"{num_tokens * k} elements", weights.numel())
         weights = as_dtype(weights, accumulator_dtype(dtype)).contiguous()
-    with _cuda.launcher(device) as launch:
-        launch(
-            "rows.cu",
-            dtype,
-            "sr_combine_rows",
-            min(num_tokens, MAX_ROW_BLOCKS),
-            128,
-            (
-                pointer(y_sorted),
-                num_rows,
-                row_len,
-                pointer(slot_to_row),
-                num_tokens,
-                k,
-                pointer(weights),
-                pointer(out),
-                _vectorized(row_len, y_sorted, out),
-                pointer(launch.errors),
-            ),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "rows.cu",
+        dtype,
+        "sr_combine_rows",
+        min(num_tokens, MAX_ROW_BLOCKS),
+        128,
+        (
+            pointer(y_sorted),
+            num_rows,
+            row_len,
+            pointer(slot_to_row),
+            num_tokens,
+            k,
+            pointer(weights),
+            pointer(out),
+            _vectorized(row_len, y_sorted, out),
+            launch.error_pointer,
+        ),
+    )
     return out
 
 
@@ -480,25 +480,25 @@ def slot_dots_cuda(grad_y: Tensor, y_sorted: Tensor, slot_to_row: Tensor) -> Ten
     grad_y = grad_y.contiguous()
     y_sorted = y_sorted.contiguous()
     slot_to_row = as_dtype(slot_to_row, torch.int64).contiguous()
-    with _cuda.launcher(device) as launch:
-        launch(
-            "rows.cu",
-            dtype,
-            "sr_slot_dots",
-            -(-(num_tokens * k) // 32),
-            256,
-            (
-                pointer(grad_y),
-                pointer(y_sorted),
-                num_rows,
-                row_len,
-                pointer(slot_to_row),
-                num_tokens,
-                k,
-                pointer(out),
-                pointer(launch.errors),
-            ),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "rows.cu",
+        dtype,
+        "sr_slot_dots",
+        -(-(num_tokens * k) // 32),
+        256,
+        (
+            pointer(grad_y),
+            pointer(y_sorted),
+            num_rows,
+            row_len,
+            pointer(slot_to_row),
+            num_tokens,
+            k,
+            pointer(out),
+            launch.error_pointer,
+        ),
+    )
     return out
 
 
@@ -556,7 +556,7 @@ def _dropless_plan(
                 pointer(row_to_slot),
                 pointer(slot_to_row),
                 pointer(dropped),
-                pointer(launch.errors),
+                launch.error_pointer,
             ),
         )
         return tokens_per_expert, offsets, row_to_slot, slot_to_row
@@ -581,7 +581,7 @@ def _dropless_plan(
                 chunk,
                 chunks,
                 pointer(counts),
-                pointer(launch.errors),
+                launch.error_pointer,
             ),
         ),
         (
@@ -620,7 +620,7 @@ def _dropless_plan(
                 rows,
                 pointer(row_to_slot),
                 pointer(slot_to_row),
-                pointer(launch.errors),
+                launch.error_pointer,
             ),
         ),
     ]
@@ -655,7 +655,7 @@ def group_layout_cuda(offsets: Tensor, num_rows: int) -> tuple[Tensor, Tensor, T
                 num_rows,
                 pointer(ends),
                 pointer(empty),
-                pointer(launch.errors),
+                launch.error_pointer,
             ),
         )
         launch(
@@ -757,7 +757,7 @@ def _capacity_plan(
             rows,
             pointer(row_to_slot),
             pointer(slot_to_row),
-            pointer(launch.errors),
+            launch.error_pointer,
         ),
     )
     return tokens_per_expert, offsets, row_to_slot, slot_to_row, dropped
@@ -850,7 +850,7 @@ def _token_inverse(launch: Any, dtype: torch.dtype, indices: Tensor, seq_len: in
             seq_len,
             capacity,
             pointer(inverse),
-            pointer(launch.errors),
+            launch.error_pointer,
         ),
     )
     return inverse
@@ -1087,7 +1087,7 @@ def _launch_select(
             pointer(indices),
             pointer(mask),
             pointer(kept_scores),
-            pointer(launch.errors),
+            launch.error_pointer,
         ),
     )
 
@@ -1158,7 +1158,7 @@ def score_sums_cuda(logits: Tensor, score: str, group_size: int, mask: Tensor | 
                 sigmoid,
                 pointer(mask),
                 pointer(scores),
-                pointer(launch.errors),
+                launch.error_pointer,
             ),
         )
         launch(
@@ -1204,25 +1204,25 @@ def score_sums_backward_cuda(
     logits = logits.contiguous()
     mask = _token_mask(mask, num_tokens, device)
     grad_sums = as_dtype(grad_sums, accumulator_dtype(dtype)).contiguous()
-    with _cuda.launcher(device) as launch:
-        launch(
-            "balance.cu",
-            dtype,
-            "sr_score_sums_backward",
-            -(-num_tokens // 4),
-            128,
-            (
-                pointer(logits),
-                num_tokens,
-                num_experts,
-                score == "sigmoid",
-                group_size,
-                pointer(mask),
-                pointer(grad_sums),
-                pointer(grad_logits),
-                pointer(launch.errors),
-            ),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "balance.cu",
+        dtype,
+        "sr_score_sums_backward",
+        -(-num_tokens // 4),
+        128,
+        (
+            pointer(logits),
+            num_tokens,
+            num_experts,
+            score == "sigmoid",
+            group_size,
+            pointer(mask),
+            pointer(grad_sums),
+            pointer(grad_logits),
+            launch.error_pointer,
+        ),
+    )
     return grad_logits
 
 
@@ -1243,24 +1243,24 @@ def expert_counts_cuda(experts: Tensor, num_experts: int, group_size: int, mask:
     # Larger groups are one group; clamped, group_size * k cannot overflow in the kernel.
     group_size = min(group_size, num_tokens)
     chunks = groups * -(-(group_size * k) // EXPERT_COUNT_CHUNK)
-    with _cuda.launcher(device) as launch:
-        launch(
-            "plan.cu",
-            None,
-            "sr_expert_counts",
-            min(chunks, MAX_ROW_BLOCKS),
-            256,
-            (
-                pointer(experts),
-                num_tokens,
-                k,
-                num_experts,
-                group_size,
-                pointer(mask),
-                pointer(counts),
-                pointer(launch.errors),
-            ),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "plan.cu",
+        None,
+        "sr_expert_counts",
+        min(chunks, MAX_ROW_BLOCKS),
+        256,
+        (
+            pointer(experts),
+            num_tokens,
+            k,
+            num_experts,
+            group_size,
+            pointer(mask),
+            pointer(counts),
+            launch.error_pointer,
+        ),
+    )
     return counts
 
 
@@ -1300,7 +1300,7 @@ def z_loss_cuda(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
                 pointer(scale),
                 pointer(stats),
                 pointer(squares),
-                pointer(launch.errors),
+                launch.error_pointer,
             ),
         )
         launch(
@@ -1332,27 +1332,27 @@ def topp_gating_cuda(
     logits = logits.contiguous()
     weights = torch.empty(num_tokens, max_k, dtype=accumulator_dtype(dtype), device=device)
     experts = torch.empty(num_tokens, max_k, dtype=torch.int64, device=device)
-    with _cuda.launcher(device) as launch:
-        launch(
-            "topp.cu",
-            dtype,
-            "sr_topp_gating",
-            -(-num_tokens // 4),
-            128,
-            (
-                pointer(logits),
-                num_tokens,
-                num_experts,
-                p,
-                min_k,
-                max_k,
-                inclusive,
-                normalize,
-                pointer(weights),
-                pointer(experts),
-                pointer(launch.errors),
-            ),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "topp.cu",
+        dtype,
+        "sr_topp_gating",
+        -(-num_tokens // 4),
+        128,
+        (
+            pointer(logits),
+            num_tokens,
+            num_experts,
+            p,
+            min_k,
+            max_k,
+            inclusive,
+            normalize,
+            pointer(weights),
+            pointer(experts),
+            launch.error_pointer,
+        ),
+    )
     return weights, experts
 
 
@@ -1366,7 +1366,7 @@ def _expert_probabilities(launch: _cuda.Launcher, logits: Tensor) -> Tensor:
         "sr_expert_probs",
         -(-num_tokens // 4),
         128,
-        (pointer(logits), num_tokens, num_experts, pointer(probs), pointer(launch.errors)),
+        (pointer(logits), num_tokens, num_experts, pointer(probs), launch.error_pointer),
     )
     return probs
 
@@ -1420,7 +1420,7 @@ def expert_choice_backward_cuda(logits: Tensor, indices: Tensor, grad_gates: Ten
                 num_experts,
                 pointer(placed),
                 pointer(grad_logits),
-                pointer(launch.errors),
+                launch.error_pointer,
             ),
         )
     return grad_logits
@@ -1453,7 +1453,7 @@ def _place_choices(
             num_tokens,
             pointer(experts),
             pointer(slot_values),
-            pointer(launch.errors),
+            launch.error_pointer,
         ),
     )
 
@@ -1511,7 +1511,7 @@ def sinkhorn_cuda(logits: Tensor, iters: int | None, tol: float) -> Tensor:
             "sr_sinkhorn_cost",
             grid,
             256,
-            (pointer(logits), count, pointer(out), pointer(launch.errors)),
+            (pointer(logits), count, pointer(out), launch.error_pointer),
         )
 
         # The arguments of one iteration do not change between iterations.
@@ -1577,15 +1577,15 @@ def z_loss_backward_cuda(logits: Tensor, stats: Tensor, grad: Tensor) -> Tensor:
     stats = stats.contiguous()
     # The upstream gradient stays on the device: no host sync.
     grad = as_dtype(grad, acc).reshape(1)
-    with _cuda.launcher(device) as launch:
-        launch(
-            "balance.cu",
-            dtype,
-            "sr_z_loss_backward",
-            -(-num_tokens // 4),
-            128,
-            (pointer(logits), num_tokens, num_experts, pointer(stats), pointer(grad), pointer(grad_logits)),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "balance.cu",
+        dtype,
+        "sr_z_loss_backward",
+        -(-num_tokens // 4),
+        128,
+        (pointer(logits), num_tokens, num_experts, pointer(stats), pointer(grad), pointer(grad_logits)),
+    )
     return grad_logits
 
 
@@ -1602,15 +1602,15 @@ def layer_plan_cuda(logits: Tensor) -> Tensor:
     if num_rows == 0:
         return plans
     logits = logits.contiguous()
-    with _cuda.launcher(device) as launch:
-        launch(
-            "layers.cu",
-            dtype,
-            "sr_layer_plan",
-            min(-(-num_rows // 256), MAX_ROW_BLOCKS),
-            256,
-            (pointer(logits), num_rows, pointer(plans), pointer(launch.errors)),
-        )
+    launch = _cuda.launcher(device)
+    launch(
+        "layers.cu",
+        dtype,
+        "sr_layer_plan",
+        min(-(-num_rows // 256), MAX_ROW_BLOCKS),
+        256,
+        (pointer(logits), num_rows, pointer(plans), launch.error_pointer),
+    )
     return plans
 
 
@@ -1672,7 +1672,7 @@ def replica_map_cuda(
                     replicas,
                     num_slots,
                     pointer(out),
-                    pointer(launch.errors),
+                    launch.error_pointer,
                 ),
             )
         else:
@@ -1697,7 +1697,7 @@ def replica_map_cuda(
                     slots_per_gpu,
                     pointer(workspace),
                     pointer(out),
-                    pointer(launch.errors),
+                    launch.error_pointer,
                 ),
             )
     return out

@@ -51,12 +51,24 @@ def check_tensor(
     return value
 
 
-def check_int(value: object, name: str, *, minimum: int, maximum: int | None = None, what: str = "") -> int:
-    """``value`` must be a Python int in [minimum, maximum]."""
+def check_int(
+    value: object,
+    name: str,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    what: str = "",
+    maximum_name: str = "",
+) -> int:
+    """``value`` must be a Python int in [minimum, maximum]. The error message ends with
+    ``what``, or with ``maximum_name`` and the maximum (``" (number of experts E = 64)"``),
+    which is formatted only when the check fails."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"{minimum} <= {name}" + (f" <= {maximum}" if maximum is not None else "")
+        if maximum_name:
+            what = f" ({maximum_name} = {maximum})"
         raise ValueError(f"{name}: expected {bound}{what}, got {value}")
     return value
 

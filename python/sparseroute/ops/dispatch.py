@@ -312,7 +312,7 @@ def expert_capacity(
     """
     num_tokens = check_int(num_tokens, "num_tokens", minimum=0)
     num_experts = check_int(num_experts, "num_experts", minimum=1)
-    k = check_int(k, "k", minimum=1, maximum=num_experts, what=f" (num_experts = {num_experts})")
+    k = check_int(k, "k", minimum=1, maximum=num_experts, maximum_name="num_experts")
     min_capacity = check_int(min_capacity, "min_capacity", minimum=0)
     align = check_int(align, "align", minimum=1)
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):

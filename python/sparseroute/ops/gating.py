@@ -188,7 +188,7 @@ def topk_gating(
     num_experts = logits.shape[1]
     if num_experts < 1:
         raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
-    k = check_int(k, "k", minimum=1, maximum=num_experts, what=f" (number of experts E = {num_experts})")
+    k = check_int(k, "k", minimum=1, maximum=num_experts, maximum_name="number of experts E")
     if score not in SCORE_FUNCTIONS:
         raise ValueError(f"score: expected 'softmax' or 'sigmoid', got {score!r}")
     if not isinstance(normalize, bool):
@@ -371,10 +371,8 @@ def topp_gating(
     if not 0.0 < p <= 1.0:
         raise ValueError(f"p: expected a probability in (0, 1], got {p}")
     max_k = num_experts if max_k is None else max_k
-    max_k = check_int(
-        max_k, "max_k", minimum=1, maximum=num_experts, what=f" (number of experts E = {num_experts})"
-    )
-    min_k = check_int(min_k, "min_k", minimum=0, maximum=max_k, what=f" (max_k = {max_k})")
+    max_k = check_int(max_k, "max_k", minimum=1, maximum=num_experts, maximum_name="number of experts E")
+    min_k = check_int(min_k, "min_k", minimum=0, maximum=max_k, maximum_name="max_k")
     if not isinstance(inclusive, bool) or not isinstance(normalize, bool):
         raise TypeError("inclusive, normalize: expected bools")
     weights, experts = _eager.call("topp_gating", logits, float(p), min_k, max_k, inclusive, normalize)
@@ -585,8 +583,6 @@ def expert_choice(logits: Tensor, capacity: int) -> ExpertChoice:
     num_tokens, num_experts = logits.shape
     if num_experts < 1:
         raise ValueError(f"logits: expected at least one expert (E >= 1), got shape {tuple(logits.shape)}")
-    capacity = check_int(
-        capacity, "capacity", minimum=0, maximum=num_tokens, what=f" (tokens T = {num_tokens})"
-    )
+    capacity = check_int(capacity, "capacity", minimum=0, maximum=num_tokens, maximum_name="tokens T")
     gates, indices = _eager.call("expert_choice", logits, capacity)
     return ExpertChoice(indices, gates, num_tokens)
