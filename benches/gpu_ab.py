@@ -1,17 +1,23 @@
-"""GPU time alone of sparseroute's CUDA ops, one line per case, for comparing kernel sources.
+"""GPU time alone of sparseroute's CUDA ops, one line per case, for comparing kernel sources;
+or, with ``--host``, the host time of each call, for comparing the Python code around them.
 
-    python benches/gpu_ab.py LABEL [CASE_GROUP ...]
+    python benches/gpu_ab.py LABEL [--host] [CASE_GROUP ...]
 
-``scripts/gpu-ab.sh run`` calls this once per installed set of kernel sources (the wheel's,
-and those of other commits) and in turn, so that old and new kernels are timed side by side in
-one run on one machine. Each case is a CUDA graph of ten calls replayed (``gpu_bench.graph_ms``:
-the GPU time of one call, no host work), and each line reads ``LABEL  case  shape  us``.
+``scripts/gpu-ab.sh run`` calls this once per installed set of sources (the wheel's, and
+those of other commits) and in turn, so that old and new code is timed side by side in one
+run on one machine. Each case is a CUDA graph of ten calls replayed (``gpu_bench.graph_ms``:
+the GPU time of one call, no host work), or with ``--host`` the median over five batches of
+the time until HOST_CALLS calls have returned, per call (the GPU is synchronised between
+batches, never inside one, so this is the Python and driver work of a call, whatever its
+kernels take); each line reads ``LABEL  case  shape  us``.
 Case groups: gating, keyed, dispatch, tokens, balance, variants (default: all).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -164,11 +170,35 @@ def case_groups(device: str, shrink: int = 1) -> dict[str, Callable[[], list[Cas
 GROUPS = ("gating", "keyed", "dispatch", "tokens", "balance", "variants")
 
 
+#: Calls per timed batch of ``--host`` (each queues one op's launches: a few hundred calls
+#: stay within the driver's launch queue, so the host never waits for the GPU).
+HOST_CALLS = 200
+
+
+def host_ms(call: Callable[[], object], calls: int = HOST_CALLS, batches: int = 5) -> float:
+    """The host time of one call of ``call`` in milliseconds: the median over ``batches`` of
+    the time until ``calls`` calls have returned, per call, with the GPU synchronised before
+    and after each batch."""
+    for _ in range(3):
+        call()
+    per_call = []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        per_call.append((time.perf_counter() - start) / calls * 1000)
+    torch.cuda.synchronize()
+    return statistics.median(per_call)
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
-    label, wanted = argv[0], argv[1:]
+    label, options = argv[0], argv[1:]
+    host = "--host" in options
+    wanted = [option for option in options if option != "--host"]
     unknown = sorted(set(wanted) - set(GROUPS))
     if unknown:
         print(f"unknown case groups {unknown}; expected some of {list(GROUPS)}")
@@ -180,7 +210,10 @@ def main(argv: list[str]) -> int:
 
     sparseroute.warm_up_cuda()
     run_groups(
-        label, case_groups("cuda"), wanted or list(GROUPS), lambda call, name: graph_ms(call, 30, name)
+        label,
+        case_groups("cuda"),
+        wanted or list(GROUPS),
+        (lambda call, name: host_ms(call)) if host else (lambda call, name: graph_ms(call, 30, name)),
     )
     return 0
 
