@@ -253,11 +253,13 @@ def topk_gating_cuda(
     group_score_k: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
+    dtype = logits.dtype
+    shape = logits.shape
     # The tuning constants are in the key so that changing them (the lane-width benchmark,
     # tests that force a route) takes effect at once.
     signature = (
-        logits.dtype,
-        logits.shape,
+        dtype,
+        shape,
         k,
         score,
         expert_bias is None,
@@ -279,8 +281,7 @@ def topk_gating_cuda(
         _gating_launches[signature] = launch_shape
     if not math.isfinite(scale):
         raise _invalid("scale", "a finite number", scale)
-    dtype = logits.dtype
-    num_tokens, num_experts = logits.shape
+    num_tokens, num_experts = shape
     acc = accumulator_dtype(dtype)
     device = logits.device
     logits = logits.contiguous()
