@@ -66,7 +66,9 @@ run)
     OUT="${OUT:-$PWD/gpu-ab-out}"
     ROUNDS="${ROUNDS:-2}"
     mkdir -p "$OUT"
-    : > "$OUT/ab.log"
+    what="GPU time alone per call (a CUDA graph of ten calls replayed)"
+    [ "${#measure[@]}" -eq 0 ] || what="host time per call (median of five batches of 200 calls)"
+    echo "# $what, $ROUNDS rounds" | tee "$OUT/ab.log"
     wheel=$(ls -t dist/sparseroute-*.whl 2>/dev/null | head -n 1)
     [ -n "$wheel" ] || { echo "gpu-ab: no wheel in dist/; run 'make wheel' first" >&2; exit 2; }
     root=$(mktemp -d)
@@ -89,7 +91,7 @@ run)
             # From benches/, so that gpu_ab.py finds gpu_bench; each set compiles into its own
             # cache. A set that fails (a kernel whose parameters changed) is reported, not fatal.
             if ! (cd benches && PYTHONPATH="$root/$label" SPARSEROUTE_CACHE_DIR="$root/cache-$label" \
-                "$PYTHON" gpu_ab.py "$label" "${measure[@]}" "$@") 2>&1 | tee -a "$OUT/ab.log"; then
+                "$PYTHON" gpu_ab.py "$label" ${measure[@]+"${measure[@]}"} "$@") 2>&1 | tee -a "$OUT/ab.log"; then
                 echo "gpu-ab: $label failed" | tee -a "$OUT/ab.log"
             fi
         done
