@@ -700,13 +700,19 @@ class Launcher:
         self._restore: int | None = None
         self._kernels: dict[tuple[str, torch.dtype | None, str], tuple[Any, PackedArguments]] = {}
 
+    def _make_current(self) -> int | None:
+        """Makes the device's context current in this thread; returns the context to restore
+        afterwards, None when it already was current."""
+        current = self._driver.ctxGetCurrent()
+        if current == self._context:
+            return None
+        self._driver.ctxSetCurrent(self._context)
+        return int(current)
+
     def __enter__(self) -> Launcher:
         self._stream = _current_raw_stream(self.index)
         if self._depth == 0:
-            current = self._driver.ctxGetCurrent()
-            if current != self._context:
-                self._driver.ctxSetCurrent(self._context)
-                self._restore = current
+            self._restore = self._make_current()
         self._depth += 1
         return self
 
@@ -739,18 +745,14 @@ class Launcher:
         function, packer = found
         params = packer.pack(args)
         if self._depth:
-            self._launch(function, grid, 1, 1, block, 1, 1, shared_mem, self._stream, params, 0)
-            return
-        stream = _current_raw_stream(self.index)
-        current = self._driver.ctxGetCurrent()
-        if current == self._context:
-            self._launch(function, grid, 1, 1, block, 1, 1, shared_mem, stream, params, 0)
-            return
-        self._driver.ctxSetCurrent(self._context)
+            stream, restore = self._stream, None
+        else:
+            stream, restore = _current_raw_stream(self.index), self._make_current()
         try:
             self._launch(function, grid, 1, 1, block, 1, 1, shared_mem, stream, params, 0)
         finally:
-            self._driver.ctxSetCurrent(current)
+            if restore is not None:
+                self._driver.ctxSetCurrent(restore)
 
 
 def launcher(device: torch.device) -> Launcher:
