@@ -749,15 +749,32 @@ def test_select_rejects_sequences_its_int32_counts_cannot_hold():
 # --- load balancing -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+# Every dtype, score and mask on the small shapes; on the long ones (one group of 40 segments,
+# its totals by warps; groups of 15-16 segments, by threads), whose emulation takes seconds
+# a case, each dtype once and each score and mask twice: the segment walk does not depend on
+# them.
+SCORE_SUMS_CASES = [
+    (dtype, score, *shape, masked)
+    for shape in [(7, 5, 7), (40, 70, 3)]
+    for dtype in DTYPES
+    for score in ["softmax", "sigmoid"]
+    for masked in [False, True]
+] + [
+    (dtype, score, *shape, masked)
+    for shape in [(2500, 6, 2500), (2500, 6, 900)]
+    for dtype, score, masked in [
+        (torch.float32, "softmax", False),
+        (torch.bfloat16, "sigmoid", True),
+        (torch.float16, "softmax", True),
+        (torch.float64, "sigmoid", False),
+    ]
+]
+
+
 @pytest.mark.parametrize(
-    ("num_tokens", "num_experts", "group_size"),
-    # One group of 40 segments (its totals by warps), groups of 15-16 segments (by threads),
-    # groups shorter than a segment.
-    [(7, 5, 7), (2500, 6, 2500), (2500, 6, 900), (40, 70, 3)],
+    ("dtype", "score", "num_tokens", "num_experts", "group_size", "masked"),
+    [pytest.param(*case, id="-".join(map(str, case)).replace("torch.", "")) for case in SCORE_SUMS_CASES],
 )
-@pytest.mark.parametrize("masked", [False, True])
 def test_score_sums_and_gradient_match_the_cpu_kernels(
     gpu, dtype, score, num_tokens, num_experts, group_size, masked
 ):
