@@ -1107,6 +1107,14 @@ def test_replica_map_matches_the_cpu(gpu, policy, num_slots, slots_per_gpu):
     assert not gpu.errors.any()
 
 
+def test_replica_map_by_load_rejects_more_entries_than_its_counters_hold(gpu):
+    table, counts = _replica_table(4, 2, 8, seed=1)
+    experts = torch.zeros(1, 1, dtype=torch.int64).expand(2**30, 2)  # 2^31 entries, one stored
+    with pytest.raises(ValueError, match=r"experts: expected fewer than 2\*\*31 entries .* got 2147483648"):
+        _cuda_ops.replica_map_cuda(experts, table, counts, 8, 2, "load")
+    assert _cuda_ops.replica_map_cuda(experts[:3], table, counts, 8, 2, "load").shape == (3, 2)
+
+
 def test_replica_map_counts_invalid_ids_and_tables(gpu):
     table, counts = _replica_table(4, 2, 8, seed=1)
     experts = torch.tensor([[0, 7], [-1, 2]])  # 7 is no expert

@@ -341,3 +341,21 @@ def test_grouped_mm_layout_follows_its_offsets(monkeypatch):
     del offsets
     gc.collect()
     assert len(experts_module._LAYOUTS) == before
+
+
+def test_grouped_mm_takes_fewer_rows_than_its_int32_group_ends_hold(monkeypatch):
+    """torch's grouped GEMM takes the group ends as int32: from 2^31 rows on, grouped_linear
+    runs the loop. (Fake CUDA tensors: the check reads shapes only.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparseroute.ops import experts as experts_module
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with FakeTensorMode():
+        weight = torch.empty(4, 16, 8, dtype=torch.bfloat16, device="cuda")
+        most = torch.empty(2**31 - 8, 8, dtype=torch.bfloat16, device="cuda")
+        too_many = torch.empty(2**31, 8, dtype=torch.bfloat16, device="cuda")
+        assert experts_module.uses_grouped_mm(most, weight)
+        assert not experts_module.uses_grouped_mm(too_many, weight)

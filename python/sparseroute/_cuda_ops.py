@@ -1645,6 +1645,11 @@ def replica_map_cuda(
         raise _invalid("slots_per_gpu", f"a divisor of num_slots = {num_slots} (>= 1)", slots_per_gpu)
     if policy not in REPLICA_POLICIES:
         raise _invalid("policy", f"one of {REPLICA_POLICIES}", repr(policy))
+    if policy == "load" and experts.numel() >= 2**31:
+        # The load kernel's counters are int32 (placement.cu), and one warp walks the entries.
+        raise _invalid(
+            "experts", "fewer than 2**31 entries (T * k) for policy 'load' on CUDA", experts.numel()
+        )
     experts = as_dtype(experts, torch.int64).contiguous()
     table = logical_to_physical.to(device=device, dtype=torch.int64).contiguous()
     counts = replica_counts.to(device=device, dtype=torch.int64).contiguous()

@@ -81,13 +81,14 @@ def _expert_matrix(weight: Tensor, expert: int, transposed: bool) -> Tensor:
 
 def uses_grouped_mm(x: Tensor, weight: Tensor) -> bool:
     """Whether ``grouped_linear`` on these tensors runs torch's grouped GEMM: CUDA (compute
-    capability 8.0+), bfloat16, every matrix dimension a multiple of 8 (16-byte rows)."""
+    capability 8.0+), bfloat16, every matrix dimension a multiple of 8 (16-byte rows), fewer
+    than 2^31 rows (the group ends it takes are int32; more rows take the loop)."""
     return (
         x.device.type == "cuda"
         and x.dtype == weight.dtype == torch.bfloat16
         and hasattr(F, "grouped_mm")
         and os.environ.get("SPARSEROUTE_GROUPED_MM", "1") != "0"
-        and x.shape[0] > 0
+        and 0 < x.shape[0] < 2**31
         and x.shape[1] % 8 == 0
         and weight.shape[1] % 8 == 0
         and weight.shape[2] % 8 == 0
