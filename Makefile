@@ -15,7 +15,7 @@ WHEEL_STAMP := $(VENV)/.sparseroute-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 PY_SOURCES := $(shell find python -type f -not -path '*/__pycache__/*')
 
-.PHONY: demo test test-rust test-python test-torch-min lint wheel bench bench-quick gpu-check clean
+.PHONY: demo test test-rust test-python test-torch-min lint wheel bench bench-quick gpu-check memcheck clean
 
 demo: $(WHEEL_STAMP)
 	$(PY) -m sparseroute demo
@@ -43,8 +43,8 @@ lint: $(STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc -p sparseroute-core --no-deps --locked --quiet
-	$(VENV)/bin/ruff check python tests benches docs/examples
-	$(VENV)/bin/ruff format --check python tests benches docs/examples
+	$(VENV)/bin/ruff check python tests benches docs/examples scripts
+	$(VENV)/bin/ruff format --check python tests benches docs/examples scripts
 	$(PY) -m mypy
 
 test-rust:
@@ -73,6 +73,11 @@ bench: $(WHEEL_STAMP)
 
 bench-quick: $(WHEEL_STAMP)
 	$(PY) benches/ratios.py --quick
+
+# The Rust core's unsafe code under valgrind's memcheck (not part of `make test`: ten to twenty
+# minutes). PYTEST_ARGS picks the test files; see scripts/memcheck.py.
+memcheck: $(WHEEL_STAMP)
+	PYTHON=$(abspath $(PY)) $(PY) scripts/memcheck.py $(PYTEST_ARGS)
 
 # CUDA kernels on a GPU: tests/gpu against the installed wheel, plus timings (see scripts/gpu-check.sh).
 gpu-check: $(WHEEL_STAMP)
