@@ -741,9 +741,9 @@ def test_select_threads_follow_the_sequence_length():
 
 
 def test_select_rejects_sequences_its_int32_counts_cannot_hold():
-    _cuda_ops._check_select_length(2**31 - 1, "scores", "positions per sequence")
+    _cuda_ops._check_int32_count(2**31 - 1, "scores", "positions per sequence")
     with pytest.raises(_cuda_ops.InvalidInputError, match=r"scores: expected at most 2147483647"):
-        _cuda_ops._check_select_length(2**31, "scores", "positions per sequence")
+        _cuda_ops._check_int32_count(2**31, "scores", "positions per sequence")
 
 
 # --- load balancing -----------------------------------------------------------------------------
@@ -1110,7 +1110,11 @@ def test_replica_map_matches_the_cpu(gpu, policy, num_slots, slots_per_gpu):
 def test_replica_map_by_load_rejects_more_entries_than_its_counters_hold(gpu):
     table, counts = _replica_table(4, 2, 8, seed=1)
     experts = torch.zeros(1, 1, dtype=torch.int64).expand(2**30, 2)  # 2^31 entries, one stored
-    with pytest.raises(ValueError, match=r"experts: expected fewer than 2\*\*31 entries .* got 2147483648"):
+    with pytest.raises(
+        ValueError,
+        match=r"experts: expected at most 2147483647 ids \(T \* k\) for policy 'load' on CUDA, "
+        r"got 2147483648",
+    ):
         _cuda_ops.replica_map_cuda(experts, table, counts, 8, 2, "load")
     assert _cuda_ops.replica_map_cuda(experts[:3], table, counts, 8, 2, "load").shape == (3, 2)
 

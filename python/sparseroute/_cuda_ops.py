@@ -113,6 +113,17 @@ def _invalid(name: str, expected: str, got: object) -> InvalidInputError:
     return InvalidInputError(f"{name}: expected {expected}, got {got}")
 
 
+#: The most of anything a kernel counts in int32 (sr_select_tokens' histograms and run
+#: counts, sr_replica_load's counters).
+MAX_INT32_COUNT = 2**31 - 1
+
+
+def _check_int32_count(count: int, name: str, what: str) -> None:
+    """``count`` (of ``what``, from argument ``name``) must fit a kernel's int32 counters."""
+    if count > MAX_INT32_COUNT:
+        raise _invalid(name, f"at most {MAX_INT32_COUNT} {what} on CUDA", count)
+
+
 def _on_device(tensor: Tensor, name: str, device: torch.device, what: str) -> None:
     if tensor.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of {what}), got {tensor.device}")
@@ -1028,7 +1039,7 @@ def select_tokens_cuda(
     mask = torch.empty(batch, seq_len, dtype=torch.bool, device=device)
     if batch == 0 or seq_len == 0:
         return indices, mask
-    _check_select_length(seq_len, "scores", "positions per sequence")
+    _check_int32_count(seq_len, "scores", "positions per sequence")
     with _cuda.launcher(device) as launch:
         _launch_select(
             launch, scores.contiguous(), capacity, _SELECT_RULES[rule], value, lengths, indices, mask
@@ -1041,19 +1052,12 @@ def select_tokens_cuda(
 #: many loads in flight, and few enough that short sequences do not pay for idle warps at
 #: every barrier.
 SELECT_POSITIONS_PER_THREAD = 8
-#: The longest sequence sr_select_tokens ranks (its histograms and run counts are int32).
-MAX_SELECT_POSITIONS = 2**31 - 1
 
 
 def select_threads(seq_len: int) -> int:
     """The threads of each sr_select_tokens block for sequences of ``seq_len`` positions."""
     warps = -(-seq_len // (32 * SELECT_POSITIONS_PER_THREAD))
     return 32 * min(max(warps, 1), 32)
-
-
-def _check_select_length(length: int, name: str, what: str) -> None:
-    if length > MAX_SELECT_POSITIONS:
-        raise _invalid(name, f"at most {MAX_SELECT_POSITIONS} {what} on CUDA", length)
 
 
 def _launch_select(
@@ -1377,7 +1381,7 @@ def expert_choice_cuda(logits: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     num_tokens, num_experts = logits.shape
     if not 0 <= capacity <= num_tokens:
         raise _invalid("capacity", f"0 <= capacity <= T = {num_tokens}", capacity)
-    _check_select_length(num_tokens, "logits", "tokens")
+    _check_int32_count(num_tokens, "logits", "tokens")
     device = logits.device
     indices = torch.empty(num_experts, capacity, dtype=torch.int64, device=device)
     gates = torch.empty(num_experts, capacity, dtype=accumulator_dtype(logits.dtype), device=device)
@@ -1645,11 +1649,8 @@ def replica_map_cuda(
         raise _invalid("slots_per_gpu", f"a divisor of num_slots = {num_slots} (>= 1)", slots_per_gpu)
     if policy not in REPLICA_POLICIES:
         raise _invalid("policy", f"one of {REPLICA_POLICIES}", repr(policy))
-    if policy == "load" and experts.numel() >= 2**31:
-        # The load kernel's counters are int32 (placement.cu), and one warp walks the entries.
-        raise _invalid(
-            "experts", "fewer than 2**31 entries (T * k) for policy 'load' on CUDA", experts.numel()
-        )
+    if policy == "load":
+        _check_int32_count(experts.numel(), "experts", "ids (T * k) for policy 'load'")
     experts = as_dtype(experts, torch.int64).contiguous()
     table = logical_to_physical.to(device=device, dtype=torch.int64).contiguous()
     counts = replica_counts.to(device=device, dtype=torch.int64).contiguous()
