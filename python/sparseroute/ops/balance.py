@@ -406,6 +406,11 @@ def sinkhorn(logits: Tensor, *, iters: int | None = None, tol: float = 1e-4) -> 
     plain scores (``torch.softmax(logits)`` or ``topk_gating``), as Megatron-Core's sinkhorn
     router does. Not differentiable: the input is detached.
 
+    Batches of one or two tokens reach ``tol`` slowly: with normal logits (standard deviation
+    2, ``tol=1e-4``) up to about 4e5 iterations for one token and 6e4 for two, against 10-35
+    from three tokens on. Megatron-Core's router balances training batches only; for small
+    batches pass ``iters``.
+
     Raises ``InvalidInputError`` for logits that are not finite or exceed 88 (``exp`` would
     overflow float32, which would make every score NaN).
     """
