@@ -17,7 +17,7 @@ from sparseroute import _cuda_ops
 from sparseroute.ops._bridge import accumulator_dtype
 
 from kernel_inputs import balance_logits, balance_tolerance, random_logits, tie_heavy_logits
-from reference import WEIGHT_TOLERANCE, permute_reference, topk_gating_reference, unpermute_reference
+from reference import assert_weights_close, permute_reference, topk_gating_reference, unpermute_reference
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulation")
 
@@ -43,11 +43,6 @@ def gating_args(
     group_score_k=2,
 ):
     return (logits, k, score, normalize, bias, groups, topk_groups, group_score_k, scale)
-
-
-def assert_weights_close(actual, expected, dtype):
-    tolerance = WEIGHT_TOLERANCE[dtype]
-    torch.testing.assert_close(actual, expected, rtol=tolerance["rtol"] * 4, atol=tolerance["atol"] * 4)
 
 
 # --- top-k gating --------------------------------------------------------------------------------
