@@ -951,6 +951,25 @@ def test_expert_choice_is_the_cpu_choice(gpu, dtype, num_tokens, num_experts, ca
     assert not gpu.errors.any()
 
 
+def test_subnormal_probabilities_are_the_cpu_bits(gpu):
+    """Rows spread over 120: probabilities down through the subnormals (a logit 87.3 to
+    104 below its row's maximum) and to 0, which top-p and expert choice order and return
+    as the CPU does, bit for bit."""
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.rand(40, 24, generator=generator) * -120.0
+    logits[:, 0] = 0.0
+    weights, experts = _cuda_ops.topp_gating_cuda(logits, 1.0, 1, 24, True, False)
+    cpu_weights, cpu_experts = ops.topp_gating(logits, 1.0, 1, 24, True, False)
+    assert torch.equal(experts, cpu_experts) and torch.equal(weights, cpu_weights)
+    smallest_normal = torch.finfo(torch.float32).smallest_normal
+    assert ((cpu_weights > 0) & (cpu_weights < smallest_normal)).any()
+    gates, indices = _cuda_ops.expert_choice_cuda(logits, 40)  # every token: the zeros too
+    cpu_gates, cpu_indices = ops.expert_choice(logits, 40)
+    assert torch.equal(indices, cpu_indices) and torch.equal(gates, cpu_gates)
+    assert ((cpu_gates > 0) & (cpu_gates < smallest_normal)).any() and (cpu_gates == 0).any()
+    assert not gpu.errors.any()
+
+
 def test_expert_choice_over_many_tokens_is_the_cpu_choice(gpu):
     """Several warps per expert, several steps per digit, ties across the warps' runs."""
     logits = tie_heavy_logits(3000, 3, torch.float32, seed=6)
@@ -1026,8 +1045,9 @@ def test_sinkhorn_is_the_cpu_sinkhorn_bit_for_bit(gpu, num_tokens, num_experts, 
 
 
 def test_sinkhorn_exp_is_the_cpu_exp_over_its_range(gpu):
-    # One logit per row from -100 to 88 (the clamp at -87.3, 2^127 near 88), the rest small.
-    high = torch.linspace(-100.0, 88.0, 4001)
+    # One logit per row from -110 to 88 (subnormal costs below -87.3, 0 below -103.97, 2^127
+    # near 88), the rest small.
+    high = torch.linspace(-110.0, 88.0, 4001)
     logits = torch.randn(4001, 5, generator=torch.Generator().manual_seed(3))
     logits[:, 2] = high
     ours = _cuda_ops.sinkhorn_cuda(logits, 1, 0.0)

@@ -111,9 +111,7 @@ def gating_calls(draw):
     score = draw(st.sampled_from(["softmax", "sigmoid"]))
     kind = draw(kinds)
     seed = draw(seeds)
-    # Within 80 of each other: softmax scores above e^-87.3, the CPU exp's clamp, below
-    # which the CPU ties scores the GPU orders (docs/semantics.md, topk_gating, step 1).
-    logits = values((num_tokens, num_experts), dtype, kind, seed).clamp(-40, 40)
+    logits = values((num_tokens, num_experts), dtype, kind, seed)
     bias = None
     if draw(st.booleans()):
         bias_kind = draw(st.sampled_from(["ties", "normal", "small"]))

@@ -169,20 +169,20 @@ def test_results_do_not_depend_on_the_batch(num_experts, k, score, normalize, ge
     assert torch.equal(w, weights[5:29])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CPU's exp clamps its input to [-87.3, 88.7]: softmax scores below e^-87.3 "
-    "(about 1.2e-38) all come out as about 1.2e-38 and tie, where torch's softmax and the "
-    "GPU's expf keep their order (docs/semantics.md, topk_gating, step 1)",
-)
 @pytest.mark.parametrize("expert_bias", [None, torch.zeros(3)])
-def test_scores_below_the_exp_clamp_keep_their_order(expert_bias):
+def test_subnormal_scores_keep_their_order(expert_bias):
     """Experts 1 and 2 are 97.4 and 88.7 below the best logit: exact scores 4.8e-43 and
-    3.0e-39, so expert 2 ranks second by score (the key under a group limit or a bias)."""
+    3.0e-39, both subnormal, so expert 2 ranks second by score (the key under a group limit
+    or a bias), with the subnormal weight torch's softmax gives it, within one step."""
     logits = torch.tensor([[97.3613, -0.0744, 8.6539]])
     probs = torch.softmax(logits, dim=-1)
     assert probs[0, 2] > probs[0, 1] > 0
-    _, experts = sparseroute.topk_gating(
+    weights, experts = sparseroute.topk_gating(
         logits, 2, normalize=False, expert_bias=expert_bias, num_groups=1, topk_groups=1, group_score_k=1
     )
     assert experts.tolist() == [[0, 2]]
+    smallest_subnormal = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    assert abs(weights[0, 1].item() - probs[0, 2].item()) <= smallest_subnormal
+    # Without the group limit the logits are the keys: the same order, whatever the scores.
+    _, experts = sparseroute.topk_gating(logits, 3, normalize=False)
+    assert experts.tolist() == [[0, 2, 1]]

@@ -117,6 +117,18 @@ def run_all() -> list[tuple[torch.Tensor, ...]]:
         results.append((loss.detach(), logits.grad))
         results.append((sparseroute.sinkhorn(logits.detach()),))
         results.extend(softmax_row_ops(logits.detach()))
+    # Wide rows: softmax scores down through the subnormals and to 0 (logits up to about
+    # 200 below their row's maximum), where every level's exp must give the portable bits.
+    for i, E in enumerate([61, 64]):
+        wide = torch.randn(300, E, generator=torch.Generator().manual_seed(300 + i)) * 40
+        bias = torch.zeros(E)
+        results.append(sparseroute.topk_gating(wide, 4, expert_bias=bias, normalize=False))
+        results.append(sparseroute.topk_gating(wide, 4, score="sigmoid", expert_bias=bias))
+        x = wide.clone().requires_grad_()
+        loss = sparseroute.z_loss(x)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+        results.extend(softmax_row_ops(wide))
     # The z-loss runs eight rows at a time where E is a multiple of sixteen (with AVX-512):
     # masked rows, other storage types, and a NaN in any position of any row.
     g = torch.Generator().manual_seed(200)
@@ -133,11 +145,12 @@ def run_all() -> list[tuple[torch.Tensor, ...]]:
     results.append((loss.detach(), x.grad))
     results.append((z_loss_nan_rejections(logits),))
     # Sinkhorn's exp over its whole range: one logit per row between 80 and 88 (above 88 is
-    # rejected; 88 itself is in row 0), some below the clamp at -87.3, E not a multiple of 8.
+    # rejected; 88 itself is in row 0), some with subnormal exponentials (below -87.3) and
+    # some whose exponential rounds to 0 (below -103.97), E not a multiple of 8.
     wide = torch.randn(1030, 61, generator=g) * 4
     columns = torch.randint(0, 61, (1030,), generator=g)
     wide[torch.arange(1030), columns] = torch.rand(1030, generator=g) * 8 + 80
-    wide[0, 0], wide[1:40, 1] = 88.0, -90.0
+    wide[0, 0], wide[1:40, 1], wide[40:60, 2] = 88.0, -90.0, -110.0
     results.append((sparseroute.sinkhorn(wide, iters=3, tol=0.0),))
     return results
 

@@ -100,14 +100,28 @@ constexpr float kExpMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an 
 constexpr float kLog2e = 1.44269504088896340735992468100189214f;
 constexpr float kLn2Hi = 0.6933594f;
 constexpr float kLn2Lo = -2.1219444e-4f;
+// The clamp (EXP_LOWEST, EXP_HIGHEST): e^x rounds to 0 below, overflows above.
+constexpr float kExpLowest = -104.0f;
+constexpr float kExpHighest = 89.0f;
+
+// y 2^n for n in [-150, 128] as (y 2^(n - n/2)) 2^(n/2) (exp_scale in element.rs): the
+// first product is exact, the second rounds once, to a subnormal (kept: --ftz=false), 0 or
+// inf where the result leaves the normal range.
+__device__ __forceinline__ float sr_exp_scale(float y, int n) {
+  const int low = n >> 1;
+  const int high = n - low;
+  const float y_high = __fmul_rn(y, __uint_as_float(static_cast<unsigned int>(high + 127) << 23));
+  return __fmul_rn(y_high, __uint_as_float(static_cast<unsigned int>(low + 127) << 23));
+}
 
 // The CPU's float32 exp (rust/core/src/element.rs, fast_exp_f32): a degree-6 polynomial on
-// x - n ln 2 scaled by 2^n, within 2 ulp of exp. Each step rounded once, as on the CPU, so
-// kernels that use it (top-p, expert choice) compute the CPU's bits. float64 uses exp on
-// both sides (within 1 ulp of each other, not always equal).
+// x - n ln 2 scaled by 2^n, within 2 ulp of exp (one step where that is subnormal). Each
+// step rounded once, as on the CPU, so kernels that use it (top-p, expert choice) compute
+// the CPU's bits. float64 uses exp on both sides (within 1 ulp of each other, not always
+// equal).
 __device__ __forceinline__ float sr_fast_exp(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
+  x = x < kExpLowest ? kExpLowest : x;
+  x = x > kExpHighest ? kExpHighest : x;
   const float t = __fadd_rn(__fmul_rn(x, kLog2e), kExpMagic);
   const float n = __fsub_rn(t, kExpMagic);
   const int exponent = static_cast<int>(__float_as_uint(t) - __float_as_uint(kExpMagic));
@@ -119,15 +133,15 @@ __device__ __forceinline__ float sr_fast_exp(float x) {
   p = __fadd_rn(__fmul_rn(p, r), 0.16666665f);
   p = __fadd_rn(__fmul_rn(p, r), 0.5f);
   const float y = __fadd_rn(__fadd_rn(__fmul_rn(__fmul_rn(p, r), r), r), 1.0f);
-  return __fmul_rn(y, __uint_as_float(static_cast<unsigned int>(exponent + 127) << 23));
+  return sr_exp_scale(y, exponent);
 }
 // The CPU's fused float32 exp (rust/core/src/element.rs, fma_exp_f32): sr_fast_exp's clamp
 // and range reduction, a degree-5 polynomial, in fused multiply-adds (each rounded once, as
-// on the CPU), within 2 ulp of exp. Sinkhorn's cost uses it: the CPU's bits in 12 operations
-// instead of 20.
+// on the CPU), within 2 ulp of exp. Sinkhorn's cost uses it: the CPU's bits in 13 operations
+// instead of 21.
 __device__ __forceinline__ float sr_fma_exp(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
+  x = x < kExpLowest ? kExpLowest : x;
+  x = x > kExpHighest ? kExpHighest : x;
   const float t = __fmaf_rn(x, kLog2e, kExpMagic);
   const float n = __fsub_rn(t, kExpMagic);
   const int exponent = static_cast<int>(__float_as_uint(t) - __float_as_uint(kExpMagic));
@@ -139,7 +153,7 @@ __device__ __forceinline__ float sr_fma_exp(float x) {
   p = __fmaf_rn(p, r, 0.16666521f);
   p = __fmaf_rn(p, r, 0.49999994f);
   const float y = __fmaf_rn(r, __fmaf_rn(p, r, 1.0f), 1.0f);
-  return __fmul_rn(y, __uint_as_float(static_cast<unsigned int>(exponent + 127) << 23));
+  return sr_exp_scale(y, exponent);
 }
 __device__ __forceinline__ float fast_exp_acc(float x) { return sr_fast_exp(x); }
 __device__ __forceinline__ double fast_exp_acc(double x) { return exp(x); }

@@ -73,7 +73,7 @@ pub(super) unsafe fn z_loss_rows_avx512(
     // SAFETY: forwarded from the caller.
     unsafe {
         // The z-loss takes no finiteness mask: NaN and +inf make z NaN (the caller rejects
-        // the row), and -inf counts as e^-87.3, as in the portable kernel.
+        // the row), and -inf counts as e^-inf = 0, as in the portable kernel.
         let (maxima, sums, _) = with_source!(rows, |src| avx512::exp_shifted_rows::<_, false, false, true>(
             src,
             start,

@@ -528,7 +528,7 @@ const SINKHORN_EPS: f32 = 1e-8;
 
 /// `cost = fma_exp(logits)`; false when a logit is NaN, `-inf` or above 88 (then `cost` is
 /// partly written). One pass: the check is folded into the same loop. It takes the fused
-/// `exp` (12 operations against `fast_exp`'s 20; the GPU's `sr_fma_exp` computes the same
+/// `exp` (13 operations against `fast_exp`'s 21; the GPU's `sr_fma_exp` computes the same
 /// bits) because it is compute-bound: with `fast_exp` it took 40% of the whole at 16384 x 64.
 #[inline(always)]
 fn sinkhorn_cost(logits: &[f32], cost: &mut [f32]) -> bool {

@@ -6,7 +6,7 @@
 
 use super::{GatingConfig, ScoreFunction, TopK};
 use crate::element::{Accumulator, Storage};
-use crate::simd::avx2::{block_maxima, exp8, finite_lanes, with_source, Source};
+use crate::simd::avx2::{block_maxima, exp8, exp8_nonpositive, finite_lanes, with_source, Source};
 use crate::simd::avx512::Source16;
 use std::arch::x86_64::*;
 
@@ -273,7 +273,7 @@ unsafe fn lane_weights<const K: usize>(
                 let m = chosen.iter().fold(_mm256_set1_ps(f32::NEG_INFINITY), |m, &c| _mm256_max_ps(c, m));
                 let mut total = _mm256_setzero_ps();
                 for (o, &c) in out.iter_mut().zip(chosen) {
-                    *o = exp8(_mm256_sub_ps(c, m));
+                    *o = exp8_nonpositive(_mm256_sub_ps(c, m));
                     total = _mm256_add_ps(total, *o);
                 }
                 for o in out.iter_mut() {
@@ -287,10 +287,10 @@ unsafe fn lane_weights<const K: usize>(
                 }
                 let mut z = _mm256_setzero_ps();
                 for x in 0..num_experts {
-                    z = _mm256_add_ps(z, exp8(_mm256_sub_ps(column(x), m)));
+                    z = _mm256_add_ps(z, exp8_nonpositive(_mm256_sub_ps(column(x), m)));
                 }
                 for (o, &c) in out.iter_mut().zip(chosen) {
-                    *o = _mm256_mul_ps(_mm256_div_ps(exp8(_mm256_sub_ps(c, m)), z), scale);
+                    *o = _mm256_mul_ps(_mm256_div_ps(exp8_nonpositive(_mm256_sub_ps(c, m)), z), scale);
                 }
             }
             (ScoreFunction::Sigmoid, normalize) => {

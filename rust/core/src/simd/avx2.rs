@@ -6,7 +6,8 @@
 
 use super::avx512::Source16;
 use crate::element::{
-    fast_exp_f32, fma_exp_f32, EXP_MAGIC, EXP_POLY, FMA_EXP_POLY, LN2_HI, LN2_LO, LN_POLY, SQRT_HALF_BITS,
+    fast_exp_f32, fma_exp_f32, EXP_HIGHEST, EXP_LOWEST, EXP_MAGIC, EXP_POLY, FMA_EXP_POLY, LN2_HI, LN2_LO,
+    LN_POLY, SQRT_HALF_BITS,
 };
 use std::arch::x86_64::*;
 
@@ -152,14 +153,38 @@ pub(crate) unsafe fn finite_lanes(v: __m256) -> __m256 {
     }
 }
 
-/// `fast_exp_f32` of eight lanes: the same operations in the same order, so the same bits.
+/// [`crate::element::exp_scale`] of eight lanes: `(y 2^(n - n/2)) 2^(n/2)`, for `n` in
+/// `[-150, 128]`.
 #[inline(always)]
-pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
+unsafe fn exp_scale8(y: __m256, n: __m256i) -> __m256 {
     // SAFETY: register-only AVX2 operations.
     unsafe {
-        // `f32::clamp` order, NaN included: maxps and minps return their second operand
-        // when either is NaN, so the bound goes first and a NaN stays NaN.
-        let x = _mm256_min_ps(_mm256_set1_ps(88.7), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
+        let low = _mm256_srai_epi32::<1>(n);
+        let high = _mm256_sub_epi32(n, low);
+        let bias = _mm256_set1_epi32(127);
+        let factor = |e: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(e, bias)));
+        _mm256_mul_ps(_mm256_mul_ps(y, factor(high)), factor(low))
+    }
+}
+
+/// [`exp_scale8`] for `n` in `[-150, 103]` in four fewer operations: `(y 2^(n + 24))
+/// 2^-24`, the second factor a constant. The first product is exact as in `exp_scale8`, so
+/// the second rounds the same exact `y 2^n` once: the same bits.
+#[inline(always)]
+unsafe fn exp_scale8_up_to_103(y: __m256, n: __m256i) -> __m256 {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let high = _mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127 + 24)));
+        _mm256_mul_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(high)), _mm256_set1_ps(2f32.powi(-24)))
+    }
+}
+
+/// `fast_exp_f32`'s range reduction and polynomial on eight lanes already clamped: `(e^r,
+/// n)` with `x = n ln 2 + r`.
+#[inline(always)]
+unsafe fn exp8_parts(x: __m256) -> (__m256, __m256i) {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
         let magic = _mm256_set1_ps(EXP_MAGIC);
         let t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), magic);
         let n = _mm256_sub_ps(t, magic);
@@ -173,19 +198,15 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
             p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(*c));
         }
         let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0));
-        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(exponent, _mm256_set1_epi32(127)));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+        (y, exponent)
     }
 }
 
-/// [`crate::element::fma_exp_f32`] of eight lanes: the same operations in the same order,
-/// so the same bits.
+/// [`exp8_parts`] as `fma_exp_f32` computes them, in fused multiply-adds.
 #[inline(always)]
-pub(crate) unsafe fn exp8_fma(x: __m256) -> __m256 {
+unsafe fn exp8_fma_parts(x: __m256) -> (__m256, __m256i) {
     // SAFETY: register-only AVX2 and FMA operations.
     unsafe {
-        // The bound first, as in `exp8`: a NaN stays NaN.
-        let x = _mm256_min_ps(_mm256_set1_ps(88.7), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
         let magic = _mm256_set1_ps(EXP_MAGIC);
         let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
         let n = _mm256_sub_ps(t, magic);
@@ -197,9 +218,61 @@ pub(crate) unsafe fn exp8_fma(x: __m256) -> __m256 {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let one = _mm256_set1_ps(1.0);
-        let y = _mm256_fmadd_ps(r, _mm256_fmadd_ps(p, r, one), one);
-        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(exponent, _mm256_set1_epi32(127)));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+        (_mm256_fmadd_ps(r, _mm256_fmadd_ps(p, r, one), one), exponent)
+    }
+}
+
+/// `fast_exp_f32`'s clamp of eight lanes, in `f32::clamp` order, NaN included: maxps and
+/// minps return their second operand when either is NaN, so the bound goes first and a NaN
+/// stays NaN.
+#[inline(always)]
+unsafe fn exp_clamp8(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX operations.
+    unsafe { _mm256_min_ps(_mm256_set1_ps(EXP_HIGHEST), _mm256_max_ps(_mm256_set1_ps(EXP_LOWEST), x)) }
+}
+
+/// `fast_exp_f32` of eight lanes: the same operations in the same order, so the same bits.
+#[inline(always)]
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let (y, n) = exp8_parts(exp_clamp8(x));
+        exp_scale8(y, n)
+    }
+}
+
+/// [`crate::element::fma_exp_f32`] of eight lanes: the same operations in the same order,
+/// so the same bits.
+#[inline(always)]
+pub(crate) unsafe fn exp8_fma(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2 and FMA operations.
+    unsafe {
+        let (y, n) = exp8_fma_parts(exp_clamp8(x));
+        exp_scale8(y, n)
+    }
+}
+
+/// [`exp8`] on lanes at most 0 (or NaN): softmax's shifted values. Only the lower clamp,
+/// and `2^n` (`n <= 0`) applied by [`exp_scale8_up_to_103`]: the same bits as `exp8` in
+/// five operations fewer, as many as one factor `2^n` with both clamps took (which could
+/// not reach the subnormals).
+#[inline(always)]
+pub(crate) unsafe fn exp8_nonpositive(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let (y, n) = exp8_parts(_mm256_max_ps(_mm256_set1_ps(EXP_LOWEST), x));
+        exp_scale8_up_to_103(y, n)
+    }
+}
+
+/// [`exp8_fma`] on lanes at most 0 (or NaN), with the shortcuts of [`exp8_nonpositive`]:
+/// the same bits as `exp8_fma`.
+#[inline(always)]
+pub(crate) unsafe fn exp8_fma_nonpositive(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2 and FMA operations.
+    unsafe {
+        let (y, n) = exp8_fma_parts(_mm256_max_ps(_mm256_set1_ps(EXP_LOWEST), x));
+        exp_scale8_up_to_103(y, n)
     }
 }
 
@@ -342,7 +415,7 @@ pub(crate) unsafe fn tail_sum<S: Source, const FMA: bool>(
 /// start + out.len()]`, with the sum of `out` in eight lanes (element i into lane i % 8, then
 /// the lanes in order). Returns `(max, sum)`, or, with `CHECK_FINITE`, `None` when the row
 /// holds NaN or an infinity (without it, NaN and `+inf` come out as a NaN sum and `-inf` as
-/// an `exp` of about 1e-38).
+/// an `exp` of 0).
 ///
 /// # Safety
 /// The CPU features of [`super::avx2_enabled`] are available; the row lies inside `src`.
@@ -362,7 +435,7 @@ pub(crate) unsafe fn exp_shifted<S: Source, const CHECK_FINITE: bool, const FMA:
         let mut sums = _mm256_setzero_ps();
         for b in (0..whole).step_by(LANES) {
             let x = _mm256_sub_ps(src.load8(start + b), shift);
-            let e = if FMA { exp8_fma(x) } else { exp8(x) };
+            let e = if FMA { exp8_fma_nonpositive(x) } else { exp8_nonpositive(x) };
             sums = _mm256_add_ps(sums, e);
             _mm256_storeu_ps(out.as_mut_ptr().add(b), e);
         }
@@ -423,7 +496,7 @@ mod tests {
         if !is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut x = -100.0f32;
+        let mut x = -110.0f32;
         while x < 100.0 {
             let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
             let mut out = [0f32; 8];
@@ -435,10 +508,46 @@ mod tests {
             x += 0.117;
         }
         // NaN stays NaN (the kernels' non-finite checks rely on it) and the infinities
-        // clamp, as `f32::clamp` does in the portable code.
+        // clamp (to 0 and inf), as `f32::clamp` does in the portable code.
         let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN, 1e30, -1e30];
         // SAFETY: AVX2 is available (checked above).
         unsafe { assert_lanes8(|x| exp8(x), fast_exp_f32, &specials) };
+    }
+
+    #[test]
+    fn exp8_nonpositive_forms_are_their_scalar_exp_at_or_below_zero() {
+        if !super::super::avx2_enabled() {
+            return;
+        }
+        // A stride from -110 (past -103.97, where e^x rounds to 0) through the subnormal
+        // results (below -87.3) to 0, then every float from -104 to -102 (the smallest
+        // subnormals and the rounding to 0).
+        let mut x = -110.0f32;
+        while x <= 0.0 {
+            let lanes: [f32; 8] = std::array::from_fn(|i| (x + i as f32 * 0.013_7).min(0.0));
+            // SAFETY: AVX2 and FMA are available (checked above).
+            unsafe {
+                assert_lanes8(|x| exp8_nonpositive(x), fast_exp_f32, &lanes);
+                assert_lanes8(|x| exp8_fma_nonpositive(x), fma_exp_f32, &lanes);
+            }
+            x += 0.0117;
+        }
+        let mut x = -104.0f32;
+        while x < -102.0 {
+            let lanes: [f32; 8] = std::array::from_fn(|i| f32::from_bits(x.to_bits() - i as u32));
+            // SAFETY: as above.
+            unsafe {
+                assert_lanes8(|x| exp8_nonpositive(x), fast_exp_f32, &lanes);
+                assert_lanes8(|x| exp8_fma_nonpositive(x), fma_exp_f32, &lanes);
+            }
+            x = f32::from_bits(x.to_bits() - 8);
+        }
+        let specials = [f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN, -1e30, -87.3, -103.97];
+        // SAFETY: as above.
+        unsafe {
+            assert_lanes8(|x| exp8_nonpositive(x), fast_exp_f32, &specials);
+            assert_lanes8(|x| exp8_fma_nonpositive(x), fma_exp_f32, &specials);
+        }
     }
 
     #[test]
@@ -446,10 +555,10 @@ mod tests {
         if !crate::simd::avx512_enabled() {
             return;
         }
-        let mut x = -100.0f32;
+        let mut x = -110.0f32;
         while x <= 0.0 {
             let mut lanes: [f32; 16] = std::array::from_fn(|i| (x + i as f32 * 0.013_7).min(0.0));
-            if x < -99.0 {
+            if x < -109.0 {
                 lanes[..5].copy_from_slice(&[f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN]);
             }
             // SAFETY: AVX-512 is available (checked above).

@@ -6,7 +6,7 @@
 //! functions that also enable the AVX2 set.
 
 use super::avx2::{Bf16Rows, F16Rows, F32Rows, Source};
-use crate::element::{EXP_MAGIC, EXP_POLY, FMA_EXP_POLY, LN2_HI, LN2_LO};
+use crate::element::{EXP_LOWEST, EXP_MAGIC, EXP_POLY, FMA_EXP_POLY, LN2_HI, LN2_LO};
 use std::arch::x86_64::*;
 
 /// Logits of one storage type, read as sixteen f32 lanes.
@@ -86,17 +86,18 @@ impl Source16 for F16Rows<'_> {
 }
 
 /// [`super::avx2::exp8`] on sixteen lanes at or below 88 (or NaN): the same bits as
-/// `fast_exp_f32` in every lane. `exp8` builds `2^n` from its exponent bits and multiplies,
-/// which needs the upper clamp (88.7) to keep the bits valid; here `n = round(x log2(e))
-/// <= 127`, so `2^n` is a normal number and `scalef` rounds exactly as that product does,
-/// in four fewer operations. Used on softmax's shifted values (at most 0).
+/// `fast_exp_f32` in every lane. `exp8` applies `2^n` as two factors built from exponent
+/// bits (`exp_scale`: the first product exact, the second rounding once, to a subnormal
+/// where the result is one); `scalef` multiplies by `2^n` and rounds once, so the same bits
+/// in fewer operations. At or below 88 the upper clamp has nothing to do. Used on
+/// softmax's shifted values (at most 0).
 #[inline(always)]
 pub(crate) unsafe fn exp16_at_most_88(x: __m512) -> __m512 {
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
     unsafe {
         // `fast_exp_f32`'s order: the lower clamp, `t = x log2(e) + 1.5 * 2^23` (n in its low
         // bits), `n`, `r = x - n ln 2` in two parts, the polynomial for `e^r`. A NaN stays NaN.
-        let x = _mm512_max_ps(_mm512_set1_ps(-87.3), x);
+        let x = _mm512_max_ps(_mm512_set1_ps(EXP_LOWEST), x);
         let magic = _mm512_set1_ps(EXP_MAGIC);
         let t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic);
         let n = _mm512_sub_ps(t, magic);
@@ -119,7 +120,7 @@ pub(crate) unsafe fn exp16_at_most_88(x: __m512) -> __m512 {
 pub(crate) unsafe fn exp16_fma_at_most_88(x: __m512) -> __m512 {
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
     unsafe {
-        let x = _mm512_max_ps(_mm512_set1_ps(-87.3), x);
+        let x = _mm512_max_ps(_mm512_set1_ps(EXP_LOWEST), x);
         let magic = _mm512_set1_ps(EXP_MAGIC);
         let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
         let n = _mm512_sub_ps(t, magic);
@@ -205,7 +206,7 @@ pub(crate) unsafe fn exp_shifted<S: Source16, const CHECK_FINITE: bool, const FM
         }
         if pairs < whole {
             let x = _mm256_sub_ps(src.load8(start + pairs), _mm256_set1_ps(m));
-            let e = if FMA { super::avx2::exp8_fma(x) } else { super::avx2::exp8(x) };
+            let e = if FMA { super::avx2::exp8_fma_nonpositive(x) } else { super::avx2::exp8_nonpositive(x) };
             sums = _mm256_add_ps(sums, e);
             _mm256_storeu_ps(out.as_mut_ptr().add(pairs), e);
         }
