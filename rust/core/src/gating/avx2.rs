@@ -1,12 +1,12 @@
 //! AVX2 versions of the gating hot loops, chosen at run time (see [`crate::simd`]). They
 //! are exact replacements: selection is exact by construction, and the weights go through
-//! the same IEEE operations in the same order as [`super::lane_weights`] ([`exp8`] is
-//! `fast_exp_f32` lane by lane), so results are bitwise identical whichever path runs. The
+//! the same IEEE operations in the same order as [`super::lane_weights`] ([`exp8_nonpositive`]
+//! is `fast_exp_f32` lane by lane), so results are bitwise identical whichever path runs. The
 //! tests compare both paths.
 
 use super::{GatingConfig, ScoreFunction, TopK};
 use crate::element::{Accumulator, Storage};
-use crate::simd::avx2::{block_maxima, exp8, exp8_nonpositive, finite_lanes, with_source, Source};
+use crate::simd::avx2::{block_maxima, exp8_nonpositive, finite_lanes, one_plus_exp8, with_source, Source};
 use crate::simd::avx512::Source16;
 use std::arch::x86_64::*;
 
@@ -298,7 +298,7 @@ unsafe fn lane_weights<const K: usize>(
                 let mut total = _mm256_setzero_ps();
                 for (o, &c) in out.iter_mut().zip(chosen) {
                     let minus = _mm256_xor_ps(c, _mm256_set1_ps(-0.0));
-                    *o = _mm256_div_ps(one, _mm256_add_ps(one, exp8(minus)));
+                    *o = _mm256_div_ps(one, one_plus_exp8(minus));
                     total = _mm256_add_ps(total, *o);
                 }
                 let denominator = _mm256_add_ps(total, _mm256_set1_ps(f32::SIGMOID_NORM_EPS));
@@ -416,7 +416,7 @@ pub(super) unsafe fn kth_largest16(a: __m256, b: __m256, k: usize) -> f32 {
 
 /// Sigmoid selection keys of one row, eight experts at a time: `keys[e] = 1 / (1 +
 /// fast_exp(-logits[e]))`, plus `bias[e]` when given. The portable kernel's operations in
-/// the same order (`exp8` is `fast_exp` lane by lane), so the same bits.
+/// the same order (`one_plus_exp8` is `1 + fast_exp` lane by lane), so the same bits.
 ///
 /// # Safety
 /// AVX2 is available; `keys`, `logits` and `bias` (when given) have the same length.
@@ -429,7 +429,7 @@ pub(super) unsafe fn sigmoid_keys(logits: &[f32], bias: Option<&[f32]>, keys: &m
         let sign = _mm256_set1_ps(-0.0);
         for i in (0..whole).step_by(8) {
             let x = _mm256_loadu_ps(logits.as_ptr().add(i));
-            let mut key = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, sign))));
+            let mut key = _mm256_div_ps(one, one_plus_exp8(_mm256_xor_ps(x, sign)));
             if let Some(bias) = bias {
                 key = _mm256_add_ps(key, _mm256_loadu_ps(bias.as_ptr().add(i)));
             }

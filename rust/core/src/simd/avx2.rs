@@ -231,16 +231,6 @@ unsafe fn exp_clamp8(x: __m256) -> __m256 {
     unsafe { _mm256_min_ps(_mm256_set1_ps(EXP_HIGHEST), _mm256_max_ps(_mm256_set1_ps(EXP_LOWEST), x)) }
 }
 
-/// `fast_exp_f32` of eight lanes: the same operations in the same order, so the same bits.
-#[inline(always)]
-pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
-    // SAFETY: register-only AVX2 operations.
-    unsafe {
-        let (y, n) = exp8_parts(exp_clamp8(x));
-        exp_scale8(y, n)
-    }
-}
-
 /// [`crate::element::fma_exp_f32`] of eight lanes: the same operations in the same order,
 /// so the same bits.
 #[inline(always)]
@@ -252,10 +242,11 @@ pub(crate) unsafe fn exp8_fma(x: __m256) -> __m256 {
     }
 }
 
-/// [`exp8`] on lanes at most 0 (or NaN): softmax's shifted values. Only the lower clamp,
-/// and `2^n` (`n <= 0`) applied by [`exp_scale8_up_to_103`]: the same bits as `exp8` in
-/// five operations fewer, as many as one factor `2^n` with both clamps took (which could
-/// not reach the subnormals).
+/// `fast_exp_f32` of eight lanes at most 0 (or NaN): softmax's shifted values. The same
+/// operations in the same order, so the same bits, except that only the lower clamp applies
+/// and `2^n` (`n <= 0`) goes through [`exp_scale8_up_to_103`]: five operations fewer than
+/// the general form, as many as one factor `2^n` with both clamps took (which could not
+/// reach the subnormals).
 #[inline(always)]
 pub(crate) unsafe fn exp8_nonpositive(x: __m256) -> __m256 {
     // SAFETY: register-only AVX2 operations.
@@ -266,13 +257,32 @@ pub(crate) unsafe fn exp8_nonpositive(x: __m256) -> __m256 {
 }
 
 /// [`exp8_fma`] on lanes at most 0 (or NaN), with the shortcuts of [`exp8_nonpositive`]:
-/// the same bits as `exp8_fma`.
+/// the same bits as `fma_exp_f32`.
 #[inline(always)]
 pub(crate) unsafe fn exp8_fma_nonpositive(x: __m256) -> __m256 {
     // SAFETY: register-only AVX2 and FMA operations.
     unsafe {
         let (y, n) = exp8_fma_parts(_mm256_max_ps(_mm256_set1_ps(EXP_LOWEST), x));
         exp_scale8_up_to_103(y, n)
+    }
+}
+
+/// `1 + fast_exp_f32(x)` of eight lanes (the sigmoid's denominator), the same bits in four
+/// operations fewer than the general form. Below -86.6, `e^x` is under 2^-124 and `1 + e^x`
+/// rounds to 1 whatever `fast_exp_f32` gives there (a subnormal or 0), so the input is
+/// clamped at -86.6 instead: then `n >= -125` and `2^n` fits one variable factor, as `(y
+/// 2^(n - 1)) 2` (the first product exact, the second rounding once, to `inf` where `e^x`
+/// overflows).
+#[inline(always)]
+pub(crate) unsafe fn one_plus_exp8(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        // The bound first, as in `exp_clamp8`: a NaN stays NaN.
+        let x = _mm256_min_ps(_mm256_set1_ps(EXP_HIGHEST), _mm256_max_ps(_mm256_set1_ps(-86.6), x));
+        let (y, n) = exp8_parts(x);
+        let half = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(126))));
+        let one = _mm256_set1_ps(1.0);
+        _mm256_add_ps(one, _mm256_mul_ps(_mm256_mul_ps(y, half), _mm256_set1_ps(2.0)))
     }
 }
 
@@ -492,26 +502,31 @@ mod tests {
     use crate::element::fma_ln_f32;
 
     #[test]
-    fn exp8_is_fast_exp_lane_by_lane() {
-        if !is_x86_feature_detected!("avx2") {
+    fn one_plus_exp8_is_one_plus_fast_exp_lane_by_lane() {
+        if !super::super::avx2_enabled() {
             return;
         }
+        let one_plus_exp = |x: f32| 1.0 + fast_exp_f32(x);
         let mut x = -110.0f32;
         while x < 100.0 {
             let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
-            let mut out = [0f32; 8];
-            // SAFETY: AVX2 is available (checked above).
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(lanes.as_ptr()))) };
-            for (o, l) in out.iter().zip(lanes) {
-                assert_eq!(o.to_bits(), fast_exp_f32(l).to_bits(), "exp({l})");
-            }
-            x += 0.117;
+            // SAFETY: AVX2 and FMA are available (checked above).
+            unsafe { assert_lanes8(|x| one_plus_exp8(x), one_plus_exp, &lanes) };
+            x += 0.0117;
         }
-        // NaN stays NaN (the kernels' non-finite checks rely on it) and the infinities
-        // clamp (to 0 and inf), as `f32::clamp` does in the portable code.
+        // Every float around the clamp at -86.6 and the overflow at 88.72.
+        for start in [-86.7f32, 88.6] {
+            let mut x = start;
+            for _ in 0..40_000 {
+                let lanes: [f32; 8] = std::array::from_fn(|i| f32::from_bits(x.to_bits() + i as u32));
+                // SAFETY: as above.
+                unsafe { assert_lanes8(|x| one_plus_exp8(x), one_plus_exp, &lanes) };
+                x = f32::from_bits(x.to_bits() + 8);
+            }
+        }
         let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN, 1e30, -1e30];
-        // SAFETY: AVX2 is available (checked above).
-        unsafe { assert_lanes8(|x| exp8(x), fast_exp_f32, &specials) };
+        // SAFETY: as above.
+        unsafe { assert_lanes8(|x| one_plus_exp8(x), one_plus_exp, &specials) };
     }
 
     #[test]
@@ -598,7 +613,7 @@ mod tests {
             return;
         }
         let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -f32::NAN, 1e30, -1e30];
-        let mut x = -100.0f32;
+        let mut x = -110.0f32;
         while x < 100.0 {
             let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.013_7);
             // SAFETY: AVX2 and FMA are available (checked above).

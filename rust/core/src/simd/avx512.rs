@@ -85,12 +85,11 @@ impl Source16 for F16Rows<'_> {
     }
 }
 
-/// [`super::avx2::exp8`] on sixteen lanes at or below 88 (or NaN): the same bits as
-/// `fast_exp_f32` in every lane. `exp8` applies `2^n` as two factors built from exponent
-/// bits (`exp_scale`: the first product exact, the second rounding once, to a subnormal
-/// where the result is one); `scalef` multiplies by `2^n` and rounds once, so the same bits
-/// in fewer operations. At or below 88 the upper clamp has nothing to do. Used on
-/// softmax's shifted values (at most 0).
+/// `fast_exp_f32` on sixteen lanes at or below 88 (or NaN): the same bits in every lane.
+/// `fast_exp_f32` applies `2^n` as two factors built from exponent bits (`exp_scale`: the
+/// first product exact, the second rounding once, to a subnormal where the result is one);
+/// `scalef` multiplies by `2^n` and rounds once, so the same bits in fewer operations. At or
+/// below 88 the upper clamp has nothing to do. Used on softmax's shifted values (at most 0).
 #[inline(always)]
 pub(crate) unsafe fn exp16_at_most_88(x: __m512) -> __m512 {
     // SAFETY: register-only AVX-512 operations (caller: the features are available).
