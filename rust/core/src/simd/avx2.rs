@@ -169,7 +169,9 @@ unsafe fn exp_scale8(y: __m256, n: __m256i) -> __m256 {
 
 /// [`exp_scale8`] for `n` in `[-150, 103]` in four fewer operations: `(y 2^(n + 24))
 /// 2^-24`, the second factor a constant. The first product is exact as in `exp_scale8`, so
-/// the second rounds the same exact `y 2^n` once: the same bits.
+/// the second rounds the same exact `y 2^n` once: the same bits. (At `n = -150` with `y <
+/// 1` the first product is subnormal and rounds, to at most 2^-126, which the second takes
+/// to 0, as `y 2^-150` rounds.)
 #[inline(always)]
 unsafe fn exp_scale8_up_to_103(y: __m256, n: __m256i) -> __m256 {
     // SAFETY: register-only AVX2 operations.
@@ -271,8 +273,8 @@ pub(crate) unsafe fn exp8_fma_nonpositive(x: __m256) -> __m256 {
 /// operations fewer than the general form. Below -86.6, `e^x` is under 2^-124 and `1 + e^x`
 /// rounds to 1 whatever `fast_exp_f32` gives there (a subnormal or 0), so the input is
 /// clamped at -86.6 instead: then `n >= -125` and `2^n` fits one variable factor, as `(y
-/// 2^(n - 1)) 2` (the first product exact, the second rounding once, to `inf` where `e^x`
-/// overflows).
+/// 2^(n - 1)) 2` (the first product exact where `e^x` is normal, the second rounding once,
+/// to `inf` where `e^x` overflows).
 #[inline(always)]
 pub(crate) unsafe fn one_plus_exp8(x: __m256) -> __m256 {
     // SAFETY: register-only AVX2 operations.
