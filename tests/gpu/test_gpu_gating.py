@@ -161,6 +161,15 @@ def test_random_logits_select_the_cpu_experts():
         assert_same_routing(gpu, cpu, torch.float32)
 
 
+def test_subnormal_scores_route_as_on_the_cpu():
+    """Scores 4.8e-43 and 3.0e-39 (subnormal) as keys under a group limit: the GPU's expf and
+    the CPU's exp both keep them apart and in order."""
+    logits = torch.tensor([[97.3613, -0.0744, 8.6539]])
+    options = {"normalize": False, "num_groups": 1, "topk_groups": 1, "group_score_k": 1}
+    gpu, cpu = route_both(logits, 2, **options)
+    assert gpu[1].tolist() == cpu[1].tolist() == [[0, 2]]
+
+
 def test_ties_go_to_the_lower_expert():
     logits = torch.tensor([[1.0, 3.0, 3.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0], [-0.0, 0.0, -0.0, 0.0, 1.0]])
     _, experts = sparseroute.topk_gating(logits.cuda(), 3)

@@ -239,6 +239,26 @@ def test_sinkhorn_is_the_cpu_sinkhorn(num_tokens, num_experts, iters):
         )
 
 
+def test_subnormal_probabilities_and_costs_are_the_cpu_bits():
+    """Rows spread over 120 below their maximum: probabilities and Sinkhorn costs down
+    through the subnormals and to 0, where the GPU's copy of the CPU's exp scales by 2^n in
+    two factors (no flush to zero)."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.rand(2000, 24, generator=g) * -120.0
+    logits[:, 0] = 0.0
+    gpu_weights, gpu_experts = sparseroute.topp_gating(logits.cuda(), 1.0, max_k=24)
+    cpu_weights, cpu_experts = sparseroute.topp_gating(logits, 1.0, max_k=24)
+    assert torch.equal(gpu_experts.cpu(), cpu_experts) and torch.equal(gpu_weights.cpu(), cpu_weights)
+    subnormal = (cpu_weights > 0) & (cpu_weights < torch.finfo(torch.float32).smallest_normal)
+    assert subnormal.any()
+    gpu = sparseroute.expert_choice(logits.cuda(), 2000)
+    cpu = sparseroute.expert_choice(logits, 2000)
+    assert torch.equal(gpu.indices.cpu(), cpu.indices) and torch.equal(gpu.gates.cpu(), cpu.gates)
+    costs = torch.linspace(-110.0, 80.0, 24).expand(300, 24).contiguous()
+    gpu_scores = sparseroute.sinkhorn(costs.cuda(), iters=2)
+    assert torch.equal(gpu_scores.cpu(), sparseroute.sinkhorn(costs, iters=2))
+
+
 def test_sinkhorn_with_iters_is_sync_free():
     sparseroute.warm_up_cuda()
     logits = torch.randn(600, 8, device="cuda")
