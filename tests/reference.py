@@ -17,6 +17,24 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gating_scores_reference(values: Tensor, score: str) -> Tensor:
+    """Top-k gating's scores of ``values`` (already in the type they are computed in)."""
+    return torch.softmax(values, dim=-1) if score == "softmax" else torch.sigmoid(values)
+
+
+def group_scores_reference(keys: Tensor, num_groups: int, group_score_k: int) -> Tensor:
+    """[T, G] from [T, E] keys: each group's ``group_score_k`` best keys (all of a smaller
+    group), added best first from zero, one at a time (torch's sum may pair them otherwise)."""
+    num_tokens, num_experts = keys.shape
+    group_size = num_experts // num_groups
+    grouped = keys.view(num_tokens, num_groups, group_size)
+    best_keys = grouped.topk(min(group_score_k, group_size), dim=-1).values
+    group_scores = torch.zeros_like(best_keys[..., 0])
+    for i in range(best_keys.shape[-1]):
+        group_scores = group_scores + best_keys[..., i]
+    return group_scores
+
+
 def topk_gating_reference(
     logits: Tensor,
     k: int,
@@ -33,7 +51,7 @@ def topk_gating_reference(
     num_tokens, num_experts = logits.shape
     acc = acc_dtype(logits.dtype)
     values = logits.to(acc)
-    scores = torch.softmax(values, dim=-1) if score == "softmax" else torch.sigmoid(values)
+    scores = gating_scores_reference(values, score)
 
     if expert_bias is None and num_groups is None:
         # Both score functions are strictly increasing: the logits order the scores exactly.
@@ -44,12 +62,7 @@ def topk_gating_reference(
             keys = keys + expert_bias.to(acc)
     if num_groups is not None:
         group_size = num_experts // num_groups
-        grouped = keys.view(num_tokens, num_groups, group_size)
-        best_keys = grouped.topk(min(group_score_k, group_size), dim=-1).values
-        # Added best first from zero, one at a time (torch's sum may pair them otherwise).
-        group_scores = torch.zeros_like(best_keys[..., 0])
-        for i in range(best_keys.shape[-1]):
-            group_scores = group_scores + best_keys[..., i]
+        group_scores = group_scores_reference(keys, num_groups, group_score_k)
         best_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
         allowed = torch.zeros(num_tokens, num_groups, dtype=torch.bool)
         allowed.scatter_(1, best_groups, True)

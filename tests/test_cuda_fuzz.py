@@ -26,7 +26,7 @@ from sparseroute import _cuda_ops
 from sparseroute.ops._bridge import accumulator_dtype
 
 from kernel_inputs import balance_tolerance
-from reference import assert_weights_close
+from reference import assert_weights_close, gating_scores_reference, group_scores_reference
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulation")
 
@@ -159,20 +159,21 @@ def rows_split_by_near_ties(experts: torch.Tensor, cpu_experts: torch.Tensor, ar
     differ = (experts != cpu_experts).any(-1)
     if bias is None and groups is None:
         assert not differ.any(), "experts: the logits are the keys, so bit for bit"
+    if not differ.any():
         return differ
-    x = logits.double()
-    keys = torch.softmax(x, -1) if score == "softmax" else torch.sigmoid(x)
+    keys = gating_scores_reference(logits.double(), score)
     if bias is not None:
         keys = keys + bias.double()
+    all_group_scores = None if groups is None else group_scores_reference(keys, groups, group_score_k)
     eps = torch.finfo(accumulator_dtype(logits.dtype)).eps
     for t in differ.nonzero().flatten().tolist():
         row, chosen = keys[t], experts[t]
         tolerance = 16 * eps * (1 + row.abs().max().item()) * group_score_k
         assert chosen.unique().numel() == k, f"row {t}: {chosen.tolist()}"
         in_play = torch.ones_like(row, dtype=torch.bool)
-        if groups is not None:
+        if all_group_scores is not None:
             size = row.numel() // groups
-            group_scores = row.view(groups, size).topk(min(group_score_k, size), dim=1).values.sum(1)
+            group_scores = all_group_scores[t]
             cut = group_scores.topk(topk_groups).values[-1].item()
             chosen_groups = (chosen // size).unique()
             assert chosen_groups.numel() <= topk_groups, f"row {t}: groups {chosen_groups.tolist()}"
