@@ -2,8 +2,8 @@
 module compiles through NVRTC for sm_80 and sm_90 (and each source for sm_75 and sm_120)
 with exactly the loader's options and no warnings, no kernel keeps data in local memory, the
 row kernels move 16-byte words, the order-fixed kernels compile without fused
-multiply-adds or flush-to-zero, and CUDA tensors get the documented errors when CuPy is
-missing."""
+multiply-adds or flush-to-zero, cuda/README.md's table names every source and kernel, and
+CUDA tensors get the documented errors when CuPy is missing."""
 
 import base64
 import ctypes
@@ -67,6 +67,33 @@ def test_every_launched_kernel_is_defined_in_its_source():
     defined = {name for file in _cuda.MODULES for name in _cuda.kernel_names(file)}
     launched = set(re.findall(r'"(sr_\w+)"', pathlib.Path(_cuda_ops.__file__).read_text()))
     assert launched and launched <= defined
+
+
+def _expand_braces(text: str) -> list[str]:
+    """``sr_x_team{2,4}`` -> ``sr_x_team2``, ``sr_x_team4`` (one brace group per name)."""
+    match = re.search(r"\{([^}]*)\}", text)
+    if match is None:
+        return [text]
+    return [text[: match.start()] + part + text[match.end() :] for part in match.group(1).split(",")]
+
+
+def test_the_kernel_table_names_every_source_and_kernel():
+    """cuda/README.md's table has a row for each source, naming exactly its kernels."""
+    readme = pathlib.Path(__file__).parents[1] / "cuda" / "README.md"
+    if not readme.exists():
+        pytest.skip("cuda/README.md is not beside the tests (not a checkout of the repository)")
+    rows = {}
+    for line in readme.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[2]
+    assert set(rows) == {*_cuda.MODULES, *_cuda.HEADERS}
+    every_kernel = {name for file in _cuda.MODULES for name in _cuda.kernel_names(file)}
+    for file in _cuda.MODULES:
+        named = {name for code in re.findall(r"`(sr_[^`]*)`", rows[file]) for name in _expand_braces(code)}
+        # Every kernel of the file, and no name that is not a kernel (a row may point to
+        # another file's kernel that its op also launches).
+        assert set(_cuda.kernel_names(file)) <= named <= every_kernel, file
 
 
 @pytest.mark.parametrize(
