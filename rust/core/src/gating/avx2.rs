@@ -285,10 +285,12 @@ unsafe fn lane_weights<const K: usize>(
                 for x in 0..num_experts {
                     m = _mm256_max_ps(column(x), m);
                 }
-                let mut z = _mm256_setzero_ps();
+                // Eight sums per token, expert x into sum x % 8, added in order at the end.
+                let mut sums = [_mm256_setzero_ps(); 8];
                 for x in 0..num_experts {
-                    z = _mm256_add_ps(z, exp8_nonpositive(_mm256_sub_ps(column(x), m)));
+                    sums[x % 8] = _mm256_add_ps(sums[x % 8], exp8_nonpositive(_mm256_sub_ps(column(x), m)));
                 }
+                let z = sums.iter().fold(_mm256_setzero_ps(), |z, &s| _mm256_add_ps(z, s));
                 for (o, &c) in out.iter_mut().zip(chosen) {
                     *o = _mm256_mul_ps(_mm256_div_ps(exp8_nonpositive(_mm256_sub_ps(c, m)), z), scale);
                 }

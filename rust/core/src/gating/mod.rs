@@ -402,11 +402,22 @@ fn lane_weights<A: Accumulator, const N: usize>(
             for e in 0..num_experts {
                 max_into(&mut m, &column(e));
             }
-            let mut z = [A::zero(); N];
+            // The normaliser of `softmax_row`: expert e into lane e % 8, then the lanes in
+            // order, so that the weights are the scores the keys and the backward use, and
+            // its rounding error grows with E / 8, not with E (one running sum drifted 1e-5
+            // from the exact value at E = 256).
+            let mut sums = [[A::zero(); N]; LANES];
             for e in 0..num_experts {
                 let l = column(e);
+                let lane = &mut sums[e % LANES];
                 for i in 0..N {
-                    z[i] = z[i] + (l[i] - m[i]).fast_exp();
+                    lane[i] = lane[i] + (l[i] - m[i]).fast_exp();
+                }
+            }
+            let mut z = [A::zero(); N];
+            for lane in &sums {
+                for i in 0..N {
+                    z[i] = z[i] + lane[i];
                 }
             }
             for (o, c) in out.iter_mut().zip(chosen) {
@@ -1649,6 +1660,36 @@ mod tests {
         let z: f32 = logits.iter().map(|l| l.exp()).sum();
         assert!((w[0] - 2f32.exp() / z).abs() < 1e-6);
         assert!((w[1] - 0.5f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn unnormalised_softmax_weights_are_the_scores_of_softmax_row() {
+        // One large logit among many equal ones: summing the small terms one by one into a
+        // single running total rounded each addition at the large term's scale, and the
+        // top weight drifted 9.6e-6 (80 ulp) from the exact softmax at E = 256.
+        for (e, k) in [(9, 2), (9, 8), (60, 2), (64, 8), (64, 12), (256, 2), (256, 8), (300, 12)] {
+            // Eight tokens in lanes and the per-token path after them; k <= 8 takes the
+            // SIMD lane kernels, k = 12 the per-token one.
+            let tokens = 11;
+            let mut logits = tricky_logits(tokens * e, e as u64);
+            logits[0] = 7.25;
+            logits[e..2 * e].fill(0.0);
+            logits[e] = 7.25;
+            let cfg = cfg(e, k, ScoreFunction::Softmax, false);
+            compare_paths(&logits, tokens, &cfg);
+            let (w, ids) = run(&logits, None, &cfg);
+            let mut scores = vec![0.0f32; e];
+            for t in 0..tokens {
+                let row = &logits[t * e..(t + 1) * e];
+                assert!(softmax_row(row, &mut scores));
+                for j in 0..k {
+                    let chosen = ids[t * k + j] as usize;
+                    assert_eq!(w[t * k + j].to_bits(), scores[chosen].to_bits(), "E = {e}, token {t}");
+                }
+            }
+            let exact = 1.0 / (1.0 + (e - 1) as f64 * (-7.25f64).exp());
+            assert!((f64::from(w[k]) - exact).abs() <= 2e-6 * exact, "E = {e}: {} against {exact}", w[k]);
+        }
     }
 
     #[test]
