@@ -255,7 +255,9 @@ unsafe fn route_rows_k<S: Source16, const K: usize>(
     0
 }
 
-/// [`super::lane_weights`] with eight f32 lanes: the same arithmetic, lane by lane.
+/// [`super::lane_weights`] with eight f32 lanes: the same arithmetic, lane by lane. The
+/// sums over the chosen experts run one after another: with at most eight of them
+/// (`SIMD_LANE_MAX_K`) that is the portable kernel's eight-lane sum, bit for bit.
 #[inline(always)]
 unsafe fn lane_weights<const K: usize>(
     chosen: &[__m256; K],
@@ -263,6 +265,7 @@ unsafe fn lane_weights<const K: usize>(
     column: impl Fn(usize) -> __m256,
     cfg: &GatingConfig,
 ) -> [__m256; K] {
+    const { assert!(K <= super::SIMD_LANE_MAX_K && super::SIMD_LANE_MAX_K <= 8) };
     // SAFETY: register-only AVX2 operations (and `column`, which the caller vouches for).
     unsafe {
         let scale = _mm256_set1_ps(f32::from_f64(cfg.scale));

@@ -250,6 +250,18 @@ fn load_logits<L: Element>(row: &[L], token: usize, out: &mut Vec<L::Acc>) -> Re
     }
 }
 
+/// The sum of `values` in eight lanes: value i into lane i % 8, then the lanes in order (the
+/// order of [`softmax_row`]'s sum). One running sum rounds every addition at the scale of the
+/// total, so a large term followed by many small ones drifts by up to n / 2 ulp; here by
+/// n / 16. For up to eight values it is the running sum, bit for bit.
+fn lane_sum<A: Accumulator>(values: impl IntoIterator<Item = A>) -> A {
+    let mut lanes = [A::zero(); LANES];
+    for (i, v) in values.into_iter().enumerate() {
+        lanes[i % LANES] = lanes[i % LANES] + v;
+    }
+    lanes.iter().fold(A::zero(), |sum, &lane| sum + lane)
+}
+
 fn max_of<A: Accumulator>(values: impl Iterator<Item = A>) -> A {
     values.fold(A::neg_infinity(), |m, v| if v > m { v } else { m })
 }
@@ -384,13 +396,14 @@ fn lane_weights<A: Accumulator, const N: usize>(
             for c in chosen {
                 max_into(&mut m, c);
             }
-            let mut total = [A::zero(); N];
-            for (o, c) in out.iter_mut().zip(chosen) {
+            let mut sums = [[A::zero(); N]; LANES];
+            for (j, (o, c)) in out.iter_mut().zip(chosen).enumerate() {
                 for i in 0..N {
                     o[i] = (c[i] - m[i]).fast_exp();
-                    total[i] = total[i] + o[i];
+                    sums[j % LANES][i] = sums[j % LANES][i] + o[i];
                 }
             }
+            let total = lanes_total(&sums);
             for o in out.iter_mut() {
                 for i in 0..N {
                     o[i] = o[i] / total[i] * scale;
@@ -414,12 +427,7 @@ fn lane_weights<A: Accumulator, const N: usize>(
                     lane[i] = lane[i] + (l[i] - m[i]).fast_exp();
                 }
             }
-            let mut z = [A::zero(); N];
-            for lane in &sums {
-                for i in 0..N {
-                    z[i] = z[i] + lane[i];
-                }
-            }
+            let z = lanes_total(&sums);
             for (o, c) in out.iter_mut().zip(chosen) {
                 for i in 0..N {
                     o[i] = (c[i] - m[i]).fast_exp() / z[i] * scale;
@@ -427,13 +435,14 @@ fn lane_weights<A: Accumulator, const N: usize>(
             }
         }
         (ScoreFunction::Sigmoid, normalize) => {
-            let mut total = [A::zero(); N];
-            for (o, c) in out.iter_mut().zip(chosen) {
+            let mut sums = [[A::zero(); N]; LANES];
+            for (j, (o, c)) in out.iter_mut().zip(chosen).enumerate() {
                 for i in 0..N {
                     o[i] = sigmoid(c[i]);
-                    total[i] = total[i] + o[i];
+                    sums[j % LANES][i] = sums[j % LANES][i] + o[i];
                 }
             }
+            let total = lanes_total(&sums);
             for o in out.iter_mut() {
                 for i in 0..N {
                     if normalize {
@@ -450,6 +459,18 @@ fn lane_weights<A: Accumulator, const N: usize>(
 struct SingleLane<A> {
     logits: Vec<[A; 1]>,
     weights: Vec<[A; 1]>,
+}
+
+/// [`lane_sum`]'s last step for `N` tokens at once: each token's eight lane sums, added in
+/// lane order.
+fn lanes_total<A: Accumulator, const N: usize>(sums: &[[A; N]; LANES]) -> [A; N] {
+    let mut total = [A::zero(); N];
+    for lane in sums {
+        for i in 0..N {
+            total[i] = total[i] + lane[i];
+        }
+    }
+    total
 }
 
 /// The weights of one token's chosen experts (one lane of [`lane_weights`]).
@@ -1071,7 +1092,7 @@ fn backward_token<L: Element>(
         if !softmax_row_on(row, grad, avx2) {
             return Err(non_finite_error(row, token));
         }
-        let c = scratch.live.iter().fold(zero, |c, &(e, g, _)| c + scale * g * grad[e]);
+        let c = lane_sum(scratch.live.iter().map(|&(e, g, _)| scale * g * grad[e]));
         multiversion!(avx2, scaled_row(grad, zero - c, grad_row));
         for &(e, g, _) in scratch.live.iter() {
             grad_row[e] = L::from_acc(grad[e] * (scale * g - c));
@@ -1088,8 +1109,9 @@ fn backward_token<L: Element>(
             for entry in live.iter_mut() {
                 entry.2 = (entry.2 - m).fast_exp();
             }
-            let total: A<L> = live.iter().map(|&(_, _, v)| v).sum();
-            let mean_g = live.iter().fold(zero, |acc, &(_, g, v)| acc + v / total * g);
+            // The forward's sum over the chosen slots (lane_weights), then the same lanes.
+            let total = lane_sum(live.iter().map(|&(_, _, v)| v));
+            let mean_g = lane_sum(live.iter().map(|&(_, g, v)| v / total * g));
             for &(e, g, v) in live.iter() {
                 grad_row[e] = L::from_acc(scale * (v / total) * (g - mean_g));
             }
@@ -1099,8 +1121,8 @@ fn backward_token<L: Element>(
                 entry.2 = sigmoid(entry.2);
             }
             let (total, weighted) = if cfg.normalize {
-                let total = live.iter().map(|&(_, _, s)| s).sum::<A<L>>() + A::<L>::SIGMOID_NORM_EPS;
-                (total, live.iter().fold(zero, |acc, &(_, g, s)| acc + g * s))
+                let total = lane_sum(live.iter().map(|&(_, _, s)| s)) + A::<L>::SIGMOID_NORM_EPS;
+                (total, lane_sum(live.iter().map(|&(_, g, s)| g * s)))
             } else {
                 (A::<L>::one(), zero)
             };
@@ -1689,6 +1711,24 @@ mod tests {
             }
             let exact = 1.0 / (1.0 + (e - 1) as f64 * (-7.25f64).exp());
             assert!((f64::from(w[k]) - exact).abs() <= 2e-6 * exact, "E = {e}: {} against {exact}", w[k]);
+        }
+    }
+
+    #[test]
+    fn normalised_weights_of_many_chosen_experts_stay_accurate() {
+        // k = E: the sum over the chosen experts has as many terms as the softmax's.
+        for e in [64, 256, 300] {
+            let mut logits = vec![0.0f32; e];
+            logits[0] = 7.25;
+            let (w, _) = run(&logits, None, &cfg(e, e, ScoreFunction::Softmax, true));
+            let exact = 1.0 / (1.0 + (e - 1) as f64 * (-7.25f64).exp());
+            assert!((f64::from(w[0]) - exact).abs() <= 2e-6 * exact, "softmax, E = {e}: {}", w[0]);
+            let mut logits = vec![-7.25f32; e];
+            logits[0] = 30.0;
+            let (w, _) = run(&logits, None, &cfg(e, e, ScoreFunction::Sigmoid, true));
+            let (big, small) = (1.0 / (1.0 + (-30.0f64).exp()), 1.0 / (1.0 + 7.25f64.exp()));
+            let exact = big / (big + (e - 1) as f64 * small);
+            assert!((f64::from(w[0]) - exact).abs() <= 2e-6 * exact, "sigmoid, E = {e}: {}", w[0]);
         }
     }
 
