@@ -12,10 +12,11 @@ STAMP := $(VENV)/.sparseroute-deps
 TORCH_MIN := $(shell sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 MIN_VENV := .venv-torch-min
 WHEEL_STAMP := $(VENV)/.sparseroute-wheel
-RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
+RUST_SOURCES := $(shell find rust/core rust/python -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
+FUZZ_DIR := rust/fuzz
 PY_SOURCES := $(shell find python -type f -not -path '*/__pycache__/*')
 
-.PHONY: demo test test-rust test-python test-torch-min lint wheel bench bench-quick gpu-check memcheck clean
+.PHONY: demo test test-rust test-python test-torch-min lint wheel bench bench-quick gpu-check memcheck fuzz clean
 
 demo: $(WHEEL_STAMP)
 	$(PY) -m sparseroute demo
@@ -46,9 +47,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check python tests benches docs/examples scripts
 	$(VENV)/bin/ruff format --check python tests benches docs/examples scripts
 	$(PY) -m mypy
+	cargo fmt --manifest-path $(FUZZ_DIR)/Cargo.toml -- --check
+	cargo clippy --manifest-path $(FUZZ_DIR)/Cargo.toml --all-targets --locked -- -D warnings
 
+# The core's tests, then the fuzz checks replayed on fixed inputs (stable Rust; `make fuzz`
+# searches with coverage guidance).
 test-rust:
 	cargo test -p sparseroute-core --locked
+	cargo test --manifest-path $(FUZZ_DIR)/Cargo.toml --locked
 
 # Run from tests/ so that `import sparseroute` can only resolve to the installed wheel.
 test-python: $(WHEEL_STAMP)
@@ -78,6 +84,18 @@ bench-quick: $(WHEEL_STAMP)
 # minutes). PYTEST_ARGS picks the test files; see scripts/memcheck.py.
 memcheck: $(WHEEL_STAMP)
 	PYTHON=$(abspath $(PY)) $(PY) scripts/memcheck.py $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing of the Rust core (not part of `make test`): each target of
+# rust/fuzz for FUZZ_SECONDS under AddressSanitizer, with cargo fuzz (installed here if
+# missing) on the nightly toolchain, which must be present. A failing input lands in rust/fuzz/artifacts/<target>/; copied
+# into rust/fuzz/regressions/<target>/, `make test` replays it from then on.
+FUZZ_SECONDS ?= 60
+fuzz:
+	command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked
+	cd $(FUZZ_DIR) && for target in $$(cargo +nightly fuzz list --fuzz-dir .); do \
+		cargo +nightly fuzz run --fuzz-dir . --features libfuzzer $$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
+	done
 
 # CUDA kernels on a GPU: tests/gpu against the installed wheel, plus timings (see scripts/gpu-check.sh).
 gpu-check: $(WHEEL_STAMP)
