@@ -15,7 +15,7 @@ use sparseroute_core::gating::{topk_gating, topk_gating_backward, GatingConfig, 
 use sparseroute_core::{threads, Accumulator, Element};
 
 /// Relative rounding step of a storage type, and its smallest subnormal.
-trait Storage: Element {
+pub(crate) trait Storage: Element {
     const EPS: f64;
     const TINY: f64;
 }
@@ -152,7 +152,7 @@ fn sum(terms: impl IntoIterator<Item = f64>) -> f64 {
 }
 
 /// The scores of docs/semantics.md step 1, in float64.
-fn scores(score: ScoreFunction, row: &[f64]) -> Vec<f64> {
+pub(crate) fn scores(score: ScoreFunction, row: &[f64]) -> Vec<f64> {
     match score {
         ScoreFunction::Softmax => {
             let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);

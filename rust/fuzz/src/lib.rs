@@ -13,12 +13,15 @@
 mod dispatch;
 mod gating;
 mod input;
+mod probabilities;
 
 pub use dispatch::dispatch;
 pub use gating::gating;
+pub use probabilities::probabilities;
 
 /// A check: decodes a call from the bytes, runs it, panics where it disagrees.
 pub type Check = fn(&[u8]);
 
 /// Every check, by the name of its fuzz target.
-pub const CHECKS: &[(&str, Check)] = &[("gating", gating), ("dispatch", dispatch)];
+pub const CHECKS: &[(&str, Check)] =
+    &[("gating", gating), ("dispatch", dispatch), ("probabilities", probabilities)];
