@@ -14,30 +14,36 @@ use num_traits::Float;
 use sparseroute_core::gating::{topk_gating, topk_gating_backward, GatingConfig, GroupLimit, ScoreFunction};
 use sparseroute_core::{threads, Accumulator, Element};
 
-/// Relative rounding step of a storage type, and its smallest subnormal.
+/// Relative rounding step of a storage type, its smallest subnormal and its largest finite
+/// value.
 pub(crate) trait Storage: Element {
     const EPS: f64;
     const TINY: f64;
+    const MAX: f64;
 }
 
 impl Storage for f64 {
     const EPS: f64 = f64::EPSILON;
     const TINY: f64 = 5e-324;
+    const MAX: f64 = f64::MAX;
 }
 
 impl Storage for f32 {
     const EPS: f64 = f32::EPSILON as f64;
     const TINY: f64 = 1.5e-45;
+    const MAX: f64 = f32::MAX as f64;
 }
 
 impl Storage for bf16 {
     const EPS: f64 = 1.0 / 128.0;
     const TINY: f64 = 9.2e-41;
+    const MAX: f64 = 3.3895313892515355e38;
 }
 
 impl Storage for f16 {
     const EPS: f64 = 1.0 / 1024.0;
     const TINY: f64 = 6e-8;
+    const MAX: f64 = 65504.0;
 }
 
 pub(crate) fn acc<A: Accumulator>(v: f64) -> A {
@@ -141,7 +147,7 @@ fn check<L: Storage>(input: &mut Input) {
 
 /// A sum of float64 terms with Neumaier's compensation: the reference must be more accurate
 /// than the kernels, whose float64 sums round at every addition too.
-fn sum(terms: impl IntoIterator<Item = f64>) -> f64 {
+pub(crate) fn sum(terms: impl IntoIterator<Item = f64>) -> f64 {
     let (mut total, mut carry) = (0.0f64, 0.0f64);
     for x in terms {
         let t = total + x;

@@ -10,11 +10,13 @@
 //! from raw bits (any float, NaN and infinities included): the kernels must refuse what the
 //! semantics refuse and agree with the reference on everything else.
 
+mod balance;
 mod dispatch;
 mod gating;
 mod input;
 mod probabilities;
 
+pub use balance::balance;
 pub use dispatch::dispatch;
 pub use gating::gating;
 pub use probabilities::probabilities;
@@ -24,4 +26,4 @@ pub type Check = fn(&[u8]);
 
 /// Every check, by the name of its fuzz target.
 pub const CHECKS: &[(&str, Check)] =
-    &[("gating", gating), ("dispatch", dispatch), ("probabilities", probabilities)];
+    &[("gating", gating), ("dispatch", dispatch), ("probabilities", probabilities), ("balance", balance)];
