@@ -3,8 +3,7 @@
 //! Sinkhorn's iteration, each with padding tokens masked out and groups of tokens.
 
 use crate::gating::{acc, f64_of, scores, sum, Storage};
-use crate::input::Input;
-use half::{bf16, f16};
+use crate::input::{with_element_type, Input};
 use num_traits::Float;
 use sparseroute_core::balance::{
     expert_counts, score_sums, sinkhorn, z_loss, z_loss_backward, Groups, Z_LOSS_STATS,
@@ -15,11 +14,8 @@ use sparseroute_core::threads;
 pub fn balance(bytes: &[u8]) {
     let mut input = Input::new(bytes);
     match input.below(5) {
-        0 => check::<f32>(&mut input),
-        1 => check::<bf16>(&mut input),
-        2 => check::<f16>(&mut input),
-        3 => check::<f64>(&mut input),
-        _ => check_sinkhorn(&mut input),
+        4 => check_sinkhorn(&mut input),
+        element_type => with_element_type!(element_type, check(&mut input)),
     }
 }
 

@@ -4,8 +4,7 @@
 //! same sums in the same order, which must give the same bits.
 
 use crate::gating::{acc, f64_of};
-use crate::input::Input;
-use half::{bf16, f16};
+use crate::input::{with_element_type, Input};
 use num_traits::Zero;
 use sparseroute_core::dispatch::{
     build_capacity_plan, build_plan, combine_rows, gather_rows, slot_dots, Capacity, DropPolicy, PlanBuffers,
@@ -14,12 +13,8 @@ use sparseroute_core::{threads, Element};
 
 pub fn dispatch(bytes: &[u8]) {
     let mut input = Input::new(bytes);
-    match input.below(4) {
-        0 => check::<f32>(&mut input),
-        1 => check::<bf16>(&mut input),
-        2 => check::<f16>(&mut input),
-        _ => check::<f64>(&mut input),
-    }
+    let element_type = input.below(4);
+    with_element_type!(element_type, check(&mut input));
 }
 
 #[derive(Debug, PartialEq)]

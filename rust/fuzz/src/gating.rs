@@ -8,7 +8,7 @@
 //! still be ordered by expert index. Weights and gradients: the reference's within a
 //! tolerance of the accumulator's and the storage type's rounding.
 
-use crate::input::Input;
+use crate::input::{with_element_type, Input};
 use half::{bf16, f16};
 use num_traits::Float;
 use sparseroute_core::gating::{topk_gating, topk_gating_backward, GatingConfig, GroupLimit, ScoreFunction};
@@ -56,12 +56,8 @@ pub(crate) fn f64_of<A: Accumulator>(v: A) -> f64 {
 
 pub fn gating(bytes: &[u8]) {
     let mut input = Input::new(bytes);
-    match input.below(4) {
-        0 => check::<f32>(&mut input),
-        1 => check::<bf16>(&mut input),
-        2 => check::<f16>(&mut input),
-        _ => check::<f64>(&mut input),
-    }
+    let element_type = input.below(4);
+    with_element_type!(element_type, check(&mut input));
 }
 
 struct Case<L: Element> {

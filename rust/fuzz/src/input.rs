@@ -58,3 +58,17 @@ impl<'a> Input<'a> {
         }
     }
 }
+
+/// `$check::<L>($input)` for the element type `L` numbered `$index`: 0 float32, 1 bfloat16,
+/// 2 float16, anything else float64.
+macro_rules! with_element_type {
+    ($index:expr, $check:ident($input:expr)) => {
+        match $index {
+            0 => $check::<f32>($input),
+            1 => $check::<half::bf16>($input),
+            2 => $check::<half::f16>($input),
+            _ => $check::<f64>($input),
+        }
+    };
+}
+pub(crate) use with_element_type;

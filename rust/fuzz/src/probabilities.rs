@@ -6,8 +6,7 @@
 //! accumulator type: their outputs must be the reference's bit for bit.
 
 use crate::gating::{acc, f64_of, Storage};
-use crate::input::Input;
-use half::{bf16, f16};
+use crate::input::{with_element_type, Input};
 use num_traits::{Float, Zero};
 use sparseroute_core::gating::{
     expert_choice, topk_gating, topp_gating, GatingConfig, ScoreFunction, TopPConfig,
@@ -16,12 +15,8 @@ use sparseroute_core::{threads, Accumulator};
 
 pub fn probabilities(bytes: &[u8]) {
     let mut input = Input::new(bytes);
-    match input.below(4) {
-        0 => check::<f32>(&mut input),
-        1 => check::<bf16>(&mut input),
-        2 => check::<f16>(&mut input),
-        _ => check::<f64>(&mut input),
-    }
+    let element_type = input.below(4);
+    with_element_type!(element_type, check(&mut input));
 }
 
 fn check<L: Storage>(input: &mut Input) {
