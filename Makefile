@@ -87,8 +87,9 @@ memcheck: $(WHEEL_STAMP)
 
 # Coverage-guided fuzzing of the Rust core (not part of `make test`): each target of
 # rust/fuzz for FUZZ_SECONDS under AddressSanitizer, with cargo fuzz (installed here if
-# missing) on the nightly toolchain, which must be present. A failing input lands in rust/fuzz/artifacts/<target>/; copied
-# into rust/fuzz/regressions/<target>/, `make test` replays it from then on.
+# missing) on the nightly toolchain, which must be present. A failing input lands in
+# rust/fuzz/artifacts/<target>/; copied into rust/fuzz/regressions/<target>/, `make test`
+# replays it from then on.
 FUZZ_SECONDS ?= 60
 fuzz:
 	command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked

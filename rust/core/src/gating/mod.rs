@@ -251,7 +251,7 @@ fn load_logits<L: Element>(row: &[L], token: usize, out: &mut Vec<L::Acc>) -> Re
 }
 
 /// The sum of `values` in eight lanes: value i into lane i % 8, then the lanes in order (the
-/// order of [`softmax_row`]'s sum). One running sum rounds every addition at the scale of the
+/// order of [`softmax_row`]'s sum, and of the balance kernels' `lane_sum` over slices). One running sum rounds every addition at the scale of the
 /// total, so a large term followed by many small ones drifts by up to n / 2 ulp; here by
 /// n / 16. For up to eight values it is the running sum, bit for bit.
 fn lane_sum<A: Accumulator>(values: impl IntoIterator<Item = A>) -> A {
@@ -260,6 +260,18 @@ fn lane_sum<A: Accumulator>(values: impl IntoIterator<Item = A>) -> A {
         lanes[i % LANES] = lanes[i % LANES] + v;
     }
     lanes.iter().fold(A::zero(), |sum, &lane| sum + lane)
+}
+
+/// [`lane_sum`]'s last step for `N` tokens at once: each token's eight lane sums, added in
+/// lane order.
+fn lanes_total<A: Accumulator, const N: usize>(sums: &[[A; N]; LANES]) -> [A; N] {
+    let mut total = [A::zero(); N];
+    for lane in sums {
+        for i in 0..N {
+            total[i] = total[i] + lane[i];
+        }
+    }
+    total
 }
 
 fn max_of<A: Accumulator>(values: impl Iterator<Item = A>) -> A {
@@ -459,18 +471,6 @@ fn lane_weights<A: Accumulator, const N: usize>(
 struct SingleLane<A> {
     logits: Vec<[A; 1]>,
     weights: Vec<[A; 1]>,
-}
-
-/// [`lane_sum`]'s last step for `N` tokens at once: each token's eight lane sums, added in
-/// lane order.
-fn lanes_total<A: Accumulator, const N: usize>(sums: &[[A; N]; LANES]) -> [A; N] {
-    let mut total = [A::zero(); N];
-    for lane in sums {
-        for i in 0..N {
-            total[i] = total[i] + lane[i];
-        }
-    }
-    total
 }
 
 /// The weights of one token's chosen experts (one lane of [`lane_weights`]).
