@@ -2,8 +2,8 @@
 //! balancing", Sinkhorn): score sums, expert counts, the z-loss and its gradient, and
 //! Sinkhorn's iteration, each with padding tokens masked out and groups of tokens.
 
-use crate::gating::{acc, f64_of, scores, sum, Storage};
 use crate::input::{with_element_type, Input};
+use crate::reference::{acc, f64_of, scores, sum, Storage};
 use num_traits::Float;
 use sparseroute_core::balance::{
     expert_counts, score_sums, sinkhorn, z_loss, z_loss_backward, Groups, Z_LOSS_STATS,
@@ -25,8 +25,7 @@ fn check<L: Storage>(input: &mut Input) {
     let group_size = input.between(1, num_tokens.max(1) + 1);
     let mask: Option<Vec<u8>> = input.bool().then(|| (0..num_tokens).map(|_| input.byte() % 3).collect());
     let raw_bits = input.below(8) == 0;
-    let logits: Vec<L> =
-        (0..num_tokens * num_experts).map(|_| L::from_acc(acc(f64::from(input.value(raw_bits))))).collect();
+    let logits: Vec<L> = (0..num_tokens * num_experts).map(|_| input.element(raw_bits)).collect();
     let threads = input.between(1, 3);
     let groups = Groups { num_tokens, group_size, mask: mask.as_deref() };
     let valid = |t: usize| mask.as_ref().is_none_or(|m| m[t] != 0);

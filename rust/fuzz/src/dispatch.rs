@@ -3,8 +3,8 @@
 //! rows in whole blocks or an `[E, C]` grid), then the row kernels on that plan against the
 //! same sums in the same order, which must give the same bits.
 
-use crate::gating::{acc, f64_of};
 use crate::input::{with_element_type, Input};
+use crate::reference::{acc, f64_of};
 use num_traits::Zero;
 use sparseroute_core::dispatch::{
     build_capacity_plan, build_plan, combine_rows, gather_rows, slot_dots, Capacity, DropPolicy, PlanBuffers,
@@ -174,13 +174,12 @@ fn check<X: Element>(input: &mut Input) {
 /// round the same products and sums in the same order.
 fn check_rows<X: Element>(input: &mut Input, plan: &Plan, tokens: usize, k: usize, threads: usize) {
     let row_len = input.between(0, 33);
-    let value = |input: &mut Input| X::from_acc(acc(f64::from(input.value(false))));
-    let x: Vec<X> = (0..tokens * row_len).map(|_| value(input)).collect();
+    let x: Vec<X> = (0..tokens * row_len).map(|_| input.element::<X>(false)).collect();
     let weights: Option<Vec<X::Acc>> =
         input.bool().then(|| (0..tokens * k).map(|_| acc(f64::from(input.value(false)))).collect());
     let rows = plan.row_to_slot.len();
 
-    let mut gathered = vec![value(input); rows * row_len];
+    let mut gathered = vec![input.element::<X>(false); rows * row_len];
     threads::run(threads, usize::MAX, || {
         gather_rows(&x, row_len, &plan.row_to_slot, k, weights.as_deref(), &mut gathered)
     })
@@ -198,8 +197,8 @@ fn check_rows<X: Element>(input: &mut Input, plan: &Plan, tokens: usize, k: usiz
         }
     }
 
-    let y: Vec<X> = (0..rows * row_len).map(|_| value(input)).collect();
-    let mut combined = vec![value(input); tokens * row_len];
+    let y: Vec<X> = (0..rows * row_len).map(|_| input.element::<X>(false)).collect();
+    let mut combined = vec![input.element::<X>(false); tokens * row_len];
     threads::run(threads, usize::MAX, || {
         combine_rows(&y, row_len, &plan.slot_to_row, k, weights.as_deref(), &mut combined)
     })

@@ -9,50 +9,10 @@
 //! tolerance of the accumulator's and the storage type's rounding.
 
 use crate::input::{with_element_type, Input};
-use half::{bf16, f16};
+use crate::reference::{acc, f64_of, scores, sum, Storage};
 use num_traits::Float;
 use sparseroute_core::gating::{topk_gating, topk_gating_backward, GatingConfig, GroupLimit, ScoreFunction};
-use sparseroute_core::{threads, Accumulator, Element};
-
-/// Relative rounding step of a storage type, its smallest subnormal and its largest finite
-/// value.
-pub(crate) trait Storage: Element {
-    const EPS: f64;
-    const TINY: f64;
-    const MAX: f64;
-}
-
-impl Storage for f64 {
-    const EPS: f64 = f64::EPSILON;
-    const TINY: f64 = 5e-324;
-    const MAX: f64 = f64::MAX;
-}
-
-impl Storage for f32 {
-    const EPS: f64 = f32::EPSILON as f64;
-    const TINY: f64 = 1.5e-45;
-    const MAX: f64 = f32::MAX as f64;
-}
-
-impl Storage for bf16 {
-    const EPS: f64 = 1.0 / 128.0;
-    const TINY: f64 = 9.2e-41;
-    const MAX: f64 = 3.3895313892515355e38;
-}
-
-impl Storage for f16 {
-    const EPS: f64 = 1.0 / 1024.0;
-    const TINY: f64 = 6e-8;
-    const MAX: f64 = 65504.0;
-}
-
-pub(crate) fn acc<A: Accumulator>(v: f64) -> A {
-    <A as num_traits::NumCast>::from(v).expect("an accumulator holds any float64")
-}
-
-pub(crate) fn f64_of<A: Accumulator>(v: A) -> f64 {
-    num_traits::ToPrimitive::to_f64(&v).expect("an accumulator converts to float64")
-}
+use sparseroute_core::{threads, Element};
 
 pub fn gating(bytes: &[u8]) {
     let mut input = Input::new(bytes);
@@ -91,8 +51,7 @@ fn draw<L: Storage>(input: &mut Input) -> Case<L> {
     let scale = [1.0, 2.5, -1.0, 0.0, 1e-3, 16.0][input.below(6)];
     let tokens = input.between(0, 19);
     let raw_bits = input.below(8) == 0;
-    let logits =
-        (0..tokens * num_experts).map(|_| L::from_acc(acc(f64::from(input.value(raw_bits))))).collect();
+    let logits = (0..tokens * num_experts).map(|_| input.element(raw_bits)).collect();
     let bias =
         input.bool().then(|| (0..num_experts).map(|_| acc(f64::from(input.value(raw_bits) / 8.0))).collect());
     let cfg = GatingConfig { num_experts, k, score, normalize, groups, scale };
@@ -101,7 +60,6 @@ fn draw<L: Storage>(input: &mut Input) -> Case<L> {
 
 fn check<L: Storage>(input: &mut Input) {
     let case = draw::<L>(input);
-
     let (e, k, t) = (case.cfg.num_experts, case.cfg.k, case.tokens);
     let mut weights = vec![L::Acc::nan(); t * k];
     let mut experts = vec![i64::MIN; t * k];
@@ -139,31 +97,6 @@ fn check<L: Storage>(input: &mut Input) {
         grad_weights.extend((0..k).map(|_| f64::from(input.byte() as i8) / 16.0));
     }
     check_backward(&case, &logits, &experts, &grad_weights);
-}
-
-/// A sum of float64 terms with Neumaier's compensation: the reference must be more accurate
-/// than the kernels, whose float64 sums round at every addition too.
-pub(crate) fn sum(terms: impl IntoIterator<Item = f64>) -> f64 {
-    let (mut total, mut carry) = (0.0f64, 0.0f64);
-    for x in terms {
-        let t = total + x;
-        carry += if total.abs() >= x.abs() { (total - t) + x } else { (x - t) + total };
-        total = t;
-    }
-    total + carry
-}
-
-/// The scores of docs/semantics.md step 1, in float64.
-pub(crate) fn scores(score: ScoreFunction, row: &[f64]) -> Vec<f64> {
-    match score {
-        ScoreFunction::Softmax => {
-            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let exps: Vec<f64> = row.iter().map(|&l| (l - max).exp()).collect();
-            let total = sum(exps.iter().copied());
-            exps.iter().map(|&x| x / total).collect()
-        }
-        ScoreFunction::Sigmoid => row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
-    }
 }
 
 fn check_selection(cfg: &GatingConfig, row: &[f64], bias: Option<&[f64]>, chosen: &[usize], acc_eps: f64) {

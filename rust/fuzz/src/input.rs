@@ -1,6 +1,9 @@
 //! Decoding a kernel call from fuzzer bytes. Past the end of the bytes every read gives 0,
 //! so every byte string decodes to some call, and short inputs to small ones.
 
+use crate::reference::acc;
+use sparseroute_core::Element;
+
 pub struct Input<'a> {
     bytes: &'a [u8],
 }
@@ -56,6 +59,11 @@ impl<'a> Input<'a> {
                 PALETTE[i] + f32::from(self.byte() % 4) * 0.25
             }
         }
+    }
+
+    /// [`Input::value`] in the element type `L` (rounded to nearest even where it is narrower).
+    pub fn element<L: Element>(&mut self, raw_bits: bool) -> L {
+        L::from_acc(acc(f64::from(self.value(raw_bits))))
     }
 }
 

@@ -15,6 +15,7 @@ mod dispatch;
 mod gating;
 mod input;
 mod probabilities;
+mod reference;
 
 pub use balance::balance;
 pub use dispatch::dispatch;

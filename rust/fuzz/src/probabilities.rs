@@ -5,8 +5,8 @@
 //! choice's and top-p's decisions are exact rules, which the reference replays in the
 //! accumulator type: their outputs must be the reference's bit for bit.
 
-use crate::gating::{acc, f64_of, Storage};
 use crate::input::{with_element_type, Input};
+use crate::reference::{f64_of, Storage};
 use num_traits::{Float, Zero};
 use sparseroute_core::gating::{
     expert_choice, topk_gating, topp_gating, GatingConfig, ScoreFunction, TopPConfig,
@@ -27,8 +27,7 @@ fn check<L: Storage>(input: &mut Input) {
     };
     let tokens = input.between(0, 40);
     let raw_bits = input.below(8) == 0;
-    let logits: Vec<L> =
-        (0..tokens * num_experts).map(|_| L::from_acc(acc(f64::from(input.value(raw_bits))))).collect();
+    let logits: Vec<L> = (0..tokens * num_experts).map(|_| input.element(raw_bits)).collect();
     let threads = input.between(1, 3);
     let refused = logits.iter().any(|v| !v.to_acc().is_finite());
 
@@ -54,15 +53,28 @@ fn check<L: Storage>(input: &mut Input) {
         }
         check_accuracy::<L>(&logits, num_experts, &probs);
     }
-    check_expert_choice(input, &logits, tokens, num_experts, &probs, refused, threads);
-    check_topp(input, &logits, tokens, num_experts, &probs, refused, threads);
+    let case = Case { logits: &logits, tokens, num_experts, probs: &probs, refused, threads };
+    check_expert_choice(input, &case);
+    check_topp(input, &case);
+}
+
+/// The call both decisions are checked on: `[T, E]` logits and their probabilities (NaN
+/// where `refused`: the logits hold NaN or an infinity).
+#[derive(Clone, Copy)]
+struct Case<'a, L: Storage> {
+    logits: &'a [L],
+    tokens: usize,
+    num_experts: usize,
+    probs: &'a [L::Acc],
+    refused: bool,
+    threads: usize,
 }
 
 fn check_accuracy<L: Storage>(logits: &[L], num_experts: usize, probs: &[L::Acc]) {
     let eps = f64_of(L::Acc::epsilon());
     for (row, got) in logits.chunks(num_experts).zip(probs.chunks(num_experts)) {
         let row: Vec<f64> = row.iter().map(|&v| f64_of(v.to_acc())).collect();
-        let expected = crate::gating::scores(ScoreFunction::Softmax, &row);
+        let expected = crate::reference::scores(ScoreFunction::Softmax, &row);
         for (e, (&got, want)) in got.iter().zip(expected).enumerate() {
             let got = f64_of(got);
             // A few roundings of exp, about E / 8 of the lane sums, and the division; and
@@ -73,15 +85,8 @@ fn check_accuracy<L: Storage>(logits: &[L], num_experts: usize, probs: &[L::Acc]
     }
 }
 
-fn check_expert_choice<L: Storage>(
-    input: &mut Input,
-    logits: &[L],
-    tokens: usize,
-    num_experts: usize,
-    probs: &[L::Acc],
-    refused: bool,
-    threads: usize,
-) {
+fn check_expert_choice<L: Storage>(input: &mut Input, case: &Case<'_, L>) {
+    let Case { logits, tokens, num_experts, probs, refused, threads } = *case;
     let capacity = input.between(0, tokens + 1);
     let mut indices = vec![i64::MIN; num_experts * capacity];
     let mut gates = vec![L::Acc::nan(); num_experts * capacity];
@@ -118,15 +123,8 @@ fn check_expert_choice<L: Storage>(
     }
 }
 
-fn check_topp<L: Storage>(
-    input: &mut Input,
-    logits: &[L],
-    tokens: usize,
-    num_experts: usize,
-    probs: &[L::Acc],
-    refused: bool,
-    threads: usize,
-) {
+fn check_topp<L: Storage>(input: &mut Input, case: &Case<'_, L>) {
+    let Case { logits, tokens, num_experts, probs, refused, threads } = *case;
     // Probabilities that land on the cumulative sums' knife edges as well as plain ones.
     let p = [1.0, 0.5, 0.9, 0.25, 0.999, 1e-6, 0.75][input.below(7)];
     let max_k = input.between(1, num_experts);
